@@ -1,0 +1,145 @@
+//! Time: an injectable [`Clock`], and the seconds-since-epoch encoding
+//! Glance stores.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+
+/// Where the cache reads the current time: hits, commits, queueing and the
+/// stall rule of `clean` all ask it.
+///
+/// The default is [`SystemClock`]. Tests (yours and ours) use a
+/// [`ManualClock`] to move time without sleeping.
+pub trait Clock: Send + Sync + fmt::Debug {
+    /// The current time.
+    fn now(&self) -> SystemTime;
+}
+
+/// The operating system's wall clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// A clock that stands still until it is told to move.
+///
+/// ```
+/// use imgcache::{Clock, ManualClock};
+/// use std::time::Duration;
+/// let clock = ManualClock::at_secs(1_000);
+/// let before = clock.now();
+/// clock.advance(Duration::from_secs(60));
+/// assert_eq!(clock.now().duration_since(before).unwrap(), Duration::from_secs(60));
+/// ```
+#[derive(Debug, Clone)]
+pub struct ManualClock(Arc<Mutex<SystemTime>>);
+
+impl ManualClock {
+    /// A clock showing `t`.
+    pub fn new(t: SystemTime) -> Self {
+        ManualClock(Arc::new(Mutex::new(t)))
+    }
+
+    /// A clock showing `secs` seconds after the Unix epoch.
+    pub fn at_secs(secs: u64) -> Self {
+        ManualClock::new(UNIX_EPOCH + Duration::from_secs(secs))
+    }
+
+    /// Moves the clock forward by `d`.
+    pub fn advance(&self, d: Duration) {
+        let mut t = self.0.lock();
+        *t += d;
+    }
+
+    /// Moves the clock backward by `d`, as a wall clock may after an NTP step.
+    pub fn rewind(&self, d: Duration) {
+        let mut t = self.0.lock();
+        *t = t.checked_sub(d).unwrap_or(UNIX_EPOCH);
+    }
+
+    /// Sets the clock to `t`.
+    pub fn set(&self, t: SystemTime) {
+        *self.0.lock() = t;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> SystemTime {
+        *self.0.lock()
+    }
+}
+
+/// A time as Glance stores it: seconds since the Unix epoch as an `f64`
+/// (Python's `time.time()`). Times before the epoch are negative.
+pub(crate) fn to_epoch_secs(t: SystemTime) -> f64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
+}
+
+/// The inverse of [`to_epoch_secs`]. Values that are not finite, or lie
+/// beyond what `SystemTime` holds, give `None`.
+pub(crate) fn from_epoch_secs(secs: f64) -> Option<SystemTime> {
+    if !secs.is_finite() {
+        return None;
+    }
+    let d = Duration::try_from_secs_f64(secs.abs()).ok()?;
+    if secs >= 0.0 {
+        UNIX_EPOCH.checked_add(d)
+    } else {
+        UNIX_EPOCH.checked_sub(d)
+    }
+}
+
+/// Rounds `t` to what survives a trip through [`to_epoch_secs`] and
+/// [`from_epoch_secs`], so that values the cache reports back compare equal
+/// to what it was given.
+pub(crate) fn round_trip(t: SystemTime) -> SystemTime {
+    from_epoch_secs(to_epoch_secs(t)).unwrap_or(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_secs_round_trip() {
+        for secs in [0.0, 1.5, 1_732_170_000.25, -3.5, 4_102_444_800.0] {
+            let t = from_epoch_secs(secs).unwrap();
+            assert_eq!(to_epoch_secs(t), secs);
+        }
+        let now = SystemTime::now();
+        let r = round_trip(now);
+        assert_eq!(round_trip(r), r);
+        let diff = match now.duration_since(r) {
+            Ok(d) => d,
+            Err(e) => e.duration(),
+        };
+        assert!(diff < Duration::from_micros(1));
+    }
+
+    #[test]
+    fn bad_epoch_secs_are_none() {
+        assert!(from_epoch_secs(f64::NAN).is_none());
+        assert!(from_epoch_secs(f64::INFINITY).is_none());
+        assert!(from_epoch_secs(1e300).is_none());
+    }
+
+    #[test]
+    fn manual_clock_moves_both_ways() {
+        let c = ManualClock::at_secs(100);
+        c.advance(Duration::from_secs(5));
+        assert_eq!(to_epoch_secs(c.now()), 105.0);
+        c.rewind(Duration::from_secs(10));
+        assert_eq!(to_epoch_secs(c.now()), 95.0);
+        c.rewind(Duration::from_secs(1000));
+        assert_eq!(to_epoch_secs(c.now()), -905.0);
+    }
+}

@@ -1,0 +1,701 @@
+//! [`SqliteDriver`]: metadata in a SQLite database, as Glance's `sqlite`
+//! driver keeps it.
+//!
+//! The table is Glance's own:
+//!
+//! ```sql
+//! CREATE TABLE cached_images (
+//!     image_id TEXT PRIMARY KEY,
+//!     last_accessed REAL DEFAULT 0.0,
+//!     last_modified REAL DEFAULT 0.0,
+//!     size INTEGER DEFAULT 0,
+//!     hits INTEGER DEFAULT 0,
+//!     checksum TEXT
+//! );
+//! ```
+//!
+//! `imgcache` adds a nullable `crc32 INTEGER` column (Glance's queries name
+//! their columns, so they keep working), an index on
+//! `(last_accessed, image_id)` for the pruner, and two tables of its own:
+//! `imgcache_invalid` (why a write failed) and `imgcache_state` (the queue
+//! counter). A database Glance wrote is upgraded in place on open and stays
+//! readable by Glance.
+//!
+//! The database runs in WAL mode with `synchronous = NORMAL` and a busy
+//! timeout, so that many threads and processes can share one directory.
+//! Durability: a committed image's *file* is synced before its row is
+//! written; the row itself is durable at the next WAL checkpoint. A power
+//! loss can therefore drop the rows of the latest commits and the latest
+//! hit counts, never half an image.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+use rusqlite::types::ValueRef;
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use crate::clock::{from_epoch_secs, round_trip, to_epoch_secs, Clock};
+use crate::driver::{CacheDriver, CachedImageInfo, InvalidImageInfo, LruEntry};
+use crate::error::{Error, Result};
+use crate::id::ImageId;
+use crate::layout::{remove_if_exists, CleanReport, Layout};
+use crate::queue;
+use crate::reader::CachedImage;
+use crate::writer::{CacheWriter, CommitHooks, CommitInfo, InvalidateInfo};
+
+/// How long a statement waits for another process's lock before failing.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The columns every query of ours selects, in [`decode_row`]'s order.
+const COLUMNS: &str = "image_id, size, hits, last_accessed, last_modified, checksum, crc32";
+
+/// The metadata driver Glance calls `sqlite`.
+#[derive(Clone)]
+pub struct SqliteDriver {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    layout: Layout,
+    db_path: PathBuf,
+    conn: Mutex<Connection>,
+    clock: Arc<dyn Clock>,
+}
+
+impl fmt::Debug for SqliteDriver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteDriver")
+            .field("dir", &self.inner.layout.base())
+            .field("db", &self.inner.db_path)
+            .finish()
+    }
+}
+
+impl fmt::Debug for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteDriver")
+            .field("db", &self.db_path)
+            .finish()
+    }
+}
+
+impl SqliteDriver {
+    /// Opens (creating if needed) the cache in `dir` with its database at
+    /// `db_path`.
+    pub fn open(dir: &Path, db_path: &Path, clock: Arc<dyn Clock>) -> Result<Self> {
+        let layout = Layout::new(dir, Some(db_path));
+        layout.create()?;
+        let conn = open_db(db_path)?;
+        Ok(SqliteDriver {
+            inner: Arc::new(Inner {
+                layout,
+                db_path: db_path.to_path_buf(),
+                conn: Mutex::new(conn),
+                clock,
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn db_path(&self) -> &Path {
+        &self.inner.db_path
+    }
+
+    fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
+        self.inner.with_conn(f)
+    }
+}
+
+impl Inner {
+    fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let mut conn = self.conn.lock();
+        f(&mut conn).map_err(|e| Error::sqlite(&self.db_path, e))
+    }
+
+    fn now(&self) -> SystemTime {
+        round_trip(self.clock.now())
+    }
+}
+
+/// Opens the database, sets it up for sharing, and creates or upgrades the
+/// schema.
+fn open_db(path: &Path) -> Result<Connection> {
+    let err = |e| Error::sqlite(path, e);
+    let mut conn = Connection::open(path).map_err(err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+    // WAL lets readers proceed while a writer commits; NORMAL syncs the WAL
+    // at checkpoints only, so a hit never waits for an fsync.
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        log::warn!(
+            "imgcache: {} cannot use WAL (journal mode {mode}); concurrent use will be slower",
+            path.display()
+        );
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(err)?;
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(err)?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS cached_images (
+             image_id TEXT PRIMARY KEY,
+             last_accessed REAL DEFAULT 0.0,
+             last_modified REAL DEFAULT 0.0,
+             size INTEGER DEFAULT 0,
+             hits INTEGER DEFAULT 0,
+             checksum TEXT
+         );
+         CREATE TABLE IF NOT EXISTS imgcache_invalid (
+             image_id TEXT PRIMARY KEY,
+             reason TEXT,
+             invalidated_at REAL
+         );
+         CREATE TABLE IF NOT EXISTS imgcache_state (
+             key TEXT PRIMARY KEY,
+             value INTEGER NOT NULL
+         );",
+    )
+    .map_err(err)?;
+    let columns: Vec<String> = {
+        let mut stmt = tx
+            .prepare("SELECT name FROM pragma_table_info('cached_images')")
+            .map_err(err)?;
+        let names = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(err)?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(err)?;
+        names
+    };
+    for needed in [
+        "image_id",
+        "last_accessed",
+        "last_modified",
+        "size",
+        "hits",
+        "checksum",
+    ] {
+        if !columns.iter().any(|c| c == needed) {
+            return Err(Error::CorruptMetadata {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "table cached_images has no column {needed}: not a Glance image cache database"
+                ),
+            });
+        }
+    }
+    if !columns.iter().any(|c| c == "crc32") {
+        tx.execute_batch("ALTER TABLE cached_images ADD COLUMN crc32 INTEGER")
+            .map_err(err)?;
+    }
+    tx.execute_batch(
+        "CREATE INDEX IF NOT EXISTS imgcache_lru ON cached_images (last_accessed, image_id)",
+    )
+    .map_err(err)?;
+    tx.commit().map_err(err)?;
+    Ok(conn)
+}
+
+/// Reads a number SQLite may hold as INTEGER, REAL or NULL (Glance's
+/// defaults).
+fn real(v: ValueRef<'_>, what: &str) -> std::result::Result<f64, String> {
+    match v {
+        ValueRef::Null => Ok(0.0),
+        ValueRef::Integer(i) => Ok(i as f64),
+        ValueRef::Real(f) if f.is_finite() => Ok(f),
+        other => Err(format!("{what} is {other:?}, not a number")),
+    }
+}
+
+fn count(v: ValueRef<'_>, what: &str) -> std::result::Result<u64, String> {
+    match v {
+        ValueRef::Null => Ok(0),
+        ValueRef::Integer(i) => u64::try_from(i).map_err(|_| format!("{what} is negative ({i})")),
+        other => Err(format!("{what} is {other:?}, not a whole number")),
+    }
+}
+
+fn time(v: ValueRef<'_>, what: &str) -> std::result::Result<SystemTime, String> {
+    let secs = real(v, what)?;
+    from_epoch_secs(secs).ok_or_else(|| format!("{what} {secs} is not a time"))
+}
+
+/// Decodes one row of [`COLUMNS`]. Errors describe the bad field; the
+/// caller names the database.
+pub fn decode_row(row: &Row<'_>) -> rusqlite::Result<std::result::Result<CachedImageInfo, String>> {
+    let id = match row.get_ref(0)? {
+        ValueRef::Text(t) => match std::str::from_utf8(t).ok().map(ImageId::new) {
+            Some(Ok(id)) => id,
+            _ => {
+                return Ok(Err(format!(
+                    "image_id {:?} is not a valid id",
+                    String::from_utf8_lossy(t)
+                )))
+            }
+        },
+        other => return Ok(Err(format!("image_id is {other:?}, not text"))),
+    };
+    let decoded = (|| {
+        let checksum = match row.get_ref(5).map_err(|e| e.to_string())? {
+            ValueRef::Null => None,
+            ValueRef::Text(t) => Some(String::from_utf8_lossy(t).into_owned()),
+            other => return Err(format!("checksum is {other:?}, not text")),
+        };
+        let crc32 = match row.get_ref(6).map_err(|e| e.to_string())? {
+            ValueRef::Null => None,
+            ValueRef::Integer(i) => {
+                Some(u32::try_from(i).map_err(|_| format!("crc32 {i} is out of range"))?)
+            }
+            other => return Err(format!("crc32 is {other:?}, not an integer")),
+        };
+        let get = |i| row.get_ref(i).map_err(|e| e.to_string());
+        Ok(CachedImageInfo {
+            size: count(get(1)?, "size")?,
+            hits: count(get(2)?, "hits")?,
+            last_accessed: time(get(3)?, "last_accessed")?,
+            last_modified: time(get(4)?, "last_modified")?,
+            checksum,
+            crc32,
+            id: id.clone(),
+        })
+    })();
+    Ok(decoded.map_err(|e| format!("row {id}: {e}")))
+}
+
+impl SqliteDriver {
+    /// Decodes rows, logging and passing over those that do not decode.
+    fn collect_rows(
+        &self,
+        rows: Vec<std::result::Result<CachedImageInfo, String>>,
+    ) -> Vec<CachedImageInfo> {
+        rows.into_iter()
+            .filter_map(|r| {
+                r.map_err(|e| {
+                    log::warn!("imgcache: {}: skipping {e}", self.inner.db_path.display())
+                })
+                .ok()
+            })
+            .collect()
+    }
+
+    fn one(&self, id: &ImageId) -> Result<Option<CachedImageInfo>> {
+        let row = self.with_conn(|c| {
+            c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM cached_images WHERE image_id = ?1"
+            ))?
+            .query_row([id.as_str()], decode_row)
+            .optional()
+        })?;
+        match row {
+            None => Ok(None),
+            Some(Ok(info)) => Ok(Some(info)),
+            Some(Err(detail)) => Err(Error::CorruptMetadata {
+                path: self.inner.db_path.clone(),
+                detail,
+            }),
+        }
+    }
+
+    fn delete_rows(&self, ids: &[ImageId]) -> Result<usize> {
+        self.with_conn(|c| {
+            let tx = c.transaction()?;
+            let mut n = 0;
+            {
+                let mut stmt =
+                    tx.prepare_cached("DELETE FROM cached_images WHERE image_id = ?1")?;
+                for id in ids {
+                    n += stmt.execute([id.as_str()])?;
+                }
+            }
+            tx.commit()?;
+            Ok(n)
+        })
+    }
+
+    fn next_queue_seq(&self) -> Result<u64> {
+        let v: i64 = self.with_conn(|c| {
+            c.prepare_cached(
+                "INSERT INTO imgcache_state (key, value) VALUES ('queue_seq', 1)
+                 ON CONFLICT (key) DO UPDATE SET value = value + 1
+                 RETURNING value",
+            )?
+            .query_row([], |r| r.get(0))
+        })?;
+        u64::try_from(v).map_err(|_| Error::CorruptMetadata {
+            path: self.inner.db_path.clone(),
+            detail: format!("queue counter is negative ({v})"),
+        })
+    }
+}
+
+impl CommitHooks for Inner {
+    fn after_publish(&self, info: &CommitInfo) -> Result<()> {
+        let at = to_epoch_secs(info.at);
+        self.with_conn(|c| {
+            c.prepare_cached(
+                "INSERT OR REPLACE INTO cached_images
+                 (image_id, last_accessed, last_modified, size, hits, checksum, crc32)
+                 VALUES (?1, ?2, ?2, ?3, 0, ?4, ?5)",
+            )?
+            .execute(params![
+                info.id.as_str(),
+                at,
+                info.size as i64,
+                info.checksum,
+                info.crc32 as i64
+            ])
+        })?;
+        Ok(())
+    }
+
+    fn after_invalidate(&self, info: &InvalidateInfo) -> Result<()> {
+        self.with_conn(|c| {
+            c.prepare_cached(
+                "INSERT OR REPLACE INTO imgcache_invalid (image_id, reason, invalidated_at)
+                 VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![
+                info.id.as_str(),
+                info.reason,
+                to_epoch_secs(info.at)
+            ])
+        })?;
+        Ok(())
+    }
+}
+
+impl CacheDriver for SqliteDriver {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn layout(&self) -> &Layout {
+        &self.inner.layout
+    }
+
+    fn cache_size(&self) -> Result<u64> {
+        let total: i64 = self.with_conn(|c| {
+            c.prepare_cached("SELECT COALESCE(SUM(MAX(size, 0)), 0) FROM cached_images")?
+                .query_row([], |r| r.get(0))
+        })?;
+        Ok(u64::try_from(total).unwrap_or(0))
+    }
+
+    fn cached_images(&self) -> Result<Vec<CachedImageInfo>> {
+        let rows = self.with_conn(|c| {
+            c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM cached_images ORDER BY image_id"
+            ))?
+            .query_map([], decode_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        Ok(self.collect_rows(rows))
+    }
+
+    fn cached_image(&self, id: &ImageId) -> Result<Option<CachedImageInfo>> {
+        self.one(id)
+    }
+
+    fn hit_count(&self, id: &ImageId) -> Result<u64> {
+        Ok(self.one(id)?.map_or(0, |i| i.hits))
+    }
+
+    fn is_cached(&self, id: &ImageId) -> Result<bool> {
+        self.with_conn(|c| {
+            c.prepare_cached("SELECT 1 FROM cached_images WHERE image_id = ?1")?
+                .exists([id.as_str()])
+        })
+    }
+
+    fn delete_cached_image(&self, id: &ImageId) -> Result<bool> {
+        Ok(self.delete_cached_images(std::slice::from_ref(id))? > 0)
+    }
+
+    fn delete_cached_images(&self, ids: &[ImageId]) -> Result<usize> {
+        // Files first: a crash in between leaves rows without files, which
+        // a reader treats as not cached and drops.
+        let mut removed_files = Vec::with_capacity(ids.len());
+        for id in ids {
+            removed_files.push(remove_if_exists(&self.inner.layout.cached(id))?);
+        }
+        self.delete_rows(ids)?;
+        Ok(removed_files.into_iter().filter(|r| *r).count())
+    }
+
+    fn delete_all_cached_images(&self) -> Result<usize> {
+        let mut ids: Vec<ImageId> = self
+            .with_conn(|c| {
+                c.prepare_cached("SELECT image_id FROM cached_images")?
+                    .query_map([], |r| r.get::<_, String>(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })?
+            .into_iter()
+            .filter_map(|s| ImageId::new(s).ok())
+            .collect();
+        // Files without rows too, as Glance's own `delete_all` walks the
+        // directory.
+        ids.extend(
+            self.inner
+                .layout
+                .list(self.inner.layout.base())?
+                .into_iter()
+                .map(|(id, _)| id),
+        );
+        ids.sort();
+        ids.dedup();
+        self.delete_cached_images(&ids)
+    }
+
+    fn queue_image(&self, id: &ImageId) -> Result<bool> {
+        self.inner.layout.check_id(id)?;
+        if self.is_cached(id)? || self.is_being_cached(id)? || self.is_queued(id)? {
+            return Ok(false);
+        }
+        let seq = self.next_queue_seq()?;
+        queue::add(&self.inner.layout, id, seq)
+    }
+
+    fn invalid_images(&self) -> Result<Vec<InvalidImageInfo>> {
+        let layout = &self.inner.layout;
+        let files = layout.list(layout.invalid_dir())?;
+        let mut out = Vec::with_capacity(files.len());
+        for (id, meta) in files {
+            let row = self.with_conn(|c| {
+                c.prepare_cached(
+                    "SELECT reason, invalidated_at FROM imgcache_invalid WHERE image_id = ?1",
+                )?
+                .query_row([id.as_str()], |r| {
+                    Ok((r.get::<_, Option<String>>(0)?, r.get::<_, Option<f64>>(1)?))
+                })
+                .optional()
+            })?;
+            let (reason, at) = row.unwrap_or((None, None));
+            out.push(InvalidImageInfo {
+                id,
+                size: meta.len(),
+                reason,
+                invalidated_at: at.and_then(from_epoch_secs),
+            });
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    fn clean(&self, stall_time: Duration) -> Result<CleanReport> {
+        let report = self
+            .inner
+            .layout
+            .clean(stall_time, self.inner.clock.now())?;
+        let gone: Vec<&ImageId> = report
+            .invalid
+            .iter()
+            .filter_map(|f| f.id.as_ref())
+            .collect();
+        if !gone.is_empty() {
+            self.with_conn(|c| {
+                let tx = c.transaction()?;
+                {
+                    let mut stmt =
+                        tx.prepare_cached("DELETE FROM imgcache_invalid WHERE image_id = ?1")?;
+                    for id in gone {
+                        stmt.execute([id.as_str()])?;
+                    }
+                }
+                tx.commit()
+            })?;
+        }
+        Ok(report)
+    }
+
+    fn least_recently_accessed(&self) -> Result<Vec<LruEntry>> {
+        let rows = self.with_conn(|c| {
+            c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM cached_images ORDER BY last_accessed, image_id"
+            ))?
+            .query_map([], decode_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        Ok(self
+            .collect_rows(rows)
+            .into_iter()
+            .map(|i| LruEntry {
+                id: i.id,
+                size: i.size,
+                last_accessed: i.last_accessed,
+            })
+            .collect())
+    }
+
+    fn open_for_write(&self, id: &ImageId) -> Result<CacheWriter> {
+        if self.is_cached(id)? {
+            return Err(Error::AlreadyCached { id: id.clone() });
+        }
+        CacheWriter::create(
+            &self.inner.layout,
+            id,
+            self.inner.clone(),
+            self.inner.clock.clone(),
+        )
+    }
+
+    fn open_for_read(&self, id: &ImageId) -> Result<Option<CachedImage>> {
+        let path = self.inner.layout.cached(id);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // A row without its file is stale: drop it.
+                self.delete_rows(std::slice::from_ref(id))?;
+                return Ok(None);
+            }
+            Err(e) => return Err(Error::io("open", &path, e)),
+        };
+        let now = to_epoch_secs(self.inner.now());
+        let row = self.with_conn(|c| {
+            c.prepare_cached(&format!(
+                "UPDATE cached_images SET hits = hits + 1, last_accessed = ?2
+                 WHERE image_id = ?1 RETURNING {COLUMNS}"
+            ))?
+            .query_row(params![id.as_str(), now], decode_row)
+            .optional()
+        })?;
+        let info = match row {
+            None => return Ok(None),
+            Some(Ok(info)) => info,
+            Some(Err(detail)) => {
+                return Err(Error::CorruptMetadata {
+                    path: self.inner.db_path.clone(),
+                    detail,
+                })
+            }
+        };
+        CachedImage::new(file, path, info).map(Some)
+    }
+
+    fn image_size(&self, id: &ImageId) -> Result<Option<u64>> {
+        Ok(self.one(id)?.map(|i| i.size))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    fn open(dir: &Path) -> SqliteDriver {
+        SqliteDriver::open(
+            dir,
+            &dir.join("cache.db"),
+            Arc::new(ManualClock::at_secs(1000)),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn lru_order_comes_from_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = open(dir.path());
+        let plan: Vec<String> = d
+            .with_conn(|c| {
+                c.prepare(&format!(
+                    "EXPLAIN QUERY PLAN SELECT {COLUMNS} FROM cached_images ORDER BY last_accessed, image_id"
+                ))?
+                .query_map([], |r| r.get::<_, String>(3))?
+                .collect()
+            })
+            .unwrap();
+        let plan = plan.join("; ");
+        assert!(plan.contains("imgcache_lru"), "{plan}");
+        assert!(!plan.contains("TEMP B-TREE"), "{plan}");
+    }
+
+    #[test]
+    fn wal_mode_and_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = open(dir.path());
+        let (mode, cols): (String, Vec<String>) = d
+            .with_conn(|c| {
+                let mode = c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+                let cols = c
+                    .prepare("SELECT name FROM pragma_table_info('cached_images')")?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                Ok((mode, cols))
+            })
+            .unwrap();
+        assert_eq!(mode, "wal");
+        assert_eq!(
+            cols,
+            [
+                "image_id",
+                "last_accessed",
+                "last_modified",
+                "size",
+                "hits",
+                "checksum",
+                "crc32"
+            ]
+        );
+    }
+
+    #[test]
+    fn decodes_glance_defaults_and_refuses_nonsense() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = open(dir.path());
+        d.with_conn(|c| {
+            c.execute_batch(
+                "INSERT INTO cached_images (image_id) VALUES ('defaults');
+                 INSERT INTO cached_images (image_id, last_accessed, last_modified, size, hits)
+                     VALUES ('ints', 5, 6, 7, 8);
+                 INSERT INTO cached_images (image_id, size) VALUES ('neg', -1);
+                 INSERT INTO cached_images (image_id, hits) VALUES ('text', 'many');
+                 INSERT INTO cached_images (image_id) VALUES ('../escape');
+                 INSERT INTO cached_images (image_id, crc32) VALUES ('bigcrc', 5000000000);",
+            )
+        })
+        .unwrap();
+        let images = d.cached_images().unwrap();
+        let ids: Vec<&str> = images.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, ["defaults", "ints"]);
+        assert_eq!(images[0].size, 0);
+        assert_eq!(images[0].crc32, None);
+        assert_eq!(images[1].hits, 8);
+        assert_eq!(to_epoch_secs(images[1].last_accessed), 5.0);
+        let bad = d.cached_image(&ImageId::new("neg").unwrap()).unwrap_err();
+        assert!(bad.to_string().contains("size is negative"), "{bad}");
+        assert!(bad.to_string().contains("cache.db"), "{bad}");
+    }
+
+    #[test]
+    fn foreign_schema_is_refused_with_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("cache.db");
+        Connection::open(&db)
+            .unwrap()
+            .execute_batch("CREATE TABLE cached_images (id INTEGER, blob BLOB)")
+            .unwrap();
+        let e = SqliteDriver::open(dir.path(), &db, Arc::new(ManualClock::at_secs(0))).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("cache.db") && msg.contains("no column"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn queue_counter_is_shared_between_handles() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = open(dir.path());
+        let b = open(dir.path());
+        assert_eq!(a.next_queue_seq().unwrap(), 1);
+        assert_eq!(b.next_queue_seq().unwrap(), 2);
+        assert_eq!(a.next_queue_seq().unwrap(), 3);
+    }
+}

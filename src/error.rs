@@ -1,0 +1,133 @@
+//! Errors: one enum, each variant saying what went wrong and where.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::id::{IdError, ImageId};
+
+/// Every error `imgcache` returns.
+///
+/// Each variant carries the image id or the path involved, so that a message
+/// never arrives without saying *which* image or file it is about.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The string is not acceptable as an image id.
+    #[error("invalid image id {input:?}: {reason}")]
+    InvalidId {
+        /// The refused input (lossily converted to UTF-8 where it was not).
+        input: String,
+        /// Why it was refused.
+        reason: IdError,
+    },
+
+    /// Another writer is filling this image right now (`incomplete/<id>`
+    /// exists).
+    #[error("image {id} is already being cached")]
+    AlreadyBeingCached {
+        /// The image.
+        id: ImageId,
+    },
+
+    /// The image is already cached; cached images are immutable, so delete it
+    /// first to replace it.
+    #[error("image {id} is already cached")]
+    AlreadyCached {
+        /// The image.
+        id: ImageId,
+    },
+
+    /// An I/O operation on a cache file or folder failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done (`"create"`, `"rename"`, `"fsync"`, …).
+        op: &'static str,
+        /// The file or folder it was done to.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The SQLite metadata database failed.
+    #[error("sqlite database {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// The error from SQLite.
+        #[source]
+        source: rusqlite::Error,
+    },
+
+    /// The file system of the cache directory does not support user extended
+    /// attributes, which the `xattr` driver needs.
+    #[error(
+        "the file system holding {dir} does not support user extended attributes ({source}); \
+         mount it with user_xattr (ext3/ext4: add `user_xattr` to its fstab options), \
+         move the cache to a file system that has them, or use the sqlite driver"
+    )]
+    XattrUnsupported {
+        /// The cache directory.
+        dir: PathBuf,
+        /// The error the probe got.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Stored metadata could not be decoded.
+    #[error("corrupt metadata in {path}: {detail}")]
+    CorruptMetadata {
+        /// The file (or database) holding it.
+        path: PathBuf,
+        /// What was wrong.
+        detail: String,
+    },
+
+    /// The options given cannot work.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an [`io::Error`] with the operation and path.
+    pub(crate) fn io(op: &'static str, path: impl AsRef<Path>, source: io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+
+    /// Wraps a [`rusqlite::Error`] with the database path.
+    pub(crate) fn sqlite(path: impl AsRef<Path>, source: rusqlite::Error) -> Self {
+        Error::Sqlite {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+
+    /// The underlying I/O error kind, if this error came from the file system.
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        match self {
+            Error::Io { source, .. } | Error::XattrUnsupported { source, .. } => {
+                Some(source.kind())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Attaches an operation and a path to an [`io::Result`].
+pub(crate) trait IoContext<T> {
+    /// Maps the error to [`Error::Io`] with `op` and `path`.
+    fn ctx(self, op: &'static str, path: &Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, op: &'static str, path: &Path) -> Result<T> {
+        self.map_err(|e| Error::io(op, path, e))
+    }
+}

@@ -1,0 +1,402 @@
+//! [`Layout`]: where each state of an image lives on disk, and the file
+//! operations every driver shares (publish, invalidate, clean).
+//!
+//! | state | path |
+//! |---|---|
+//! | queued | `queue/<id>` |
+//! | incomplete | `incomplete/<id>` |
+//! | cached | `<id>` |
+//! | invalid | `invalid/<id>` |
+
+use std::fs::{self, File, Metadata, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use crate::error::{Error, IoContext, Result};
+use crate::id::{is_reserved, IdError, ImageId};
+
+/// The paths of a cache directory.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    base: PathBuf,
+    queue: PathBuf,
+    incomplete: PathBuf,
+    invalid: PathBuf,
+    /// The database file name when it lies directly in `base` (it then
+    /// reserves that name).
+    db_name: Option<String>,
+}
+
+/// One file that `clean` (or another sweep) removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemovedFile {
+    /// The file's path at the moment it was removed.
+    pub path: PathBuf,
+    /// The image id, when the file name is a valid one.
+    pub id: Option<ImageId>,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// What [`crate::CacheDriver::clean`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CleanReport {
+    /// Files removed from `invalid/`.
+    pub invalid: Vec<RemovedFile>,
+    /// Stalled files removed from `incomplete/`.
+    pub stalled: Vec<RemovedFile>,
+    /// Incomplete files older than the stall time that were kept because
+    /// their writer is still alive (it holds the file's lock).
+    pub live_writers: Vec<ImageId>,
+}
+
+impl CleanReport {
+    /// How many files were removed.
+    pub fn files(&self) -> usize {
+        self.invalid.len() + self.stalled.len()
+    }
+
+    /// How many bytes were freed.
+    pub fn bytes(&self) -> u64 {
+        self.invalid
+            .iter()
+            .chain(&self.stalled)
+            .map(|f| f.size)
+            .sum()
+    }
+}
+
+impl Layout {
+    /// The layout of `base`, whose metadata database (if any) is at
+    /// `db_path`.
+    pub fn new(base: impl Into<PathBuf>, db_path: Option<&Path>) -> Self {
+        let base = base.into();
+        let db_name = db_path.and_then(|p| {
+            let parent = p.parent()?;
+            let in_base = parent == base || parent.as_os_str().is_empty();
+            in_base
+                .then(|| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .flatten()
+        });
+        Layout {
+            queue: base.join("queue"),
+            incomplete: base.join("incomplete"),
+            invalid: base.join("invalid"),
+            base,
+            db_name,
+        }
+    }
+
+    /// Creates the base directory and the three state folders if missing.
+    pub fn create(&self) -> Result<()> {
+        for dir in [&self.base, &self.queue, &self.incomplete, &self.invalid] {
+            fs::create_dir_all(dir).ctx("create directory", dir)?;
+        }
+        Ok(())
+    }
+
+    /// The base directory (cached images live here).
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+
+    /// The folder of queued images.
+    pub fn queue_dir(&self) -> &Path {
+        &self.queue
+    }
+
+    /// The folder of images being written.
+    pub fn incomplete_dir(&self) -> &Path {
+        &self.incomplete
+    }
+
+    /// The folder of failed writes.
+    pub fn invalid_dir(&self) -> &Path {
+        &self.invalid
+    }
+
+    /// Where `id` lives once cached.
+    pub fn cached(&self, id: &ImageId) -> PathBuf {
+        self.base.join(id.as_str())
+    }
+
+    /// Where `id` is written.
+    pub fn incomplete(&self, id: &ImageId) -> PathBuf {
+        self.incomplete.join(id.as_str())
+    }
+
+    /// Where `id` goes when its write fails.
+    pub fn invalid(&self, id: &ImageId) -> PathBuf {
+        self.invalid.join(id.as_str())
+    }
+
+    /// The queue marker of `id`.
+    pub fn queued(&self, id: &ImageId) -> PathBuf {
+        self.queue.join(id.as_str())
+    }
+
+    /// Refuses ids that collide with this cache's own files beyond the
+    /// defaults [`ImageId`] already refuses (a custom database name).
+    pub fn check_id(&self, id: &ImageId) -> Result<()> {
+        match &self.db_name {
+            Some(db) if is_reserved(id.as_str(), db) => Err(Error::InvalidId {
+                input: id.to_string(),
+                reason: IdError::Reserved,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The image files in `dir`: regular files whose names are valid ids
+    /// and not this cache's own, with their metadata. Anything else (other
+    /// tools' files, the database) is passed over.
+    pub fn list(&self, dir: &Path) -> Result<Vec<(ImageId, Metadata)>> {
+        let mut out = Vec::new();
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(Error::io("read directory", dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.ctx("read directory", dir)?;
+            let Ok(id) = ImageId::from_os(&entry.file_name()) else {
+                continue;
+            };
+            if self.check_id(&id).is_err() {
+                continue;
+            }
+            // A file may vanish between readdir and stat: that is not an error.
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("stat", entry.path(), e)),
+            };
+            if meta.is_file() {
+                out.push((id, meta));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates `incomplete/<id>` exclusively, locked for the writer's
+    /// lifetime: a second writer gets [`Error::AlreadyBeingCached`].
+    pub fn create_incomplete(&self, id: &ImageId) -> Result<File> {
+        let path = self.incomplete(id);
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(Error::AlreadyBeingCached { id: id.clone() })
+            }
+            Err(e) => return Err(Error::io("create", &path, e)),
+        };
+        // The lock tells `clean` that a living writer owns the file. The file
+        // is new and ours alone, so this cannot block for long; another
+        // process could only hold it if it opened the file in between.
+        match file.try_lock() {
+            Ok(()) => Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                Err(Error::AlreadyBeingCached { id: id.clone() })
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &path, e)),
+        }
+    }
+
+    /// Renames `incomplete/<id>` to `<id>` unless `<id>` exists, then syncs
+    /// the base directory. Returns `false` (and leaves the incomplete file
+    /// where it is) when the image was already cached.
+    pub fn publish(&self, id: &ImageId) -> Result<bool> {
+        let from = self.incomplete(id);
+        let to = self.cached(id);
+        match rename_noreplace(&from, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => return Err(Error::io("rename", &from, e)),
+        }
+        sync_dir(&self.base)?;
+        Ok(true)
+    }
+
+    /// Moves `incomplete/<id>` to `invalid/<id>` (replacing an older one).
+    pub fn invalidate(&self, id: &ImageId) -> Result<()> {
+        let from = self.incomplete(id);
+        fs::rename(&from, self.invalid(id)).ctx("rename", &from)
+    }
+
+    /// Removes every file in `invalid/`, and every file in `incomplete/`
+    /// last modified more than `stall_time` before `now` whose writer is
+    /// gone (no process holds its lock).
+    pub fn clean(&self, stall_time: Duration, now: SystemTime) -> Result<CleanReport> {
+        let mut report = CleanReport::default();
+        for (path, size) in plain_files(&self.invalid)? {
+            if remove_if_exists(&path)? {
+                let id = id_of(&path);
+                report.invalid.push(RemovedFile { path, id, size });
+            }
+        }
+        for (path, size) in plain_files(&self.incomplete)? {
+            let mtime = match fs::metadata(&path).and_then(|m| m.modified()) {
+                Ok(t) => t,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("stat", &path, e)),
+            };
+            // A clock that jumped behind the file's time gives age zero.
+            let age = now.duration_since(mtime).unwrap_or_default();
+            if age <= stall_time {
+                continue;
+            }
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("open", &path, e)),
+            };
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    if let Some(id) = id_of(&path) {
+                        report.live_writers.push(id);
+                    }
+                    continue;
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &path, e)),
+            }
+            // Holding the lock, no writer can be committing this file now.
+            if remove_if_exists(&path)? {
+                let id = id_of(&path);
+                report.stalled.push(RemovedFile { path, id, size });
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// The file name of `path` as an id, if it is one.
+fn id_of(path: &Path) -> Option<ImageId> {
+    path.file_name().and_then(|n| ImageId::from_os(n).ok())
+}
+
+/// Every regular file in `dir` (whatever its name), with its size.
+fn plain_files(dir: &Path) -> Result<Vec<(PathBuf, u64)>> {
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::io("read directory", dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.ctx("read directory", dir)?;
+        match entry.metadata() {
+            Ok(m) if m.is_file() => out.push((entry.path(), m.len())),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("stat", entry.path(), e)),
+        }
+    }
+    Ok(out)
+}
+
+/// Removes `path`; `Ok(false)` if it was already gone.
+pub(crate) fn remove_if_exists(path: &Path) -> Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io("remove", path, e)),
+    }
+}
+
+/// `fsync`s a directory, making renames and creations in it durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx("fsync directory", dir)
+}
+
+/// Renames `from` to `to`, failing with `AlreadyExists` rather than
+/// replacing an existing `to`.
+///
+/// Linux: `renameat2(RENAME_NOREPLACE)`, falling back to link + unlink on
+/// file systems that refuse the flag. Elsewhere: link + unlink.
+pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+        match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
+            Ok(()) => return Ok(()),
+            Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOSYS) => {}
+            Err(e) => return Err(io::Error::from(e)),
+        }
+    }
+    fs::hard_link(from, to)?;
+    fs::remove_file(from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> ImageId {
+        ImageId::new(s).unwrap()
+    }
+
+    #[test]
+    fn paths_of_the_four_states() {
+        let l = Layout::new("/c", Some(Path::new("/c/cache.db")));
+        let i = id("abc");
+        assert_eq!(l.cached(&i), Path::new("/c/abc"));
+        assert_eq!(l.incomplete(&i), Path::new("/c/incomplete/abc"));
+        assert_eq!(l.invalid(&i), Path::new("/c/invalid/abc"));
+        assert_eq!(l.queued(&i), Path::new("/c/queue/abc"));
+    }
+
+    #[test]
+    fn custom_db_name_is_reserved_only_inside_base() {
+        let l = Layout::new("/c", Some(Path::new("/c/meta.sqlite")));
+        assert!(l.check_id(&id("meta.sqlite")).is_err());
+        assert!(l.check_id(&id("meta.sqlite-wal")).is_err());
+        assert!(l.check_id(&id("other")).is_ok());
+        let outside = Layout::new("/c", Some(Path::new("/elsewhere/meta.sqlite")));
+        assert!(outside.check_id(&id("meta.sqlite")).is_ok());
+    }
+
+    #[test]
+    fn publish_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Layout::new(dir.path(), None);
+        l.create().unwrap();
+        let i = id("x");
+        fs::write(l.cached(&i), b"old").unwrap();
+        drop(l.create_incomplete(&i).unwrap());
+        fs::write(l.incomplete(&i), b"new").unwrap();
+        assert!(!l.publish(&i).unwrap());
+        assert_eq!(fs::read(l.cached(&i)).unwrap(), b"old");
+        assert!(l.incomplete(&i).exists());
+        fs::remove_file(l.cached(&i)).unwrap();
+        assert!(l.publish(&i).unwrap());
+        assert_eq!(fs::read(l.cached(&i)).unwrap(), b"new");
+        assert!(!l.incomplete(&i).exists());
+    }
+
+    #[test]
+    fn list_skips_foreign_and_reserved_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Layout::new(dir.path(), Some(&dir.path().join("cache.db")));
+        l.create().unwrap();
+        for name in ["a", "b", "cache.db", "cache.db-wal", ".imgcache-x"] {
+            fs::write(dir.path().join(name), b"1").unwrap();
+        }
+        let mut ids: Vec<_> = l
+            .list(l.base())
+            .unwrap()
+            .into_iter()
+            .map(|(i, _)| i.to_string())
+            .collect();
+        ids.sort();
+        assert_eq!(ids, ["a", "b"]);
+    }
+}

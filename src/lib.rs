@@ -1,0 +1,109 @@
+//! `imgcache` is a local, on-disk cache for large immutable blobs — VM
+//! images, container layers, model files — that an API server puts in front
+//! of a slow backend store.
+//!
+//! It is OpenStack Glance's image cache, made safe under crashes and
+//! concurrency: the same four states on disk (`queue/`, `incomplete/`, the
+//! cached files, `invalid/`), the same metadata drivers (a SQLite
+//! `cache.db`, or extended attributes on the files), the same operator jobs
+//! (prune to a size, clean stalled and invalid files), so it can open a
+//! directory Glance wrote and leave it readable by Glance.
+//!
+//! ```
+//! use std::io::{Read, Write};
+//! use imgcache::{ImageCache, ImageId};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let cache = ImageCache::builder(dir.path()).max_size(1 << 20).open()?;
+//!
+//! // Cache an image: written to incomplete/, then fsync'ed and renamed.
+//! let id = ImageId::new("8f2f6b4e-7cba-4d41-9c6f-2a4e6d0b1c55")?;
+//! let mut writer = cache.open_for_write(&id)?;
+//! writer.write_all(&vec![7u8; 300_000])?;
+//! writer.commit()?;
+//!
+//! // Read it back: every open counts a hit.
+//! let mut image = cache.open_for_read(&id)?.expect("cached");
+//! let mut bytes = Vec::new();
+//! image.read_to_end(&mut bytes)?;
+//! assert_eq!(bytes.len(), 300_000);
+//! assert_eq!(cache.hit_count(&id)?, 1);
+//!
+//! // Or from any reader in one call.
+//! let small = ImageId::new("small")?;
+//! assert!(cache.cache_image_file(&small, &b"tiny"[..])?);
+//!
+//! // Prune: least recently accessed first, until at most max_size remain.
+//! let report = cache.prune_to(100_000)?;
+//! assert_eq!(report.removed, vec![id]);
+//! assert!(cache.is_cached(&small)?);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Pieces
+//!
+//! - [`ImageId`]: a validated id; anything that is not a safe single file
+//!   name is refused before it reaches the file system.
+//! - [`CacheOptions`]: Glance's settings (`image_cache_dir`,
+//!   `image_cache_max_size`, `image_cache_stall_time`, `image_cache_driver`,
+//!   `image_cache_sqlite_db`) and defaults.
+//! - [`CacheDriver`]: the mechanism — where metadata lives. [`SqliteDriver`]
+//!   and [`XattrDriver`] (Linux) implement it.
+//! - [`CacheWriter`]: `Write` into `incomplete/<id>`; `commit()` publishes,
+//!   dropping it moves the bytes to `invalid/`.
+//! - [`CachedImage`]: an open cached file, `Read + Seek`.
+//! - [`ImageCache`]: the facade — driver calls plus `prune`, `clean` and
+//!   `cache_image_file`.
+//!
+//! # Guarantees
+//!
+//! - A cached image is complete: a writer's bytes become visible only by an
+//!   atomic rename after an `fsync`, and a reader is refused a file whose
+//!   size differs from what was committed.
+//! - One writer per image: `incomplete/<id>` is created exclusively, and a
+//!   commit never replaces a cached file.
+//! - A live writer holds a lock on its file, so `clean` never deletes a file
+//!   that is still being filled, however old it looks.
+//! - A read costs one metadata update (no `fsync`); writers of different
+//!   images share no lock on the data path.
+//! - Errors are values ([`Error`]), each naming the id or path involved.
+//!
+//! # Durability
+//!
+//! The commit order is: data `fsync` → rename → directory `fsync` →
+//! metadata. What a power loss can lose:
+//!
+//! - **sqlite**: the file of an image committed less than one directory sync
+//!   ago may be missing, never half-present; the rows of images committed
+//!   since the last WAL checkpoint, and recent hit counts and access times,
+//!   may be lost (the files stay; such a file is not reported cached).
+//! - **xattr**: metadata is written on the file before its `fsync`, so an
+//!   image is published with its metadata or not at all; recent hit counts
+//!   and access times may be lost.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+mod cache;
+mod clock;
+mod driver;
+pub mod drivers;
+mod error;
+mod id;
+mod layout;
+mod options;
+mod queue;
+mod reader;
+mod writer;
+
+pub use cache::{ImageCache, PruneReport};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use driver::{CacheDriver, CachedImageInfo, InvalidImageInfo, LruEntry};
+pub use drivers::{SqliteDriver, XattrDriver};
+pub use error::{Error, Result};
+pub use id::{IdError, ImageId, DEFAULT_SQLITE_DB, MAX_ID_LEN};
+pub use layout::{CleanReport, Layout, RemovedFile};
+pub use options::{CacheOptions, DriverKind, DEFAULT_MAX_SIZE, DEFAULT_STALL_TIME};
+pub use queue::decode_seq as decode_queue_seq;
+pub use writer::{CacheWriter, CommitHooks, CommitInfo, InvalidateInfo};
