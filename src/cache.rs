@@ -69,7 +69,10 @@ impl ImageCache {
         };
         let (driver, kind) = match options.image_cache_driver() {
             DriverKind::Sqlite => (sqlite()?, DriverKind::Sqlite),
-            DriverKind::Xattr => match XattrDriver::open(&dir, clock.clone()) {
+            DriverKind::Xattr => match XattrDriver::with_layout(
+                Layout::new(&dir, Some(&options.sqlite_db_path())),
+                clock.clone(),
+            ) {
                 Ok(d) => (Box::new(d) as Box<dyn CacheDriver>, DriverKind::Xattr),
                 Err(e @ Error::XattrUnsupported { .. }) if options.falls_back_to_sqlite() => {
                     log::warn!("imgcache: {e}; falling back to the sqlite driver as configured");

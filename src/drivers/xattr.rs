@@ -170,7 +170,12 @@ impl XattrDriver {
     /// [`Error::XattrUnsupported`] if the file system has no user extended
     /// attributes.
     pub fn open(dir: &Path, clock: Arc<dyn Clock>) -> Result<Self> {
-        let layout = Layout::new(dir, None);
+        Self::with_layout(Layout::new(dir, None), clock)
+    }
+
+    /// Opens the cache laid out as `layout`: used when a database name is
+    /// configured for the directory, so that it is never taken for an image.
+    pub fn with_layout(layout: Layout, clock: Arc<dyn Clock>) -> Result<Self> {
         layout.create()?;
         probe(&layout)?;
         Ok(XattrDriver {

@@ -1,0 +1,104 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use imgcache::{CacheOptions, DriverKind, ImageCache, ImageId, ManualClock};
+
+/// Both built-in drivers.
+pub const DRIVERS: [DriverKind; 2] = [DriverKind::Sqlite, DriverKind::Xattr];
+
+/// A cache in a fresh temporary directory, with a manual clock that starts
+/// at the real time (so that file mtimes and the clock agree).
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub clock: ManualClock,
+    pub cache: ImageCache,
+    pub kind: DriverKind,
+}
+
+impl Fixture {
+    pub fn new(kind: DriverKind) -> Self {
+        Self::with(kind, |o| o)
+    }
+
+    pub fn with(kind: DriverKind, f: impl FnOnce(CacheOptions) -> CacheOptions) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = ManualClock::new(SystemTime::now());
+        let options = f(CacheOptions::new(dir.path())
+            .driver(kind)
+            .clock(Arc::new(clock.clone())));
+        let cache = options.open().expect("open cache");
+        Fixture {
+            dir,
+            clock,
+            cache,
+            kind,
+        }
+    }
+
+    /// Opens another handle on the same directory (as another server
+    /// process would).
+    pub fn reopen(&self) -> ImageCache {
+        CacheOptions::new(self.dir.path())
+            .driver(self.kind)
+            .clock(Arc::new(self.clock.clone()))
+            .open()
+            .expect("reopen cache")
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Caches `id` with `data` and returns the id.
+    pub fn put(&self, id: &str, data: &[u8]) -> ImageId {
+        let id = ImageId::new(id).expect("valid id");
+        assert!(self.cache.cache_image_file(&id, data).expect("cache"));
+        id
+    }
+
+    /// Reads `id` through the cache (a hit).
+    pub fn get(&self, id: &ImageId) -> Option<Vec<u8>> {
+        self.cache
+            .open_for_read(id)
+            .expect("open_for_read")
+            .map(|mut img| img.read_all().expect("read"))
+    }
+
+    pub fn tick(&self, secs: u64) {
+        self.clock.advance(Duration::from_secs(secs));
+    }
+}
+
+pub fn id(s: &str) -> ImageId {
+    ImageId::new(s).expect("valid id")
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Runs `f` for a fresh fixture of every driver; a failure names the driver.
+#[macro_export]
+macro_rules! for_each_driver {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test] fn $name() { super::$name(imgcache::DriverKind::Sqlite) })*
+        }
+        mod xattr {
+            $(#[test] fn $name() { super::$name(imgcache::DriverKind::Xattr) })*
+        }
+    };
+}
