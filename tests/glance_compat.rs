@@ -1,0 +1,220 @@
+//! Opening cache directories as Glance's own drivers write them, and leaving
+//! them readable by Glance.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{id, Fixture};
+use imgcache::{CacheOptions, DriverKind};
+use rusqlite::Connection;
+use xattr::FileExt;
+
+/// Glance's schema, exactly as its sqlite driver creates it.
+const GLANCE_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS cached_images (
+    image_id TEXT PRIMARY KEY,
+    last_accessed REAL DEFAULT 0.0,
+    last_modified REAL DEFAULT 0.0,
+    size INTEGER DEFAULT 0,
+    hits INTEGER DEFAULT 0,
+    checksum TEXT
+);";
+
+/// A cache directory as Glance's sqlite driver leaves it: two images with
+/// rows, the state folders, and an empty queue marker.
+fn glance_sqlite_dir(dir: &Path) {
+    for sub in ["queue", "incomplete", "invalid"] {
+        fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    let db = Connection::open(dir.join("cache.db")).unwrap();
+    db.execute_batch(GLANCE_SCHEMA).unwrap();
+    for (image, body, accessed, hits) in [
+        ("aaaa-1111", &b"first image"[..], 1_700_000_100.5, 3),
+        ("bbbb-2222", &b"second"[..], 1_700_000_050.25, 7),
+    ] {
+        fs::write(dir.join(image), body).unwrap();
+        // Glance's commit, then its hit update, verbatim.
+        db.execute(
+            "INSERT INTO cached_images (image_id, last_accessed, last_modified, hits, size)
+             VALUES (?, ?, ?, 0, ?)",
+            rusqlite::params![image, 1_700_000_000.0, 1_700_000_000.0, body.len() as i64],
+        )
+        .unwrap();
+        db.execute(
+            "UPDATE cached_images SET hits = ?, last_accessed = ? WHERE image_id = ?",
+            rusqlite::params![hits, accessed, image],
+        )
+        .unwrap();
+    }
+    fs::File::create(dir.join("queue/cccc-3333")).unwrap();
+}
+
+#[test]
+fn sqlite_opens_a_glance_database_and_keeps_it_glance_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    glance_sqlite_dir(dir.path());
+    let cache = CacheOptions::new(dir.path()).open().unwrap();
+
+    let images = cache.cached_images().unwrap();
+    assert_eq!(images.len(), 2);
+    assert_eq!(images[0].id.as_str(), "aaaa-1111");
+    assert_eq!(images[0].hits, 3);
+    assert_eq!(images[0].size, 11);
+    assert_eq!(images[0].crc32, None, "Glance's entries are unverified");
+    assert_eq!(
+        images[0].last_accessed,
+        UNIX_EPOCH + Duration::from_secs_f64(1_700_000_100.5)
+    );
+    assert_eq!(cache.cache_size().unwrap(), 17);
+    assert_eq!(cache.queued_images().unwrap(), vec![id("cccc-3333")]);
+    // LRU follows Glance's last_accessed.
+    let lru: Vec<String> = cache
+        .least_recently_accessed()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id.to_string())
+        .collect();
+    assert_eq!(lru, ["bbbb-2222", "aaaa-1111"]);
+    // Reading counts a hit in Glance's column.
+    let mut img = cache.open_for_read(&id("aaaa-1111")).unwrap().unwrap();
+    assert_eq!(img.read_all().unwrap(), b"first image");
+    assert!(cache
+        .cache_image_file(&id("cccc-3333"), &b"third"[..])
+        .unwrap());
+    drop(cache);
+
+    // Glance's own queries still work and see our writes.
+    let db = Connection::open(dir.path().join("cache.db")).unwrap();
+    let rows: Vec<(String, i64, f64, f64, i64)> = db
+        .prepare(
+            "SELECT image_id, hits, last_accessed, last_modified, size
+             FROM cached_images ORDER BY image_id",
+        )
+        .unwrap()
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!((rows[0].0.as_str(), rows[0].1), ("aaaa-1111", 4));
+    assert_eq!(
+        (rows[2].0.as_str(), rows[2].1, rows[2].4),
+        ("cccc-3333", 0, 5)
+    );
+    let lru: String = db
+        .query_row(
+            "SELECT image_id FROM cached_images ORDER BY last_accessed LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(lru, "bbbb-2222");
+    let hits: i64 = db
+        .query_row(
+            "SELECT hits FROM cached_images WHERE image_id = ?",
+            ["aaaa-1111"],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(hits, 4);
+    // Glance's insert (which names only its columns) still works.
+    db.execute(
+        "INSERT INTO cached_images (image_id, last_accessed, last_modified, hits, size)
+         VALUES (?, ?, ?, 0, ?)",
+        rusqlite::params!["dddd-4444", 1.0, 1.0, 0],
+    )
+    .unwrap();
+    db.execute(
+        "DELETE FROM cached_images WHERE image_id = ?",
+        ["dddd-4444"],
+    )
+    .unwrap();
+    // The queue marker of the cached image is gone, as Glance expects.
+    assert!(!dir.path().join("queue/cccc-3333").exists());
+}
+
+#[test]
+fn sqlite_upgrade_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    glance_sqlite_dir(dir.path());
+    for _ in 0..3 {
+        let cache = CacheOptions::new(dir.path()).open().unwrap();
+        assert_eq!(cache.cached_images().unwrap().len(), 2);
+    }
+}
+
+/// A cache directory as Glance's xattr driver leaves it: files carrying
+/// only `user.hits`, with atime as the last access.
+#[test]
+fn xattr_opens_glance_files_and_keeps_them_glance_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["queue", "incomplete", "invalid"] {
+        fs::create_dir_all(dir.path().join(sub)).unwrap();
+    }
+    let atime = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    for (image, hits) in [("old", "5"), ("new", "0")] {
+        let path = dir.path().join(image);
+        fs::write(&path, image.repeat(10)).unwrap();
+        let f = fs::File::options().write(true).open(&path).unwrap();
+        f.set_xattr("user.hits", hits.as_bytes()).unwrap();
+        let t = if image == "old" {
+            atime
+        } else {
+            atime + Duration::from_secs(100)
+        };
+        f.set_times(fs::FileTimes::new().set_accessed(t).set_modified(t))
+            .unwrap();
+    }
+    // Glance's rollback leaves user.error on the invalid file.
+    let bad = dir.path().join("invalid/broken");
+    fs::write(&bad, b"half").unwrap();
+    xattr::set(&bad, "user.error", b"IOError: connection reset").unwrap();
+
+    let f = Fixture::with(DriverKind::Xattr, |o| {
+        CacheOptions::new(dir.path())
+            .driver(DriverKind::Xattr)
+            .clock(o.clock_ref().clone())
+    });
+    let cache = &f.cache;
+    let images = cache.cached_images().unwrap();
+    let summary: Vec<(&str, u64, u64, Option<u32>)> = images
+        .iter()
+        .map(|i| (i.id.as_str(), i.hits, i.size, i.crc32))
+        .collect();
+    assert_eq!(summary, [("new", 0, 30, None), ("old", 5, 30, None)]);
+    assert_eq!(images[1].last_accessed, atime, "atime is the fallback");
+    let lru: Vec<String> = cache
+        .least_recently_accessed()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id.to_string())
+        .collect();
+    assert_eq!(lru, ["old", "new"]);
+    let invalid = cache.invalid_images().unwrap();
+    assert_eq!(
+        invalid[0].reason.as_deref(),
+        Some("IOError: connection reset")
+    );
+
+    // A read increments Glance's counter, as a decimal Glance can parse,
+    // and records our own access time, which now outranks the atime.
+    cache.open_for_read(&id("old")).unwrap().unwrap();
+    let raw = xattr::get(dir.path().join("old"), "user.hits")
+        .unwrap()
+        .unwrap();
+    assert_eq!(raw, b"6");
+    let lru = cache.least_recently_accessed().unwrap();
+    assert_eq!(lru[0].id.as_str(), "new");
+
+    // Images we commit carry user.hits = 0 too, for Glance.
+    f.put("ours", b"data");
+    let raw = xattr::get(dir.path().join("ours"), "user.hits")
+        .unwrap()
+        .unwrap();
+    assert_eq!(raw, b"0");
+    assert!(SystemTime::now() > atime);
+}

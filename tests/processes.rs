@@ -1,0 +1,157 @@
+//! Several processes on one cache directory, as API server workers share it.
+//!
+//! The test binary re-runs itself as the child: `child` below does the
+//! child's part when `IMGCACHE_CHILD` is set, and nothing otherwise.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+
+use common::{bytes, id, Fixture, DRIVERS};
+use imgcache::{CacheOptions, DriverKind, Error, ImageCache};
+
+fn open(dir: &str, driver: &str) -> ImageCache {
+    CacheOptions::new(dir)
+        .driver(driver.parse().unwrap())
+        .open()
+        .unwrap()
+}
+
+/// The child's part. Commands (from `IMGCACHE_CHILD`):
+/// - `read N`: open the image `x` N times, reading it whole each time;
+/// - `write`: race to write `contested`, print `won` or `lost`;
+/// - `hold`: open a writer for `slow`, print `ready`, wait for stdin to
+///   close, then commit.
+#[test]
+fn child() {
+    let Ok(cmd) = std::env::var("IMGCACHE_CHILD") else {
+        return;
+    };
+    let dir = std::env::var("IMGCACHE_DIR").unwrap();
+    let driver = std::env::var("IMGCACHE_DRIVER").unwrap();
+    let cache = open(&dir, &driver);
+    let mut words = cmd.split_whitespace();
+    match words.next() {
+        Some("read") => {
+            let n: usize = words.next().unwrap().parse().unwrap();
+            let want = bytes(1, 10_000);
+            for _ in 0..n {
+                let mut img = cache.open_for_read(&id("x")).unwrap().unwrap();
+                assert_eq!(img.read_all().unwrap(), want);
+            }
+        }
+        Some("write") => {
+            let me: u64 = std::process::id().into();
+            match cache.open_for_write(&id("contested")) {
+                Ok(mut w) => {
+                    w.write_all(&bytes(me, 200_000)).unwrap();
+                    match w.commit() {
+                        Ok(_) => println!("won {me}"),
+                        Err(Error::AlreadyCached { .. }) => println!("lost"),
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                Err(Error::AlreadyBeingCached { .. } | Error::AlreadyCached { .. }) => {
+                    println!("lost")
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        Some("hold") => {
+            let mut w = cache.open_for_write(&id("slow")).unwrap();
+            w.write_all(b"written by a live process").unwrap();
+            println!("ready");
+            std::io::stdout().flush().unwrap();
+            let mut rest = Vec::new();
+            std::io::stdin().read_to_end(&mut rest).unwrap();
+            w.commit().unwrap();
+        }
+        other => panic!("unknown child command {other:?}"),
+    }
+}
+
+fn spawn(f: &Fixture, cmd: &str) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child",
+            "--nocapture",
+            "--test-threads=1",
+            "--quiet",
+        ])
+        .env("IMGCACHE_CHILD", cmd)
+        .env("IMGCACHE_DIR", f.path())
+        .env("IMGCACHE_DRIVER", f.kind.as_str())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn output(child: std::process::Child) -> String {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "child failed: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn hits_from_many_processes_are_exact() {
+    for kind in DRIVERS {
+        let f = Fixture::new(kind);
+        f.put("x", &bytes(1, 10_000));
+        let children: Vec<_> = (0..4).map(|_| spawn(&f, "read 100")).collect();
+        for c in children {
+            output(c);
+        }
+        assert_eq!(f.cache.hit_count(&id("x")).unwrap(), 400, "{kind}");
+    }
+}
+
+#[test]
+fn racing_writer_processes_one_wins_whole() {
+    for kind in DRIVERS {
+        let f = Fixture::new(kind);
+        let children: Vec<_> = (0..6).map(|_| spawn(&f, "write")).collect();
+        let outs: Vec<String> = children.into_iter().map(output).collect();
+        let winners: Vec<u64> = outs
+            .iter()
+            .filter_map(|o| o.lines().find_map(|l| l.strip_prefix("won ")))
+            .map(|p| p.trim().parse().unwrap())
+            .collect();
+        assert!(!winners.is_empty(), "{kind}: {outs:?}");
+        let got = f.get(&id("contested")).unwrap();
+        assert!(
+            winners.iter().any(|&w| got == bytes(w, 200_000)),
+            "{kind}: cached bytes are one winner's, whole"
+        );
+        assert!(!f.cache.is_being_cached(&id("contested")).unwrap());
+    }
+}
+
+#[test]
+fn clean_in_one_process_spares_a_writer_alive_in_another() {
+    for kind in [DriverKind::Sqlite, DriverKind::Xattr] {
+        let f = Fixture::new(kind);
+        let mut child = spawn(&f, "hold");
+        // Wait for the child to hold its writer (the test harness prints a
+        // header of its own first).
+        let mut reader = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while line.trim() != "ready" {
+            line.clear();
+            let n = reader.read_line(&mut line).unwrap();
+            assert!(n > 0, "{kind}: child exited before it was ready");
+        }
+        // Ten days later, by this process's clock, with a zero stall time.
+        f.tick(10 * 86_400);
+        let report = f.cache.clean(Some(std::time::Duration::ZERO)).unwrap();
+        assert!(report.stalled.is_empty(), "{kind}: {report:?}");
+        assert_eq!(report.live_writers, vec![id("slow")]);
+        drop(child.stdin.take());
+        let mut rest = String::new();
+        reader.read_to_string(&mut rest).unwrap();
+        assert!(child.wait().unwrap().success(), "{kind}: child failed");
+        assert_eq!(f.get(&id("slow")).unwrap(), b"written by a live process");
+    }
+}
