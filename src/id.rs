@@ -140,7 +140,7 @@ pub(crate) fn is_reserved(name: &str, sqlite_db: &str) -> bool {
 
 impl fmt::Display for ImageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -297,6 +297,7 @@ mod tests {
         let id: ImageId = "abc".parse().unwrap();
         assert_eq!(id.as_str(), "abc");
         assert_eq!(format!("{id}"), "abc");
+        assert_eq!(format!("[{id:<5}]"), "[abc  ]");
         assert_eq!(format!("{id:?}"), "\"abc\"");
         assert_eq!(String::from(id.clone()), "abc");
         assert_eq!(ImageId::try_from(String::from("abc")).unwrap(), id);

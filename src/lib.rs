@@ -106,4 +106,10 @@ pub use id::{IdError, ImageId, DEFAULT_SQLITE_DB, MAX_ID_LEN};
 pub use layout::{CleanReport, Layout, RemovedFile};
 pub use options::{CacheOptions, DriverKind, DEFAULT_MAX_SIZE, DEFAULT_STALL_TIME};
 pub use queue::decode_seq as decode_queue_seq;
+pub use reader::CachedImage;
 pub use writer::{CacheWriter, CommitHooks, CommitInfo, InvalidateInfo};
+
+/// The README's examples, compiled as doctests so that they cannot drift.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

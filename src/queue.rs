@@ -22,8 +22,9 @@ pub(crate) fn encode_seq(seq: u64) -> String {
     format!("{seq}\n")
 }
 
-/// Decodes marker file content; `None` for anything that is not a sequence
-/// number written by [`encode_seq`] (an empty Glance marker, garbage).
+/// Decodes a queue marker file's content (a decimal sequence number and a
+/// newline); `None` for anything that is not a sequence
+/// number as imgcache writes it (an empty Glance marker, garbage).
 pub fn decode_seq(content: &[u8]) -> Option<u64> {
     let s = std::str::from_utf8(content).ok()?;
     let s = s.strip_suffix('\n').unwrap_or(s);

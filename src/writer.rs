@@ -119,6 +119,15 @@ impl CacheWriter {
     ) -> Result<Self> {
         layout.check_id(id)?;
         let file = layout.create_incomplete(id)?;
+        // A writer that committed this id just before our create renamed its
+        // file away first (which is what freed the name): look again, so
+        // that we do not fill a second copy only to learn it at commit.
+        let cached = layout.cached(id);
+        if cached.exists() {
+            drop(file);
+            remove_if_exists(&layout.incomplete(id))?;
+            return Err(Error::AlreadyCached { id: id.clone() });
+        }
         Ok(CacheWriter {
             id: id.clone(),
             layout: layout.clone(),

@@ -228,7 +228,8 @@ fn time(v: ValueRef<'_>, what: &str) -> std::result::Result<SystemTime, String> 
     from_epoch_secs(secs).ok_or_else(|| format!("{what} {secs} is not a time"))
 }
 
-/// Decodes one row of [`COLUMNS`]. Errors describe the bad field; the
+/// Decodes one row of `image_id, size, hits, last_accessed, last_modified,
+/// checksum, crc32`. Errors describe the bad field; the
 /// caller names the database.
 pub fn decode_row(row: &Row<'_>) -> rusqlite::Result<std::result::Result<CachedImageInfo, String>> {
     let id = match row.get_ref(0)? {
