@@ -1,5 +1,6 @@
 //! The metadata drivers: one file each.
 
+mod checkpoint;
 pub mod sqlite;
 pub mod xattr;
 

@@ -39,6 +39,7 @@ use parking_lot::Mutex;
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
+use super::checkpoint::Checkpointer;
 use crate::clock::{from_epoch_secs, round_trip, to_epoch_secs, Clock};
 use crate::driver::{CacheDriver, CachedImageInfo, InvalidImageInfo, LruEntry};
 use crate::error::{Error, Result};
@@ -65,6 +66,7 @@ struct Inner {
     db_path: PathBuf,
     conn: Mutex<Connection>,
     clock: Arc<dyn Clock>,
+    checkpointer: Checkpointer,
 }
 
 impl fmt::Debug for SqliteDriver {
@@ -91,14 +93,30 @@ impl SqliteDriver {
         let layout = Layout::new(dir, Some(db_path));
         layout.create()?;
         let conn = open_db(db_path)?;
+        let checkpointer = Checkpointer::spawn(db_path, connect(db_path)?)?;
         Ok(SqliteDriver {
             inner: Arc::new(Inner {
                 layout,
                 db_path: db_path.to_path_buf(),
                 conn: Mutex::new(conn),
                 clock,
+                checkpointer,
             }),
         })
+    }
+
+    /// Checkpoints the write-ahead log into the database file now (a
+    /// `PASSIVE` checkpoint: it does not wait for other connections). The
+    /// driver does this by itself in the background; call it before copying
+    /// the database file, for instance.
+    pub fn checkpoint(&self) -> Result<()> {
+        self.with_conn(|c| c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())))
+    }
+
+    /// How many background checkpoints of the write-ahead log this driver
+    /// has completed.
+    pub fn background_checkpoints(&self) -> u64 {
+        self.inner.checkpointer.completed()
     }
 
     /// The database file.
@@ -117,17 +135,39 @@ impl Inner {
         f(&mut conn).map_err(|e| Error::sqlite(&self.db_path, e))
     }
 
+    /// Like `with_conn`, for statements that write: counts the write for the
+    /// checkpointer.
+    fn with_write<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let out = self.with_conn(f);
+        self.checkpointer.wrote();
+        out
+    }
+
     fn now(&self) -> SystemTime {
         round_trip(self.clock.now())
     }
+}
+
+/// Opens a connection with the settings every one of ours has: the busy
+/// timeout, and no automatic checkpoints (see the checkpoint module).
+fn connect(path: &Path) -> Result<Connection> {
+    let err = |e| Error::sqlite(path, e);
+    let conn = Connection::open(path).map_err(err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)
+        .map_err(err)?;
+    // A log that grew while checkpoints could not keep up is cut back to
+    // this size when it is next reset.
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)
+        .map_err(err)?;
+    Ok(conn)
 }
 
 /// Opens the database, sets it up for sharing, and creates or upgrades the
 /// schema.
 fn open_db(path: &Path) -> Result<Connection> {
     let err = |e| Error::sqlite(path, e);
-    let mut conn = Connection::open(path).map_err(err)?;
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+    let mut conn = connect(path)?;
     // WAL lets readers proceed while a writer commits; NORMAL syncs the WAL
     // at checkpoints only, so a hit never waits for an fsync.
     let mode: String = conn
@@ -306,7 +346,7 @@ impl SqliteDriver {
     }
 
     fn delete_rows(&self, ids: &[ImageId]) -> Result<usize> {
-        self.with_conn(|c| {
+        self.inner.with_write(|c| {
             let tx = c.transaction()?;
             let mut n = 0;
             {
@@ -322,7 +362,7 @@ impl SqliteDriver {
     }
 
     fn next_queue_seq(&self) -> Result<u64> {
-        let v: i64 = self.with_conn(|c| {
+        let v: i64 = self.inner.with_write(|c| {
             c.prepare_cached(
                 "INSERT INTO imgcache_state (key, value) VALUES ('queue_seq', 1)
                  ON CONFLICT (key) DO UPDATE SET value = value + 1
@@ -340,7 +380,7 @@ impl SqliteDriver {
 impl CommitHooks for Inner {
     fn after_publish(&self, info: &CommitInfo) -> Result<()> {
         let at = to_epoch_secs(info.at);
-        self.with_conn(|c| {
+        self.with_write(|c| {
             c.prepare_cached(
                 "INSERT OR REPLACE INTO cached_images
                  (image_id, last_accessed, last_modified, size, hits, checksum, crc32)
@@ -358,7 +398,7 @@ impl CommitHooks for Inner {
     }
 
     fn after_invalidate(&self, info: &InvalidateInfo) -> Result<()> {
-        self.with_conn(|c| {
+        self.with_write(|c| {
             c.prepare_cached(
                 "INSERT OR REPLACE INTO imgcache_invalid (image_id, reason, invalidated_at)
                  VALUES (?1, ?2, ?3)",
@@ -501,7 +541,7 @@ impl CacheDriver for SqliteDriver {
             .filter_map(|f| f.id.as_ref())
             .collect();
         if !gone.is_empty() {
-            self.with_conn(|c| {
+            self.inner.with_write(|c| {
                 let tx = c.transaction()?;
                 {
                     let mut stmt =
@@ -559,7 +599,7 @@ impl CacheDriver for SqliteDriver {
             Err(e) => return Err(Error::io("open", &path, e)),
         };
         let now = to_epoch_secs(self.inner.now());
-        let row = self.with_conn(|c| {
+        let row = self.inner.with_write(|c| {
             c.prepare_cached(&format!(
                 "UPDATE cached_images SET hits = hits + 1, last_accessed = ?2
                  WHERE image_id = ?1 RETURNING {COLUMNS}"
@@ -688,6 +728,44 @@ mod tests {
             msg.contains("cache.db") && msg.contains("no column"),
             "{msg}"
         );
+    }
+
+    /// Reads write hits into the log; the background checkpointer keeps it
+    /// bounded (without it, it grows about 8 KiB per read, forever).
+    #[test]
+    fn wal_stays_bounded_under_reads() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let d = open(dir.path());
+        let x = ImageId::new("x").unwrap();
+        let mut w = d.open_for_write(&x).unwrap();
+        w.write_all(b"abc").unwrap();
+        w.commit().unwrap();
+        let conn = d.inner.conn.lock();
+        let autockpt: i64 = conn
+            .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(autockpt, 0, "connections never checkpoint inline");
+        drop(conn);
+        let wal = dir.path().join("cache.db-wal");
+        let mut high = 0;
+        let mut expected = 0;
+        for _ in 0..32 {
+            for _ in 0..super::super::checkpoint::CHECKPOINT_EVERY {
+                d.open_for_read(&x).unwrap().unwrap();
+            }
+            expected += 1;
+            let got = d
+                .inner
+                .checkpointer
+                .wait_completed(expected, Duration::from_secs(60));
+            assert!(got >= expected, "checkpoint {expected} never completed");
+            high = high.max(std::fs::metadata(&wal).unwrap().len());
+        }
+        assert_eq!(d.hit_count(&x).unwrap(), 32 * 512);
+        // 16384 reads would have left ~130 MiB of log without checkpoints.
+        assert!(high < 16 << 20, "log reached {high} bytes");
+        assert!(d.background_checkpoints() >= 32);
     }
 
     #[test]

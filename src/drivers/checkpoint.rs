@@ -1,0 +1,117 @@
+//! The SQLite driver's background WAL checkpointer.
+//!
+//! SQLite checkpoints its write-ahead log automatically inside whichever
+//! connection commits past a threshold, and a checkpoint `fsync`s. Left to
+//! that, every few hundred hits one *reader* would pay a checkpoint; and
+//! since SQLite runs the automatic checkpoint only when a statement steps to
+//! its end, the hit update (an `UPDATE … RETURNING` read for one row) would
+//! never trigger it at all, and the log would grow by a few KiB per read
+//! without bound.
+//!
+//! So the driver's connections never checkpoint (`wal_autocheckpoint = 0`).
+//! Instead they count their metadata writes, and every
+//! [`CHECKPOINT_EVERY`] writes they wake this thread, which runs a
+//! `PASSIVE` checkpoint on its own connection: readers never wait for an
+//! `fsync`, and the log stays a few MiB.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread;
+
+use parking_lot::{Condvar, Mutex};
+use rusqlite::Connection;
+
+use crate::error::{Error, Result};
+
+/// Metadata writes between two checkpoint requests. A hit writes about two
+/// pages to the log, so this keeps it near 4 MiB.
+pub(crate) const CHECKPOINT_EVERY: u64 = 512;
+
+/// A handle on the checkpoint thread; dropping it stops the thread.
+#[derive(Debug)]
+pub(crate) struct Checkpointer {
+    wake: SyncSender<()>,
+    writes: AtomicU64,
+    done: Arc<Done>,
+}
+
+/// Completed checkpoints, with a condition variable to wait on.
+#[derive(Debug, Default)]
+struct Done {
+    count: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Checkpointer {
+    /// Starts the thread, with its own connection to `db`.
+    pub(crate) fn spawn(db: &Path, conn: Connection) -> Result<Self> {
+        // One pending request is enough: a request that finds one queued is
+        // already served by it.
+        let (wake, requests) = sync_channel::<()>(1);
+        let done = Arc::new(Done::default());
+        let finished = done.clone();
+        let path: PathBuf = db.to_path_buf();
+        thread::Builder::new()
+            .name("imgcache-checkpoint".into())
+            .spawn(move || {
+                while requests.recv().is_ok() {
+                    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        Ok(()) => {
+                            *finished.count.lock() += 1;
+                            finished.changed.notify_all();
+                        }
+                        Err(e) => log::warn!(
+                            "imgcache: checkpoint of {} failed (will retry): {e}",
+                            path.display()
+                        ),
+                    }
+                }
+            })
+            .map_err(|e| Error::io("start checkpoint thread for", db, e))?;
+        Ok(Checkpointer {
+            wake,
+            writes: AtomicU64::new(0),
+            done,
+        })
+    }
+
+    /// Counts one metadata write, and asks for a checkpoint every
+    /// [`CHECKPOINT_EVERY`]. Never blocks.
+    pub(crate) fn wrote(&self) {
+        let n = self.writes.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_multiple_of(CHECKPOINT_EVERY) {
+            match self.wake.try_send(()) {
+                Ok(()) | Err(TrySendError::Full(())) => {}
+                Err(TrySendError::Disconnected(())) => {
+                    log::warn!("imgcache: checkpoint thread is gone")
+                }
+            }
+        }
+    }
+
+    /// How many checkpoints the thread has completed.
+    pub(crate) fn completed(&self) -> u64 {
+        *self.done.count.lock()
+    }
+
+    /// Waits until at least `n` checkpoints have completed, or `timeout`
+    /// passed; returns the count.
+    #[cfg(test)]
+    pub(crate) fn wait_completed(&self, n: u64, timeout: std::time::Duration) -> u64 {
+        let mut count = self.done.count.lock();
+        let deadline = std::time::Instant::now() + timeout;
+        while *count < n {
+            if self
+                .done
+                .changed
+                .wait_until(&mut count, deadline)
+                .timed_out()
+            {
+                break;
+            }
+        }
+        *count
+    }
+}
