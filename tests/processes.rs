@@ -9,14 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 
 use common::{bytes, id, Fixture, DRIVERS};
-use imgcache::{CacheOptions, DriverKind, Error, ImageCache};
-
-fn open(dir: &str, driver: &str) -> ImageCache {
-    CacheOptions::new(dir)
-        .driver(driver.parse().unwrap())
-        .open()
-        .unwrap()
-}
+use imgcache::{DriverKind, Error};
 
 /// The child's part. Commands (from `IMGCACHE_CHILD`):
 /// - `read N`: open the image `x` N times, reading it whole each time;
@@ -25,12 +18,9 @@ fn open(dir: &str, driver: &str) -> ImageCache {
 ///   close, then commit.
 #[test]
 fn child() {
-    let Ok(cmd) = std::env::var("IMGCACHE_CHILD") else {
+    let Some((cmd, cache)) = common::child_cache() else {
         return;
     };
-    let dir = std::env::var("IMGCACHE_DIR").unwrap();
-    let driver = std::env::var("IMGCACHE_DRIVER").unwrap();
-    let cache = open(&dir, &driver);
     let mut words = cmd.split_whitespace();
     match words.next() {
         Some("read") => {

@@ -9,21 +9,14 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{bytes, id, Fixture, DRIVERS};
-use imgcache::CacheOptions;
 
 /// The child's part, when `IMGCACHE_CHILD` is set: `read N` opens and reads
 /// image `x` N times.
 #[test]
 fn child() {
-    let Ok(cmd) = std::env::var("IMGCACHE_CHILD") else {
+    let Some((cmd, cache)) = common::child_cache() else {
         return;
     };
-    let dir = std::env::var("IMGCACHE_DIR").unwrap();
-    let driver = std::env::var("IMGCACHE_DRIVER").unwrap();
-    let cache = CacheOptions::new(&dir)
-        .driver(driver.parse().unwrap())
-        .open()
-        .unwrap();
     let mut words = cmd.split_whitespace();
     match (words.next(), words.next()) {
         (Some("read"), Some(n)) => {

@@ -73,6 +73,20 @@ impl Fixture {
     }
 }
 
+/// In a test binary re-run as a child process: the command from
+/// `IMGCACHE_CHILD` and the cache named by `IMGCACHE_DIR` and
+/// `IMGCACHE_DRIVER`; `None` in an ordinary test run.
+pub fn child_cache() -> Option<(String, ImageCache)> {
+    let cmd = std::env::var("IMGCACHE_CHILD").ok()?;
+    let dir = std::env::var("IMGCACHE_DIR").expect("IMGCACHE_DIR");
+    let driver = std::env::var("IMGCACHE_DRIVER").expect("IMGCACHE_DRIVER");
+    let cache = CacheOptions::new(dir)
+        .driver(driver.parse().expect("driver name"))
+        .open()
+        .expect("open cache in child");
+    Some((cmd, cache))
+}
+
 pub fn id(s: &str) -> ImageId {
     ImageId::new(s).expect("valid id")
 }
