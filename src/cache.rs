@@ -1,9 +1,11 @@
 //! [`ImageCache`]: the facade users hold — a driver plus the policies.
 
+use std::fs::{self, File};
 use std::io::{self, Read};
 use std::time::Duration;
 
-use crate::driver::{CacheDriver, CachedImageInfo, InvalidImageInfo, LruEntry};
+use crate::clock::to_epoch_secs;
+use crate::driver::{CacheDriver, CachedImageInfo, InvalidImageInfo, LruEntry, RecoveryReport};
 use crate::drivers::{SqliteDriver, XattrDriver};
 use crate::error::{Error, Result};
 use crate::id::ImageId;
@@ -31,6 +33,39 @@ impl PruneReport {
     }
 }
 
+/// What [`ImageCache::verify`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Verification {
+    /// Size and CRC-32 match what was committed.
+    Intact,
+    /// The entry has no recorded CRC (adopted, or written by Glance); this
+    /// is the CRC of its bytes now.
+    Unverified {
+        /// CRC-32 of the file as read.
+        crc32: u32,
+    },
+    /// The file is not what was committed.
+    Corrupt {
+        /// What differs.
+        detail: String,
+    },
+}
+
+/// What [`ImageCache::scrub`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ScrubReport {
+    /// Entries whose size and CRC matched.
+    pub intact: usize,
+    /// Bytes read.
+    pub bytes: u64,
+    /// Entries that had no CRC and now have one recorded.
+    pub newly_verified: Vec<ImageId>,
+    /// Entries that did not match, moved to `invalid/`, with the reason.
+    pub corrupt: Vec<(ImageId, String)>,
+}
+
 /// A local image cache: a [`CacheDriver`] for the mechanism, and the
 /// operator's jobs (prune, clean) as policy on top.
 ///
@@ -41,6 +76,7 @@ pub struct ImageCache {
     driver: Box<dyn CacheDriver>,
     options: CacheOptions,
     kind: Option<DriverKind>,
+    recovery: RecoveryReport,
 }
 
 impl ImageCache {
@@ -81,21 +117,76 @@ impl ImageCache {
                 Err(e) => return Err(e),
             },
         };
-        Ok(ImageCache {
-            driver,
-            options,
-            kind: Some(kind),
-        })
+        Self::recovered(driver, options, Some(kind))
     }
 
     /// A cache over a driver of your own. `options` supplies the policy
-    /// settings (max size, stall time); its driver setting is ignored.
-    pub fn with_driver(driver: Box<dyn CacheDriver>, options: CacheOptions) -> Self {
-        ImageCache {
+    /// settings (max size, stall time); its driver setting is ignored. Runs
+    /// the driver's recovery, as [`ImageCache::open`] does.
+    pub fn with_driver(driver: Box<dyn CacheDriver>, options: CacheOptions) -> Result<Self> {
+        Self::recovered(driver, options, None)
+    }
+
+    fn recovered(
+        driver: Box<dyn CacheDriver>,
+        options: CacheOptions,
+        kind: Option<DriverKind>,
+    ) -> Result<Self> {
+        let recovery = driver.recover()?;
+        if !recovery.is_clean() {
+            log::warn!(
+                "imgcache: recovered {}: dropped {} entries without files, adopted {} files \
+                 without metadata, quarantined {} corrupt entries",
+                driver.layout().base().display(),
+                recovery.dropped.len(),
+                recovery.adopted.len(),
+                recovery.quarantined.len()
+            );
+        }
+        Ok(ImageCache {
             driver,
             options,
-            kind: None,
+            kind,
+            recovery,
+        })
+    }
+
+    /// Opens the cache after moving a broken SQLite database (see
+    /// [`Error::BadDatabase`]) aside to `.imgcache-broken-<unix time>-<name>`
+    /// beside it (a name no image can take): the
+    /// metadata is recreated from the cached files, which are adopted
+    /// unverified ([`ImageCache::scrub`] verifies them). Hit counts and
+    /// access times are lost. Stop other processes using the directory
+    /// first. With the xattr driver, where metadata lives on the files, this
+    /// is [`ImageCache::open`].
+    pub fn rebuild(options: CacheOptions) -> Result<Self> {
+        if options.image_cache_driver() == DriverKind::Sqlite || options.falls_back_to_sqlite() {
+            let db = options.sqlite_db_path();
+            if db.exists() {
+                let stamp = to_epoch_secs(options.clock_ref().now()).max(0.0) as u64;
+                let name = db
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                for suffix in ["", "-wal", "-shm", "-journal"] {
+                    let from = db.with_file_name(format!("{name}{suffix}"));
+                    let to = db.with_file_name(format!(".imgcache-broken-{stamp}-{name}{suffix}"));
+                    match fs::rename(&from, &to) {
+                        Ok(()) => {
+                            log::warn!("imgcache: moved {} to {}", from.display(), to.display())
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(Error::io("rename", &from, e)),
+                    }
+                }
+            }
         }
+        Self::open(options)
+    }
+
+    /// What recovery found and mended when the cache was opened.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.recovery
     }
 
     /// The driver.
@@ -213,9 +304,95 @@ impl ImageCache {
     }
 
     /// Opens cached image `id`, counting a hit; `None` if it is not cached.
+    ///
+    /// A file whose size is not what was committed, or whose metadata
+    /// cannot be decoded, is never served: it is moved to `invalid/` and
+    /// [`Error::Corrupt`] (or [`Error::CorruptMetadata`]) is returned; the
+    /// next request is a miss.
     pub fn open_for_read(&self, id: &ImageId) -> Result<Option<CachedImage>> {
         self.check(id)?;
-        self.driver.open_for_read(id)
+        match self.driver.open_for_read(id) {
+            Err(Error::Corrupt { id, path, detail }) => {
+                self.driver.quarantine(&id, &detail)?;
+                Err(Error::Corrupt { id, path, detail })
+            }
+            Err(Error::CorruptMetadata { path, detail }) => {
+                self.driver
+                    .quarantine(id, &format!("corrupt metadata: {detail}"))?;
+                Err(Error::CorruptMetadata { path, detail })
+            }
+            other => other,
+        }
+    }
+
+    /// Reads cached image `id` whole and checks its size and CRC-32 against
+    /// what was committed, without counting a hit; `None` if it is not
+    /// cached. Reads through a 1 MiB buffer; costs one full read of the file.
+    pub fn verify(&self, id: &ImageId) -> Result<Option<Verification>> {
+        self.check(id)?;
+        let Some(info) = self.driver.cached_image(id)? else {
+            return Ok(None);
+        };
+        let path = self.layout().cached(id);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("open", &path, e)),
+        };
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("stat", &path, e))?
+            .len();
+        if len != info.size {
+            return Ok(Some(Verification::Corrupt {
+                detail: format!("{len} bytes on disk, {} were committed", info.size),
+            }));
+        }
+        let mut crc = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io("read", &path, e)),
+            };
+            crc.update(&buf[..n]);
+        }
+        let crc = crc.finalize();
+        Ok(Some(match info.crc32 {
+            Some(c) if c == crc => Verification::Intact,
+            Some(c) => Verification::Corrupt {
+                detail: format!("CRC-32 is {crc:08x}, {c:08x} was committed"),
+            },
+            None => Verification::Unverified { crc32: crc },
+        }))
+    }
+
+    /// Verifies every cached image: corrupt ones are moved to `invalid/`
+    /// with the reason, unverified ones get their CRC recorded. Reads every
+    /// cached byte once.
+    pub fn scrub(&self) -> Result<ScrubReport> {
+        let mut report = ScrubReport::default();
+        for info in self.driver.cached_images()? {
+            match self.verify(&info.id)? {
+                None => {}
+                Some(Verification::Intact) => {
+                    report.intact += 1;
+                    report.bytes += info.size;
+                }
+                Some(Verification::Unverified { crc32 }) => {
+                    self.driver.set_crc32(&info.id, crc32)?;
+                    report.bytes += info.size;
+                    report.newly_verified.push(info.id);
+                }
+                Some(Verification::Corrupt { detail }) => {
+                    self.driver.quarantine(&info.id, &detail)?;
+                    report.corrupt.push((info.id, detail));
+                }
+            }
+        }
+        Ok(report)
     }
 
     /// The size of cached image `id`; `None` if not cached.
@@ -294,8 +471,12 @@ impl ImageCache {
         };
         if let Err(e) = io::copy(&mut source, &mut writer) {
             let path = self.layout().incomplete(id);
-            let reason = format!("copy from source failed: {e}");
-            writer.abort(&reason)?;
+            let reason = format!("copy failed: {e}");
+            // The copy's error is the one to report; a failure to move the
+            // file aside (on a full disk, say) only goes to the log.
+            if let Err(abort) = writer.abort(&reason) {
+                log::error!("imgcache: cannot invalidate {id}: {abort}");
+            }
             return Err(Error::io("copy into", path, e));
         }
         match writer.commit() {

@@ -61,6 +61,31 @@ pub struct InvalidImageInfo {
     pub invalidated_at: Option<SystemTime>,
 }
 
+/// What [`CacheDriver::recover`] found when the cache was opened, and what
+/// it did about it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecoveryReport {
+    /// Metadata of images whose file is gone: dropped.
+    pub dropped: Vec<ImageId>,
+    /// Files in the base directory without metadata (a crash between rename
+    /// and metadata write, or a file another tool put there): adopted with
+    /// their real size and no CRC, unverified until scrubbed.
+    pub adopted: Vec<ImageId>,
+    /// Entries whose metadata could not be decoded: moved to `invalid/`.
+    pub quarantined: Vec<ImageId>,
+    /// Incomplete files whose writer is gone (no process holds their lock):
+    /// stalled, for `clean` to remove.
+    pub stalled: Vec<ImageId>,
+}
+
+impl RecoveryReport {
+    /// Whether recovery found nothing to mend.
+    pub fn is_clean(&self) -> bool {
+        self.dropped.is_empty() && self.adopted.is_empty() && self.quarantined.is_empty()
+    }
+}
+
 /// Where a cache keeps its metadata, and how it moves files between states.
 ///
 /// Implemented by [`crate::SqliteDriver`] and [`crate::XattrDriver`]. The
@@ -166,4 +191,18 @@ pub trait CacheDriver: Send + Sync + fmt::Debug {
 
     /// The size of cached image `id`; `None` if it is not cached.
     fn image_size(&self, id: &ImageId) -> Result<Option<u64>>;
+
+    /// Reconciles metadata with the files: drops metadata whose file is
+    /// gone, adopts files without metadata (unverified), quarantines entries
+    /// whose metadata cannot be decoded, and reports stalled incomplete
+    /// files. [`crate::ImageCache`] runs it at open.
+    fn recover(&self) -> Result<RecoveryReport>;
+
+    /// Moves cached image `id` to `invalid/` with `reason` recorded and
+    /// drops its metadata; `false` if it was not cached.
+    fn quarantine(&self, id: &ImageId, reason: &str) -> Result<bool>;
+
+    /// Records the CRC-32 of an entry that had none (adopted, or written by
+    /// Glance), once a scrub has read it whole.
+    fn set_crc32(&self, id: &ImageId, crc32: u32) -> Result<()>;
 }

@@ -74,6 +74,33 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// A cached file does not hold what was committed (truncated, extended
+    /// or overwritten behind the cache's back). The entry has been moved to
+    /// `invalid/` with this reason; the next request for it is a miss.
+    #[error("image {id} is corrupt ({path}): {detail}")]
+    Corrupt {
+        /// The image.
+        id: ImageId,
+        /// The file as it was found.
+        path: PathBuf,
+        /// What was wrong.
+        detail: String,
+    },
+
+    /// The metadata database is not a usable cache database (garbage bytes,
+    /// another program's schema). [`crate::ImageCache::rebuild`] moves it
+    /// aside and recreates the metadata from the cached files.
+    #[error(
+        "{path} is not a usable image cache database: {detail}; \
+         rebuild it from the cached files with ImageCache::rebuild (it is moved aside, not deleted)"
+    )]
+    BadDatabase {
+        /// The database file.
+        path: PathBuf,
+        /// What was wrong.
+        detail: String,
+    },
+
     /// Stored metadata could not be decoded.
     #[error("corrupt metadata in {path}: {detail}")]
     CorruptMetadata {

@@ -229,6 +229,37 @@ impl Layout {
         fs::rename(&from, self.invalid(id)).ctx("rename", &from)
     }
 
+    /// The ids in `incomplete/` whose writer is gone: no process holds the
+    /// file's lock.
+    pub fn stalled(&self) -> Result<Vec<ImageId>> {
+        let mut out = Vec::new();
+        for (id, _) in self.list(&self.incomplete)? {
+            let path = self.incomplete(&id);
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("open", &path, e)),
+            };
+            match file.try_lock_shared() {
+                Ok(()) => out.push(id),
+                Err(std::fs::TryLockError::WouldBlock) => {}
+                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &path, e)),
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Moves cached `<id>` to `invalid/<id>`; `false` if it was not there.
+    pub fn quarantine(&self, id: &ImageId) -> Result<bool> {
+        let from = self.cached(id);
+        match fs::rename(&from, self.invalid(id)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io("rename", &from, e)),
+        }
+    }
+
     /// Removes every file in `invalid/`, and every file in `incomplete/`
     /// last modified more than `stall_time` before `now` whose writer is
     /// gone (no process holds its lock).

@@ -97,9 +97,9 @@ mod queue;
 mod reader;
 mod writer;
 
-pub use cache::{ImageCache, PruneReport};
+pub use cache::{ImageCache, PruneReport, ScrubReport, Verification};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use driver::{CacheDriver, CachedImageInfo, InvalidImageInfo, LruEntry};
+pub use driver::{CacheDriver, CachedImageInfo, InvalidImageInfo, LruEntry, RecoveryReport};
 pub use drivers::{SqliteDriver, XattrDriver};
 pub use error::{Error, Result};
 pub use id::{IdError, ImageId, DEFAULT_SQLITE_DB, MAX_ID_LEN};

@@ -29,11 +29,9 @@ impl CachedImage {
     pub fn new(file: File, path: PathBuf, info: CachedImageInfo) -> Result<Self> {
         let len = file.metadata().ctx("stat", &path)?.len();
         if len != info.size {
-            return Err(Error::CorruptMetadata {
-                detail: format!(
-                    "image {} is {len} bytes on disk but {} were committed",
-                    info.id, info.size
-                ),
+            return Err(Error::Corrupt {
+                detail: format!("{len} bytes on disk, {} were committed", info.size),
+                id: info.id,
                 path,
             });
         }

@@ -269,7 +269,12 @@ impl CacheWriter {
         }
         self.layout.invalidate(&self.id)?;
         drop(file);
-        self.hooks.after_invalidate(&info)
+        // The file is out of the way; failing to record why (a full disk
+        // refusing the metadata write) loses only the reason.
+        if let Err(e) = self.hooks.after_invalidate(&info) {
+            log::warn!("imgcache: cannot record why {} failed: {e}", self.id);
+        }
+        Ok(())
     }
 }
 

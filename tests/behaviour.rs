@@ -822,7 +822,8 @@ fn truncated_file_is_refused_not_served(kind: DriverKind) {
         .unwrap();
     file.set_len(4_000).unwrap();
     match f.cache.open_for_read(&x) {
-        Err(Error::CorruptMetadata { path, detail }) => {
+        Err(Error::Corrupt { id, path, detail }) => {
+            assert_eq!(id, x);
             assert!(
                 detail.contains("4000") && detail.contains("10000"),
                 "{detail}"
@@ -831,6 +832,16 @@ fn truncated_file_is_refused_not_served(kind: DriverKind) {
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
+    // Moved aside with the reason: the next request is a clean miss.
+    assert!(!f.cache.is_cached(&x).unwrap());
+    assert!(f.cache.open_for_read(&x).unwrap().is_none());
+    let invalid = f.cache.invalid_images().unwrap();
+    assert_eq!(invalid[0].id, x);
+    assert!(invalid[0]
+        .reason
+        .as_deref()
+        .unwrap()
+        .contains("4000 bytes on disk"));
 }
 
 fn foreign_files_in_cache_dir_are_ignored(kind: DriverKind) {

@@ -3,52 +3,17 @@
 //! pass without checking anything; `.ci/run` runs as root and requires
 //! them to have run (`IMGCACHE_REQUIRE_MOUNTS=1`).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use common::Mount;
 use imgcache::{CacheOptions, DriverKind, Error, ImageId};
-
-/// A ramfs mounted on a temporary directory, unmounted on drop.
-struct Ramfs {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-}
-
-impl Ramfs {
-    fn mount() -> Option<Ramfs> {
-        let dir = tempfile::tempdir().ok()?;
-        let path = dir.path().to_path_buf();
-        let ok = Command::new("mount")
-            .args(["-t", "ramfs", "ramfs"])
-            .arg(&path)
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return Some(Ramfs { _dir: dir, path });
-        }
-        assert!(
-            std::env::var_os("IMGCACHE_REQUIRE_MOUNTS").is_none(),
-            "IMGCACHE_REQUIRE_MOUNTS is set but ramfs cannot be mounted"
-        );
-        eprintln!("skipped: cannot mount ramfs here (needs root)");
-        None
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for Ramfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.path).status();
-    }
-}
 
 #[test]
 fn xattr_driver_refuses_with_a_helpful_error() {
-    let Some(fs) = Ramfs::mount() else { return };
-    let dir = fs.path().join("cache");
+    let Some(fs) = Mount::new("ramfs", "") else {
+        return;
+    };
+    let dir = fs.path.join("cache");
     let err = CacheOptions::new(&dir)
         .driver(DriverKind::Xattr)
         .open()
@@ -75,8 +40,10 @@ fn xattr_driver_refuses_with_a_helpful_error() {
 
 #[test]
 fn fallback_to_sqlite_only_when_asked() {
-    let Some(fs) = Ramfs::mount() else { return };
-    let dir = fs.path().join("cache");
+    let Some(fs) = Mount::new("ramfs", "") else {
+        return;
+    };
+    let dir = fs.path.join("cache");
     let cache = CacheOptions::new(&dir)
         .driver(DriverKind::Xattr)
         .fallback_to_sqlite(true)

@@ -28,6 +28,7 @@
 //! loss can therefore drop the rows of the latest commits and the latest
 //! hit counts, never half an image.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs::File;
 use std::io;
@@ -41,7 +42,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::checkpoint::Checkpointer;
 use crate::clock::{from_epoch_secs, round_trip, to_epoch_secs, Clock};
-use crate::driver::{CacheDriver, CachedImageInfo, InvalidImageInfo, LruEntry};
+use crate::driver::{CacheDriver, CachedImageInfo, InvalidImageInfo, LruEntry, RecoveryReport};
 use crate::error::{Error, Result};
 use crate::id::ImageId;
 use crate::layout::{remove_if_exists, CleanReport, Layout};
@@ -92,7 +93,7 @@ impl SqliteDriver {
     pub fn open(dir: &Path, db_path: &Path, clock: Arc<dyn Clock>) -> Result<Self> {
         let layout = Layout::new(dir, Some(db_path));
         layout.create()?;
-        let conn = open_db(db_path)?;
+        let conn = open_db(db_path).map_err(classify)?;
         let checkpointer = Checkpointer::spawn(db_path, connect(db_path)?)?;
         Ok(SqliteDriver {
             inner: Arc::new(Inner {
@@ -145,6 +146,24 @@ impl Inner {
 
     fn now(&self) -> SystemTime {
         round_trip(self.clock.now())
+    }
+}
+
+/// Turns "this is not a database" errors into [`Error::BadDatabase`].
+fn classify(e: Error) -> Error {
+    match e {
+        Error::Sqlite { path, source }
+            if matches!(
+                source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+            ) =>
+        {
+            Error::BadDatabase {
+                path,
+                detail: source.to_string(),
+            }
+        }
+        other => other,
     }
 }
 
@@ -224,11 +243,9 @@ fn open_db(path: &Path) -> Result<Connection> {
         "checksum",
     ] {
         if !columns.iter().any(|c| c == needed) {
-            return Err(Error::CorruptMetadata {
+            return Err(Error::BadDatabase {
                 path: path.to_path_buf(),
-                detail: format!(
-                    "table cached_images has no column {needed}: not a Glance image cache database"
-                ),
+                detail: format!("its table cached_images has no column {needed}"),
             });
         }
     }
@@ -622,6 +639,137 @@ impl CacheDriver for SqliteDriver {
 
     fn image_size(&self, id: &ImageId) -> Result<Option<u64>> {
         Ok(self.one(id)?.map(|i| i.size))
+    }
+
+    fn recover(&self) -> Result<RecoveryReport> {
+        let layout = &self.inner.layout;
+        let mut report = RecoveryReport::default();
+        // Rows first, files second: a commit renames its file before it
+        // writes its row, so a row seen here has a file unless someone
+        // deleted it since (and then dropping the row is what they meant).
+        let rows = self.with_conn(|c| {
+            c.prepare(&format!("SELECT {COLUMNS}, rowid FROM cached_images"))?
+                .query_map([], |r| {
+                    let raw = match r.get_ref(0)? {
+                        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+                        other => format!("{other:?}"),
+                    };
+                    Ok((r.get::<_, i64>(7)?, raw, decode_row(r)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        let files: BTreeMap<ImageId, std::fs::Metadata> =
+            layout.list(layout.base())?.into_iter().collect();
+        let mut known = BTreeSet::new();
+        let mut drop_rows = Vec::new();
+        for (rowid, raw, decoded) in rows {
+            match decoded {
+                Ok(info) if files.contains_key(&info.id) => {
+                    known.insert(info.id);
+                }
+                Ok(info) => {
+                    drop_rows.push(rowid);
+                    report.dropped.push(info.id);
+                }
+                Err(detail) => match ImageId::new(&raw) {
+                    Ok(id) if layout.check_id(&id).is_ok() => {
+                        if files.contains_key(&id) {
+                            self.quarantine(&id, &format!("corrupt metadata: {detail}"))?;
+                            report.quarantined.push(id.clone());
+                        } else {
+                            drop_rows.push(rowid);
+                            report.dropped.push(id.clone());
+                        }
+                        known.insert(id);
+                    }
+                    // An id that is no safe file name never reaches the
+                    // file system: only its row goes.
+                    _ => {
+                        log::warn!(
+                            "imgcache: dropping row {raw:?} of {}: {detail}",
+                            self.inner.db_path.display()
+                        );
+                        drop_rows.push(rowid);
+                    }
+                },
+            }
+        }
+        if !drop_rows.is_empty() {
+            self.inner.with_write(|c| {
+                let tx = c.transaction()?;
+                {
+                    let mut stmt =
+                        tx.prepare_cached("DELETE FROM cached_images WHERE rowid = ?1")?;
+                    for rowid in &drop_rows {
+                        stmt.execute([rowid])?;
+                    }
+                }
+                tx.commit()
+            })?;
+        }
+        let orphans: Vec<(ImageId, u64, f64)> = files
+            .into_iter()
+            .filter(|(id, _)| !known.contains(id))
+            .map(|(id, meta)| {
+                let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                (id, meta.len(), to_epoch_secs(mtime))
+            })
+            .collect();
+        if !orphans.is_empty() {
+            let adopted = self.inner.with_write(|c| {
+                let tx = c.transaction()?;
+                let mut adopted = Vec::new();
+                {
+                    // OR IGNORE: a committer that writes its row meanwhile
+                    // knows better (it has the CRC).
+                    let mut stmt = tx.prepare_cached(
+                        "INSERT OR IGNORE INTO cached_images
+                         (image_id, last_accessed, last_modified, size, hits, checksum, crc32)
+                         VALUES (?1, ?2, ?2, ?3, 0, NULL, NULL)",
+                    )?;
+                    for (id, size, mtime) in orphans {
+                        if stmt.execute(params![id.as_str(), mtime, size as i64])? == 1 {
+                            adopted.push(id);
+                        }
+                    }
+                }
+                tx.commit()?;
+                Ok(adopted)
+            })?;
+            report.adopted = adopted;
+        }
+        report.stalled = layout.stalled()?;
+        Ok(report)
+    }
+
+    fn quarantine(&self, id: &ImageId, reason: &str) -> Result<bool> {
+        let moved = self.inner.layout.quarantine(id)?;
+        let at = to_epoch_secs(self.inner.now());
+        self.inner.with_write(|c| {
+            let tx = c.transaction()?;
+            tx.prepare_cached("DELETE FROM cached_images WHERE image_id = ?1")?
+                .execute([id.as_str()])?;
+            if moved {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO imgcache_invalid (image_id, reason, invalidated_at)
+                     VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![id.as_str(), reason, at])?;
+            }
+            tx.commit()
+        })?;
+        if moved {
+            log::error!("imgcache: quarantined {id}: {reason}");
+        }
+        Ok(moved)
+    }
+
+    fn set_crc32(&self, id: &ImageId, crc32: u32) -> Result<()> {
+        self.inner.with_write(|c| {
+            c.prepare_cached("UPDATE cached_images SET crc32 = ?2 WHERE image_id = ?1")?
+                .execute(params![id.as_str(), crc32 as i64])
+        })?;
+        Ok(())
     }
 }
 

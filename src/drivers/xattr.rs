@@ -34,7 +34,7 @@ use std::time::{Duration, SystemTime};
 use xattr::FileExt;
 
 use crate::clock::{from_epoch_secs, round_trip, to_epoch_secs, Clock};
-use crate::driver::{CacheDriver, CachedImageInfo, InvalidImageInfo, LruEntry};
+use crate::driver::{CacheDriver, CachedImageInfo, InvalidImageInfo, LruEntry, RecoveryReport};
 use crate::error::{Error, IoContext, Result};
 use crate::id::ImageId;
 use crate::layout::{remove_if_exists, CleanReport, Layout};
@@ -458,6 +458,66 @@ impl CacheDriver for XattrDriver {
 
     fn image_size(&self, id: &ImageId) -> Result<Option<u64>> {
         Ok(self.cached_image(id)?.map(|i| i.size))
+    }
+
+    fn recover(&self) -> Result<RecoveryReport> {
+        let layout = &self.inner.layout;
+        let mut report = RecoveryReport::default();
+        // The metadata travels with the file, so nothing can be orphaned
+        // the way a database row can; what remains is files whose
+        // attributes do not decode, and files no cache has seen yet.
+        for (id, _) in layout.list(layout.base())? {
+            let Some((file, path)) = self.open_cached(&id)? else {
+                continue;
+            };
+            match self.info_of(id.clone(), &file, &path) {
+                Ok(_) => {
+                    if get(&file, &path, HITS)?.is_none() && get(&file, &path, CRC32)?.is_none() {
+                        // Neither Glance nor imgcache wrote it: adopt it (for
+                        // Glance too), unverified until scrubbed.
+                        set(&file, &path, HITS, b"0")?;
+                        report.adopted.push(id);
+                    }
+                }
+                Err(Error::CorruptMetadata { detail, .. }) => {
+                    drop(file);
+                    if self.quarantine(&id, &format!("corrupt metadata: {detail}"))? {
+                        report.quarantined.push(id);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        report.stalled = layout.stalled()?;
+        Ok(report)
+    }
+
+    fn quarantine(&self, id: &ImageId, reason: &str) -> Result<bool> {
+        let Some((file, path)) = self.open_cached(id)? else {
+            return Ok(false);
+        };
+        set(&file, &path, ERROR, reason.as_bytes())?;
+        set(
+            &file,
+            &path,
+            INVALIDATED,
+            &encode_time(round_trip(self.inner.clock.now())),
+        )?;
+        drop(file);
+        let moved = self.inner.layout.quarantine(id)?;
+        if moved {
+            log::error!("imgcache: quarantined {id}: {reason}");
+        }
+        Ok(moved)
+    }
+
+    fn set_crc32(&self, id: &ImageId, crc32: u32) -> Result<()> {
+        let Some((file, path)) = self.open_cached(id)? else {
+            return Ok(());
+        };
+        let len = file.metadata().ctx("stat", &path)?.len();
+        set(&file, &path, CRC32, &encode_crc(crc32))?;
+        set(&file, &path, SIZE, &encode_u64(len))
     }
 }
 

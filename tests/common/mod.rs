@@ -116,3 +116,47 @@ macro_rules! for_each_driver {
         }
     };
 }
+
+/// A file system mounted on a temporary directory for one test, unmounted
+/// on drop. Mounting needs root: elsewhere `mount` returns `None` after
+/// saying so, unless `IMGCACHE_REQUIRE_MOUNTS` is set (as `.ci/run` does
+/// when root), where it fails the test.
+pub struct Mount {
+    _dir: tempfile::TempDir,
+    pub path: std::path::PathBuf,
+}
+
+impl Mount {
+    /// `mount -t <fstype> -o <options> <fstype> <tempdir>`.
+    pub fn new(fstype: &str, options: &str) -> Option<Mount> {
+        let dir = tempfile::tempdir().ok()?;
+        let path = dir.path().to_path_buf();
+        let mut cmd = std::process::Command::new("mount");
+        cmd.args(["-t", fstype]);
+        if !options.is_empty() {
+            cmd.args(["-o", options]);
+        }
+        let ok = cmd
+            .arg(fstype)
+            .arg(&path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Some(Mount { _dir: dir, path });
+        }
+        assert!(
+            std::env::var_os("IMGCACHE_REQUIRE_MOUNTS").is_none(),
+            "IMGCACHE_REQUIRE_MOUNTS is set but {fstype} cannot be mounted"
+        );
+        eprintln!("skipped: cannot mount {fstype} here (needs root)");
+        None
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status();
+    }
+}

@@ -1,0 +1,341 @@
+//! Recovery at open, and bad input and faults: each answered with a typed
+//! error that says what and where, and nothing else lost.
+
+mod common;
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use ::xattr::FileExt;
+use common::{bytes, id, Fixture, Mount};
+use imgcache::{CacheOptions, DriverKind, Error, ImageCache, Verification};
+
+for_each_driver!(
+    recovery_of_a_clean_cache_is_clean,
+    recovery_adopts_files_without_metadata,
+    recovery_reports_stalled_but_not_live_writers,
+    scrub_detects_a_file_overwritten_in_place,
+    scrub_verifies_adopted_files,
+    corrupt_metadata_is_quarantined_at_open,
+    disk_full_fails_the_write_and_keeps_everything_else,
+    permission_denied_names_the_directory,
+    clock_jumping_backwards_breaks_nothing,
+);
+
+fn recovery_of_a_clean_cache_is_clean(kind: DriverKind) {
+    let f = Fixture::new(kind);
+    f.put("a", b"1");
+    f.cache.queue_image(&id("q")).unwrap();
+    let again = f.reopen();
+    assert!(again.recovery().is_clean(), "{:?}", again.recovery());
+    assert!(again.recovery().stalled.is_empty());
+}
+
+fn recovery_adopts_files_without_metadata(kind: DriverKind) {
+    let f = Fixture::new(kind);
+    f.put("known", b"k");
+    // A file that appeared without metadata: for sqlite, a crash between
+    // the rename and the row insert; for both, another tool's file.
+    fs::write(f.path().join("orphan"), bytes(3, 5000)).unwrap();
+    let again = f.reopen();
+    assert_eq!(again.recovery().adopted, vec![id("orphan")]);
+    let info = again.cached_image(&id("orphan")).unwrap().unwrap();
+    assert_eq!(info.size, 5000);
+    assert_eq!(info.crc32, None, "unverified until scrubbed");
+    assert_eq!(again.cache_size().unwrap(), 5001);
+    assert_eq!(
+        again
+            .open_for_read(&id("orphan"))
+            .unwrap()
+            .unwrap()
+            .read_all()
+            .unwrap(),
+        bytes(3, 5000)
+    );
+    // Adoption happens once.
+    assert!(f.reopen().recovery().adopted.is_empty());
+}
+
+fn recovery_reports_stalled_but_not_live_writers(kind: DriverKind) {
+    let f = Fixture::new(kind);
+    let mut live = f.cache.open_for_write(&id("live")).unwrap();
+    live.write_all(b"...").unwrap();
+    fs::write(f.path().join("incomplete/dead"), b"left by a crash").unwrap();
+    let again = f.reopen();
+    assert_eq!(again.recovery().stalled, vec![id("dead")]);
+    live.commit().unwrap();
+}
+
+fn scrub_detects_a_file_overwritten_in_place(kind: DriverKind) {
+    let f = Fixture::new(kind);
+    let x = f.put("x", &bytes(1, 100_000));
+    f.put("y", &bytes(2, 100_000));
+    assert_eq!(f.cache.verify(&x).unwrap(), Some(Verification::Intact));
+    // Same size, other bytes: only the CRC can tell.
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .open(f.path().join("x"))
+        .unwrap();
+    file.write_all(b"overwritten behind the cache's back")
+        .unwrap();
+    drop(file);
+    match f.cache.verify(&x).unwrap() {
+        Some(Verification::Corrupt { detail }) => assert!(detail.contains("CRC-32"), "{detail}"),
+        other => panic!("expected corrupt, got {other:?}"),
+    }
+    let report = f.cache.scrub().unwrap();
+    assert_eq!(report.intact, 1);
+    assert_eq!(report.corrupt.len(), 1);
+    assert_eq!(report.corrupt[0].0, x);
+    assert!(!f.cache.is_cached(&x).unwrap());
+    let invalid = f.cache.invalid_images().unwrap();
+    assert!(invalid[0].reason.as_deref().unwrap().contains("CRC-32"));
+    assert_eq!(f.get(&id("y")).unwrap(), bytes(2, 100_000));
+    assert_eq!(f.cache.verify(&x).unwrap(), None);
+}
+
+fn scrub_verifies_adopted_files(kind: DriverKind) {
+    let f = Fixture::new(kind);
+    fs::write(f.path().join("foreign"), bytes(4, 3000)).unwrap();
+    let again = f.reopen();
+    let foreign = id("foreign");
+    assert_eq!(
+        again.verify(&foreign).unwrap(),
+        Some(Verification::Unverified {
+            crc32: crc32fast::hash(&bytes(4, 3000))
+        })
+    );
+    let report = again.scrub().unwrap();
+    assert_eq!(report.newly_verified, vec![foreign.clone()]);
+    assert_eq!(again.verify(&foreign).unwrap(), Some(Verification::Intact));
+    assert_eq!(again.scrub().unwrap().intact, 1);
+}
+
+fn corrupt_metadata_is_quarantined_at_open(kind: DriverKind) {
+    let f = Fixture::new(kind);
+    f.put("good", b"good");
+    f.put("bad", b"bad");
+    match kind {
+        DriverKind::Sqlite => {
+            let db = rusqlite::Connection::open(f.path().join("cache.db")).unwrap();
+            db.execute(
+                "UPDATE cached_images SET size = -5 WHERE image_id = 'bad'",
+                [],
+            )
+            .unwrap();
+            // A row whose id is no safe file name never reaches the disk.
+            db.execute(
+                "INSERT INTO cached_images (image_id, size) VALUES ('../../etc/passwd', 'x')",
+                [],
+            )
+            .unwrap();
+        }
+        _ => {
+            let file = fs::File::open(f.path().join("bad")).unwrap();
+            file.set_xattr("user.imgcache.crc32", b"not-hex!").unwrap();
+        }
+    }
+    let again = f.reopen();
+    assert_eq!(again.recovery().quarantined, vec![id("bad")]);
+    assert!(!again.is_cached(&id("bad")).unwrap());
+    assert!(f.path().join("invalid/bad").exists());
+    let reason = again.invalid_images().unwrap()[0].reason.clone().unwrap();
+    assert!(reason.starts_with("corrupt metadata"), "{reason}");
+    assert_eq!(f.get(&id("good")).unwrap(), b"good");
+    assert_eq!(again.cached_images().unwrap().len(), 1);
+}
+
+fn disk_full_fails_the_write_and_keeps_everything_else(kind: DriverKind) {
+    let Some(mount) = Mount::new("tmpfs", "size=1m") else {
+        return;
+    };
+    let dir = mount.path.join("cache");
+    let cache = CacheOptions::new(&dir).driver(kind).open().unwrap();
+    let keep = id("keep");
+    assert!(cache
+        .cache_image_file(&keep, &bytes(1, 100_000)[..])
+        .unwrap());
+    let big = id("big");
+    let err = cache
+        .cache_image_file(&big, &bytes(2, 4 << 20)[..])
+        .unwrap_err();
+    assert_eq!(err.io_kind(), Some(io::ErrorKind::StorageFull), "{err}");
+    assert!(err.to_string().contains("big"), "{err}");
+    assert!(!cache.is_cached(&big).unwrap());
+    assert!(!cache.is_being_cached(&big).unwrap());
+    // What was cached before is intact, and the space comes back.
+    assert_eq!(cache.verify(&keep).unwrap(), Some(Verification::Intact));
+    assert!(cache.clean(None).unwrap().bytes() > 0);
+    assert!(cache
+        .cache_image_file(&id("small"), &bytes(3, 100_000)[..])
+        .unwrap());
+    drop(cache);
+    drop(mount);
+}
+
+fn permission_denied_names_the_directory(kind: DriverKind) {
+    // Root passes permission checks, so the attempt is made by a child
+    // process running as nobody.
+    let is_root = nix_uid_is_root();
+    let have_setpriv = Command::new("setpriv").arg("--version").output().is_ok();
+    if !is_root || !have_setpriv {
+        assert!(std::env::var_os("IMGCACHE_REQUIRE_MOUNTS").is_none());
+        eprintln!("skipped: needs root and setpriv");
+        return;
+    }
+    let outer = tempfile::tempdir().unwrap();
+    fs::set_permissions(outer.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = outer.path().join("cache");
+    CacheOptions::new(&dir).driver(kind).open().unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "open_child",
+            "--nocapture",
+            "--test-threads=1",
+            "--quiet",
+        ])
+        .env("IMGCACHE_CHILD", "open")
+        .env("IMGCACHE_DIR", &dir)
+        .env("IMGCACHE_DRIVER", kind.as_str())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("child printed no error: {stdout}"));
+    assert!(line.contains("PermissionDenied"), "{line}");
+    assert!(line.contains(&dir.display().to_string()), "{line}");
+}
+
+/// The child of `permission_denied_names_the_directory`: tries to open the
+/// cache and prints the error's kind and message.
+#[test]
+fn open_child() {
+    if std::env::var("IMGCACHE_CHILD").as_deref() != Ok("open") {
+        return;
+    }
+    let dir = std::env::var("IMGCACHE_DIR").unwrap();
+    let driver: DriverKind = std::env::var("IMGCACHE_DRIVER").unwrap().parse().unwrap();
+    match CacheOptions::new(&dir).driver(driver).open() {
+        Ok(_) => println!("opened"),
+        Err(e) => println!("error: {:?} {e}", e.io_kind()),
+    }
+}
+
+fn nix_uid_is_root() -> bool {
+    fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+fn clock_jumping_backwards_breaks_nothing(kind: DriverKind) {
+    let f = Fixture::new(kind);
+    let a = f.put("a", b"a");
+    f.cache.queue_image(&id("q1")).unwrap();
+    f.clock.rewind(Duration::from_secs(3600));
+    let b = f.put("b", b"b");
+    f.cache.queue_image(&id("q2")).unwrap();
+    assert_eq!(f.get(&a).unwrap(), b"a");
+    assert_eq!(f.cache.hit_count(&a).unwrap(), 1);
+    // The queue keeps the order things were queued in, whatever the clock.
+    assert_eq!(f.cache.queued_images().unwrap(), vec![id("q1"), id("q2")]);
+    // LRU follows the recorded times: b and a were touched "an hour ago".
+    let lru: Vec<_> = f
+        .cache
+        .least_recently_accessed()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(lru, vec![a.clone(), b.clone()]);
+    f.cache.prune_to(1).unwrap();
+    assert!(f.cache.is_cached(&b).unwrap());
+}
+
+#[test]
+fn garbage_database_is_refused_by_name_then_rebuilt() {
+    let f = Fixture::new(DriverKind::Sqlite);
+    let x = f.put("x", &bytes(5, 2000));
+    f.get(&x).unwrap();
+    let Fixture {
+        dir, clock, cache, ..
+    } = f;
+    drop(cache);
+    let path = dir.path();
+    let db = path.join("cache.db");
+    let _ = fs::remove_file(path.join("cache.db-wal"));
+    let _ = fs::remove_file(path.join("cache.db-shm"));
+    fs::write(&db, bytes(9, 8192)).unwrap();
+    let options = || CacheOptions::new(path).clock(std::sync::Arc::new(clock.clone()));
+    match options().open() {
+        Err(e @ Error::BadDatabase { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains(&db.display().to_string()), "{msg}");
+            assert!(msg.contains("rebuild"), "{msg}");
+        }
+        other => panic!("expected BadDatabase, got {other:?}"),
+    }
+    // The bytes are untouched by the refusal.
+    assert_eq!(fs::read(&db).unwrap(), bytes(9, 8192));
+    let cache = ImageCache::rebuild(options()).unwrap();
+    assert_eq!(cache.recovery().adopted, vec![x.clone()]);
+    assert_eq!(
+        cache.verify(&x).unwrap(),
+        Some(Verification::Unverified {
+            crc32: crc32fast::hash(&bytes(5, 2000))
+        })
+    );
+    let aside: Vec<String> = fs::read_dir(path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".imgcache-broken-") && n.ends_with("-cache.db"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(fs::read(path.join(&aside[0])).unwrap(), bytes(9, 8192));
+}
+
+#[test]
+fn foreign_schema_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("cache.db");
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("CREATE TABLE cached_images (id INTEGER PRIMARY KEY, body BLOB);")
+        .unwrap();
+    match CacheOptions::new(dir.path()).open() {
+        Err(Error::BadDatabase { path, detail }) => {
+            assert_eq!(path, db);
+            assert!(detail.contains("no column"), "{detail}");
+        }
+        other => panic!("expected BadDatabase, got {other:?}"),
+    }
+}
+
+#[test]
+fn empty_database_file_is_a_new_database() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("cache.db"), b"").unwrap();
+    fs::write(dir.path().join("img"), b"abc").unwrap();
+    let cache = CacheOptions::new(dir.path()).open().unwrap();
+    assert_eq!(cache.recovery().adopted, vec![id("img")]);
+}
+
+#[test]
+fn sqlite_row_without_file_is_dropped() {
+    let f = Fixture::new(DriverKind::Sqlite);
+    let x = f.put("x", b"gone soon");
+    f.put("y", b"stays");
+    fs::remove_file(f.path().join("x")).unwrap();
+    let again = f.reopen();
+    assert_eq!(again.recovery().dropped, vec![x.clone()]);
+    assert!(!again.is_cached(&x).unwrap());
+    assert_eq!(again.cache_size().unwrap(), 5);
+}
