@@ -70,16 +70,32 @@
 //!
 //! # Durability
 //!
-//! The commit order is: data `fsync` → rename → directory `fsync` →
-//! metadata. What a power loss can lose:
+//! A commit is, in this order (`tests/syscalls.rs` records it with strace):
+//! data `write`s → `fsync` of the file → `renameat2(RENAME_NOREPLACE)` into
+//! the base directory → `fsync` of the directory → metadata. Reads never
+//! `fsync`.
 //!
-//! - **sqlite**: the file of an image committed less than one directory sync
-//!   ago may be missing, never half-present; the rows of images committed
-//!   since the last WAL checkpoint, and recent hit counts and access times,
-//!   may be lost (the files stay; such a file is not reported cached).
-//! - **xattr**: metadata is written on the file before its `fsync`, so an
-//!   image is published with its metadata or not at all; recent hit counts
-//!   and access times may be lost.
+//! After a *process* crash (SIGKILL at any instant, `tests/crash.rs`) nothing
+//! is lost that was committed, and reopening reconciles the rest: a file
+//! renamed but not yet recorded is adopted (unverified, CRC recomputed by
+//! [`ImageCache::scrub`]), an `incomplete/` file is stalled and `clean`
+//! removes it.
+//!
+//! After a *power loss*:
+//!
+//! - **sqlite**: an image committed less than one directory sync ago may be
+//!   missing, never half-present. Rows are durable at the next WAL
+//!   checkpoint (the database runs `synchronous = NORMAL`), so the rows of
+//!   the latest commits, and the latest hit counts and access times, may be
+//!   lost; the files survive and are adopted at the next open, unverified
+//!   until scrubbed. A write-ahead log is never applied half-way: SQLite
+//!   keeps the database consistent.
+//! - **xattr**: the attributes (size, CRC, commit time) are set on the file
+//!   before its data `fsync`, so an image appears with its metadata or not
+//!   at all. Hit counts and access times updated since the file system last
+//!   wrote its inode back may be lost.
+//! - **both**: `invalid/` and `incomplete/` files, and queue markers, are not
+//!   synced: they may vanish or reappear; `clean` takes care of either.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]

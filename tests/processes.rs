@@ -57,6 +57,21 @@ fn child() {
             std::io::stdin().read_to_end(&mut rest).unwrap();
             w.commit().unwrap();
         }
+        Some("hold-read") => {
+            // Open, read a little, wait for the parent, read the rest.
+            let mut img = cache.open_for_read(&id("x")).unwrap().unwrap();
+            let mut head = vec![0u8; 1000];
+            img.read_exact(&mut head).unwrap();
+            println!("open");
+            std::io::stdout().flush().unwrap();
+            let mut rest = Vec::new();
+            std::io::stdin().read_to_end(&mut rest).unwrap();
+            let mut tail = Vec::new();
+            img.read_to_end(&mut tail).unwrap();
+            head.extend(tail);
+            assert_eq!(head, bytes(1, 3_000_000));
+            println!("intact");
+        }
         other => panic!("unknown child command {other:?}"),
     }
 }
@@ -143,5 +158,34 @@ fn clean_in_one_process_spares_a_writer_alive_in_another() {
         reader.read_to_string(&mut rest).unwrap();
         assert!(child.wait().unwrap().success(), "{kind}: child failed");
         assert_eq!(f.get(&id("slow")).unwrap(), b"written by a live process");
+    }
+}
+
+#[test]
+fn prune_in_one_process_while_another_reads() {
+    for kind in DRIVERS {
+        let f = Fixture::new(kind);
+        f.put("x", &bytes(1, 3_000_000));
+        let mut child = spawn(&f, "hold-read");
+        let mut reader = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while line.trim() != "open" {
+            line.clear();
+            assert!(
+                reader.read_line(&mut line).unwrap() > 0,
+                "{kind}: child exited early"
+            );
+        }
+        let report = f.cache.prune_to(0).unwrap();
+        assert_eq!(report.removed, vec![id("x")], "{kind}");
+        assert!(!f.path().join("x").exists());
+        drop(child.stdin.take());
+        let mut rest = String::new();
+        reader.read_to_string(&mut rest).unwrap();
+        assert!(
+            child.wait().unwrap().success(),
+            "{kind}: reader failed: {rest}"
+        );
+        assert!(rest.contains("intact"), "{kind}: {rest}");
     }
 }

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{bytes, id, Fixture, DRIVERS};
+use imgcache::DriverKind;
 
 /// The child's part, when `IMGCACHE_CHILD` is set: `read N` opens and reads
 /// image `x` N times.
@@ -31,6 +32,14 @@ fn child() {
                 let tid = link.file_name().unwrap().to_string_lossy().into_owned();
                 std::fs::write(file, tid).unwrap();
             }
+        }
+        (Some("commit"), None) => {
+            use std::io::Write;
+            let mut w = cache.open_for_write(&id("x")).unwrap();
+            for chunk in bytes(7, 1 << 20).chunks(300_000) {
+                w.write_all(chunk).unwrap();
+            }
+            w.commit().unwrap();
         }
         other => panic!("unknown child command {other:?}"),
     }
@@ -55,7 +64,7 @@ fn have_strace() -> bool {
 fn trace(f: &Fixture, cmd: &str, env: &[(&str, &Path)], calls: &str, out: &Path) -> Vec<String> {
     let status = Command::new("strace")
         .envs(env.iter().copied())
-        .args(["-f", "-qq", "-e", &format!("trace={calls}"), "-o"])
+        .args(["-f", "-qq", "-y", "-e", &format!("trace={calls}"), "-o"])
         .arg(out)
         .arg(std::env::current_exe().unwrap())
         .args(["--exact", "child", "--test-threads=1", "--quiet"])
@@ -111,5 +120,98 @@ fn reads_never_fsync_on_the_reading_thread() {
             "{kind}: the reading thread synced: {on_reader:#?}"
         );
         assert_eq!(f.cache.hit_count(&id("x")).unwrap(), 3000, "{kind}");
+    }
+}
+
+/// The durability order of one commit, as the kernel sees it: the data is
+/// written and `fsync`ed, then renamed into place (never replacing), then
+/// the directory is `fsync`ed, and only then is metadata written (SQLite's
+/// log). The xattr driver's attributes are set before the data `fsync`, so
+/// they are durable with the bytes.
+#[test]
+fn commit_syncs_data_then_renames_then_syncs_dir_then_records() {
+    if !have_strace() {
+        return;
+    }
+    for kind in DRIVERS {
+        let f = Fixture::new(kind);
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let lines = trace(
+            &f,
+            "commit",
+            &[],
+            "openat,write,pwrite64,fsetxattr,fsync,fdatasync,rename,renameat,renameat2,linkat",
+            out.path(),
+        );
+        let base = f.path().display().to_string();
+        let incomplete = format!("{base}/incomplete/x");
+        let find = |from: usize, what: &dyn Fn(&str) -> bool| -> Option<usize> {
+            lines
+                .iter()
+                .skip(from)
+                .position(|l| what(l))
+                .map(|i| i + from)
+        };
+        let opened = find(0, &|l| {
+            l.contains(" openat(") && l.contains(&format!("\"{incomplete}\""))
+        })
+        .unwrap_or_else(|| panic!("{kind}: no open of {incomplete}: {lines:#?}"));
+        let fsync_file = find(opened, &|l| {
+            l.contains(" fsync(") && l.contains(&format!("<{incomplete}>"))
+        })
+        .unwrap_or_else(|| panic!("{kind}: the data was never fsynced"));
+        let last_write = lines
+            .iter()
+            .rposition(|l| l.contains(" write(") && l.contains(&format!("<{incomplete}>")))
+            .unwrap_or_else(|| panic!("{kind}: no data write"));
+        let rename = find(fsync_file, &|l| {
+            l.contains("rename") && l.contains(&format!("\"{incomplete}\""))
+        })
+        .unwrap_or_else(|| panic!("{kind}: no rename after the data fsync"));
+        let fsync_dir = find(rename, &|l| {
+            l.contains(" fsync(") && l.contains(&format!("<{base}>)"))
+        })
+        .unwrap_or_else(|| panic!("{kind}: the directory was not fsynced after the rename"));
+        assert!(
+            last_write < fsync_file,
+            "{kind}: data written after its fsync"
+        );
+        assert!(
+            lines[rename].contains("RENAME_NOREPLACE"),
+            "{kind}: {}",
+            lines[rename]
+        );
+        // No rename of the file before its data was synced.
+        assert!(
+            find(opened, &|l| l.contains("rename")
+                && l.contains(&format!("\"{incomplete}\"")))
+                == Some(rename),
+            "{kind}: renamed twice?"
+        );
+        match kind {
+            DriverKind::Sqlite => {
+                let wal = |l: &str| l.contains(" pwrite64(") && l.contains("cache.db-wal>");
+                assert!(
+                    !lines[opened..fsync_dir].iter().any(|l| wal(l)),
+                    "{kind}: metadata written before the directory sync"
+                );
+                assert!(
+                    find(fsync_dir, &wal).is_some(),
+                    "{kind}: no metadata after the sync"
+                );
+            }
+            _ => {
+                let crc = find(opened, &|l| {
+                    l.contains(" fsetxattr(") && l.contains("user.imgcache.crc32")
+                })
+                .unwrap_or_else(|| panic!("{kind}: no CRC attribute"));
+                assert!(
+                    crc < fsync_file,
+                    "{kind}: attributes set after the data fsync"
+                );
+            }
+        }
+        eprintln!("{kind}: write@{last_write} < fsync(file)@{fsync_file} < rename@{rename} < fsync(dir)@{fsync_dir}");
+        assert_eq!(f.get(&id("x")).unwrap(), bytes(7, 1 << 20));
     }
 }
