@@ -106,6 +106,8 @@ mod clock;
 mod driver;
 pub mod drivers;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod id;
 mod layout;
 mod options;

@@ -1,0 +1,10 @@
+//! Operation sequences against the real cache and the in-memory model; the
+//! first byte picks the driver.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let dir = tempfile::tempdir().expect("tempdir");
+    if let Err(e) = imgcache::fuzzing::ops(dir.path(), data) {
+        panic!("{e}");
+    }
+});
