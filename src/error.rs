@@ -101,6 +101,49 @@ pub enum Error {
         detail: String,
     },
 
+    /// A checksum string is malformed.
+    #[error("invalid checksum {input:?}: {detail}")]
+    InvalidChecksum {
+        /// The refused input.
+        input: String,
+        /// What was wrong.
+        detail: String,
+    },
+
+    /// The bytes of an image did not hash to what the backend said they
+    /// would. Nothing was cached; what was written went to `invalid/`.
+    #[error("image {id}: checksum mismatch: expected {expected}, got {actual}")]
+    ChecksumMismatch {
+        /// The image.
+        id: ImageId,
+        /// What the backend declared.
+        expected: crate::Checksum,
+        /// What the bytes hash to.
+        actual: crate::Checksum,
+    },
+
+    /// The fill this reader was following failed; the image is not cached.
+    #[error("image {id}: the fill being followed failed: {reason}")]
+    FillFailed {
+        /// The image.
+        id: ImageId,
+        /// Why the fill failed.
+        reason: String,
+    },
+
+    /// A byte range outside the image.
+    #[error("image {id}: range {start}..{end} is not within its {size} bytes")]
+    RangeNotSatisfiable {
+        /// The image.
+        id: ImageId,
+        /// First byte asked for.
+        start: u64,
+        /// One past the last byte asked for.
+        end: u64,
+        /// The image's size.
+        size: u64,
+    },
+
     /// Stored metadata could not be decoded.
     #[error("corrupt metadata in {path}: {detail}")]
     CorruptMetadata {
@@ -134,6 +177,23 @@ impl Error {
             path: path.as_ref().to_path_buf(),
             source,
         }
+    }
+
+    /// Wraps this error in an [`io::Error`] (for `Read` implementations),
+    /// from which [`Error::from_io`] gets it back.
+    pub fn into_io(self) -> io::Error {
+        let kind = match &self {
+            Error::ChecksumMismatch { .. } | Error::Corrupt { .. } => io::ErrorKind::InvalidData,
+            Error::Io { source, .. } => source.kind(),
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, self)
+    }
+
+    /// The [`Error`] inside an [`io::Error`] returned by one of this
+    /// crate's readers, if there is one.
+    pub fn from_io(e: &io::Error) -> Option<&Error> {
+        e.get_ref().and_then(|inner| inner.downcast_ref::<Error>())
     }
 
     /// The underlying I/O error kind, if this error came from the file system.

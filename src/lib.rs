@@ -102,6 +102,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod cache;
+mod checksum;
 mod clock;
 mod driver;
 pub mod drivers;
@@ -112,10 +113,13 @@ mod id;
 mod layout;
 mod options;
 mod queue;
+mod range;
 mod reader;
 mod writer;
+mod zero_copy;
 
 pub use cache::{ImageCache, PruneReport, ScrubReport, Verification};
+pub use checksum::{Algorithm, Checksum, Hasher};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use driver::{CacheDriver, CachedImageInfo, InvalidImageInfo, LruEntry, RecoveryReport};
 pub use drivers::{SqliteDriver, XattrDriver};
@@ -124,7 +128,8 @@ pub use id::{IdError, ImageId, DEFAULT_SQLITE_DB, MAX_ID_LEN};
 pub use layout::{CleanReport, Layout, RemovedFile};
 pub use options::{CacheOptions, DriverKind, DEFAULT_MAX_SIZE, DEFAULT_STALL_TIME};
 pub use queue::decode_seq as decode_queue_seq;
-pub use reader::CachedImage;
+pub use range::ByteRange;
+pub use reader::{CachedImage, RangeReader};
 pub use writer::{CacheWriter, CommitHooks, CommitInfo, InvalidateInfo};
 
 /// The README's examples, compiled as doctests so that they cannot drift.

@@ -2,18 +2,35 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::driver::CachedImageInfo;
 use crate::error::{Error, IoContext, Result};
 use crate::id::ImageId;
+use crate::range::ByteRange;
+use crate::zero_copy;
 
 /// An open cached image: the file, and its metadata as of the open.
 ///
 /// The file stays readable to the end even if the image is pruned or
 /// deleted while it is open (its bytes are freed when the last handle
-/// closes). Reads go straight to the file, unbuffered: read in large chunks
-/// (64 KiB or more), or wrap it in a [`std::io::BufReader`].
+/// closes).
+///
+/// Ways to read it, and what each checks:
+///
+/// | path | copies | checks |
+/// |---|---|---|
+/// | `Read + Seek` | kernel → your buffer | size at open |
+/// | [`range_reader`](Self::range_reader) | kernel → your buffer (`pread`) | size at open, range, no short read |
+/// | [`mmap`](Self::mmap) | none: pages mapped | size at open, range |
+/// | [`send_to`](Self::send_to) | none: `sendfile`/`splice`/`copy_file_range` | size at open, range, no short send |
+///
+/// None of them recomputes the CRC: that costs a full read of the file, and
+/// is what [`crate::ImageCache::verify`] and [`crate::ImageCache::scrub`]
+/// do. Reads go straight to the file, unbuffered: read in large chunks (64
+/// KiB or more), or wrap it in a [`std::io::BufReader`].
 #[derive(Debug)]
 pub struct CachedImage {
     file: File,
@@ -80,6 +97,112 @@ impl CachedImage {
     /// The open file, for callers that want it whole.
     pub fn into_file(self) -> File {
         self.file
+    }
+
+    /// Checks `range` against the image: [`Error::RangeNotSatisfiable`] if
+    /// it does not lie within it.
+    pub fn range(&self, range: impl Into<ByteRange>) -> Result<ByteRange> {
+        range.into().within(self.id(), self.len())
+    }
+
+    /// A reader over `range` (`None`: the whole image). It reads with
+    /// `pread`, so it does not move this handle's position, and several may
+    /// read one image at once. A file that ends early (truncated behind the
+    /// cache's back) is an error, never a short read.
+    pub fn range_reader(&self, range: Option<ByteRange>) -> Result<RangeReader<'_>> {
+        let r = self.range(range.unwrap_or(ByteRange::full(self.len())))?;
+        Ok(RangeReader {
+            image: self,
+            pos: r.start,
+            end: r.end,
+        })
+    }
+
+    /// Maps `range` (`None`: the whole image) into memory, for callers that
+    /// want a `&[u8]`. The pages come from the page cache; nothing is
+    /// copied.
+    ///
+    /// A cached file is never written again by the cache (a new version is a
+    /// new file, renamed over nothing), so the mapping stays valid while it
+    /// lives, even if the image is deleted or pruned. Only a program that
+    /// writes or truncates the file behind the cache's back could change it
+    /// under the mapping; that is what [`crate::ImageCache::scrub`] detects.
+    pub fn mmap(&self, range: Option<ByteRange>) -> Result<memmap2::Mmap> {
+        let r = self.range(range.unwrap_or(ByteRange::full(self.len())))?;
+        let len = usize::try_from(r.len()).map_err(|_| Error::RangeNotSatisfiable {
+            id: self.id().clone(),
+            start: r.start,
+            end: r.end,
+            size: self.len(),
+        })?;
+        #[allow(unsafe_code)]
+        // SAFETY: memmap2 requires that the file not be modified while
+        // mapped. The cache never writes a cached file after its commit:
+        // writers fill `incomplete/<id>` and publish it with a rename that
+        // refuses to replace, so this inode's bytes are final. The range was
+        // checked against the file's size at open, which matched the
+        // committed size.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(r.start)
+                .len(len)
+                .map(&self.file)
+        };
+        map.ctx("mmap", &self.path)
+    }
+
+    /// Sends `range` (`None`: the whole image) to `out` — a socket, a pipe
+    /// or a file — without copying through user space where the kernel
+    /// allows: `copy_file_range(2)` to a file, `splice(2)` to a pipe,
+    /// `sendfile(2)` to a socket (Linux), falling back to `read`/`write`
+    /// where it refuses (and on other systems). Sends everything: short
+    /// sends are continued, and on a non-blocking `out`, `EAGAIN` waits
+    /// (`poll`) until it is writable. Returns the bytes sent. Writes to a
+    /// file or socket go at its current position.
+    pub fn send_to(&self, out: impl AsFd, range: Option<ByteRange>) -> Result<u64> {
+        let r = self.range(range.unwrap_or(ByteRange::full(self.len())))?;
+        zero_copy::send(&self.file, out.as_fd(), r.start, r.end).ctx("send", &self.path)
+    }
+}
+
+/// Reads a range of a [`CachedImage`] with `pread`; see
+/// [`CachedImage::range_reader`].
+#[derive(Debug)]
+pub struct RangeReader<'a> {
+    image: &'a CachedImage,
+    pos: u64,
+    end: u64,
+}
+
+impl RangeReader<'_> {
+    /// Bytes left to read.
+    pub fn remaining(&self) -> u64 {
+        self.end - self.pos
+    }
+}
+
+impl Read for RangeReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = usize::try_from(self.remaining())
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.image.file.read_at(&mut buf[..want], self.pos)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{} ended at byte {} of {}",
+                    self.image.path.display(),
+                    self.pos,
+                    self.image.len()
+                ),
+            ));
+        }
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 

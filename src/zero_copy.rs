@@ -1,0 +1,176 @@
+//! Moving a cached file's bytes to another descriptor without copying them
+//! through user space: `copy_file_range(2)` to a file, `splice(2)` to a
+//! pipe, `sendfile(2)` to a socket (Linux), and a `pread`/`write` loop
+//! wherever the kernel refuses, and on other systems.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::BorrowedFd;
+use std::os::unix::fs::FileExt;
+
+/// The largest single request (Linux caps a transfer near 2 GiB anyway).
+const CHUNK: u64 = 1 << 30;
+
+/// The buffer of the `read`/`write` fallback.
+const FALLBACK_BUFFER: usize = 256 * 1024;
+
+/// How bytes are moved, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    #[cfg(target_os = "linux")]
+    CopyFileRange,
+    #[cfg(target_os = "linux")]
+    Splice,
+    #[cfg(target_os = "linux")]
+    Sendfile,
+    ReadWrite,
+}
+
+impl Mode {
+    /// The best mode for what `out` is.
+    fn for_target(out: BorrowedFd<'_>) -> Mode {
+        #[cfg(target_os = "linux")]
+        {
+            use nix::sys::stat::{fstat, SFlag};
+            if let Ok(st) = fstat(out) {
+                let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+                if kind == SFlag::S_IFREG {
+                    return Mode::CopyFileRange;
+                }
+                if kind == SFlag::S_IFIFO {
+                    return Mode::Splice;
+                }
+            }
+            Mode::Sendfile
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = out;
+            Mode::ReadWrite
+        }
+    }
+
+    /// What to try when this mode is refused.
+    fn fallback(self) -> Mode {
+        match self {
+            #[cfg(target_os = "linux")]
+            Mode::CopyFileRange | Mode::Splice => Mode::Sendfile,
+            _ => Mode::ReadWrite,
+        }
+    }
+}
+
+/// Sends bytes `start..end` of `file` to `out`; returns how many.
+pub(crate) fn send(file: &File, out: BorrowedFd<'_>, start: u64, end: u64) -> io::Result<u64> {
+    let mut mode = Mode::for_target(out);
+    let mut off = start;
+    let mut buffer = Vec::new();
+    // The fallback writes through a File sharing `out`'s descriptor (a dup:
+    // same offset and flags), made only if needed.
+    let mut out_file: Option<File> = None;
+    while off < end {
+        let want = (end - off).min(CHUNK);
+        let step = match mode {
+            Mode::ReadWrite => {
+                if buffer.is_empty() {
+                    buffer = vec![0u8; FALLBACK_BUFFER];
+                }
+                let n = usize::try_from(want)
+                    .unwrap_or(usize::MAX)
+                    .min(buffer.len());
+                match file.read_at(&mut buffer[..n], off) {
+                    Ok(0) => Ok(0),
+                    Ok(got) => {
+                        let w = match out_file.as_mut() {
+                            Some(f) => f,
+                            None => out_file.insert(File::from(out.try_clone_to_owned()?)),
+                        };
+                        write_all_waiting(w, out, &buffer[..got]).map(|()| got)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            #[cfg(target_os = "linux")]
+            kernel => kernel_step(kernel, file, out, off, want),
+        };
+        match step {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the file ended at byte {off}, before {end}"),
+                ))
+            }
+            Ok(n) => off += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(out)?,
+            Err(e) if mode != Mode::ReadWrite && refused(&e) => mode = mode.fallback(),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(off - start)
+}
+
+/// One kernel-side transfer of up to `want` bytes at `off`.
+#[cfg(target_os = "linux")]
+fn kernel_step(
+    mode: Mode,
+    file: &File,
+    out: BorrowedFd<'_>,
+    off: u64,
+    want: u64,
+) -> io::Result<usize> {
+    let mut offset = i64::try_from(off).map_err(io::Error::other)?;
+    let want = usize::try_from(want).unwrap_or(usize::MAX);
+    let r = match mode {
+        Mode::CopyFileRange => {
+            nix::fcntl::copy_file_range(file, Some(&mut offset), out, None, want)
+        }
+        Mode::Splice => nix::fcntl::splice(
+            file,
+            Some(&mut offset),
+            out,
+            None,
+            want,
+            nix::fcntl::SpliceFFlags::SPLICE_F_MOVE,
+        ),
+        Mode::Sendfile => nix::sys::sendfile::sendfile(out, file, Some(&mut offset), want),
+        Mode::ReadWrite => return Err(io::Error::other("not a kernel mode")),
+    };
+    r.map_err(io::Error::from)
+}
+
+/// Whether the kernel refused the method itself (rather than failed).
+fn refused(e: &io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP | Errno::EXDEV | Errno::EBADF)
+    )
+}
+
+/// Blocks until `out` can be written to.
+fn wait_writable(out: BorrowedFd<'_>) -> io::Result<()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(out, PollFlags::POLLOUT)];
+    loop {
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// `write_all` that waits out `EAGAIN` on a non-blocking descriptor.
+fn write_all_waiting(w: &mut File, out: BorrowedFd<'_>, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match w.write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(out)?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
