@@ -145,7 +145,7 @@ mod tests {
         assert!(ByteRange::from(0..10).within(&id, 10).is_ok());
         assert!(ByteRange::from(10..10).within(&id, 10).is_ok());
         assert!(ByteRange::from(5..11).within(&id, 10).is_err());
-        assert!(ByteRange::from(7..3).within(&id, 10).is_err());
+        assert!(ByteRange { start: 7, end: 3 }.within(&id, 10).is_err());
         let e = ByteRange::from(5..11)
             .within(&id, 10)
             .unwrap_err()

@@ -125,7 +125,7 @@ fn send_range_outside_is_refused(kind: DriverKind) {
     let (a, _b) = UnixStream::pair().unwrap();
     for bad in [
         ByteRange::from(0..SIZE as u64 + 1),
-        ByteRange::from(10..5),
+        ByteRange { start: 10, end: 5 },
         ByteRange::from(u64::MAX - 1..u64::MAX),
     ] {
         match img.send_to(&a, Some(bad)) {
