@@ -2,7 +2,13 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::checksum::{Algorithm, Checksum};
+use crate::fill::{Fill, Fills, FollowReader};
+use crate::tee::TeeReader;
 
 use crate::clock::to_epoch_secs;
 use crate::driver::{CacheDriver, CachedImageInfo, InvalidImageInfo, LruEntry, RecoveryReport};
@@ -77,7 +83,34 @@ pub struct ImageCache {
     options: CacheOptions,
     kind: Option<DriverKind>,
     recovery: RecoveryReport,
+    fills: Arc<Fills>,
 }
+
+/// An image's bytes from wherever they are now; see [`ImageCache::fetch`].
+#[derive(Debug)]
+pub enum ImageStream<R: Read + Send + 'static> {
+    /// A hit: the cached file.
+    Cached(CachedImage),
+    /// A miss this caller fills: the backend's bytes, cached on the way.
+    Filling(TeeReader<R>),
+    /// A miss another reader of this process is filling: its bytes as they
+    /// land.
+    Following(FollowReader),
+}
+
+impl<R: Read + Send + 'static> Read for ImageStream<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            ImageStream::Cached(r) => r.read(buf),
+            ImageStream::Filling(r) => r.read(buf),
+            ImageStream::Following(r) => r.read(buf),
+        }
+    }
+}
+
+/// How many times [`ImageCache::fetch`] goes round when other writers keep
+/// winning races, before it gives up.
+const FETCH_ROUNDS: usize = 64;
 
 impl ImageCache {
     /// Options for a cache in `dir`, with Glance's defaults; finish with
@@ -148,6 +181,7 @@ impl ImageCache {
             options,
             kind,
             recovery,
+            fills: Arc::default(),
         })
     }
 
@@ -454,6 +488,184 @@ impl ImageCache {
             );
         }
         Ok(report)
+    }
+
+    /// Wraps a backend stream so that its bytes are cached as the caller
+    /// reads them: the *caching tee*. See [`TeeReader`] for what happens at
+    /// the end of the stream, on a checksum mismatch, a source error, a
+    /// cache write error, or an early drop.
+    ///
+    /// If `id` is already cached, or being cached (by this process or
+    /// another), the source passes through untouched (its checksum still
+    /// checked); [`ImageCache::fetch`] joins a fill instead.
+    pub fn caching_reader<R: Read + Send + 'static>(
+        &self,
+        id: &ImageId,
+        expected: Option<Checksum>,
+        source: R,
+    ) -> Result<TeeReader<R>> {
+        self.check(id)?;
+        let started = self.fills.with(|map| {
+            if map.contains_key(id) {
+                return Ok(None);
+            }
+            match self.start_fill(id, map, expected.as_ref()) {
+                Ok(pair) => Ok(Some(pair)),
+                Err(Error::AlreadyCached { .. } | Error::AlreadyBeingCached { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        })?;
+        Ok(match started {
+            Some((writer, fill)) => TeeReader::filling(
+                writer,
+                fill,
+                self.fills.clone(),
+                source,
+                expected,
+                self.options.finishes_abandoned_fills(),
+            ),
+            None => TeeReader::pass_through(id.clone(), source, expected),
+        })
+    }
+
+    /// Opens a writer for `id` and registers its fill so that others can
+    /// follow it. The registry is locked by the caller.
+    fn start_fill(
+        &self,
+        id: &ImageId,
+        map: &mut std::collections::HashMap<ImageId, Arc<Fill>>,
+        expected: Option<&Checksum>,
+    ) -> Result<(CacheWriter, Arc<Fill>)> {
+        let mut writer = self.driver.open_for_write(id)?;
+        if let Some(c) = expected {
+            // Glance's `checksum` column holds a plain MD5 hex digest.
+            writer.set_checksum(match c.algorithm() {
+                Algorithm::Md5 => c.hex().to_owned(),
+                _ => c.to_string(),
+            });
+        }
+        let fill = Arc::new(Fill::new(id.clone(), writer.try_clone_file()?));
+        map.insert(id.clone(), fill.clone());
+        Ok((writer, fill))
+    }
+
+    /// Reads `id` from wherever it is, fetching it from the backend at most
+    /// once however many callers ask at the same moment (*single flight*):
+    ///
+    /// - cached: the cached file ([`ImageStream::Cached`], a hit);
+    /// - being filled by another reader of this process: its bytes as they
+    ///   land in the cache ([`ImageStream::Following`]);
+    /// - being filled by another process: waits for that writer to finish
+    ///   (its lock on the incomplete file), then reads the cached file — or,
+    ///   if the writer died, takes the fill over;
+    /// - not cached: calls `open` for the backend stream and caches it on
+    ///   the way ([`ImageStream::Filling`]); `expected` is checked at the
+    ///   end.
+    ///
+    /// A failure to open the backend is [`Error::Source`], and leaves
+    /// nothing behind.
+    pub fn fetch<R, F>(
+        &self,
+        id: &ImageId,
+        expected: Option<Checksum>,
+        open: F,
+    ) -> Result<ImageStream<R>>
+    where
+        R: Read + Send + 'static,
+        F: FnOnce() -> io::Result<R>,
+    {
+        self.check(id)?;
+        enum Step {
+            Follow(Arc<Fill>),
+            Fill(CacheWriter, Arc<Fill>),
+            Again,
+            Foreign,
+        }
+        let mut open = Some(open);
+        for _ in 0..FETCH_ROUNDS {
+            if let Some(image) = self.open_for_read(id)? {
+                return Ok(ImageStream::Cached(image));
+            }
+            let step = self.fills.with(|map| {
+                if let Some(fill) = map.get(id) {
+                    return Ok(Step::Follow(fill.clone()));
+                }
+                match self.start_fill(id, map, expected.as_ref()) {
+                    Ok((writer, fill)) => Ok(Step::Fill(writer, fill)),
+                    Err(Error::AlreadyCached { .. }) => Ok(Step::Again),
+                    Err(Error::AlreadyBeingCached { .. }) => Ok(Step::Foreign),
+                    Err(e) => Err(e),
+                }
+            })?;
+            match step {
+                Step::Follow(fill) => return Ok(ImageStream::Following(FollowReader::new(fill))),
+                Step::Fill(writer, fill) => {
+                    let Some(open) = open.take() else {
+                        break;
+                    };
+                    return match open() {
+                        Ok(source) => Ok(ImageStream::Filling(TeeReader::filling(
+                            writer,
+                            fill,
+                            self.fills.clone(),
+                            source,
+                            expected,
+                            self.options.finishes_abandoned_fills(),
+                        ))),
+                        Err(e) => {
+                            let reason = format!("cannot open the source: {e}");
+                            if let Err(abort) = writer.abort(&reason) {
+                                log::error!("imgcache: {id}: {abort}");
+                            }
+                            fill.finish(Err(reason));
+                            self.fills.remove(&fill);
+                            Err(Error::Source {
+                                id: id.clone(),
+                                source: e,
+                            })
+                        }
+                    };
+                }
+                Step::Again => {}
+                Step::Foreign => self.wait_for_foreign_writer(id)?,
+            }
+        }
+        Err(Error::FillFailed {
+            id: id.clone(),
+            reason: format!("other writers kept winning, {FETCH_ROUNDS} times"),
+        })
+    }
+
+    /// Blocks until the writer holding `incomplete/<id>` (in any process)
+    /// is done. If it died instead, removes its stalled file so that the
+    /// caller can take the fill over.
+    fn wait_for_foreign_writer(&self, id: &ImageId) -> Result<()> {
+        let path = self.layout().incomplete(id);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io("open", &path, e)),
+        };
+        // A living writer holds an exclusive lock until it commits or
+        // aborts; the kernel drops it if the writer dies.
+        file.lock_shared()
+            .map_err(|e| Error::io("lock", &path, e))?;
+        let same = |f: &File| -> bool {
+            match (f.metadata(), fs::metadata(&path)) {
+                (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+                _ => false,
+            }
+        };
+        if !same(&file) {
+            return Ok(()); // committed or aborted: moved away
+        }
+        // Still in place with nobody holding it: its writer died.
+        file.unlock().map_err(|e| Error::io("unlock", &path, e))?;
+        if file.try_lock().is_ok() && same(&file) {
+            log::warn!("imgcache: {id}: taking over a fill whose writer died");
+            crate::layout::remove_if_exists(&path)?;
+        }
+        Ok(())
     }
 
     /// Caches `id` from `source`: `Ok(true)` if it was cached now, `Ok(false)`

@@ -122,6 +122,16 @@ pub enum Error {
         actual: crate::Checksum,
     },
 
+    /// The backend could not be opened for an image.
+    #[error("image {id}: cannot open the source: {source}")]
+    Source {
+        /// The image.
+        id: ImageId,
+        /// The error opening it gave.
+        #[source]
+        source: io::Error,
+    },
+
     /// The fill this reader was following failed; the image is not cached.
     #[error("image {id}: the fill being followed failed: {reason}")]
     FillFailed {

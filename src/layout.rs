@@ -182,30 +182,46 @@ impl Layout {
 
     /// Creates `incomplete/<id>` exclusively, locked for the writer's
     /// lifetime: a second writer gets [`Error::AlreadyBeingCached`].
+    ///
+    /// The file is created and locked under a private name, then renamed
+    /// into place without replacing: no other process can ever see a live
+    /// writer's file unlocked (and take it for a stalled one).
     pub fn create_incomplete(&self, id: &ImageId) -> Result<File> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
         let path = self.incomplete(id);
-        let file = match OpenOptions::new()
+        let staging = self.incomplete.join(format!(
+            "{}-new-{}-{}",
+            crate::id::PRIVATE_PREFIX,
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .open(&path)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(Error::AlreadyBeingCached { id: id.clone() })
-            }
-            Err(e) => return Err(Error::io("create", &path, e)),
-        };
-        // The lock tells `clean` that a living writer owns the file. The file
-        // is new and ours alone, so this cannot block for long; another
-        // process could only hold it if it opened the file in between.
-        match file.try_lock() {
-            Ok(()) => Ok(file),
-            Err(std::fs::TryLockError::WouldBlock) => {
-                Err(Error::AlreadyBeingCached { id: id.clone() })
-            }
-            Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &path, e)),
+            .open(&staging)
+            .ctx("create", &staging)?;
+        let placed = file
+            .try_lock()
+            .map_err(|e| match e {
+                std::fs::TryLockError::WouldBlock => {
+                    Error::io("lock", &staging, io::Error::from(io::ErrorKind::WouldBlock))
+                }
+                std::fs::TryLockError::Error(e) => Error::io("lock", &staging, e),
+            })
+            .and_then(|()| match rename_noreplace(&staging, &path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    Err(Error::AlreadyBeingCached { id: id.clone() })
+                }
+                Err(e) => Err(Error::io("rename", &staging, e)),
+            });
+        if let Err(e) = placed {
+            remove_if_exists(&staging)?;
+            return Err(e);
         }
+        Ok(file)
     }
 
     /// Renames `incomplete/<id>` to `<id>` unless `<id>` exists, then syncs

@@ -107,6 +107,7 @@ mod clock;
 mod driver;
 pub mod drivers;
 mod error;
+mod fill;
 #[doc(hidden)]
 pub mod fuzzing;
 mod id;
@@ -115,21 +116,24 @@ mod options;
 mod queue;
 mod range;
 mod reader;
+mod tee;
 mod writer;
 mod zero_copy;
 
-pub use cache::{ImageCache, PruneReport, ScrubReport, Verification};
+pub use cache::{ImageCache, ImageStream, PruneReport, ScrubReport, Verification};
 pub use checksum::{Algorithm, Checksum, Hasher};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use driver::{CacheDriver, CachedImageInfo, InvalidImageInfo, LruEntry, RecoveryReport};
 pub use drivers::{SqliteDriver, XattrDriver};
 pub use error::{Error, Result};
+pub use fill::FollowReader;
 pub use id::{IdError, ImageId, DEFAULT_SQLITE_DB, MAX_ID_LEN};
 pub use layout::{CleanReport, Layout, RemovedFile};
 pub use options::{CacheOptions, DriverKind, DEFAULT_MAX_SIZE, DEFAULT_STALL_TIME};
 pub use queue::decode_seq as decode_queue_seq;
 pub use range::ByteRange;
 pub use reader::{CachedImage, RangeReader};
+pub use tee::{TeeReader, TeeStats};
 pub use writer::{CacheWriter, CommitHooks, CommitInfo, InvalidateInfo};
 
 /// The README's examples, compiled as doctests so that they cannot drift.

@@ -79,6 +79,7 @@ pub struct CacheOptions {
     driver: DriverKind,
     sqlite_db: PathBuf,
     fallback_to_sqlite: bool,
+    finish_abandoned_fills: bool,
     clock: Arc<dyn Clock>,
 }
 
@@ -91,6 +92,7 @@ impl fmt::Debug for CacheOptions {
             .field("image_cache_driver", &self.driver)
             .field("image_cache_sqlite_db", &self.sqlite_db)
             .field("fallback_to_sqlite", &self.fallback_to_sqlite)
+            .field("finish_abandoned_fills", &self.finish_abandoned_fills)
             .field("clock", &self.clock)
             .finish()
     }
@@ -108,6 +110,7 @@ impl CacheOptions {
             driver: DriverKind::Sqlite,
             sqlite_db: PathBuf::from(DEFAULT_SQLITE_DB),
             fallback_to_sqlite: false,
+            finish_abandoned_fills: false,
             clock: Arc::new(SystemClock),
         }
     }
@@ -144,6 +147,21 @@ impl CacheOptions {
     pub fn fallback_to_sqlite(mut self, yes: bool) -> Self {
         self.fallback_to_sqlite = yes;
         self
+    }
+
+    /// When a caller stops reading a caching stream before its end, finish
+    /// the fill in the background anyway (a client that disconnects does
+    /// not waste the download for the next one). Off by default, as in
+    /// Glance: the partial file goes to `invalid/`. Fills that other
+    /// readers follow are always finished.
+    pub fn finish_abandoned_fills(mut self, yes: bool) -> Self {
+        self.finish_abandoned_fills = yes;
+        self
+    }
+
+    /// Whether abandoned fills are finished in the background.
+    pub fn finishes_abandoned_fills(&self) -> bool {
+        self.finish_abandoned_fills
     }
 
     /// Sets the clock the cache reads time from.

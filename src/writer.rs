@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use crate::clock::{round_trip, Clock};
 use crate::driver::CachedImageInfo;
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::id::ImageId;
 use crate::layout::{remove_if_exists, Layout};
 use crate::queue;
@@ -148,6 +148,20 @@ impl CacheWriter {
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
         self.len
+    }
+
+    /// Another handle on the file being written (for readers that follow
+    /// the fill with `pread`).
+    pub(crate) fn try_clone_file(&self) -> Result<File> {
+        let path = self.layout.incomplete(&self.id);
+        match self.out.as_ref() {
+            Some(out) => out.get_ref().try_clone().ctx("dup", &path),
+            None => Err(Error::io(
+                "dup",
+                &path,
+                io::Error::other("writer already finished"),
+            )),
+        }
     }
 
     /// Records the checksum the caller expects (Glance's `checksum`, e.g. an

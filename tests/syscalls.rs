@@ -152,10 +152,22 @@ fn commit_syncs_data_then_renames_then_syncs_dir_then_records() {
                 .position(|l| what(l))
                 .map(|i| i + from)
         };
+        // The writer's file is created and locked under a private name, then
+        // renamed into place, never replacing.
         let opened = find(0, &|l| {
-            l.contains(" openat(") && l.contains(&format!("\"{incomplete}\""))
+            l.contains("rename") && l.contains(&format!("\"{incomplete}\""))
         })
-        .unwrap_or_else(|| panic!("{kind}: no open of {incomplete}: {lines:#?}"));
+        .unwrap_or_else(|| panic!("{kind}: {incomplete} never placed: {lines:#?}"));
+        assert!(
+            lines[opened].contains(".imgcache-new-"),
+            "{kind}: {}",
+            lines[opened]
+        );
+        assert!(
+            lines[opened].contains("RENAME_NOREPLACE"),
+            "{kind}: {}",
+            lines[opened]
+        );
         let fsync_file = find(opened, &|l| {
             l.contains(" fsync(") && l.contains(&format!("<{incomplete}>"))
         })
@@ -181,12 +193,12 @@ fn commit_syncs_data_then_renames_then_syncs_dir_then_records() {
             "{kind}: {}",
             lines[rename]
         );
-        // No rename of the file before its data was synced.
+        // No rename of the file between its placement and its data sync.
         assert!(
-            find(opened, &|l| l.contains("rename")
+            find(opened + 1, &|l| l.contains("rename")
                 && l.contains(&format!("\"{incomplete}\"")))
                 == Some(rename),
-            "{kind}: renamed twice?"
+            "{kind}: renamed before its data was synced"
         );
         match kind {
             DriverKind::Sqlite => {
