@@ -92,7 +92,7 @@ pub enum ImageStream<R: Read + Send + 'static> {
     /// A hit: the cached file.
     Cached(CachedImage),
     /// A miss this caller fills: the backend's bytes, cached on the way.
-    Filling(TeeReader<R>),
+    Filling(Box<TeeReader<R>>),
     /// A miss another reader of this process is filling: its bytes as they
     /// land.
     Following(FollowReader),
@@ -604,14 +604,14 @@ impl ImageCache {
                         break;
                     };
                     return match open() {
-                        Ok(source) => Ok(ImageStream::Filling(TeeReader::filling(
+                        Ok(source) => Ok(ImageStream::Filling(Box::new(TeeReader::filling(
                             writer,
                             fill,
                             self.fills.clone(),
                             source,
                             expected,
                             self.options.finishes_abandoned_fills(),
-                        ))),
+                        )))),
                         Err(e) => {
                             let reason = format!("cannot open the source: {e}");
                             if let Err(abort) = writer.abort(&reason) {
