@@ -575,6 +575,8 @@ impl ImageCache {
         F: FnOnce() -> io::Result<R>,
     {
         self.check(id)?;
+        // One value, living for one loop round: its size does not matter.
+        #[allow(clippy::large_enum_variant)]
         enum Step {
             Follow(Arc<Fill>),
             Fill(CacheWriter, Arc<Fill>),
