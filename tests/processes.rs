@@ -189,3 +189,74 @@ fn prune_in_one_process_while_another_reads() {
         assert!(rest.contains("intact"), "{kind}: {rest}");
     }
 }
+
+/// Single flight across processes: a fetch that finds another process
+/// filling the image waits for it (its lock), then serves the cached copy
+/// without opening the backend; if that process dies instead, the fetch
+/// takes the fill over and opens the backend once.
+#[test]
+fn fetch_waits_for_a_writer_in_another_process_or_takes_over() {
+    for kind in DRIVERS {
+        for kill in [false, true] {
+            let f = Fixture::new(kind);
+            let mut child = spawn(&f, "hold");
+            let mut reader = BufReader::new(child.stdout.take().unwrap());
+            let mut line = String::new();
+            while line.trim() != "ready" {
+                line.clear();
+                assert!(
+                    reader.read_line(&mut line).unwrap() > 0,
+                    "{kind}: child exited early"
+                );
+            }
+            let opens = std::sync::atomic::AtomicUsize::new(0);
+            let got = std::thread::scope(|s| {
+                let fetching = s.spawn(|| {
+                    let stream = f
+                        .cache
+                        .fetch(&id("slow"), None, || {
+                            opens.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            Ok(&b"from the backend"[..])
+                        })
+                        .unwrap();
+                    let mut out = Vec::new();
+                    let mut stream = stream;
+                    stream.read_to_end(&mut out).unwrap();
+                    out
+                });
+                // Wait until the fetch is blocked on the writer's lock: the
+                // kernel lists a blocked request as "-> FLOCK" in /proc/locks.
+                let start = std::time::Instant::now();
+                while !std::fs::read_to_string("/proc/locks")
+                    .unwrap()
+                    .lines()
+                    .any(|l| l.contains("-> FLOCK"))
+                {
+                    assert!(
+                        start.elapsed().as_secs() < 60,
+                        "{kind}: the fetch never blocked"
+                    );
+                    std::thread::yield_now();
+                }
+                if kill {
+                    child.kill().unwrap();
+                    child.wait().unwrap();
+                } else {
+                    drop(child.stdin.take()); // let it commit
+                    let mut rest = String::new();
+                    reader.read_to_string(&mut rest).unwrap();
+                    assert!(child.wait().unwrap().success());
+                }
+                fetching.join().unwrap()
+            });
+            let opens = opens.load(std::sync::atomic::Ordering::SeqCst);
+            if kill {
+                assert_eq!(got, b"from the backend", "{kind}: took over");
+                assert_eq!(opens, 1, "{kind}");
+            } else {
+                assert_eq!(got, b"written by a live process", "{kind}: waited");
+                assert_eq!(opens, 0, "{kind}");
+            }
+        }
+    }
+}
