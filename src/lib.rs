@@ -51,8 +51,16 @@
 //!   and [`XattrDriver`] (Linux) implement it.
 //! - [`CacheWriter`]: `Write` into `incomplete/<id>`; `commit()` publishes,
 //!   dropping it moves the bytes to `invalid/`.
-//! - [`CachedImage`]: an open cached file, `Read + Seek`.
-//! - [`ImageCache`]: the facade — driver calls plus `prune`, `clean` and
+//! - [`CachedImage`]: an open cached file: `Read + Seek`, ranged reads,
+//!   `mmap`, and zero-copy [`CachedImage::send_to`] (`sendfile`, `splice`,
+//!   `copy_file_range` on Linux; a `read`/`write` fallback elsewhere).
+//! - [`TeeReader`]: the caching tee — a backend stream cached as the caller
+//!   reads it, checked against a [`Checksum`] in the same pass.
+//! - [`ImageCache::fetch`]: single flight — one backend open however many
+//!   callers want a cold image; the others follow the fill
+//!   ([`FollowReader`]) or wait for another process's writer.
+//! - [`ImageCache`]: the facade — driver calls plus `prune`, `clean`,
+//!   `verify`/`scrub`, `rebuild`, `caching_reader`, `fetch` and
 //!   `cache_image_file`.
 //!
 //! # Guarantees
