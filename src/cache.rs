@@ -6,7 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::checksum::{Algorithm, Checksum};
+use crate::checksum::Checksum;
 use crate::fill::{Fill, Fills, FollowReader};
 use crate::tee::TeeReader;
 
@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::id::ImageId;
 use crate::layout::{CleanReport, Layout};
 use crate::options::{CacheOptions, DriverKind};
+use crate::origin::Origin;
 use crate::reader::CachedImage;
 use crate::writer::CacheWriter;
 
@@ -509,7 +510,7 @@ impl ImageCache {
             if map.contains_key(id) {
                 return Ok(None);
             }
-            match self.start_fill(id, map, expected.as_ref()) {
+            match self.start_fill(id, map) {
                 Ok(pair) => Ok(Some(pair)),
                 Err(Error::AlreadyCached { .. } | Error::AlreadyBeingCached { .. }) => Ok(None),
                 Err(e) => Err(e),
@@ -534,16 +535,8 @@ impl ImageCache {
         &self,
         id: &ImageId,
         map: &mut std::collections::HashMap<ImageId, Arc<Fill>>,
-        expected: Option<&Checksum>,
     ) -> Result<(CacheWriter, Arc<Fill>)> {
-        let mut writer = self.driver.open_for_write(id)?;
-        if let Some(c) = expected {
-            // Glance's `checksum` column holds a plain MD5 hex digest.
-            writer.set_checksum(match c.algorithm() {
-                Algorithm::Md5 => c.hex().to_owned(),
-                _ => c.to_string(),
-            });
-        }
+        let writer = self.driver.open_for_write(id)?;
         let fill = Arc::new(Fill::new(id.clone(), writer.try_clone_file()?));
         map.insert(id.clone(), fill.clone());
         Ok((writer, fill))
@@ -574,6 +567,30 @@ impl ImageCache {
         R: Read + Send + 'static,
         F: FnOnce() -> io::Result<R>,
     {
+        self.fetch_inner(id, move || {
+            open().map(|r| (r, expected)).map_err(|e| Error::Source {
+                id: id.clone(),
+                source: e,
+            })
+        })
+    }
+
+    /// [`ImageCache::fetch`] from an [`Origin`], which supplies the expected
+    /// checksum if it knows one. An image the origin does not have is
+    /// [`Error::OriginNotFound`].
+    pub fn fetch_from(
+        &self,
+        id: &ImageId,
+        origin: &dyn Origin,
+    ) -> Result<ImageStream<Box<dyn Read + Send>>> {
+        self.fetch_inner(id, || origin.open(id).map(|o| (o.reader, o.checksum)))
+    }
+
+    fn fetch_inner<R, F>(&self, id: &ImageId, open: F) -> Result<ImageStream<R>>
+    where
+        R: Read + Send + 'static,
+        F: FnOnce() -> Result<(R, Option<Checksum>)>,
+    {
         self.check(id)?;
         // One value, living for one loop round: its size does not matter.
         #[allow(clippy::large_enum_variant)]
@@ -592,7 +609,7 @@ impl ImageCache {
                 if let Some(fill) = map.get(id) {
                     return Ok(Step::Follow(fill.clone()));
                 }
-                match self.start_fill(id, map, expected.as_ref()) {
+                match self.start_fill(id, map) {
                     Ok((writer, fill)) => Ok(Step::Fill(writer, fill)),
                     Err(Error::AlreadyCached { .. }) => Ok(Step::Again),
                     Err(Error::AlreadyBeingCached { .. }) => Ok(Step::Foreign),
@@ -606,14 +623,16 @@ impl ImageCache {
                         break;
                     };
                     return match open() {
-                        Ok(source) => Ok(ImageStream::Filling(Box::new(TeeReader::filling(
-                            writer,
-                            fill,
-                            self.fills.clone(),
-                            source,
-                            expected,
-                            self.options.finishes_abandoned_fills(),
-                        )))),
+                        Ok((source, expected)) => {
+                            Ok(ImageStream::Filling(Box::new(TeeReader::filling(
+                                writer,
+                                fill,
+                                self.fills.clone(),
+                                source,
+                                expected,
+                                self.options.finishes_abandoned_fills(),
+                            ))))
+                        }
                         Err(e) => {
                             let reason = format!("cannot open the source: {e}");
                             if let Err(abort) = writer.abort(&reason) {
@@ -621,10 +640,7 @@ impl ImageCache {
                             }
                             fill.finish(Err(reason));
                             self.fills.remove(&fill);
-                            Err(Error::Source {
-                                id: id.clone(),
-                                source: e,
-                            })
+                            Err(e)
                         }
                     };
                 }

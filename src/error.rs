@@ -122,14 +122,35 @@ pub enum Error {
         actual: crate::Checksum,
     },
 
-    /// The backend could not be opened for an image.
-    #[error("image {id}: cannot open the source: {source}")]
+    /// The backend stream of an image failed (opening or reading it).
+    #[error("image {id}: source failed: {source}")]
     Source {
         /// The image.
         id: ImageId,
         /// The error opening it gave.
         #[source]
         source: io::Error,
+    },
+
+    /// The origin has no such image (HTTP 404, no such file).
+    #[error("image {id} not found at {origin}")]
+    OriginNotFound {
+        /// The image.
+        id: ImageId,
+        /// The origin (a directory, a URL).
+        origin: String,
+    },
+
+    /// The origin refused or failed (an HTTP error status, a timeout, a
+    /// malformed checksum beside the file).
+    #[error("image {id} from {origin}: {detail}")]
+    Origin {
+        /// The image.
+        id: ImageId,
+        /// The origin (a directory, a URL).
+        origin: String,
+        /// What went wrong.
+        detail: String,
     },
 
     /// The fill this reader was following failed; the image is not cached.
@@ -198,6 +219,26 @@ impl Error {
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, self)
+    }
+
+    /// Takes back the [`Error`] that [`Error::into_io`] wrapped, or wraps a
+    /// plain I/O error of image `id`'s source as [`Error::Source`].
+    pub fn from_io_of(id: &ImageId, e: io::Error) -> Error {
+        if Error::from_io(&e).is_some() {
+            if let Some(inner) = e.into_inner() {
+                if let Ok(err) = inner.downcast::<Error>() {
+                    return *err;
+                }
+            }
+            return Error::Source {
+                id: id.clone(),
+                source: io::Error::other("lost error"),
+            };
+        }
+        Error::Source {
+            id: id.clone(),
+            source: e,
+        }
     }
 
     /// The [`Error`] inside an [`io::Error`] returned by one of this

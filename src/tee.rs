@@ -91,13 +91,20 @@ impl<R: Read + Send + 'static> fmt::Debug for TeeReader<R> {
 
 impl<R: Read + Send + 'static> TeeReader<R> {
     pub(crate) fn filling(
-        writer: CacheWriter,
+        mut writer: CacheWriter,
         fill: Arc<Fill>,
         fills: Arc<Fills>,
         source: R,
         expected: Option<Checksum>,
         finish_abandoned: bool,
     ) -> Self {
+        if let Some(c) = &expected {
+            // Glance's `checksum` column holds a plain MD5 hex digest.
+            writer.set_checksum(match c.algorithm() {
+                crate::checksum::Algorithm::Md5 => c.hex().to_owned(),
+                _ => c.to_string(),
+            });
+        }
         TeeReader {
             id: writer.id().clone(),
             source: Some(source),

@@ -65,7 +65,7 @@ pub struct SqliteDriver {
 struct Inner {
     layout: Layout,
     db_path: PathBuf,
-    conn: Mutex<Connection>,
+    conn: Arc<Mutex<Connection>>,
     clock: Arc<dyn Clock>,
     checkpointer: Checkpointer,
 }
@@ -93,13 +93,13 @@ impl SqliteDriver {
     pub fn open(dir: &Path, db_path: &Path, clock: Arc<dyn Clock>) -> Result<Self> {
         let layout = Layout::new(dir, Some(db_path));
         layout.create()?;
-        let conn = open_db(db_path).map_err(classify)?;
-        let checkpointer = Checkpointer::spawn(db_path, connect(db_path)?)?;
+        let conn = Arc::new(Mutex::new(open_db(db_path).map_err(classify)?));
+        let checkpointer = Checkpointer::spawn(db_path, Arc::downgrade(&conn))?;
         Ok(SqliteDriver {
             inner: Arc::new(Inner {
                 layout,
                 db_path: db_path.to_path_buf(),
-                conn: Mutex::new(conn),
+                conn,
                 clock,
                 checkpointer,
             }),
@@ -911,9 +911,34 @@ mod tests {
             high = high.max(std::fs::metadata(&wal).unwrap().len());
         }
         assert_eq!(d.hit_count(&x).unwrap(), 32 * 512);
-        // 16384 reads would have left ~130 MiB of log without checkpoints.
-        assert!(high < 16 << 20, "log reached {high} bytes");
+        // 16384 reads would have left ~130 MiB of log without checkpoints;
+        // with them, the log starts over after every batch of 512.
+        eprintln!("log high-water mark, pausing between batches: {high} bytes");
+        assert!(high < 8 << 20, "log reached {high} bytes");
         assert!(d.background_checkpoints() >= 32);
+    }
+
+    /// The same under steady reads, nobody waiting for the checkpointer.
+    #[test]
+    fn wal_stays_bounded_under_steady_reads() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let d = open(dir.path());
+        let x = ImageId::new("x").unwrap();
+        let mut w = d.open_for_write(&x).unwrap();
+        w.write_all(b"abc").unwrap();
+        w.commit().unwrap();
+        let wal = dir.path().join("cache.db-wal");
+        let mut high = 0;
+        // 65 536 reads would leave ~520 MB of log without checkpoints.
+        for i in 0..65_536 {
+            d.open_for_read(&x).unwrap().unwrap();
+            if i % 256 == 0 {
+                high = high.max(std::fs::metadata(&wal).unwrap().len());
+            }
+        }
+        eprintln!("log high-water mark under steady reads: {high} bytes");
+        assert!(high < 16 << 20, "log reached {high} bytes");
     }
 
     #[test]

@@ -1,0 +1,194 @@
+//! Settings: flags, then environment variables (clap reads both), then a
+//! Glance config file's `[DEFAULT]` section, then Glance's defaults.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use imgcache::{CacheOptions, DriverKind};
+
+use crate::Failure;
+
+/// Where the cache is and how it is run; each setting also comes from an
+/// environment variable, or from `--config`.
+#[derive(Debug, Args)]
+pub struct Settings {
+    /// A Glance config file (glance-api.conf) to read image_cache_dir,
+    /// image_cache_max_size, image_cache_stall_time, image_cache_driver and
+    /// image_cache_sqlite_db from, in its [DEFAULT] section.
+    #[arg(long, env = "IMGCACHE_CONFIG", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// The cache directory (image_cache_dir).
+    #[arg(long, env = "IMGCACHE_DIR", global = true, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+
+    /// The pruner's limit (image_cache_max_size): bytes, or with a unit
+    /// (10GiB, 500MB). Default 10GiB.
+    #[arg(long, env = "IMGCACHE_MAX_SIZE", global = true, value_name = "SIZE")]
+    pub max_size: Option<String>,
+
+    /// How old an incomplete file must be for `clean` to remove it
+    /// (image_cache_stall_time): seconds, or 2h, 1day. Default 86400.
+    #[arg(long, env = "IMGCACHE_STALL_TIME", global = true, value_name = "TIME")]
+    pub stall_time: Option<String>,
+
+    /// The metadata driver (image_cache_driver): sqlite or xattr.
+    #[arg(long, env = "IMGCACHE_DRIVER", global = true, value_name = "NAME")]
+    pub driver: Option<String>,
+
+    /// The SQLite database, relative to the cache directory
+    /// (image_cache_sqlite_db). Default cache.db.
+    #[arg(long, env = "IMGCACHE_SQLITE_DB", global = true, value_name = "FILE")]
+    pub sqlite_db: Option<PathBuf>,
+}
+
+/// The `[DEFAULT]` values of a Glance config file that matter here.
+#[derive(Debug, Default)]
+struct GlanceConf {
+    dir: Option<String>,
+    max_size: Option<String>,
+    stall_time: Option<String>,
+    driver: Option<String>,
+    sqlite_db: Option<String>,
+}
+
+/// Reads the `[DEFAULT]` section of an oslo.config INI file.
+fn read_conf(path: &Path) -> Result<GlanceConf, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::input(format!("cannot read config {}: {e}", path.display())))?;
+    let mut conf = GlanceConf::default();
+    let mut in_default = false;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(section) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            in_default = section.trim().eq_ignore_ascii_case("DEFAULT");
+            continue;
+        }
+        if !in_default {
+            continue;
+        }
+        let Some((key, value)) = line.split_once(['=', ':']) else {
+            continue;
+        };
+        let value = Some(value.trim().to_owned()).filter(|v| !v.is_empty());
+        match key.trim() {
+            "image_cache_dir" => conf.dir = value,
+            "image_cache_max_size" => conf.max_size = value,
+            "image_cache_stall_time" => conf.stall_time = value,
+            "image_cache_driver" => conf.driver = value,
+            "image_cache_sqlite_db" => conf.sqlite_db = value,
+            _ => {}
+        }
+    }
+    Ok(conf)
+}
+
+/// Parses a size: bytes, or a number with a unit (K/KB/M/MB/G/GB/T/TB in
+/// powers of 1000, KiB/MiB/GiB/TiB in powers of 1024; case-insensitive).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let unit = unit.trim().to_ascii_lowercase();
+    let factor: u64 = match unit.as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "t" | "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => return Err(format!("{s:?} is not a size (try 10GiB or 500MB)")),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (try 10GiB or 500MB)"))?;
+    let bytes = n * factor as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(bytes.round() as u64)
+}
+
+/// Parses a duration: seconds, or humantime's forms (2h, 1day, 90min).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if let Ok(secs) = t.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(t).map_err(|e| format!("{s:?} is not a duration: {e}"))
+}
+
+impl Settings {
+    /// The cache options these settings describe.
+    pub fn options(&self) -> Result<CacheOptions, Failure> {
+        let conf = match &self.config {
+            Some(path) => read_conf(path)?,
+            None => GlanceConf::default(),
+        };
+        let dir = self
+            .dir
+            .clone()
+            .or(conf.dir.map(PathBuf::from))
+            .ok_or_else(|| {
+                Failure::input(
+                    "no cache directory: give --dir, set IMGCACHE_DIR, or --config a glance-api.conf with image_cache_dir",
+                )
+            })?;
+        let mut options = CacheOptions::new(dir);
+        if let Some(v) = self.max_size.clone().or(conf.max_size) {
+            options = options
+                .max_size(parse_size(&v).map_err(|e| Failure::input(format!("max size: {e}")))?);
+        }
+        if let Some(v) = self.stall_time.clone().or(conf.stall_time) {
+            options = options.stall_time(
+                parse_duration(&v).map_err(|e| Failure::input(format!("stall time: {e}")))?,
+            );
+        }
+        if let Some(v) = self.driver.clone().or(conf.driver) {
+            let kind: DriverKind = v
+                .parse()
+                .map_err(|e: imgcache::Error| Failure::input(e.to_string()))?;
+            options = options.driver(kind);
+        }
+        if let Some(v) = self.sqlite_db.clone().or(conf.sqlite_db.map(PathBuf::from)) {
+            options = options.sqlite_db(v);
+        }
+        Ok(options)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert_eq!(parse_size("10GiB").unwrap(), 10 << 30);
+        assert_eq!(parse_size("10 gib").unwrap(), 10 << 30);
+        assert_eq!(parse_size("500MB").unwrap(), 500_000_000);
+        assert_eq!(parse_size("1.5KiB").unwrap(), 1536);
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("86400").unwrap(),
+            Duration::from_secs(86_400)
+        );
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert!(parse_duration("soon").is_err());
+    }
+}
