@@ -635,8 +635,9 @@ impl ImageCache {
                         }
                         Err(e) => {
                             let reason = format!("cannot open the source: {e}");
-                            if let Err(abort) = writer.abort(&reason) {
-                                log::error!("imgcache: {id}: {abort}");
+                            // Nothing was written: nothing to keep in invalid/.
+                            if let Err(discard) = writer.discard() {
+                                log::error!("imgcache: {id}: {discard}");
                             }
                             fill.finish(Err(reason));
                             self.fills.remove(&fill);

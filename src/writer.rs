@@ -247,6 +247,17 @@ impl CacheWriter {
         })
     }
 
+    /// Withdraws a writer that wrote nothing worth keeping (its source could
+    /// not even be opened): the file is removed, not moved to `invalid/`.
+    pub(crate) fn discard(mut self) -> Result<()> {
+        if let Some(out) = self.out.take() {
+            let (file, _) = out.into_parts();
+            drop(file);
+            remove_if_exists(&self.layout.incomplete(&self.id))?;
+        }
+        Ok(())
+    }
+
     /// Abandons the write: what was written moves to `invalid/<id>` with
     /// `reason` recorded.
     pub fn abort(mut self, reason: &str) -> Result<()> {

@@ -448,6 +448,10 @@ fn fetch_source_open_failure_leaves_nothing(kind: DriverKind) {
     }
     assert!(!f.cache.is_being_cached(&x).unwrap());
     assert!(!f.cache.is_cached(&x).unwrap());
+    assert!(
+        f.cache.invalid_images().unwrap().is_empty(),
+        "nothing written, nothing kept"
+    );
 }
 
 fn fetch_after_commit_is_a_hit(kind: DriverKind) {

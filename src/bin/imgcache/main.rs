@@ -51,7 +51,7 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
 
-    /// Log more (-v info, -vv debug), to stderr.
+    /// Log more (-v warnings and info, -vv debug), to stderr.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
 
@@ -707,7 +707,7 @@ fn verify(cache: &ImageCache, ids: &[String], as_json: bool) -> Result<u8, Failu
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.verbose {
-        0 => log::LevelFilter::Warn,
+        0 => log::LevelFilter::Error,
         1 => log::LevelFilter::Info,
         _ => log::LevelFilter::Debug,
     };
