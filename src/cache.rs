@@ -249,6 +249,13 @@ impl ImageCache {
         self.driver.layout().check_id(id)
     }
 
+    /// Writes metadata held in memory (the SQLite driver's batched hit
+    /// counts) now, so that other processes see it. Dropping the cache does
+    /// it too.
+    pub fn flush(&self) -> Result<()> {
+        self.driver.flush()
+    }
+
     /// Total bytes of cached images.
     pub fn cache_size(&self) -> Result<u64> {
         self.driver.cache_size()

@@ -202,6 +202,12 @@ pub trait CacheDriver: Send + Sync + fmt::Debug {
     /// drops its metadata; `false` if it was not cached.
     fn quarantine(&self, id: &ImageId, reason: &str) -> Result<bool>;
 
+    /// Writes metadata the driver holds in memory (batched hit counts) now.
+    /// Drivers that hold none do nothing.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Records the CRC-32 of an entry that had none (adopted, or written by
     /// Glance), once a scrub has read it whole.
     fn set_crc32(&self, id: &ImageId, crc32: u32) -> Result<()>;

@@ -1,0 +1,522 @@
+//! Each crate path against its physical yardstick, measured on the same
+//! disk in the same run, printed as ratios (this machine is shared and
+//! noisy: absolute figures mean little, ratios in one run do).
+//!
+//! ```text
+//! cargo bench --bench compare              # full sizes (1 GiB, 100 000 entries)
+//! cargo bench --bench compare -- --quick   # small sizes, for CI
+//! ```
+//!
+//! Yardsticks: `dd conv=fsync` of the same bytes (large fill), raw
+//! `sendfile(2)`/`splice(2)` of the same file and a `read`/`write` loop
+//! (`send_to`), a write+`fsync`-per-file loop (small fills). Every figure is
+//! the median of three runs. `IMGCACHE_BENCH_DIR` picks the file system
+//! (default: the system temp dir).
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use imgcache::{CacheOptions, DriverKind, ImageCache, ImageId};
+
+struct Sizes {
+    large: u64,
+    small_fills: usize,
+    hits: usize,
+    entries: usize,
+    quick: bool,
+}
+
+struct Row {
+    bench: String,
+    figure: String,
+    yardstick: String,
+    ratio: Option<f64>,
+    target: String,
+    met: Option<bool>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn id(s: &str) -> ImageId {
+    ImageId::new(s).expect("id")
+}
+
+fn open(dir: &Path, kind: DriverKind) -> ImageCache {
+    CacheOptions::new(dir)
+        .driver(kind)
+        .max_size(u64::MAX)
+        .open()
+        .expect("open cache")
+}
+
+/// CPU seconds (user + system) this process has used.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // Fields 14 and 15 of the line are utime and stime; after the ")" they
+    // are at 11 and 12 (0-based), counting the state letter as unparsed.
+    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
+fn mib_s(bytes: u64, s: f64) -> String {
+    format!("{:.0} MiB/s", bytes as f64 / (1 << 20) as f64 / s)
+}
+
+/// Large fill: the crate's writer against `dd conv=fsync` of as many bytes.
+fn large_fill(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
+    let dir = root.join(format!("large-{kind}"));
+    let cache = open(&dir, kind);
+    let chunk = vec![0u8; 1 << 20];
+    let (mut ours, mut dds) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        let target = dir.join("dd.out");
+        let t = Instant::now();
+        let status = Command::new("dd")
+            .arg("if=/dev/zero")
+            .arg(format!("of={}", target.display()))
+            .args([
+                "bs=1M",
+                &format!("count={}", s.large >> 20),
+                "conv=fsync",
+                "status=none",
+            ])
+            .status()
+            .expect("dd");
+        assert!(status.success());
+        dds.push(secs(t.elapsed()));
+        std::fs::remove_file(&target).expect("rm");
+        let x = id(&format!("large-{round}"));
+        let t = Instant::now();
+        let mut w = cache.open_for_write(&x).expect("writer");
+        for _ in 0..(s.large >> 20) {
+            w.write_all(&chunk).expect("write");
+        }
+        w.commit().expect("commit");
+        ours.push(secs(t.elapsed()));
+        cache.delete_cached_image(&x).expect("delete");
+    }
+    let (o, d) = (median(ours), median(dds));
+    let ratio = d / o;
+    rows.push(Row {
+        bench: format!("{kind}: fill one {} MiB image", s.large >> 20),
+        figure: mib_s(s.large, o),
+        yardstick: format!("dd conv=fsync {}", mib_s(s.large, d)),
+        ratio: Some(ratio),
+        target: "≥ 0.9".into(),
+        met: Some(ratio >= 0.9),
+    });
+}
+
+/// Small fills: one writer, eight writers, against a write+fsync loop.
+fn small_fills(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
+    let data = vec![7u8; 64 * 1024];
+    let n = s.small_fills;
+    let mut one = Vec::new();
+    let mut eight = Vec::new();
+    let mut loops = Vec::new();
+    for round in 0..3 {
+        // The yardstick: the same files, written and fsynced one by one.
+        let plain = root.join(format!("fsync-loop-{kind}-{round}"));
+        std::fs::create_dir_all(&plain).expect("mkdir");
+        let t = Instant::now();
+        for i in 0..n {
+            let mut f = File::create(plain.join(i.to_string())).expect("create");
+            f.write_all(&data).expect("write");
+            f.sync_all().expect("fsync");
+        }
+        loops.push(n as f64 / secs(t.elapsed()));
+        std::fs::remove_dir_all(&plain).expect("rm");
+
+        let dir = root.join(format!("small-{kind}-{round}"));
+        let cache = open(&dir, kind);
+        let t = Instant::now();
+        for i in 0..n {
+            assert!(cache
+                .cache_image_file(&id(&format!("one-{i}")), &data[..])
+                .expect("fill"));
+        }
+        one.push(n as f64 / secs(t.elapsed()));
+        let t = Instant::now();
+        std::thread::scope(|sc| {
+            for w in 0..8 {
+                let (cache, data) = (&cache, &data);
+                sc.spawn(move || {
+                    for i in 0..n / 8 {
+                        let x = id(&format!("eight-{w}-{i}"));
+                        assert!(cache.cache_image_file(&x, &data[..]).expect("fill"));
+                    }
+                });
+            }
+        });
+        eight.push((n / 8 * 8) as f64 / secs(t.elapsed()));
+        drop(cache);
+        std::fs::remove_dir_all(&dir).expect("rm");
+    }
+    let (o, e, l) = (median(one), median(eight), median(loops));
+    rows.push(Row {
+        bench: format!("{kind}: 64 KiB fills, 1 writer"),
+        figure: format!("{o:.0} fills/s"),
+        yardstick: format!("write+fsync loop {l:.0} files/s"),
+        ratio: Some(o / l),
+        target: "(yardstick)".into(),
+        met: None,
+    });
+    rows.push(Row {
+        bench: format!("{kind}: 64 KiB fills, 8 writers"),
+        figure: format!("{e:.0} fills/s"),
+        yardstick: format!("1 writer {o:.0} fills/s"),
+        ratio: Some(e / o),
+        target: "≥ 3".into(),
+        met: Some(e / o >= 3.0),
+    });
+}
+
+/// The hit path: open_for_read + read of a 64 KiB image.
+fn hit_path(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
+    let dir = root.join(format!("hits-{kind}"));
+    let cache = Arc::new(open(&dir, kind));
+    let x = id("hot");
+    cache
+        .cache_image_file(&x, &vec![1u8; 64 * 1024][..])
+        .expect("fill");
+    let read = |c: &ImageCache, buf: &mut [u8]| {
+        let mut img = c.open_for_read(&x).expect("open").expect("cached");
+        img.read_exact(buf).expect("read");
+    };
+    let mut singles = Vec::new();
+    let mut multis = Vec::new();
+    for _ in 0..3 {
+        let mut buf = vec![0u8; 64 * 1024];
+        let t = Instant::now();
+        for _ in 0..s.hits {
+            read(&cache, &mut buf);
+        }
+        singles.push(s.hits as f64 / secs(t.elapsed()));
+        let t = Instant::now();
+        std::thread::scope(|sc| {
+            for _ in 0..8 {
+                let cache = &cache;
+                sc.spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    for _ in 0..s.hits / 8 {
+                        read(cache, &mut buf);
+                    }
+                });
+            }
+        });
+        multis.push((s.hits / 8 * 8) as f64 / secs(t.elapsed()));
+    }
+    let target = if kind == DriverKind::Sqlite {
+        50_000.0
+    } else {
+        20_000.0
+    };
+    let single = median(singles);
+    rows.push(Row {
+        bench: format!("{kind}: hit path (open + read 64 KiB), 1 thread"),
+        figure: format!("{single:.0} reads/s"),
+        yardstick: "-".into(),
+        ratio: None,
+        target: format!("≥ {target:.0}/s"),
+        met: Some(single >= target),
+    });
+    let multi = median(multis);
+    rows.push(Row {
+        bench: format!("{kind}: hit path, 8 threads"),
+        figure: format!("{multi:.0} reads/s"),
+        yardstick: format!("1 thread {single:.0}/s"),
+        ratio: Some(multi / single),
+        target: "-".into(),
+        met: None,
+    });
+}
+
+/// Drains `r` on a thread, returning how many bytes it read.
+fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        loop {
+            match r.read(&mut buf).expect("drain") {
+                0 => return n,
+                k => n += k as u64,
+            }
+        }
+    })
+}
+
+/// Raw kernel copy of the whole file: sendfile to a socket, splice to a pipe.
+fn raw_send(file: &File, out: impl AsFd, len: u64, pipe: bool) {
+    let mut off: i64 = 0;
+    while (off as u64) < len {
+        let want = (len - off as u64).min(1 << 30) as usize;
+        let n = if pipe {
+            nix::fcntl::splice(
+                file,
+                Some(&mut off),
+                out.as_fd(),
+                None,
+                want,
+                nix::fcntl::SpliceFFlags::SPLICE_F_MOVE,
+            )
+        } else {
+            nix::sys::sendfile::sendfile(out.as_fd(), file, Some(&mut off), want)
+        };
+        match n {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => panic!("raw send: {e}"),
+        }
+    }
+}
+
+/// A plain copy loop: read 64 KiB, write it.
+fn copy_loop(mut file: &File, mut out: impl Write) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf).expect("read");
+        if n == 0 {
+            return;
+        }
+        out.write_all(&buf[..n]).expect("write");
+    }
+}
+
+fn zero_copy(root: &Path, s: &Sizes, rows: &mut Vec<Row>) {
+    let dir = root.join("send");
+    let cache = open(&dir, DriverKind::Sqlite);
+    let x = id("big");
+    let mut w = cache.open_for_write(&x).expect("writer");
+    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    for _ in 0..(s.large >> 20) {
+        w.write_all(&chunk).expect("write");
+    }
+    w.commit().expect("commit");
+    let path = dir.join("big");
+    for pipe in [false, true] {
+        let what = if pipe { "pipe" } else { "Unix socket" };
+        let (mut ours, mut raws, mut loops) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..3 {
+            for mode in 0..3 {
+                let (tx, rx): (Box<dyn AsFdWrite>, Box<dyn Read + Send>) = if pipe {
+                    let (r, w) = nix::unistd::pipe().expect("pipe");
+                    (Box::new(File::from(w)), Box::new(File::from(r)))
+                } else {
+                    let (a, b) = UnixStream::pair().expect("socketpair");
+                    (Box::new(a), Box::new(b))
+                };
+                let reader = drain(rx);
+                let t = Instant::now();
+                match mode {
+                    0 => {
+                        let img = cache.open_for_read(&x).expect("open").expect("cached");
+                        img.send_to(tx.fd(), None).expect("send");
+                    }
+                    1 => raw_send(&File::open(&path).expect("open"), tx.fd(), s.large, pipe),
+                    _ => copy_loop(&File::open(&path).expect("open"), tx.writer()),
+                }
+                drop(tx);
+                assert_eq!(reader.join().expect("drain"), s.large);
+                let el = secs(t.elapsed());
+                [&mut ours, &mut raws, &mut loops][mode].push(el);
+            }
+        }
+        let (o, r, l) = (median(ours), median(raws), median(loops));
+        rows.push(Row {
+            bench: format!("send_to {} MiB → {what}", s.large >> 20),
+            figure: mib_s(s.large, o),
+            yardstick: format!(
+                "raw {} {}",
+                if pipe { "splice" } else { "sendfile" },
+                mib_s(s.large, r)
+            ),
+            ratio: Some(r / o),
+            target: "≥ 0.9".into(),
+            met: Some(r / o >= 0.9),
+        });
+        rows.push(Row {
+            bench: format!("send_to {} MiB → {what}", s.large >> 20),
+            figure: mib_s(s.large, o),
+            yardstick: format!("read+write loop {}", mib_s(s.large, l)),
+            ratio: Some(l / o),
+            target: "≥ 2".into(),
+            met: Some(l / o >= 2.0),
+        });
+    }
+}
+
+/// A writable descriptor (socket or pipe end) for `zero_copy`.
+trait AsFdWrite: Send {
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_>;
+    fn writer(&self) -> Box<dyn Write + '_>;
+}
+
+impl AsFdWrite for File {
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.as_fd()
+    }
+    fn writer(&self) -> Box<dyn Write + '_> {
+        Box::new(self)
+    }
+}
+
+impl AsFdWrite for UnixStream {
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.as_fd()
+    }
+    fn writer(&self) -> Box<dyn Write + '_> {
+        Box::new(self)
+    }
+}
+
+/// Management at scale: recovery, listing, pruning and cleaning of
+/// `entries` images.
+fn management(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
+    let n = s.entries;
+    let dir = root.join(format!("mgmt-{kind}"));
+    let _ = open(&dir, kind);
+    for i in 0..n {
+        std::fs::write(dir.join(format!("img-{i:06}")), b"0123456789").expect("write");
+    }
+    let mut measure = |bench: String, target: &str, limit: Option<f64>, f: &mut dyn FnMut()| {
+        let (c0, t) = (cpu_seconds(), Instant::now());
+        f();
+        let (cpu, wall) = (cpu_seconds() - c0, secs(t.elapsed()));
+        rows.push(Row {
+            bench,
+            figure: format!("{wall:.2} s wall, {cpu:.2} s CPU"),
+            yardstick: "-".into(),
+            ratio: None,
+            target: target.into(),
+            met: limit.map(|l| cpu < l),
+        });
+    };
+    measure(
+        format!("{kind}: first open of {n} files (adopt all)"),
+        "-",
+        None,
+        &mut || {
+            let c = open(&dir, kind);
+            assert_eq!(c.recovery().adopted.len(), n);
+        },
+    );
+    measure(
+        format!("{kind}: reopen (recovery) of {n} entries"),
+        "-",
+        None,
+        &mut || {
+            let c = open(&dir, kind);
+            assert!(c.recovery().is_clean());
+        },
+    );
+    let cache = open(&dir, kind);
+    measure(
+        format!("{kind}: cached_images of {n}"),
+        "-",
+        None,
+        &mut || {
+            assert_eq!(cache.cached_images().expect("list").len(), n);
+        },
+    );
+    measure(
+        format!("{kind}: prune {n} entries to half"),
+        "< 1 s CPU",
+        Some(1.0),
+        &mut || {
+            let r = cache.prune_to((n as u64 * 10) / 2).expect("prune");
+            assert_eq!(r.files(), n / 2);
+        },
+    );
+    let k = n / 10;
+    for i in 0..k {
+        std::fs::write(dir.join(format!("invalid/bad-{i}")), b"x").expect("write");
+        std::fs::write(dir.join(format!("incomplete/dead-{i}")), b"x").expect("write");
+    }
+    measure(
+        format!("{kind}: clean {k} invalid + {k} stalled"),
+        "-",
+        None,
+        &mut || {
+            let r = cache.clean(Some(Duration::ZERO)).expect("clean");
+            assert_eq!(r.files(), 2 * k);
+        },
+    );
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick")
+        || std::env::var_os("IMGCACHE_BENCH_QUICK").is_some();
+    let s = if quick {
+        Sizes {
+            large: 64 << 20,
+            small_fills: 80,
+            hits: 4_000,
+            entries: 10_000,
+            quick,
+        }
+    } else {
+        Sizes {
+            large: 1 << 30,
+            small_fills: 400,
+            hits: 50_000,
+            entries: 100_000,
+            quick,
+        }
+    };
+    let base: PathBuf = std::env::var_os("IMGCACHE_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let root = tempfile::tempdir_in(&base).expect("tempdir");
+    let mut rows = Vec::new();
+    for kind in [DriverKind::Sqlite, DriverKind::Xattr] {
+        large_fill(root.path(), kind, &s, &mut rows);
+        small_fills(root.path(), kind, &s, &mut rows);
+        hit_path(root.path(), kind, &s, &mut rows);
+    }
+    zero_copy(root.path(), &s, &mut rows);
+    for kind in [DriverKind::Sqlite, DriverKind::Xattr] {
+        management(root.path(), kind, &s, &mut rows);
+    }
+    println!(
+        "\nimgcache compare ({} sizes; {} on {}):\n",
+        if s.quick { "quick" } else { "full" },
+        std::env::consts::ARCH,
+        base.display()
+    );
+    println!("| bench | figure | yardstick (same run) | ratio | target | met |");
+    println!("|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            r.bench,
+            r.figure,
+            r.yardstick,
+            r.ratio.map_or("-".into(), |x| format!("{x:.2}")),
+            r.target,
+            match r.met {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "-",
+            }
+        );
+    }
+}
