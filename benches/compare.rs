@@ -10,7 +10,7 @@
 //! Yardsticks: `dd conv=fsync` of the same bytes (large fill), raw
 //! `sendfile(2)`/`splice(2)` of the same file and a `read`/`write` loop
 //! (`send_to`), a write+`fsync`-per-file loop (small fills). Every figure is
-//! the median of three runs. `IMGCACHE_BENCH_DIR` picks the file system
+//! the median of five runs. `IMGCACHE_BENCH_DIR` picks the file system
 //! (default: the system temp dir).
 
 use std::fs::File;
@@ -23,6 +23,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use imgcache::{CacheOptions, DriverKind, ImageCache, ImageId};
+
+/// Runs per figure; the median is reported.
+const ROUNDS: usize = 5;
 
 struct Sizes {
     large: u64,
@@ -86,8 +89,20 @@ fn large_fill(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
     let cache = open(&dir, kind);
     let chunk = vec![0u8; 1 << 20];
     let (mut ours, mut dds) = (Vec::new(), Vec::new());
-    for round in 0..3 {
+    for round in 0..ROUNDS {
         let target = dir.join("dd.out");
+        let x = id(&format!("large-{round}"));
+        let ours_first = round % 2 == 1;
+        if ours_first {
+            let t = Instant::now();
+            let mut w = cache.open_for_write(&x).expect("writer");
+            for _ in 0..(s.large >> 20) {
+                w.write_all(&chunk).expect("write");
+            }
+            w.commit().expect("commit");
+            ours.push(secs(t.elapsed()));
+            cache.delete_cached_image(&x).expect("delete");
+        }
         let t = Instant::now();
         let status = Command::new("dd")
             .arg("if=/dev/zero")
@@ -103,15 +118,16 @@ fn large_fill(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
         assert!(status.success());
         dds.push(secs(t.elapsed()));
         std::fs::remove_file(&target).expect("rm");
-        let x = id(&format!("large-{round}"));
-        let t = Instant::now();
-        let mut w = cache.open_for_write(&x).expect("writer");
-        for _ in 0..(s.large >> 20) {
-            w.write_all(&chunk).expect("write");
+        if !ours_first {
+            let t = Instant::now();
+            let mut w = cache.open_for_write(&x).expect("writer");
+            for _ in 0..(s.large >> 20) {
+                w.write_all(&chunk).expect("write");
+            }
+            w.commit().expect("commit");
+            ours.push(secs(t.elapsed()));
+            cache.delete_cached_image(&x).expect("delete");
         }
-        w.commit().expect("commit");
-        ours.push(secs(t.elapsed()));
-        cache.delete_cached_image(&x).expect("delete");
     }
     let (o, d) = (median(ours), median(dds));
     let ratio = d / o;
@@ -132,17 +148,48 @@ fn small_fills(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
     let mut one = Vec::new();
     let mut eight = Vec::new();
     let mut loops = Vec::new();
-    for round in 0..3 {
-        // The yardstick: the same files, written and fsynced one by one.
-        let plain = root.join(format!("fsync-loop-{kind}-{round}"));
-        std::fs::create_dir_all(&plain).expect("mkdir");
+    let mut loops8 = Vec::new();
+    let mut protocol = Vec::new();
+    // The yardstick: the same files, written and fsynced one by one, by one
+    // thread and by eight.
+    let fsync_loop = |dir: &Path, threads: usize| -> f64 {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let t = Instant::now();
+        std::thread::scope(|sc| {
+            for w in 0..threads {
+                let data = &data;
+                sc.spawn(move || {
+                    for i in 0..n / threads {
+                        let mut f = File::create(dir.join(format!("{w}-{i}"))).expect("create");
+                        f.write_all(data).expect("write");
+                        f.sync_all().expect("fsync");
+                    }
+                });
+            }
+        });
+        let rate = (n / threads * threads) as f64 / secs(t.elapsed());
+        std::fs::remove_dir_all(dir).expect("rm");
+        rate
+    };
+    for round in 0..ROUNDS {
+        loops.push(fsync_loop(&root.join(format!("fsync-1-{kind}-{round}")), 1));
+        loops8.push(fsync_loop(&root.join(format!("fsync-8-{kind}-{round}")), 8));
+        // The same durability protocol as a commit, by hand: write, fsync,
+        // rename into place, fsync the directory.
+        let plain = root.join(format!("protocol-{kind}-{round}"));
+        std::fs::create_dir_all(plain.join("tmp")).expect("mkdir");
         let t = Instant::now();
         for i in 0..n {
-            let mut f = File::create(plain.join(i.to_string())).expect("create");
+            let tmp = plain.join("tmp").join(i.to_string());
+            let mut f = File::create(&tmp).expect("create");
             f.write_all(&data).expect("write");
             f.sync_all().expect("fsync");
+            std::fs::rename(&tmp, plain.join(i.to_string())).expect("rename");
+            File::open(&plain)
+                .and_then(|d| d.sync_all())
+                .expect("fsync dir");
         }
-        loops.push(n as f64 / secs(t.elapsed()));
+        protocol.push(n as f64 / secs(t.elapsed()));
         std::fs::remove_dir_all(&plain).expect("rm");
 
         let dir = root.join(format!("small-{kind}-{round}"));
@@ -170,7 +217,21 @@ fn small_fills(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
         drop(cache);
         std::fs::remove_dir_all(&dir).expect("rm");
     }
-    let (o, e, l) = (median(one), median(eight), median(loops));
+    let (o, e, l, l8, p) = (
+        median(one),
+        median(eight),
+        median(loops),
+        median(loops8),
+        median(protocol),
+    );
+    rows.push(Row {
+        bench: format!("{kind}: 64 KiB fills, 1 writer"),
+        figure: format!("{o:.0} fills/s"),
+        yardstick: format!("write+fsync+rename+fsync(dir) by hand {p:.0}/s"),
+        ratio: Some(o / p),
+        target: "(yardstick)".into(),
+        met: None,
+    });
     rows.push(Row {
         bench: format!("{kind}: 64 KiB fills, 1 writer"),
         figure: format!("{o:.0} fills/s"),
@@ -181,8 +242,8 @@ fn small_fills(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
     });
     rows.push(Row {
         bench: format!("{kind}: 64 KiB fills, 8 writers"),
-        figure: format!("{e:.0} fills/s"),
-        yardstick: format!("1 writer {o:.0} fills/s"),
+        figure: format!("{e:.0} fills/s = {:.2} × 1 writer", e / o),
+        yardstick: format!("write+fsync loop, 8 threads = {:.2} × 1 thread", l8 / l),
         ratio: Some(e / o),
         target: "≥ 3".into(),
         met: Some(e / o >= 3.0),
@@ -203,7 +264,7 @@ fn hit_path(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
     };
     let mut singles = Vec::new();
     let mut multis = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..ROUNDS {
         let mut buf = vec![0u8; 64 * 1024];
         let t = Instant::now();
         for _ in 0..s.hits {
@@ -312,17 +373,30 @@ fn zero_copy(root: &Path, s: &Sizes, rows: &mut Vec<Row>) {
     }
     w.commit().expect("commit");
     let path = dir.join("big");
-    for pipe in [false, true] {
-        let what = if pipe { "pipe" } else { "Unix socket" };
+    for target in ["TCP loopback", "Unix socket", "pipe"] {
+        let pipe = target == "pipe";
+        let what = target;
         let (mut ours, mut raws, mut loops) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..3 {
-            for mode in 0..3 {
-                let (tx, rx): (Box<dyn AsFdWrite>, Box<dyn Read + Send>) = if pipe {
-                    let (r, w) = nix::unistd::pipe().expect("pipe");
-                    (Box::new(File::from(w)), Box::new(File::from(r)))
-                } else {
-                    let (a, b) = UnixStream::pair().expect("socketpair");
-                    (Box::new(a), Box::new(b))
+        for round in 0..ROUNDS {
+            // Each round in another order, so that no mode always goes first.
+            for step in 0..3 {
+                let mode = (step + round) % 3;
+                let (tx, rx): (Box<dyn AsFdWrite>, Box<dyn Read + Send>) = match target {
+                    "pipe" => {
+                        let (r, w) = nix::unistd::pipe().expect("pipe");
+                        (Box::new(File::from(w)), Box::new(File::from(r)))
+                    }
+                    "Unix socket" => {
+                        let (a, b) = UnixStream::pair().expect("socketpair");
+                        (Box::new(a), Box::new(b))
+                    }
+                    _ => {
+                        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+                        let client = std::net::TcpStream::connect(l.local_addr().expect("addr"))
+                            .expect("connect");
+                        let (server, _) = l.accept().expect("accept");
+                        (Box::new(server), Box::new(client))
+                    }
                 };
                 let reader = drain(rx);
                 let t = Instant::now();
@@ -371,6 +445,15 @@ trait AsFdWrite: Send {
 }
 
 impl AsFdWrite for File {
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.as_fd()
+    }
+    fn writer(&self) -> Box<dyn Write + '_> {
+        Box::new(self)
+    }
+}
+
+impl AsFdWrite for std::net::TcpStream {
     fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.as_fd()
     }

@@ -26,6 +26,58 @@ pub struct Layout {
     /// The database file name when it lies directly in `base` (it then
     /// reserves that name).
     db_name: Option<String>,
+    /// Group commit of the base directory's `fsync`, shared by every clone.
+    base_sync: std::sync::Arc<GroupSync>,
+}
+
+/// Group commit for a directory's `fsync`: a rename is durable once an
+/// `fsync` of the directory that *began after it* has completed, so
+/// committers that rename at about the same time can share one. Without
+/// it, concurrent commits queue behind each other on the directory inode.
+#[derive(Debug, Default)]
+struct GroupSync {
+    state: parking_lot::Mutex<GroupState>,
+    done: parking_lot::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GroupState {
+    /// Renames registered so far.
+    issued: u64,
+    /// Every rename up to this one is covered by a completed sync.
+    synced: u64,
+    /// A sync is under way.
+    syncing: bool,
+}
+
+impl GroupSync {
+    /// Makes the rename just done in `dir` durable, sharing the `fsync`
+    /// with concurrent callers.
+    fn sync_after_rename(&self, dir: &Path) -> Result<()> {
+        let mut st = self.state.lock();
+        st.issued += 1;
+        let mine = st.issued;
+        loop {
+            if st.synced >= mine {
+                return Ok(());
+            }
+            if st.syncing {
+                self.done.wait(&mut st);
+                continue;
+            }
+            st.syncing = true;
+            let upto = st.issued;
+            drop(st);
+            let result = sync_dir(dir);
+            st = self.state.lock();
+            st.syncing = false;
+            if result.is_ok() {
+                st.synced = st.synced.max(upto);
+            }
+            self.done.notify_all();
+            result?;
+        }
+    }
 }
 
 /// One file that `clean` (or another sweep) removed.
@@ -86,6 +138,7 @@ impl Layout {
             invalid: base.join("invalid"),
             base,
             db_name,
+            base_sync: std::sync::Arc::default(),
         }
     }
 
@@ -225,7 +278,8 @@ impl Layout {
     }
 
     /// Renames `incomplete/<id>` to `<id>` unless `<id>` exists, then syncs
-    /// the base directory. Returns `false` (and leaves the incomplete file
+    /// the base directory (one `fsync` shared by the commits of this cache
+    /// that rename at about the same time: group commit). Returns `false` (and leaves the incomplete file
     /// where it is) when the image was already cached.
     pub fn publish(&self, id: &ImageId) -> Result<bool> {
         let from = self.incomplete(id);
@@ -235,7 +289,7 @@ impl Layout {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
             Err(e) => return Err(Error::io("rename", &from, e)),
         }
-        sync_dir(&self.base)?;
+        self.base_sync.sync_after_rename(&self.base)?;
         Ok(true)
     }
 
