@@ -450,18 +450,14 @@ impl ImageCache {
 
     /// Deletes least recently accessed images until the cache holds at most
     /// `max_size` bytes (`0` empties it). One ordered pass over the LRU
-    /// order and one batched delete; never a rescan per deleted image.
+    /// order (which also gives the total) and one batched delete; never a
+    /// rescan per deleted image.
     pub fn prune_to(&self, max_size: u64) -> Result<PruneReport> {
-        let mut total = self.driver.cache_size()?;
-        if total <= max_size {
-            return Ok(PruneReport {
-                remaining: total,
-                ..PruneReport::default()
-            });
-        }
+        let lru = self.driver.least_recently_accessed()?;
+        let mut total: u64 = lru.iter().map(|e| e.size).sum();
         let mut victims = Vec::new();
         let mut bytes = 0;
-        for entry in self.driver.least_recently_accessed()? {
+        for entry in lru {
             if total <= max_size {
                 break;
             }
@@ -469,11 +465,13 @@ impl ImageCache {
             bytes += entry.size;
             victims.push(entry.id);
         }
-        self.driver.delete_cached_images(&victims)?;
-        log::info!(
-            "imgcache: pruned {} images ({bytes} bytes), {total} bytes remain",
-            victims.len()
-        );
+        if !victims.is_empty() {
+            self.driver.delete_cached_images(&victims)?;
+            log::info!(
+                "imgcache: pruned {} images ({bytes} bytes), {total} bytes remain",
+                victims.len()
+            );
+        }
         Ok(PruneReport {
             removed: victims,
             bytes,

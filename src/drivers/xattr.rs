@@ -404,15 +404,28 @@ impl CacheDriver for XattrDriver {
     }
 
     fn least_recently_accessed(&self) -> Result<Vec<LruEntry>> {
-        let mut all: Vec<LruEntry> = self
-            .all()?
-            .into_iter()
-            .map(|i| LruEntry {
-                id: i.id,
-                size: i.size,
-                last_accessed: i.last_accessed,
-            })
-            .collect();
+        // Lean: the size from the directory walk's stat, and one attribute
+        // read by path per file (no open, no other attributes).
+        let layout = &self.inner.layout;
+        let mut all = Vec::new();
+        for (id, meta) in layout.list(layout.base())? {
+            let path = layout.cached(&id);
+            let accessed = match xattr::get(&path, ACCESSED) {
+                Ok(v) => v,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("read xattr", &path, e)),
+            };
+            let last_accessed = match accessed.as_deref().map(decode_time) {
+                Some(Ok(t)) => t,
+                // Glance's files, or an undecodable value: the atime.
+                _ => meta.accessed().unwrap_or(SystemTime::UNIX_EPOCH),
+            };
+            all.push(LruEntry {
+                id,
+                size: meta.len(),
+                last_accessed,
+            });
+        }
         all.sort_by(|a, b| {
             a.last_accessed
                 .cmp(&b.last_accessed)
