@@ -72,8 +72,11 @@
 //!   commit never replaces a cached file.
 //! - A live writer holds a lock on its file, so `clean` never deletes a file
 //!   that is still being filled, however old it looks.
-//! - A read costs one metadata update (no `fsync`); writers of different
-//!   images share no lock on the data path.
+//! - A read costs at most one metadata update and never an `fsync`: the
+//!   xattr driver updates the file's attributes; the SQLite driver batches
+//!   hits (one transaction per 256 hits or second; [`ImageCache::flush`]).
+//!   Writers of different images share no lock on the data path; commits
+//!   that land together share one `fsync` of the directory.
 //! - Errors are values ([`Error`]), each naming the id or path involved.
 //!
 //! # Durability
