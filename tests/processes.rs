@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::process::{Command, Stdio};
 
 use common::{bytes, id, Fixture, DRIVERS};
@@ -142,12 +142,7 @@ fn clean_in_one_process_spares_a_writer_alive_in_another() {
         // Wait for the child to hold its writer (the test harness prints a
         // header of its own first).
         let mut reader = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        while line.trim() != "ready" {
-            line.clear();
-            let n = reader.read_line(&mut line).unwrap();
-            assert!(n > 0, "{kind}: child exited before it was ready");
-        }
+        common::wait_for_line(&mut reader, "ready");
         // Ten days later, by this process's clock, with a zero stall time.
         f.tick(10 * 86_400);
         let report = f.cache.clean(Some(std::time::Duration::ZERO)).unwrap();
@@ -168,14 +163,7 @@ fn prune_in_one_process_while_another_reads() {
         f.put("x", &bytes(1, 3_000_000));
         let mut child = spawn(&f, "hold-read");
         let mut reader = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        while line.trim() != "open" {
-            line.clear();
-            assert!(
-                reader.read_line(&mut line).unwrap() > 0,
-                "{kind}: child exited early"
-            );
-        }
+        common::wait_for_line(&mut reader, "open");
         let report = f.cache.prune_to(0).unwrap();
         assert_eq!(report.removed, vec![id("x")], "{kind}");
         assert!(!f.path().join("x").exists());
@@ -201,14 +189,7 @@ fn fetch_waits_for_a_writer_in_another_process_or_takes_over() {
             let f = Fixture::new(kind);
             let mut child = spawn(&f, "hold");
             let mut reader = BufReader::new(child.stdout.take().unwrap());
-            let mut line = String::new();
-            while line.trim() != "ready" {
-                line.clear();
-                assert!(
-                    reader.read_line(&mut line).unwrap() > 0,
-                    "{kind}: child exited early"
-                );
-            }
+            common::wait_for_line(&mut reader, "ready");
             let opens = std::sync::atomic::AtomicUsize::new(0);
             let got = std::thread::scope(|s| {
                 let fetching = s.spawn(|| {

@@ -959,11 +959,8 @@ mod tests {
         );
     }
 
-    /// Every metadata write goes to the log; the background checkpointer
-    /// keeps it bounded (without it, it grows by a few KiB per write, for
-    /// ever), and readers' hits, batched, add little to it.
-    #[test]
-    fn wal_stays_bounded_under_metadata_writes() {
+    /// A driver in a fresh directory holding one three-byte image.
+    fn one_image() -> (tempfile::TempDir, SqliteDriver, ImageId) {
         use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
         let d = open(dir.path());
@@ -971,6 +968,15 @@ mod tests {
         let mut w = d.open_for_write(&x).unwrap();
         w.write_all(b"abc").unwrap();
         w.commit().unwrap();
+        (dir, d, x)
+    }
+
+    /// Every metadata write goes to the log; the background checkpointer
+    /// keeps it bounded (without it, it grows by a few KiB per write, for
+    /// ever), and readers' hits, batched, add little to it.
+    #[test]
+    fn wal_stays_bounded_under_metadata_writes() {
+        let (dir, d, x) = one_image();
         let conn = d.inner.conn.lock();
         let autockpt: i64 = conn
             .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
@@ -1003,13 +1009,7 @@ mod tests {
     /// checkpointer; hits are exact once read back.
     #[test]
     fn wal_stays_bounded_under_steady_load() {
-        use std::io::Write;
-        let dir = tempfile::tempdir().unwrap();
-        let d = open(dir.path());
-        let x = ImageId::new("x").unwrap();
-        let mut w = d.open_for_write(&x).unwrap();
-        w.write_all(b"abc").unwrap();
-        w.commit().unwrap();
+        let (dir, d, x) = one_image();
         let wal = dir.path().join("cache.db-wal");
         let mut high = 0;
         // 65 536 writes would leave ~520 MB of log without checkpoints.

@@ -91,17 +91,20 @@ pub fn id(s: &str) -> ImageId {
     ImageId::new(s).expect("valid id")
 }
 
-/// Deterministic pseudo-random bytes.
+/// Deterministic pseudo-random bytes (the generator the model uses).
 pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    imgcache::fuzzing::content(seed, len)
+}
+
+/// Reads lines from a child's output until one equals `want`; fails if the
+/// child ends first.
+pub fn wait_for_line(reader: &mut impl std::io::BufRead, want: &str) {
+    let mut line = String::new();
+    while line.trim() != want {
+        line.clear();
+        let n = reader.read_line(&mut line).expect("read child output");
+        assert!(n > 0, "the child exited before printing {want:?}");
+    }
 }
 
 /// Runs `f` for a fresh fixture of every driver; a failure names the driver.
