@@ -20,6 +20,7 @@ for_each_driver!(
     tee_cache_write_failure_leaves_the_stream_unharmed,
     tee_passes_through_when_cached_or_being_cached,
     fetch_sixteen_threads_one_origin_open,
+    fetch_racing_rounds_never_give_up_or_orphan,
     fetch_follower_reads_while_the_filler_writes,
     fetch_follower_gets_an_error_when_the_fill_fails,
     fetch_source_open_failure_leaves_nothing,
@@ -466,4 +467,38 @@ fn fetch_after_commit_is_a_hit(kind: DriverKind) {
     assert!(matches!(again, ImageStream::Cached(_)));
     assert!(read_all(again).unwrap() == *data);
     assert_eq!(f.cache.hit_count(&x).unwrap(), 1);
+}
+
+/// Many rounds of 16 callers racing for a small cold image: a caller that
+/// looks just before the commit's rename and acts just after it must not
+/// drop the fresh row (once, that orphaned the image and made `fetch` give
+/// up after 64 rounds).
+fn fetch_racing_rounds_never_give_up_or_orphan(kind: DriverKind) {
+    let f = Fixture::new(kind);
+    let data = Arc::new(bytes(13, 64 * 1024));
+    for round in 0..60 {
+        let x = id(&format!("r{round}"));
+        let opens = AtomicUsize::new(0);
+        let barrier = Barrier::new(16);
+        std::thread::scope(|s| {
+            for _ in 0..16 {
+                s.spawn(|| {
+                    barrier.wait();
+                    let stream = f
+                        .cache
+                        .fetch(&x, None, || {
+                            opens.fetch_add(1, Ordering::SeqCst);
+                            Ok(Source::new(&data))
+                        })
+                        .unwrap();
+                    assert!(read_all(stream).unwrap() == *data);
+                });
+            }
+        });
+        assert_eq!(opens.load(Ordering::SeqCst), 1, "round {round}");
+        assert!(
+            f.cache.is_cached(&x).unwrap(),
+            "round {round}: not orphaned"
+        );
+    }
 }

@@ -433,6 +433,22 @@ impl SqliteDriver {
         })
     }
 
+    /// Drops the row of `id` if its file is (still) missing. The check and
+    /// the delete happen in one write transaction: a commit renames its
+    /// file before it writes its row, so a commit racing with this either
+    /// has its file seen here, or writes its row after this transaction —
+    /// a fresh row is never taken for a stale one.
+    fn drop_row_if_file_missing(&self, id: &ImageId, path: &Path) -> Result<()> {
+        self.inner.with_write(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            if !path.exists() {
+                tx.prepare_cached("DELETE FROM cached_images WHERE image_id = ?1")?
+                    .execute([id.as_str()])?;
+            }
+            tx.commit()
+        })
+    }
+
     fn next_queue_seq(&self) -> Result<u64> {
         let v: i64 = self.inner.with_write(|c| {
             c.prepare_cached(
@@ -683,8 +699,7 @@ impl CacheDriver for SqliteDriver {
         let file = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                // A row without its file is stale: drop it.
-                self.delete_rows(std::slice::from_ref(id))?;
+                self.drop_row_if_file_missing(id, &path)?;
                 return Ok(None);
             }
             Err(e) => return Err(Error::io("open", &path, e)),
