@@ -522,16 +522,27 @@ impl ImageCache {
             }
         })?;
         Ok(match started {
-            Some((writer, fill)) => TeeReader::filling(
-                writer,
-                fill,
-                self.fills.clone(),
-                source,
-                expected,
-                self.options.finishes_abandoned_fills(),
-            ),
+            Some((writer, fill)) => self.tee(writer, fill, source, expected),
             None => TeeReader::pass_through(id.clone(), source, expected),
         })
+    }
+
+    /// The tee of a fill this caller has started.
+    fn tee<R: Read + Send + 'static>(
+        &self,
+        writer: CacheWriter,
+        fill: Arc<Fill>,
+        source: R,
+        expected: Option<Checksum>,
+    ) -> TeeReader<R> {
+        TeeReader::filling(
+            writer,
+            fill,
+            self.fills.clone(),
+            source,
+            expected,
+            self.options.finishes_abandoned_fills(),
+        )
     }
 
     /// Opens a writer for `id` and registers its fill so that others can
@@ -628,16 +639,9 @@ impl ImageCache {
                         break;
                     };
                     return match open() {
-                        Ok((source, expected)) => {
-                            Ok(ImageStream::Filling(Box::new(TeeReader::filling(
-                                writer,
-                                fill,
-                                self.fills.clone(),
-                                source,
-                                expected,
-                                self.options.finishes_abandoned_fills(),
-                            ))))
-                        }
+                        Ok((source, expected)) => Ok(ImageStream::Filling(Box::new(
+                            self.tee(writer, fill, source, expected),
+                        ))),
                         Err(e) => {
                             let reason = format!("cannot open the source: {e}");
                             // Nothing was written: nothing to keep in invalid/.

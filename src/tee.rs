@@ -2,7 +2,7 @@
 //! writes it into the cache as it passes.
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::sync::Arc;
 
 use crate::checksum::{Checksum, Hasher};
@@ -164,12 +164,8 @@ impl<R: Read + Send + 'static> TeeReader<R> {
         let Some(filling) = self.filling.as_mut() else {
             return;
         };
-        // Flushed at once: followers read what the file holds.
-        match filling
-            .writer
-            .write_all(data)
-            .and_then(|()| filling.writer.flush())
-        {
+        // Straight to the file: followers read what the file holds.
+        match filling.writer.write_through(data) {
             Ok(()) => filling.fill.progress(filling.writer.written()),
             Err(e) => {
                 let reason = format!("cache write failed: {e}");

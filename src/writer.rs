@@ -303,6 +303,23 @@ impl CacheWriter {
     }
 }
 
+impl CacheWriter {
+    /// Writes `data` straight to the file (after anything buffered), so
+    /// that it is readable from the file at once: the tee's path, where a
+    /// trip through the buffer would be a copy and a flush per chunk.
+    pub(crate) fn write_through(&mut self, data: &[u8]) -> io::Result<()> {
+        let out = self
+            .out
+            .as_mut()
+            .ok_or_else(|| io::Error::other("cache writer already finished"))?;
+        out.flush()?;
+        out.get_mut().write_all(data)?;
+        self.crc.update(data);
+        self.len += data.len() as u64;
+        Ok(())
+    }
+}
+
 impl Write for CacheWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let out = self

@@ -711,10 +711,20 @@ impl CacheDriver for SqliteDriver {
         let now = self.inner.now();
         let flush = {
             let mut hits = self.inner.hits.lock();
-            let entry = hits.by_id.entry(id.clone()).or_insert((0, 0.0));
-            entry.0 += 1;
-            entry.1 = to_epoch_secs(now);
-            info.hits += entry.0;
+            let at = to_epoch_secs(now);
+            // No allocation when the image already has hits pending.
+            let pending = match hits.by_id.get_mut(id) {
+                Some(entry) => {
+                    entry.0 += 1;
+                    entry.1 = at;
+                    entry.0
+                }
+                None => {
+                    hits.by_id.insert(id.clone(), (1, at));
+                    1
+                }
+            };
+            info.hits += pending;
             info.last_accessed = now;
             hits.count += 1;
             let oldest = *hits.oldest.get_or_insert_with(std::time::Instant::now);
