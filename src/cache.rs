@@ -269,36 +269,43 @@ impl ImageCache {
 
     /// One cached image's metadata, without counting a hit.
     pub fn cached_image(&self, id: &ImageId) -> Result<Option<CachedImageInfo>> {
+        self.check(id)?;
         self.driver.cached_image(id)
     }
 
     /// Hits of `id` since it was cached (0 if not cached).
     pub fn hit_count(&self, id: &ImageId) -> Result<u64> {
+        self.check(id)?;
         self.driver.hit_count(id)
     }
 
     /// Whether `id` is cached.
     pub fn is_cached(&self, id: &ImageId) -> Result<bool> {
+        self.check(id)?;
         self.driver.is_cached(id)
     }
 
     /// Whether `id` is neither cached nor being cached.
     pub fn is_cacheable(&self, id: &ImageId) -> Result<bool> {
+        self.check(id)?;
         self.driver.is_cacheable(id)
     }
 
     /// Whether a writer is filling `id` (or died doing so).
     pub fn is_being_cached(&self, id: &ImageId) -> Result<bool> {
+        self.check(id)?;
         self.driver.is_being_cached(id)
     }
 
     /// Whether `id` is queued.
     pub fn is_queued(&self, id: &ImageId) -> Result<bool> {
+        self.check(id)?;
         self.driver.is_queued(id)
     }
 
     /// Deletes cached image `id`; `false` if it was not cached.
     pub fn delete_cached_image(&self, id: &ImageId) -> Result<bool> {
+        self.check(id)?;
         self.driver.delete_cached_image(id)
     }
 
@@ -309,6 +316,7 @@ impl ImageCache {
 
     /// Removes `id` from the queue; `false` if it was not queued.
     pub fn delete_queued_image(&self, id: &ImageId) -> Result<bool> {
+        self.check(id)?;
         self.driver.delete_queued_image(id)
     }
 
@@ -439,6 +447,7 @@ impl ImageCache {
 
     /// The size of cached image `id`; `None` if not cached.
     pub fn image_size(&self, id: &ImageId) -> Result<Option<u64>> {
+        self.check(id)?;
         self.driver.image_size(id)
     }
 
@@ -618,8 +627,15 @@ impl ImageCache {
         }
         let mut open = Some(open);
         for _ in 0..FETCH_ROUNDS {
-            if let Some(image) = self.open_for_read(id)? {
-                return Ok(ImageStream::Cached(image));
+            match self.open_for_read(id) {
+                Ok(Some(image)) => return Ok(ImageStream::Cached(image)),
+                Ok(None) => {}
+                // A fault of the cache is never the client's: the entry is
+                // quarantined by now, and the origin answers instead.
+                Err(e @ (Error::Corrupt { .. } | Error::CorruptMetadata { .. })) => {
+                    log::warn!("imgcache: {id}: {e}; fetching it from the origin again");
+                }
+                Err(e) => return Err(e),
             }
             let step = self.fills.with(|map| {
                 if let Some(fill) = map.get(id) {

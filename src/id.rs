@@ -8,9 +8,12 @@ use crate::error::Error;
 /// The longest id accepted, in bytes (the usual `NAME_MAX`).
 pub const MAX_ID_LEN: usize = 255;
 
-/// Names the cache uses for its own files and folders in the base directory.
-/// An id equal to one of them would collide with the cache itself.
-pub(crate) const RESERVED_NAMES: &[&str] = &["queue", "incomplete", "invalid"];
+/// Names the cache uses for its own files and folders in the base directory,
+/// and files Glance itself leaves there (`image_cache_db_init`: the external
+/// lock its sqlite driver takes, a 0-byte file in the base directory). An id
+/// equal to one of them would collide with the cache itself.
+pub(crate) const RESERVED_NAMES: &[&str] =
+    &["queue", "incomplete", "invalid", "image_cache_db_init"];
 
 /// Suffixes SQLite adds to a database file name for its side files.
 pub(crate) const SQLITE_SIDE_SUFFIXES: &[&str] = &["", "-wal", "-shm", "-journal"];
@@ -230,6 +233,7 @@ mod tests {
             ("queue", IdError::Reserved),
             ("incomplete", IdError::Reserved),
             ("invalid", IdError::Reserved),
+            ("image_cache_db_init", IdError::Reserved),
             ("cache.db", IdError::Reserved),
             ("cache.db-wal", IdError::Reserved),
             ("cache.db-shm", IdError::Reserved),

@@ -801,7 +801,6 @@ fn invalid_ids_never_reach_the_file_system(kind: DriverKind) {
 
 fn custom_db_name_is_reserved(kind: DriverKind) {
     let f = Fixture::with(kind, |o| o.sqlite_db("meta.sqlite"));
-    let meta = id("meta.sqlite");
     let check = |r: Result<(), Error>| match r {
         Err(Error::InvalidId {
             reason: IdError::Reserved,
@@ -809,9 +808,36 @@ fn custom_db_name_is_reserved(kind: DriverKind) {
         }) => {}
         other => panic!("expected a reserved-name error, got {other:?}"),
     };
-    check(f.cache.open_for_write(&meta).map(drop));
-    check(f.cache.queue_image(&meta).map(drop));
-    check(f.cache.open_for_read(&meta).map(drop));
+    // Every entry point that takes an id refuses the configured database's
+    // name and its side files, as it refuses `cache.db`.
+    for name in [
+        "meta.sqlite",
+        "meta.sqlite-wal",
+        "meta.sqlite-shm",
+        "meta.sqlite-journal",
+    ] {
+        let meta = id(name);
+        check(f.cache.open_for_write(&meta).map(drop));
+        check(f.cache.queue_image(&meta).map(drop));
+        check(f.cache.open_for_read(&meta).map(drop));
+        check(f.cache.delete_cached_image(&meta).map(drop));
+        check(f.cache.delete_queued_image(&meta).map(drop));
+        check(f.cache.is_cached(&meta).map(drop));
+        check(f.cache.is_cacheable(&meta).map(drop));
+        check(f.cache.is_being_cached(&meta).map(drop));
+        check(f.cache.is_queued(&meta).map(drop));
+        check(f.cache.cached_image(&meta).map(drop));
+        check(f.cache.hit_count(&meta).map(drop));
+        check(f.cache.image_size(&meta).map(drop));
+        check(f.cache.verify(&meta).map(drop));
+        check(f.cache.cache_image_file(&meta, &b"x"[..]).map(drop));
+        check(f.cache.caching_reader(&meta, None, &b"x"[..]).map(drop));
+        check(f.cache.fetch(&meta, None, || Ok(&b"x"[..])).map(drop));
+    }
+    // Whole-cache operations pass the database over.
+    f.cache.delete_all_cached_images().unwrap();
+    f.cache.prune_to(0).unwrap();
+    f.cache.clean(Some(Duration::ZERO)).unwrap();
     if kind == DriverKind::Sqlite {
         assert!(f.path().join("meta.sqlite").is_file());
         assert!(!f.path().join("cache.db").exists());

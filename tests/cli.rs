@@ -510,3 +510,79 @@ fn errors_exit_non_zero_with_one_line() {
         out.stdout
     );
 }
+
+/// `-o -` is standard output, as for every Unix tool; nothing named `-` is
+/// created. A corrupt cached file is quarantined and the same `fetch`
+/// succeeds from the origin.
+#[test]
+fn fetch_to_dash_is_stdout_and_a_corrupt_entry_is_fetched_again() {
+    let cache = tempfile::tempdir().unwrap();
+    let c = cache.path();
+    let (src, images) = origin(&["cirros"]);
+    let s = src.path().to_str().unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let run = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_imgcache"));
+        cmd.env_remove("IMGCACHE_DIR").env_remove("IMGCACHE_CONFIG");
+        let out = cmd
+            .current_dir(cwd.path())
+            .arg("--dir")
+            .arg(c)
+            .args(["fetch", "cirros", "--origin", s, "-o", "-"])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            out.stdout,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = run();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("cirros: miss"), "{stderr}");
+    assert_eq!(stdout, images["cirros"]);
+    let (code, stdout, stderr) = run();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("cirros: hit"), "{stderr}");
+    assert_eq!(stdout, images["cirros"]);
+    assert!(!cwd.path().join("-").exists(), "a file named - was written");
+
+    // Damage the cached copy behind the cache's back.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(c.join("cirros"))
+        .unwrap()
+        .write_all(b"trailing garbage")
+        .unwrap();
+    let (code, stdout, stderr) = run();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("cirros: miss"), "{stderr}");
+    assert_eq!(stdout, images["cirros"]);
+    let (_, stdout, stderr) = run();
+    assert!(stderr.contains("cirros: hit"), "{stderr}");
+    assert_eq!(stdout, images["cirros"]);
+}
+
+/// With a custom database name, the database cannot be deleted (or
+/// otherwise reached) as an image.
+#[test]
+fn the_configured_database_is_never_an_image() {
+    let cache = tempfile::tempdir().unwrap();
+    let c = cache.path();
+    ok(c, &["--sqlite-db", "meta.sqlite", "stats"]);
+    assert!(c.join("meta.sqlite").is_file());
+    for name in ["meta.sqlite", "meta.sqlite-wal", "meta.sqlite-shm"] {
+        let out = imgcache(
+            c,
+            &["--sqlite-db", "meta.sqlite", "delete-cached-image", name],
+        );
+        assert_eq!(out.code, 2, "{name}: {}{}", out.stdout, out.stderr);
+        assert!(
+            out.stderr.contains("names one of the cache's own files"),
+            "{}",
+            out.stderr
+        );
+    }
+    assert!(c.join("meta.sqlite").is_file(), "the database was deleted");
+    ok(c, &["--sqlite-db", "meta.sqlite", "stats"]);
+}

@@ -218,3 +218,56 @@ fn xattr_opens_glance_files_and_keeps_them_glance_readable() {
     assert_eq!(raw, b"0");
     assert!(SystemTime::now() > atime);
 }
+
+/// Glance's sqlite driver takes an external lock named `image_cache_db_init`
+/// in the base directory, which leaves a 0-byte file there. It is Glance's,
+/// never an image: not listed, not counted, not pruned, not written into
+/// `cache.db` (where Glance would list it too).
+#[test]
+fn glance_lock_file_is_never_an_image() {
+    for kind in [DriverKind::Sqlite, DriverKind::Xattr] {
+        let dir = tempfile::tempdir().unwrap();
+        glance_sqlite_dir(dir.path());
+        let lock = dir.path().join("image_cache_db_init");
+        fs::File::create(&lock).unwrap();
+        let cache = CacheOptions::new(dir.path()).driver(kind).open().unwrap();
+        assert!(
+            !cache
+                .recovery()
+                .adopted
+                .iter()
+                .any(|i| i.as_str() == "image_cache_db_init"),
+            "{kind}: {:?}",
+            cache.recovery()
+        );
+        assert_eq!(cache.cache_size().unwrap(), 17, "{kind}");
+        let ids: Vec<String> = cache
+            .cached_images()
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id.to_string())
+            .collect();
+        assert!(!ids.iter().any(|i| i == "image_cache_db_init"), "{ids:?}");
+        assert!(cache
+            .least_recently_accessed()
+            .unwrap()
+            .iter()
+            .all(|e| e.id.as_str() != "image_cache_db_init"));
+        cache.prune_to(0).unwrap();
+        cache.delete_all_cached_images().unwrap();
+        cache.flush().unwrap();
+        drop(cache);
+        assert!(lock.is_file(), "{kind}: Glance's lock file was removed");
+        let rows: i64 = Connection::open(dir.path().join("cache.db"))
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*) FROM cached_images WHERE image_id = 'image_cache_db_init'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(rows, 0, "{kind}");
+        // And nobody can cache an image of that name over it.
+        assert!(imgcache::ImageId::new("image_cache_db_init").is_err());
+    }
+}

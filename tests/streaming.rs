@@ -25,6 +25,7 @@ for_each_driver!(
     fetch_follower_gets_an_error_when_the_fill_fails,
     fetch_source_open_failure_leaves_nothing,
     fetch_after_commit_is_a_hit,
+    fetch_of_a_corrupt_entry_falls_through_to_the_origin,
 );
 
 const SIZE: usize = 3 * 1024 * 1024 + 77;
@@ -500,5 +501,42 @@ fn fetch_racing_rounds_never_give_up_or_orphan(kind: DriverKind) {
             f.cache.is_cached(&x).unwrap(),
             "round {round}: not orphaned"
         );
+    }
+}
+
+/// A cache fault is never the client's: a cached file truncated or extended
+/// behind the cache's back is quarantined, and the same request is served
+/// from the origin, byte-exact, and cached again.
+fn fetch_of_a_corrupt_entry_falls_through_to_the_origin(kind: DriverKind) {
+    for damage in [4_000u64, 20_000] {
+        let f = Fixture::new(kind);
+        let data = Arc::new(bytes(31, 10_000));
+        let x = f.put("x", &data);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(f.path().join("x"))
+            .unwrap()
+            .set_len(damage)
+            .unwrap();
+        let opens = AtomicUsize::new(0);
+        let stream = f
+            .cache
+            .fetch(&x, None, || {
+                opens.fetch_add(1, Ordering::SeqCst);
+                Ok(Source::new(&data))
+            })
+            .expect("the request is served despite the corrupt entry");
+        assert!(matches!(stream, ImageStream::Filling(_)), "{stream:?}");
+        assert_eq!(read_all(stream).unwrap(), *data);
+        assert_eq!(opens.load(Ordering::SeqCst), 1);
+        // Quarantined with the reason, then cached again from the origin.
+        let invalid = f.cache.invalid_images().unwrap();
+        assert_eq!(invalid.len(), 1, "{invalid:?}");
+        assert!(invalid[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("bytes on disk"));
+        assert_eq!(f.get(&x).unwrap(), *data);
     }
 }

@@ -108,7 +108,7 @@ enum Command {
         /// Where to fetch a miss from (as for prefetch).
         #[arg(long, env = "IMGCACHE_ORIGIN", value_name = "DIR|URL")]
         origin: String,
-        /// Write the image here (default: standard output).
+        /// Write the image here (default, or `-`: standard output).
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
     },
@@ -574,6 +574,8 @@ fn fetch(
     as_json: bool,
 ) -> Result<u8, Failure> {
     let origin = origin(spec)?;
+    // `-o -` is standard output, as for curl, tar and wget.
+    let output = output.filter(|p| p.as_os_str() != "-");
     let stdout = std::io::stdout();
     if output.is_none() && stdout.is_terminal() {
         return Err(Failure::input(
