@@ -105,6 +105,25 @@ pub(crate) fn round_trip(t: SystemTime) -> SystemTime {
     from_epoch_secs(to_epoch_secs(t)).unwrap_or(t)
 }
 
+/// Serializes a time as seconds since the epoch (a float, as Glance
+/// reports times).
+#[cfg(feature = "serde")]
+pub(crate) fn serde_secs<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(to_epoch_secs(*t))
+}
+
+/// [`serde_secs`] for an optional time (`null` when absent).
+#[cfg(feature = "serde")]
+pub(crate) fn serde_opt_secs<S: serde::Serializer>(
+    t: &Option<SystemTime>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_some(&to_epoch_secs(*t)),
+        None => s.serialize_none(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,15 +49,10 @@ pub enum Error {
         source: io::Error,
     },
 
-    /// The SQLite metadata database failed.
-    #[error("sqlite database {path}: {source}")]
-    Sqlite {
-        /// The database file.
-        path: PathBuf,
-        /// The error from SQLite.
-        #[source]
-        source: rusqlite::Error,
-    },
+    /// The metadata store failed (a database error, the database
+    /// unreachable or busy).
+    #[error(transparent)]
+    Store(#[from] StoreError),
 
     /// The file system of the cache directory does not support user extended
     /// attributes, which the `xattr` driver needs.
@@ -202,14 +197,6 @@ impl Error {
         }
     }
 
-    /// Wraps a [`rusqlite::Error`] with the database path.
-    pub(crate) fn sqlite(path: impl AsRef<Path>, source: rusqlite::Error) -> Self {
-        Error::Sqlite {
-            path: path.as_ref().to_path_buf(),
-            source,
-        }
-    }
-
     /// Wraps this error in an [`io::Error`] (for `Read` implementations),
     /// from which [`Error::from_io`] gets it back.
     pub fn into_io(self) -> io::Error {
@@ -267,5 +254,74 @@ pub(crate) trait IoContext<T> {
 impl<T> IoContext<T> for io::Result<T> {
     fn ctx(self, op: &'static str, path: &Path) -> Result<T> {
         self.map_err(|e| Error::io(op, path, e))
+    }
+}
+
+/// What kind of failure a metadata store reported, for callers that decide
+/// what to do about it (retry a busy database, report a full disk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    /// Another process holds a lock longer than the store waits.
+    Busy,
+    /// The store cannot be reached or opened (a database down, a file that
+    /// cannot be opened or written).
+    Unavailable,
+    /// The store's files are not a database, or a damaged one.
+    Corrupt,
+    /// The disk under the store is full.
+    NoSpace,
+    /// Anything else.
+    Other,
+}
+
+/// A metadata store's failure: which store, where, what kind, and the
+/// underlying error as its source (the store's client library's own type,
+/// which never appears in this crate's signatures).
+#[derive(Debug, thiserror::Error)]
+#[error("{store} database {location}: {source}")]
+pub struct StoreError {
+    kind: StoreErrorKind,
+    store: &'static str,
+    location: String,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl StoreError {
+    /// A failure of `store` (its name, e.g. `"sqlite"`) at `location` (a
+    /// file, or a database address without its password).
+    pub fn new(
+        kind: StoreErrorKind,
+        store: &'static str,
+        location: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        StoreError {
+            kind,
+            store,
+            location: location.into(),
+            source: source.into(),
+        }
+    }
+
+    /// What kind of failure it was.
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+
+    /// The store's name.
+    pub fn store(&self) -> &'static str {
+        self.store
+    }
+
+    /// Where the store is (a file path, a database address).
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// The underlying error's message.
+    pub fn detail(&self) -> String {
+        self.source.to_string()
     }
 }

@@ -75,6 +75,11 @@ pub enum IdError {
 /// assert!(ImageId::new("cache.db").is_err());
 /// ```
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(try_from = "String", into = "String")
+)]
 pub struct ImageId(Box<str>);
 
 impl ImageId {

@@ -47,8 +47,13 @@
 //! - [`CacheOptions`]: Glance's settings (`image_cache_dir`,
 //!   `image_cache_max_size`, `image_cache_stall_time`, `image_cache_driver`,
 //!   `image_cache_sqlite_db`) and defaults.
-//! - [`CacheDriver`]: the mechanism — where metadata lives. [`SqliteDriver`]
-//!   and [`XattrDriver`] (Linux) implement it.
+//! - [`ImageCache`]: the facade — the local file layer and a metadata store
+//!   joined, and the policies: `prune`, `clean`, `verify`/`scrub`,
+//!   `rebuild`, `caching_reader`, `fetch`, `cache_image_file`, `prefetch`.
+//! - [`CacheDriver`] (also named [`MetadataStore`]): where metadata lives,
+//!   and nothing else. [`SqliteDriver`] and [`XattrDriver`] (Linux)
+//!   implement it.
+//! - [`Layout`]: the one local file layer's paths and file moves.
 //! - [`CacheWriter`]: `Write` into `incomplete/<id>`; `commit()` publishes,
 //!   dropping it moves the bytes to `invalid/`.
 //! - [`CachedImage`]: an open cached file: `Read + Seek`, ranged reads,
@@ -59,9 +64,38 @@
 //! - [`ImageCache::fetch`]: single flight — one backend open however many
 //!   callers want a cold image; the others follow the fill
 //!   ([`FollowReader`]) or wait for another process's writer.
-//! - [`ImageCache`]: the facade — driver calls plus `prune`, `clean`,
-//!   `verify`/`scrub`, `rebuild`, `caching_reader`, `fetch` and
-//!   `cache_image_file`.
+//!
+//! # Layers: one file layer, a narrow metadata store
+//!
+//! ```text
+//!                  ImageCache   policy: prune, clean, quarantine, recovery walk,
+//!                      │        single-flight fills, tee; admits every id once
+//!          ┌───────────┴────────────┐
+//!     files (Layout)          dyn CacheDriver      rows, hits, LRU order, queue
+//!     writer's file moves,    ┌─────┴──────┐       counter, invalid reasons,
+//!     reader, locks, queue   SQLite      xattr     the node its rows belong to
+//!     folder, zero copy
+//! ```
+//!
+//! How bytes move between `incomplete/`, the base directory and `invalid/`,
+//! who holds which lock, and how files are reconciled with metadata after a
+//! crash do not depend on where metadata lives, so they are written once
+//! (the file layer and the facade's recovery walk). A store keeps rows and
+//! decides nothing; the facade asks it, in an order that keeps metadata and
+//! files agreeing after a crash at any instant (see [`drivers`]).
+//!
+//! Glance's `xattr` driver keeps its metadata on the cached files. Rather
+//! than have that store open files behind the file layer's back (a second
+//! path policy) or teach the file layer attribute names (a second store),
+//! the store's per-entry methods take an [`OnDisk`] — the file as the file
+//! layer found or opened it — and its walks a [`CachedFiles`] listing.
+//! Stores that keep rows elsewhere (SQLite, a shared database) ignore both.
+//!
+//! Ids are checked once: an [`ImageId`] refuses what is no safe file name,
+//! and [`Layout::admit`] refuses this cache's own names (its configured
+//! database and side files, Glance's `image_cache_db_init`). Every path of
+//! an image is built from an [`Admitted`] id, which only `admit` makes, so
+//! no entry point can reach the file system with an unchecked one.
 //!
 //! # Guarantees
 //!
@@ -84,7 +118,8 @@
 //! A commit is, in this order (`tests/syscalls.rs` records it with strace):
 //! data `write`s → `fsync` of the file → `renameat2(RENAME_NOREPLACE)` into
 //! the base directory → `fsync` of the directory → metadata. Reads never
-//! `fsync`.
+//! `fsync`. (A store that keeps metadata on the file writes it before the
+//! data `fsync`, so that both are published together.)
 //!
 //! After a *process* crash (SIGKILL at any instant, `tests/crash.rs`) nothing
 //! is lost that was committed, and reopening reconciles the rest: a file
@@ -115,43 +150,36 @@
 mod cache;
 mod checksum;
 mod clock;
-mod driver;
 pub mod drivers;
+mod entry;
 mod error;
-mod fill;
-#[doc(hidden)]
-pub mod fuzzing;
+mod files;
 mod id;
-mod layout;
 mod options;
 pub mod origin;
-mod prefetch;
-mod queue;
 mod range;
-mod reader;
-mod tee;
-mod writer;
-mod zero_copy;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 
-pub use cache::{ImageCache, ImageStream, PruneReport, ScrubReport, Verification};
+pub use cache::fill::FollowReader;
+pub use cache::prefetch::{PrefetchEvent, PrefetchOutcome, PrefetchReport, PrefetchResult};
+pub use cache::tee::{TeeReader, TeeStats};
+pub use cache::writer::CacheWriter;
+pub use cache::{ImageCache, ImageStream, PruneReport, RecoveryReport, ScrubReport, Verification};
 pub use checksum::{Algorithm, Checksum, Hasher};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use driver::{CacheDriver, CachedImageInfo, InvalidImageInfo, LruEntry, RecoveryReport};
-pub use drivers::{SqliteDriver, XattrDriver};
-pub use error::{Error, Result};
-pub use fill::FollowReader;
+pub use drivers::{CacheDriver, MetadataStore, SqliteDriver, XattrDriver, LOCAL_NODE};
+pub use entry::{
+    CachedFiles, CachedImageInfo, InvalidImageInfo, Invalidation, LruEntry, OnDisk, Scanned,
+};
+pub use error::{Error, Result, StoreError, StoreErrorKind};
+pub use files::{Admitted, CachedImage, CleanReport, Layout, RangeReader, RemovedFile};
 pub use id::{IdError, ImageId, DEFAULT_SQLITE_DB, MAX_ID_LEN};
-pub use layout::{CleanReport, Layout, RemovedFile};
 pub use options::{CacheOptions, DriverKind, DEFAULT_MAX_SIZE, DEFAULT_STALL_TIME};
 #[cfg(feature = "http")]
 pub use origin::HttpOrigin;
 pub use origin::{DirOrigin, Origin, OriginObject};
-pub use prefetch::{PrefetchEvent, PrefetchOutcome, PrefetchReport, PrefetchResult};
-pub use queue::decode_seq as decode_queue_seq;
 pub use range::ByteRange;
-pub use reader::{CachedImage, RangeReader};
-pub use tee::{TeeReader, TeeStats};
-pub use writer::{CacheWriter, CommitHooks, CommitInfo, InvalidateInfo};
 
 /// The README's examples, compiled as doctests so that they cannot drift.
 #[cfg(doctest)]

@@ -8,7 +8,8 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, SystemTime};
 
 use common::{bytes, id, Fixture};
-use imgcache::{DriverKind, Error, IdError, ImageId};
+use imgcache::testing::Store;
+use imgcache::{Error, IdError, ImageId};
 
 for_each_driver!(
     empty_cache_reports_nothing,
@@ -55,7 +56,7 @@ for_each_driver!(
     writer_error_surfaces_and_keeps_nothing_cached,
 );
 
-fn empty_cache_reports_nothing(kind: DriverKind) {
+fn empty_cache_reports_nothing(kind: Store) {
     let f = Fixture::new(kind);
     let c = &f.cache;
     let x = id("x");
@@ -78,11 +79,16 @@ fn empty_cache_reports_nothing(kind: DriverKind) {
     assert_eq!(c.delete_all_queued_images().unwrap(), 0);
     assert_eq!(c.prune_to(0).unwrap().files(), 0);
     assert_eq!(c.clean(None).unwrap().files(), 0);
-    assert_eq!(c.driver_kind(), Some(kind));
-    assert_eq!(c.driver().name(), kind.as_str());
+    assert_eq!(c.driver().name(), kind.name());
+    // The same store by name, as `ImageCache::open` picks it from options.
+    let opened = imgcache::CacheOptions::new(f.path())
+        .driver(kind.name().parse().unwrap())
+        .open()
+        .unwrap();
+    assert_eq!(opened.driver_kind().map(|k| k.as_str()), Some(kind.name()));
 }
 
-fn commit_makes_exact_bytes_readable(kind: DriverKind) {
+fn commit_makes_exact_bytes_readable(kind: Store) {
     let f = Fixture::new(kind);
     let data = bytes(1, 3 * 1024 * 1024 + 17);
     let x = id("x");
@@ -102,7 +108,7 @@ fn commit_makes_exact_bytes_readable(kind: DriverKind) {
     assert!(!f.path().join("incomplete/x").exists());
 }
 
-fn commit_records_size_crc_and_times(kind: DriverKind) {
+fn commit_records_size_crc_and_times(kind: Store) {
     let f = Fixture::new(kind);
     let data = bytes(2, 70_000);
     let x = id("x");
@@ -124,7 +130,7 @@ fn commit_records_size_crc_and_times(kind: DriverKind) {
     );
 }
 
-fn reads_count_hits_and_set_last_accessed(kind: DriverKind) {
+fn reads_count_hits_and_set_last_accessed(kind: Store) {
     let f = Fixture::new(kind);
     let x = f.put("x", b"hello");
     let modified = f.cache.cached_image(&x).unwrap().unwrap().last_modified;
@@ -147,7 +153,7 @@ fn reads_count_hits_and_set_last_accessed(kind: DriverKind) {
     assert_eq!(f.cache.hit_count(&x).unwrap(), 5);
 }
 
-fn cached_images_are_ordered_by_id(kind: DriverKind) {
+fn cached_images_are_ordered_by_id(kind: Store) {
     let f = Fixture::new(kind);
     for name in ["m", "b", "z", "a", "99", "1"] {
         f.put(name, name.as_bytes());
@@ -162,7 +168,7 @@ fn cached_images_are_ordered_by_id(kind: DriverKind) {
     assert_eq!(ids, ["1", "99", "a", "b", "m", "z"]);
 }
 
-fn cache_size_sums_cached_images(kind: DriverKind) {
+fn cache_size_sums_cached_images(kind: Store) {
     let f = Fixture::new(kind);
     f.put("a", &bytes(1, 1000));
     f.put("b", &bytes(2, 2500));
@@ -178,14 +184,14 @@ fn cache_size_sums_cached_images(kind: DriverKind) {
     assert_eq!(f.cache.cache_size().unwrap(), 7500);
 }
 
-fn image_size_of_cached_and_missing(kind: DriverKind) {
+fn image_size_of_cached_and_missing(kind: Store) {
     let f = Fixture::new(kind);
     let x = f.put("x", &bytes(9, 12345));
     assert_eq!(f.cache.image_size(&x).unwrap(), Some(12345));
     assert_eq!(f.cache.image_size(&id("y")).unwrap(), None);
 }
 
-fn seek_and_partial_reads(kind: DriverKind) {
+fn seek_and_partial_reads(kind: Store) {
     let f = Fixture::new(kind);
     let data = bytes(4, 100_000);
     let x = f.put("x", &data);
@@ -201,7 +207,7 @@ fn seek_and_partial_reads(kind: DriverKind) {
     assert_eq!(mid, data[10..30]);
 }
 
-fn empty_image_is_cached(kind: DriverKind) {
+fn empty_image_is_cached(kind: Store) {
     let f = Fixture::new(kind);
     let x = f.put("empty", b"");
     assert!(f.cache.is_cached(&x).unwrap());
@@ -211,7 +217,7 @@ fn empty_image_is_cached(kind: DriverKind) {
     assert_eq!(f.cache.cache_size().unwrap(), 0);
 }
 
-fn second_writer_is_refused_while_first_writes(kind: DriverKind) {
+fn second_writer_is_refused_while_first_writes(kind: Store) {
     let f = Fixture::new(kind);
     let x = id("x");
     let mut first = f.cache.open_for_write(&x).unwrap();
@@ -232,7 +238,7 @@ fn second_writer_is_refused_while_first_writes(kind: DriverKind) {
     assert_eq!(f.get(&x).unwrap(), b"first");
 }
 
-fn writing_a_cached_image_is_refused(kind: DriverKind) {
+fn writing_a_cached_image_is_refused(kind: Store) {
     let f = Fixture::new(kind);
     let x = f.put("x", b"one");
     match f.cache.open_for_write(&x) {
@@ -242,7 +248,7 @@ fn writing_a_cached_image_is_refused(kind: DriverKind) {
     assert_eq!(f.get(&x).unwrap(), b"one");
 }
 
-fn drop_without_commit_moves_to_invalid(kind: DriverKind) {
+fn drop_without_commit_moves_to_invalid(kind: Store) {
     let f = Fixture::new(kind);
     let x = id("x");
     {
@@ -267,7 +273,7 @@ fn drop_without_commit_moves_to_invalid(kind: DriverKind) {
     assert_eq!(f.get(&x).unwrap(), b"whole");
 }
 
-fn abort_records_the_reason(kind: DriverKind) {
+fn abort_records_the_reason(kind: Store) {
     let f = Fixture::new(kind);
     let x = id("x");
     let mut w = f.cache.open_for_write(&x).unwrap();
@@ -288,7 +294,7 @@ fn abort_records_the_reason(kind: DriverKind) {
     assert_eq!(invalid[0].reason.as_deref(), Some("second"));
 }
 
-fn failed_commit_path_when_file_appears_meanwhile(kind: DriverKind) {
+fn failed_commit_path_when_file_appears_meanwhile(kind: Store) {
     // Another tool (or a racing process) puts <id> in place while we write:
     // the commit must not replace it, and must leave no incomplete file.
     let f = Fixture::new(kind);
@@ -301,7 +307,7 @@ fn failed_commit_path_when_file_appears_meanwhile(kind: DriverKind) {
     assert!(!f.cache.is_being_cached(&x).unwrap());
 }
 
-fn queue_image_rules(kind: DriverKind) {
+fn queue_image_rules(kind: Store) {
     let f = Fixture::new(kind);
     let q = id("q");
     assert!(f.cache.queue_image(&q).unwrap());
@@ -319,7 +325,7 @@ fn queue_image_rules(kind: DriverKind) {
     assert!(f.cache.is_cacheable(&id("q")).unwrap());
 }
 
-fn queue_keeps_order_within_one_second(kind: DriverKind) {
+fn queue_keeps_order_within_one_second(kind: Store) {
     let f = Fixture::new(kind);
     // The clock stands still: every image is queued "at the same time".
     let names = ["z", "a", "m", "b", "y", "c", "99", "1", "x", "k"];
@@ -348,7 +354,7 @@ fn queue_keeps_order_within_one_second(kind: DriverKind) {
     assert_eq!(&got[..names.len()], names);
 }
 
-fn commit_takes_image_off_the_queue(kind: DriverKind) {
+fn commit_takes_image_off_the_queue(kind: Store) {
     let f = Fixture::new(kind);
     let x = id("x");
     f.cache.queue_image(&x).unwrap();
@@ -363,7 +369,7 @@ fn commit_takes_image_off_the_queue(kind: DriverKind) {
     assert!(f.cache.is_queued(&y).unwrap());
 }
 
-fn delete_queued_and_all_queued(kind: DriverKind) {
+fn delete_queued_and_all_queued(kind: Store) {
     let f = Fixture::new(kind);
     for n in ["a", "b", "c"] {
         f.cache.queue_image(&id(n)).unwrap();
@@ -379,7 +385,7 @@ fn delete_queued_and_all_queued(kind: DriverKind) {
     assert_eq!(f.cache.queued_images().unwrap(), vec![id("c"), id("a")]);
 }
 
-fn delete_cached_image_once(kind: DriverKind) {
+fn delete_cached_image_once(kind: Store) {
     let f = Fixture::new(kind);
     let x = f.put("x", &bytes(1, 500));
     f.put("y", &bytes(2, 300));
@@ -394,7 +400,7 @@ fn delete_cached_image_once(kind: DriverKind) {
     assert_eq!(f.cache.hit_count(&x).unwrap(), 0);
 }
 
-fn delete_all_cached_images_counts(kind: DriverKind) {
+fn delete_all_cached_images_counts(kind: Store) {
     let f = Fixture::new(kind);
     for n in ["a", "b", "c", "d"] {
         f.put(n, n.as_bytes());
@@ -411,7 +417,7 @@ fn delete_all_cached_images_counts(kind: DriverKind) {
     assert_eq!(f.cache.delete_all_cached_images().unwrap(), 0);
 }
 
-fn prune_deletes_least_recently_accessed_first(kind: DriverKind) {
+fn prune_deletes_least_recently_accessed_first(kind: Store) {
     let f = Fixture::new(kind);
     // Cached in order a, b, c, d (100 bytes each), then read so that the
     // access order becomes c, a, d, b.
@@ -440,7 +446,7 @@ fn prune_deletes_least_recently_accessed_first(kind: DriverKind) {
     assert!(f.cache.is_cached(&id("b")).unwrap());
 }
 
-fn prune_to_zero_empties_the_cache(kind: DriverKind) {
+fn prune_to_zero_empties_the_cache(kind: Store) {
     let f = Fixture::new(kind);
     for n in ["a", "b", "c"] {
         f.put(n, &[1u8; 10]);
@@ -452,7 +458,7 @@ fn prune_to_zero_empties_the_cache(kind: DriverKind) {
     assert!(f.cache.cached_images().unwrap().is_empty());
 }
 
-fn prune_under_limit_does_nothing(kind: DriverKind) {
+fn prune_under_limit_does_nothing(kind: Store) {
     let f = Fixture::new(kind);
     f.put("a", &[1u8; 10]);
     let report = f.cache.prune_to(10).unwrap();
@@ -461,7 +467,7 @@ fn prune_under_limit_does_nothing(kind: DriverKind) {
     assert!(f.cache.is_cached(&id("a")).unwrap());
 }
 
-fn prune_uses_configured_max_size(kind: DriverKind) {
+fn prune_uses_configured_max_size(kind: Store) {
     let f = Fixture::with(kind, |o| o.max_size(15));
     f.put("a", &[1u8; 10]);
     f.tick(1);
@@ -470,7 +476,7 @@ fn prune_uses_configured_max_size(kind: DriverKind) {
     assert_eq!(report.removed, vec![id("a")]);
 }
 
-fn clean_removes_invalid_and_stalled_only(kind: DriverKind) {
+fn clean_removes_invalid_and_stalled_only(kind: Store) {
     let f = Fixture::new(kind);
     let cached = f.put("cached", b"keep");
     // An invalid file, and an incomplete file left by a writer that died
@@ -511,7 +517,7 @@ fn clean_removes_invalid_and_stalled_only(kind: DriverKind) {
     assert_eq!(f.get(&cached).unwrap(), b"keep");
 }
 
-fn clean_spares_a_live_writer_however_old(kind: DriverKind) {
+fn clean_spares_a_live_writer_however_old(kind: Store) {
     let f = Fixture::new(kind);
     let x = id("slow");
     let mut w = f.cache.open_for_write(&x).unwrap();
@@ -528,7 +534,7 @@ fn clean_spares_a_live_writer_however_old(kind: DriverKind) {
     assert_eq!(f.get(&x).unwrap(), b"still coming!");
 }
 
-fn clean_with_clock_behind_file_times_keeps_files(kind: DriverKind) {
+fn clean_with_clock_behind_file_times_keeps_files(kind: Store) {
     let f = Fixture::new(kind);
     fs::write(f.path().join("incomplete/dead"), b"x").unwrap();
     // The wall clock jumps a week back: the file looks to be from the future.
@@ -538,7 +544,7 @@ fn clean_with_clock_behind_file_times_keeps_files(kind: DriverKind) {
     assert!(f.path().join("incomplete/dead").exists());
 }
 
-fn cache_image_file_caches_once(kind: DriverKind) {
+fn cache_image_file_caches_once(kind: Store) {
     let f = Fixture::new(kind);
     let x = id("x");
     let data = bytes(5, 1 << 20);
@@ -573,7 +579,7 @@ impl Read for Failing {
     }
 }
 
-fn cache_image_file_source_error_goes_to_invalid(kind: DriverKind) {
+fn cache_image_file_source_error_goes_to_invalid(kind: Store) {
     let f = Fixture::new(kind);
     let x = id("x");
     f.cache.queue_image(&x).unwrap();
@@ -595,7 +601,7 @@ fn cache_image_file_source_error_goes_to_invalid(kind: DriverKind) {
         .contains("backend hung up"));
 }
 
-fn state_moves_queued_incomplete_cached(kind: DriverKind) {
+fn state_moves_queued_incomplete_cached(kind: Store) {
     let f = Fixture::new(kind);
     let x = id("x");
     let states = |c: &imgcache::ImageCache| {
@@ -615,7 +621,7 @@ fn state_moves_queued_incomplete_cached(kind: DriverKind) {
     assert_eq!(states(&f.cache), (false, false, true));
 }
 
-fn state_moves_queued_incomplete_invalid(kind: DriverKind) {
+fn state_moves_queued_incomplete_invalid(kind: Store) {
     let f = Fixture::new(kind);
     let x = id("x");
     f.cache.queue_image(&x).unwrap();
@@ -629,7 +635,7 @@ fn state_moves_queued_incomplete_invalid(kind: DriverKind) {
     assert!(!f.path().join("invalid/x").exists());
 }
 
-fn reopen_keeps_everything(kind: DriverKind) {
+fn reopen_keeps_everything(kind: Store) {
     let f = Fixture::new(kind);
     let x = f.put("x", &bytes(6, 5000));
     f.get(&x).unwrap();
@@ -645,7 +651,7 @@ fn reopen_keeps_everything(kind: DriverKind) {
     assert_eq!(again.invalid_images().unwrap().len(), 1);
 }
 
-fn another_handle_sees_commits_at_once(kind: DriverKind) {
+fn another_handle_sees_commits_at_once(kind: Store) {
     let f = Fixture::new(kind);
     let other = f.reopen();
     let x = f.put("x", b"shared");
@@ -659,7 +665,7 @@ fn another_handle_sees_commits_at_once(kind: DriverKind) {
     assert!(!f.cache.is_cached(&x).unwrap());
 }
 
-fn concurrent_readers_lose_no_hits(kind: DriverKind) {
+fn concurrent_readers_lose_no_hits(kind: Store) {
     let f = Fixture::new(kind);
     let x = f.put("x", &bytes(7, 4096));
     const THREADS: usize = 8;
@@ -690,7 +696,7 @@ fn concurrent_readers_lose_no_hits(kind: DriverKind) {
     assert_eq!(f.cache.hit_count(&x).unwrap(), (THREADS * READS) as u64);
 }
 
-fn concurrent_writers_of_distinct_images(kind: DriverKind) {
+fn concurrent_writers_of_distinct_images(kind: Store) {
     let f = Fixture::new(kind);
     const THREADS: usize = 8;
     std::thread::scope(|s| {
@@ -721,7 +727,7 @@ fn concurrent_writers_of_distinct_images(kind: DriverKind) {
     }
 }
 
-fn racing_writers_of_one_image_one_wins(kind: DriverKind) {
+fn racing_writers_of_one_image_one_wins(kind: Store) {
     let f = Fixture::new(kind);
     const THREADS: usize = 8;
     // Many rounds, so that the moments that matter (a writer opening just
@@ -767,7 +773,7 @@ fn racing_writers_of_one_image_one_wins(kind: DriverKind) {
     }
 }
 
-fn invalid_ids_never_reach_the_file_system(kind: DriverKind) {
+fn invalid_ids_never_reach_the_file_system(kind: Store) {
     let f = Fixture::new(kind);
     for bad in [
         "",
@@ -799,7 +805,7 @@ fn invalid_ids_never_reach_the_file_system(kind: DriverKind) {
     assert!(!f.path().parent().unwrap().join("escape").exists());
 }
 
-fn custom_db_name_is_reserved(kind: DriverKind) {
+fn custom_db_name_is_reserved(kind: Store) {
     let f = Fixture::with(kind, |o| o.sqlite_db("meta.sqlite"));
     let check = |r: Result<(), Error>| match r {
         Err(Error::InvalidId {
@@ -838,13 +844,13 @@ fn custom_db_name_is_reserved(kind: DriverKind) {
     f.cache.delete_all_cached_images().unwrap();
     f.cache.prune_to(0).unwrap();
     f.cache.clean(Some(Duration::ZERO)).unwrap();
-    if kind == DriverKind::Sqlite {
+    if kind == Store::SQLITE {
         assert!(f.path().join("meta.sqlite").is_file());
         assert!(!f.path().join("cache.db").exists());
     }
 }
 
-fn truncated_file_is_refused_not_served(kind: DriverKind) {
+fn truncated_file_is_refused_not_served(kind: Store) {
     let f = Fixture::new(kind);
     let x = f.put("x", &bytes(8, 10_000));
     let file = fs::OpenOptions::new()
@@ -875,7 +881,7 @@ fn truncated_file_is_refused_not_served(kind: DriverKind) {
         .contains("4000 bytes on disk"));
 }
 
-fn foreign_files_in_cache_dir_are_ignored(kind: DriverKind) {
+fn foreign_files_in_cache_dir_are_ignored(kind: Store) {
     let f = Fixture::new(kind);
     f.put("real", b"1");
     fs::write(f.path().join(".imgcache-tmp"), b"x").unwrap();
@@ -890,7 +896,7 @@ fn foreign_files_in_cache_dir_are_ignored(kind: DriverKind) {
     assert_eq!(ids, ["real"]);
 }
 
-fn unicode_and_long_ids_work(kind: DriverKind) {
+fn unicode_and_long_ids_work(kind: Store) {
     let f = Fixture::new(kind);
     let long = "é".repeat(127); // 254 bytes
     for name in ["名前-イメージ", long.as_str(), "with space", ".hidden", "1"] {
@@ -902,7 +908,7 @@ fn unicode_and_long_ids_work(kind: DriverKind) {
 
 /// A writer whose underlying cache file vanished mid-way: the commit fails
 /// with an error naming the file, and nothing is reported cached.
-fn writer_error_surfaces_and_keeps_nothing_cached(kind: DriverKind) {
+fn writer_error_surfaces_and_keeps_nothing_cached(kind: Store) {
     let f = Fixture::new(kind);
     let x = id("x");
     let mut w = f.cache.open_for_write(&x).unwrap();

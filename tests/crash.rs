@@ -19,8 +19,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{bytes, child_cache, id, DRIVERS};
-use imgcache::{CacheOptions, DriverKind, Error, ImageCache, ImageId, Verification};
+use common::{bytes, child_cache, id};
+use imgcache::testing::Store;
+use imgcache::{CacheOptions, Error, ImageCache, ImageId, Verification};
 
 const POOL: u64 = 24;
 
@@ -156,13 +157,10 @@ fn child() {
 
 /// Reopens the cache after a kill and checks every invariant; returns the
 /// number of cached entries checked.
-fn check(dir: &std::path::Path, kind: DriverKind, kill: u64) -> usize {
-    let cache = CacheOptions::new(dir)
-        .driver(kind)
-        .open()
-        .unwrap_or_else(|e| {
-            panic!("{kind} kill {kill}: reopen failed: {e}");
-        });
+fn check(dir: &std::path::Path, kind: Store, kill: u64) -> usize {
+    let cache = kind.open(CacheOptions::new(dir)).unwrap_or_else(|e| {
+        panic!("{kind} kill {kill}: reopen failed: {e}");
+    });
     let listed = cache.cached_images().unwrap();
     for info in &listed {
         let i = index(&info.id);
@@ -227,7 +225,7 @@ fn sigkill_at_random_moments_never_breaks_the_cache() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
-    for kind in DRIVERS {
+    for &kind in Store::all() {
         let dir = tempfile::tempdir().unwrap();
         let cache_dir = dir.path().join("cache");
         let mut rng = Rng(0x5eed ^ kills);
@@ -244,7 +242,7 @@ fn sigkill_at_random_moments_never_breaks_the_cache() {
                 ])
                 .env("IMGCACHE_CHILD", kill.to_string())
                 .env("IMGCACHE_DIR", &cache_dir)
-                .env("IMGCACHE_DRIVER", kind.as_str())
+                .env("IMGCACHE_DRIVER", kind.name())
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap();

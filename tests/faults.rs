@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use ::xattr::FileExt;
 use common::{bytes, id, Fixture, Mount};
-use imgcache::{CacheOptions, DriverKind, Error, ImageCache, Verification};
+use imgcache::testing::Store;
+use imgcache::{CacheOptions, Error, ImageCache, Verification};
 
 for_each_driver!(
     recovery_of_a_clean_cache_is_clean,
@@ -25,7 +26,7 @@ for_each_driver!(
     clock_jumping_backwards_breaks_nothing,
 );
 
-fn recovery_of_a_clean_cache_is_clean(kind: DriverKind) {
+fn recovery_of_a_clean_cache_is_clean(kind: Store) {
     let f = Fixture::new(kind);
     f.put("a", b"1");
     f.cache.queue_image(&id("q")).unwrap();
@@ -34,7 +35,7 @@ fn recovery_of_a_clean_cache_is_clean(kind: DriverKind) {
     assert!(again.recovery().stalled.is_empty());
 }
 
-fn recovery_adopts_files_without_metadata(kind: DriverKind) {
+fn recovery_adopts_files_without_metadata(kind: Store) {
     let f = Fixture::new(kind);
     f.put("known", b"k");
     // A file that appeared without metadata: for sqlite, a crash between
@@ -59,7 +60,7 @@ fn recovery_adopts_files_without_metadata(kind: DriverKind) {
     assert!(f.reopen().recovery().adopted.is_empty());
 }
 
-fn recovery_reports_stalled_but_not_live_writers(kind: DriverKind) {
+fn recovery_reports_stalled_but_not_live_writers(kind: Store) {
     let f = Fixture::new(kind);
     let mut live = f.cache.open_for_write(&id("live")).unwrap();
     live.write_all(b"...").unwrap();
@@ -69,7 +70,7 @@ fn recovery_reports_stalled_but_not_live_writers(kind: DriverKind) {
     live.commit().unwrap();
 }
 
-fn scrub_detects_a_file_overwritten_in_place(kind: DriverKind) {
+fn scrub_detects_a_file_overwritten_in_place(kind: Store) {
     let f = Fixture::new(kind);
     let x = f.put("x", &bytes(1, 100_000));
     f.put("y", &bytes(2, 100_000));
@@ -97,7 +98,7 @@ fn scrub_detects_a_file_overwritten_in_place(kind: DriverKind) {
     assert_eq!(f.cache.verify(&x).unwrap(), None);
 }
 
-fn scrub_verifies_adopted_files(kind: DriverKind) {
+fn scrub_verifies_adopted_files(kind: Store) {
     let f = Fixture::new(kind);
     fs::write(f.path().join("foreign"), bytes(4, 3000)).unwrap();
     let again = f.reopen();
@@ -114,12 +115,12 @@ fn scrub_verifies_adopted_files(kind: DriverKind) {
     assert_eq!(again.scrub().unwrap().intact, 1);
 }
 
-fn corrupt_metadata_is_quarantined_at_open(kind: DriverKind) {
+fn corrupt_metadata_is_quarantined_at_open(kind: Store) {
     let f = Fixture::new(kind);
     f.put("good", b"good");
     f.put("bad", b"bad");
-    match kind {
-        DriverKind::Sqlite => {
+    match kind.name() {
+        "sqlite" => {
             let db = rusqlite::Connection::open(f.path().join("cache.db")).unwrap();
             db.execute(
                 "UPDATE cached_images SET size = -5 WHERE image_id = 'bad'",
@@ -148,12 +149,12 @@ fn corrupt_metadata_is_quarantined_at_open(kind: DriverKind) {
     assert_eq!(again.cached_images().unwrap().len(), 1);
 }
 
-fn disk_full_fails_the_write_and_keeps_everything_else(kind: DriverKind) {
+fn disk_full_fails_the_write_and_keeps_everything_else(kind: Store) {
     let Some(mount) = Mount::new("tmpfs", "size=1m") else {
         return;
     };
     let dir = mount.path.join("cache");
-    let cache = CacheOptions::new(&dir).driver(kind).open().unwrap();
+    let cache = kind.open(CacheOptions::new(&dir)).unwrap();
     let keep = id("keep");
     assert!(cache
         .cache_image_file(&keep, &bytes(1, 100_000)[..])
@@ -176,7 +177,7 @@ fn disk_full_fails_the_write_and_keeps_everything_else(kind: DriverKind) {
     drop(mount);
 }
 
-fn permission_denied_names_the_directory(kind: DriverKind) {
+fn permission_denied_names_the_directory(kind: Store) {
     // Root passes permission checks, so the attempt is made by a child
     // process running as nobody.
     let is_root = nix_uid_is_root();
@@ -189,7 +190,7 @@ fn permission_denied_names_the_directory(kind: DriverKind) {
     let outer = tempfile::tempdir().unwrap();
     fs::set_permissions(outer.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let dir = outer.path().join("cache");
-    CacheOptions::new(&dir).driver(kind).open().unwrap();
+    kind.open(CacheOptions::new(&dir)).unwrap();
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
@@ -203,7 +204,7 @@ fn permission_denied_names_the_directory(kind: DriverKind) {
         ])
         .env("IMGCACHE_CHILD", "open")
         .env("IMGCACHE_DIR", &dir)
-        .env("IMGCACHE_DRIVER", kind.as_str())
+        .env("IMGCACHE_DRIVER", kind.name())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -223,8 +224,7 @@ fn open_child() {
         return;
     }
     let dir = std::env::var("IMGCACHE_DIR").unwrap();
-    let driver: DriverKind = std::env::var("IMGCACHE_DRIVER").unwrap().parse().unwrap();
-    match CacheOptions::new(&dir).driver(driver).open() {
+    match common::child_store().open(CacheOptions::new(&dir)) {
         Ok(_) => println!("opened"),
         Err(e) => println!("error: {:?} {e}", e.io_kind()),
     }
@@ -236,7 +236,7 @@ fn nix_uid_is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn clock_jumping_backwards_breaks_nothing(kind: DriverKind) {
+fn clock_jumping_backwards_breaks_nothing(kind: Store) {
     let f = Fixture::new(kind);
     let a = f.put("a", b"a");
     f.cache.queue_image(&id("q1")).unwrap();
@@ -262,7 +262,7 @@ fn clock_jumping_backwards_breaks_nothing(kind: DriverKind) {
 
 #[test]
 fn garbage_database_is_refused_by_name_then_rebuilt() {
-    let f = Fixture::new(DriverKind::Sqlite);
+    let f = Fixture::new(Store::SQLITE);
     let x = f.put("x", &bytes(5, 2000));
     f.get(&x).unwrap();
     let Fixture {
@@ -330,7 +330,7 @@ fn empty_database_file_is_a_new_database() {
 
 #[test]
 fn sqlite_row_without_file_is_dropped() {
-    let f = Fixture::new(DriverKind::Sqlite);
+    let f = Fixture::new(Store::SQLITE);
     let x = f.put("x", b"gone soon");
     f.put("y", b"stays");
     fs::remove_file(f.path().join("x")).unwrap();

@@ -24,14 +24,14 @@ fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
 #[test]
 fn id_corpus() {
     for (path, data) in corpus("id") {
-        imgcache::fuzzing::id(&data).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        imgcache::testing::id(&data).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
 }
 
 #[test]
 fn stored_values_corpus() {
     for (path, data) in corpus("stored_values") {
-        imgcache::fuzzing::stored_values(&data)
+        imgcache::testing::stored_values(&data)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
 }
@@ -40,7 +40,7 @@ fn stored_values_corpus() {
 fn sqlite_db_corpus() {
     for (path, data) in corpus("sqlite_db") {
         let dir = tempfile::tempdir().unwrap();
-        imgcache::fuzzing::sqlite_db(dir.path(), &data)
+        imgcache::testing::sqlite_db(dir.path(), &data)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
 }
@@ -49,7 +49,7 @@ fn sqlite_db_corpus() {
 fn ops_corpus() {
     for (path, data) in corpus("ops") {
         let dir = tempfile::tempdir().unwrap();
-        imgcache::fuzzing::ops(dir.path(), &data)
+        imgcache::testing::ops(dir.path(), &data)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
 }

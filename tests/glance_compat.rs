@@ -174,7 +174,7 @@ fn xattr_opens_glance_files_and_keeps_them_glance_readable() {
     fs::write(&bad, b"half").unwrap();
     xattr::set(&bad, "user.error", b"IOError: connection reset").unwrap();
 
-    let f = Fixture::with(DriverKind::Xattr, |o| {
+    let f = Fixture::with(imgcache::testing::Store::XATTR, |o| {
         CacheOptions::new(dir.path())
             .driver(DriverKind::Xattr)
             .clock(o.clock_ref().clone())

@@ -3,8 +3,7 @@
 //! (`imgcache::fuzzing`, shared with the `ops` fuzz target); after every
 //! step the two must agree on everything the cache reports.
 
-use imgcache::fuzzing::{run, Op, IDS};
-use imgcache::DriverKind;
+use imgcache::testing::{run, Op, Store, IDS};
 use proptest::prelude::*;
 
 /// Cases per driver; `PROPTEST_CASES` overrides it.
@@ -30,7 +29,7 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn check(kind: DriverKind, ops: Vec<Op>) -> Result<(), TestCaseError> {
+fn check(kind: Store, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
     run(kind, dir.path(), &ops).map_err(TestCaseError::fail)
 }
@@ -51,11 +50,11 @@ proptest! {
 
     #[test]
     fn sqlite_agrees_with_model(ops in proptest::collection::vec(op(), 1..60)) {
-        check(DriverKind::Sqlite, ops)?;
+        check(Store::SQLITE, ops)?;
     }
 
     #[test]
     fn xattr_agrees_with_model(ops in proptest::collection::vec(op(), 1..60)) {
-        check(DriverKind::Xattr, ops)?;
+        check(Store::XATTR, ops)?;
     }
 }

@@ -8,8 +8,9 @@ mod common;
 use std::io::{BufReader, Read, Write};
 use std::process::{Command, Stdio};
 
-use common::{bytes, id, Fixture, DRIVERS};
-use imgcache::{DriverKind, Error};
+use common::{bytes, id, Fixture};
+use imgcache::testing::Store;
+use imgcache::Error;
 
 /// The child's part. Commands (from `IMGCACHE_CHILD`):
 /// - `read N`: open the image `x` N times, reading it whole each time;
@@ -87,7 +88,7 @@ fn spawn(f: &Fixture, cmd: &str) -> std::process::Child {
         ])
         .env("IMGCACHE_CHILD", cmd)
         .env("IMGCACHE_DIR", f.path())
-        .env("IMGCACHE_DRIVER", f.kind.as_str())
+        .env("IMGCACHE_DRIVER", f.kind.name())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -102,7 +103,7 @@ fn output(child: std::process::Child) -> String {
 
 #[test]
 fn hits_from_many_processes_are_exact() {
-    for kind in DRIVERS {
+    for &kind in Store::all() {
         let f = Fixture::new(kind);
         f.put("x", &bytes(1, 10_000));
         let children: Vec<_> = (0..4).map(|_| spawn(&f, "read 100")).collect();
@@ -115,7 +116,7 @@ fn hits_from_many_processes_are_exact() {
 
 #[test]
 fn racing_writer_processes_one_wins_whole() {
-    for kind in DRIVERS {
+    for &kind in Store::all() {
         let f = Fixture::new(kind);
         let children: Vec<_> = (0..6).map(|_| spawn(&f, "write")).collect();
         let outs: Vec<String> = children.into_iter().map(output).collect();
@@ -136,7 +137,7 @@ fn racing_writer_processes_one_wins_whole() {
 
 #[test]
 fn clean_in_one_process_spares_a_writer_alive_in_another() {
-    for kind in [DriverKind::Sqlite, DriverKind::Xattr] {
+    for &kind in Store::all() {
         let f = Fixture::new(kind);
         let mut child = spawn(&f, "hold");
         // Wait for the child to hold its writer (the test harness prints a
@@ -158,7 +159,7 @@ fn clean_in_one_process_spares_a_writer_alive_in_another() {
 
 #[test]
 fn prune_in_one_process_while_another_reads() {
-    for kind in DRIVERS {
+    for &kind in Store::all() {
         let f = Fixture::new(kind);
         f.put("x", &bytes(1, 3_000_000));
         let mut child = spawn(&f, "hold-read");
@@ -184,7 +185,7 @@ fn prune_in_one_process_while_another_reads() {
 /// takes the fill over and opens the backend once.
 #[test]
 fn fetch_waits_for_a_writer_in_another_process_or_takes_over() {
-    for kind in DRIVERS {
+    for &kind in Store::all() {
         for kill in [false, true] {
             let f = Fixture::new(kind);
             let mut child = spawn(&f, "hold");

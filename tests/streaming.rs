@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 
 use common::{bytes, id, Fixture, Mount};
-use imgcache::{Algorithm, CacheOptions, Checksum, DriverKind, Error, Hasher, ImageStream};
+use imgcache::testing::Store;
+use imgcache::{Algorithm, CacheOptions, Checksum, Error, Hasher, ImageStream};
 
 for_each_driver!(
     tee_commits_at_the_end_when_the_checksum_matches,
@@ -82,7 +83,7 @@ fn read_all(mut r: impl Read) -> io::Result<Vec<u8>> {
     }
 }
 
-fn tee_commits_at_the_end_when_the_checksum_matches(kind: DriverKind) {
+fn tee_commits_at_the_end_when_the_checksum_matches(kind: Store) {
     let f = Fixture::new(kind);
     let data = Arc::new(bytes(1, SIZE));
     for (n, algorithm) in [
@@ -124,7 +125,7 @@ fn tee_commits_at_the_end_when_the_checksum_matches(kind: DriverKind) {
     assert!(tee.stats().cached);
 }
 
-fn tee_mismatch_is_an_error_at_the_end_and_caches_nothing(kind: DriverKind) {
+fn tee_mismatch_is_an_error_at_the_end_and_caches_nothing(kind: Store) {
     let f = Fixture::new(kind);
     let data = Arc::new(bytes(2, SIZE));
     for (n, algorithm) in [
@@ -178,7 +179,7 @@ fn tee_mismatch_is_an_error_at_the_end_and_caches_nothing(kind: DriverKind) {
     }
 }
 
-fn tee_source_error_reaches_the_caller(kind: DriverKind) {
+fn tee_source_error_reaches_the_caller(kind: Store) {
     let f = Fixture::new(kind);
     let data = Arc::new(bytes(3, SIZE));
     let x = id("x");
@@ -198,7 +199,7 @@ fn tee_source_error_reaches_the_caller(kind: DriverKind) {
     assert!(invalid[0].size >= 1_000_000 - 64 * 1024);
 }
 
-fn tee_dropped_early_goes_to_invalid_by_default(kind: DriverKind) {
+fn tee_dropped_early_goes_to_invalid_by_default(kind: Store) {
     let f = Fixture::new(kind);
     let data = Arc::new(bytes(4, SIZE));
     let x = id("x");
@@ -221,7 +222,7 @@ fn tee_dropped_early_goes_to_invalid_by_default(kind: DriverKind) {
     );
 }
 
-fn tee_dropped_early_is_finished_when_configured(kind: DriverKind) {
+fn tee_dropped_early_is_finished_when_configured(kind: Store) {
     let f = Fixture::with(kind, |o| o.finish_abandoned_fills(true));
     let data = Arc::new(bytes(5, SIZE));
     let x = id("x");
@@ -254,7 +255,7 @@ fn tee_dropped_early_is_finished_when_configured(kind: DriverKind) {
     assert!(f.cache.is_cached(&x).unwrap());
 }
 
-fn tee_dropped_early_is_finished_for_followers(kind: DriverKind) {
+fn tee_dropped_early_is_finished_for_followers(kind: Store) {
     let f = Fixture::new(kind);
     let data = Arc::new(bytes(6, SIZE));
     let x = id("x");
@@ -274,14 +275,11 @@ fn tee_dropped_early_is_finished_for_followers(kind: DriverKind) {
     assert!(f.cache.is_cached(&x).unwrap());
 }
 
-fn tee_cache_write_failure_leaves_the_stream_unharmed(kind: DriverKind) {
+fn tee_cache_write_failure_leaves_the_stream_unharmed(kind: Store) {
     let Some(mount) = Mount::new("tmpfs", "size=1m") else {
         return;
     };
-    let cache = CacheOptions::new(mount.path.join("c"))
-        .driver(kind)
-        .open()
-        .unwrap();
+    let cache = kind.open(CacheOptions::new(mount.path.join("c"))).unwrap();
     let data = Arc::new(bytes(7, SIZE)); // three times the file system
     let x = id("x");
     let mut tee = cache
@@ -298,7 +296,7 @@ fn tee_cache_write_failure_leaves_the_stream_unharmed(kind: DriverKind) {
     drop(cache);
 }
 
-fn tee_passes_through_when_cached_or_being_cached(kind: DriverKind) {
+fn tee_passes_through_when_cached_or_being_cached(kind: Store) {
     let f = Fixture::new(kind);
     let data = Arc::new(bytes(8, 100_000));
     let cached = f.put("cached", &data);
@@ -343,7 +341,7 @@ fn tee_passes_through_when_cached_or_being_cached(kind: DriverKind) {
     );
 }
 
-fn fetch_sixteen_threads_one_origin_open(kind: DriverKind) {
+fn fetch_sixteen_threads_one_origin_open(kind: Store) {
     let f = Fixture::new(kind);
     let data = Arc::new(bytes(9, SIZE));
     let x = id("cold");
@@ -374,7 +372,7 @@ fn fetch_sixteen_threads_one_origin_open(kind: DriverKind) {
     assert!(f.cache.is_cached(&x).unwrap());
 }
 
-fn fetch_follower_reads_while_the_filler_writes(kind: DriverKind) {
+fn fetch_follower_reads_while_the_filler_writes(kind: Store) {
     let f = Fixture::new(kind);
     let data = Arc::new(bytes(10, SIZE));
     let x = id("x");
@@ -397,7 +395,7 @@ fn fetch_follower_reads_while_the_filler_writes(kind: DriverKind) {
     assert!(tail == data[1_000_000..]);
 }
 
-fn fetch_follower_gets_an_error_when_the_fill_fails(kind: DriverKind) {
+fn fetch_follower_gets_an_error_when_the_fill_fails(kind: Store) {
     let f = Fixture::new(kind);
     let data = Arc::new(bytes(11, SIZE));
     let x = id("x");
@@ -429,7 +427,7 @@ fn fetch_follower_gets_an_error_when_the_fill_fails(kind: DriverKind) {
     assert!(f.cache.is_cached(&x).unwrap());
 }
 
-fn fetch_source_open_failure_leaves_nothing(kind: DriverKind) {
+fn fetch_source_open_failure_leaves_nothing(kind: Store) {
     let f = Fixture::new(kind);
     let x = id("x");
     let err = f
@@ -456,7 +454,7 @@ fn fetch_source_open_failure_leaves_nothing(kind: DriverKind) {
     );
 }
 
-fn fetch_after_commit_is_a_hit(kind: DriverKind) {
+fn fetch_after_commit_is_a_hit(kind: Store) {
     let f = Fixture::new(kind);
     let data = Arc::new(bytes(12, 10_000));
     let x = id("x");
@@ -474,7 +472,7 @@ fn fetch_after_commit_is_a_hit(kind: DriverKind) {
 /// looks just before the commit's rename and acts just after it must not
 /// drop the fresh row (once, that orphaned the image and made `fetch` give
 /// up after 64 rounds).
-fn fetch_racing_rounds_never_give_up_or_orphan(kind: DriverKind) {
+fn fetch_racing_rounds_never_give_up_or_orphan(kind: Store) {
     let f = Fixture::new(kind);
     let data = Arc::new(bytes(13, 64 * 1024));
     for round in 0..60 {
@@ -507,7 +505,7 @@ fn fetch_racing_rounds_never_give_up_or_orphan(kind: DriverKind) {
 /// A cache fault is never the client's: a cached file truncated or extended
 /// behind the cache's back is quarantined, and the same request is served
 /// from the origin, byte-exact, and cached again.
-fn fetch_of_a_corrupt_entry_falls_through_to_the_origin(kind: DriverKind) {
+fn fetch_of_a_corrupt_entry_falls_through_to_the_origin(kind: Store) {
     for damage in [4_000u64, 20_000] {
         let f = Fixture::new(kind);
         let data = Arc::new(bytes(31, 10_000));

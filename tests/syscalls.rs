@@ -8,8 +8,8 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{bytes, id, Fixture, DRIVERS};
-use imgcache::DriverKind;
+use common::{bytes, id, Fixture};
+use imgcache::testing::Store;
 
 /// The child's part, when `IMGCACHE_CHILD` is set: `read N` opens and reads
 /// image `x` N times.
@@ -70,7 +70,7 @@ fn trace(f: &Fixture, cmd: &str, env: &[(&str, &Path)], calls: &str, out: &Path)
         .args(["--exact", "child", "--test-threads=1", "--quiet"])
         .env("IMGCACHE_CHILD", cmd)
         .env("IMGCACHE_DIR", f.path())
-        .env("IMGCACHE_DRIVER", f.kind.as_str())
+        .env("IMGCACHE_DRIVER", f.kind.name())
         .stdout(std::process::Stdio::null())
         .status()
         .unwrap();
@@ -91,7 +91,7 @@ fn reads_never_fsync_on_the_reading_thread() {
     if !have_strace() {
         return;
     }
-    for kind in DRIVERS {
+    for &kind in Store::all() {
         let f = Fixture::new(kind);
         f.put("x", &bytes(1, 4096));
         let out = tempfile::NamedTempFile::new().unwrap();
@@ -133,7 +133,7 @@ fn commit_syncs_data_then_renames_then_syncs_dir_then_records() {
     if !have_strace() {
         return;
     }
-    for kind in DRIVERS {
+    for &kind in Store::all() {
         let f = Fixture::new(kind);
         let out = tempfile::NamedTempFile::new().unwrap();
         let lines = trace(
@@ -200,8 +200,8 @@ fn commit_syncs_data_then_renames_then_syncs_dir_then_records() {
                 == Some(rename),
             "{kind}: renamed before its data was synced"
         );
-        match kind {
-            DriverKind::Sqlite => {
+        match kind.name() {
+            "sqlite" => {
                 let wal = |l: &str| l.contains(" pwrite64(") && l.contains("cache.db-wal>");
                 assert!(
                     !lines[opened..fsync_dir].iter().any(|l| wal(l)),

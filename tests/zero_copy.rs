@@ -10,7 +10,8 @@ use std::os::unix::net::UnixStream;
 use std::thread;
 
 use common::{bytes, id, Fixture};
-use imgcache::{ByteRange, DriverKind, Error};
+use imgcache::testing::Store;
+use imgcache::{ByteRange, Error};
 
 const SIZE: usize = 8 * 1024 * 1024 + 13;
 
@@ -27,7 +28,7 @@ for_each_driver!(
     empty_image_sends_and_maps_nothing,
 );
 
-fn image(kind: DriverKind) -> (Fixture, Vec<u8>) {
+fn image(kind: Store) -> (Fixture, Vec<u8>) {
     let f = Fixture::new(kind);
     let data = bytes(11, SIZE);
     f.put("img", &data);
@@ -43,7 +44,7 @@ fn drain(mut r: impl Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
     })
 }
 
-fn send_to_unix_socket_full_and_ranged(kind: DriverKind) {
+fn send_to_unix_socket_full_and_ranged(kind: Store) {
     let (f, data) = image(kind);
     let img = f.cache.open_for_read(&id("img")).unwrap().unwrap();
     for range in [
@@ -63,7 +64,7 @@ fn send_to_unix_socket_full_and_ranged(kind: DriverKind) {
     }
 }
 
-fn send_to_tcp_loopback(kind: DriverKind) {
+fn send_to_tcp_loopback(kind: Store) {
     let (f, data) = image(kind);
     let img = f.cache.open_for_read(&id("img")).unwrap().unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -75,7 +76,7 @@ fn send_to_tcp_loopback(kind: DriverKind) {
     assert!(reader.join().unwrap() == data);
 }
 
-fn send_to_nonblocking_socket_waits_out_eagain(kind: DriverKind) {
+fn send_to_nonblocking_socket_waits_out_eagain(kind: Store) {
     let (f, data) = image(kind);
     let img = f.cache.open_for_read(&id("img")).unwrap().unwrap();
     let (a, b) = UnixStream::pair().unwrap();
@@ -88,7 +89,7 @@ fn send_to_nonblocking_socket_waits_out_eagain(kind: DriverKind) {
     assert!(reader.join().unwrap() == data[100..]);
 }
 
-fn send_to_pipe(kind: DriverKind) {
+fn send_to_pipe(kind: Store) {
     let (f, data) = image(kind);
     let img = f.cache.open_for_read(&id("img")).unwrap().unwrap();
     for range in [None, Some(ByteRange::from(65_535..3_000_000))] {
@@ -102,7 +103,7 @@ fn send_to_pipe(kind: DriverKind) {
     }
 }
 
-fn send_to_file_appends_at_its_position(kind: DriverKind) {
+fn send_to_file_appends_at_its_position(kind: Store) {
     let (f, data) = image(kind);
     let img = f.cache.open_for_read(&id("img")).unwrap().unwrap();
     let mut out = tempfile::tempfile().unwrap();
@@ -119,7 +120,7 @@ fn send_to_file_appends_at_its_position(kind: DriverKind) {
     assert!(got == want);
 }
 
-fn send_range_outside_is_refused(kind: DriverKind) {
+fn send_range_outside_is_refused(kind: Store) {
     let (f, _) = image(kind);
     let img = f.cache.open_for_read(&id("img")).unwrap().unwrap();
     let (a, _b) = UnixStream::pair().unwrap();
@@ -153,7 +154,7 @@ fn send_range_outside_is_refused(kind: DriverKind) {
     }
 }
 
-fn mmap_whole_and_range(kind: DriverKind) {
+fn mmap_whole_and_range(kind: Store) {
     let (f, data) = image(kind);
     let img = f.cache.open_for_read(&id("img")).unwrap().unwrap();
     let all = img.mmap(None).unwrap();
@@ -167,7 +168,7 @@ fn mmap_whole_and_range(kind: DriverKind) {
     assert!(all[SIZE - 100..] == data[SIZE - 100..]);
 }
 
-fn range_reader_reads_exactly_the_range(kind: DriverKind) {
+fn range_reader_reads_exactly_the_range(kind: Store) {
     let (f, data) = image(kind);
     let img = f.cache.open_for_read(&id("img")).unwrap().unwrap();
     let mut r = img
@@ -186,7 +187,7 @@ fn range_reader_reads_exactly_the_range(kind: DriverKind) {
     assert_eq!((&x[..], &y[..]), (&data[..10], &data[10..20]));
 }
 
-fn range_reader_refuses_a_file_truncated_behind_its_back(kind: DriverKind) {
+fn range_reader_refuses_a_file_truncated_behind_its_back(kind: Store) {
     let (f, _) = image(kind);
     let img = f.cache.open_for_read(&id("img")).unwrap().unwrap();
     std::fs::OpenOptions::new()
@@ -214,7 +215,7 @@ fn range_reader_refuses_a_file_truncated_behind_its_back(kind: DriverKind) {
     );
 }
 
-fn empty_image_sends_and_maps_nothing(kind: DriverKind) {
+fn empty_image_sends_and_maps_nothing(kind: Store) {
     let f = Fixture::new(kind);
     f.put("empty", b"");
     let img = f.cache.open_for_read(&id("empty")).unwrap().unwrap();

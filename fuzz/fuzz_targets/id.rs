@@ -2,7 +2,7 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    if let Err(e) = imgcache::fuzzing::id(data) {
+    if let Err(e) = imgcache::testing::id(data) {
         panic!("{e}");
     }
 });

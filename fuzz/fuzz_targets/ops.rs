@@ -4,7 +4,7 @@
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let dir = tempfile::tempdir().expect("tempdir");
-    if let Err(e) = imgcache::fuzzing::ops(dir.path(), data) {
+    if let Err(e) = imgcache::testing::ops(dir.path(), data) {
         panic!("{e}");
     }
 });

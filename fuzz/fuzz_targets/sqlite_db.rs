@@ -4,7 +4,7 @@
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let dir = tempfile::tempdir().expect("tempdir");
-    if let Err(e) = imgcache::fuzzing::sqlite_db(dir.path(), data) {
+    if let Err(e) = imgcache::testing::sqlite_db(dir.path(), data) {
         panic!("{e}");
     }
 });

@@ -3,7 +3,7 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    if let Err(e) = imgcache::fuzzing::stored_values(data) {
+    if let Err(e) = imgcache::testing::stored_values(data) {
         panic!("{e}");
     }
 });

@@ -1,4 +1,48 @@
-//! The metadata drivers: one file each.
+//! [`CacheDriver`]: where a cache's metadata lives — and nothing else.
+//!
+//! A driver (a *metadata store*; [`MetadataStore`] is the same trait) keeps
+//! rows: one per cached image (size, hits, last access, checksum, CRC), the
+//! reasons recorded for failed writes, and the queue's counter. It never
+//! sees a path policy, moves a file, takes a file lock or decides anything:
+//! [`crate::ImageCache`] owns the one local file layer ([`crate::Layout`]:
+//! writer, reader, locks, queue folder, recovery walk) and the policies
+//! (prune, clean, quarantine), and asks the driver what it needs to know.
+//!
+//! # The xattr store, and why files appear in some signatures
+//!
+//! Glance's `xattr` driver keeps its metadata *on* the cached files. A seam
+//! with no files at all would leave it two bad shapes: re-opening files by
+//! path behind the file layer's back (a second copy of the path policy), or
+//! the file layer learning xattr names (a second copy of the store). So the
+//! methods that concern one entry take an [`OnDisk`] — the file as the file
+//! layer found or opened it — and the walks take a [`CachedFiles`], the file
+//! layer's listing. A store that keeps rows elsewhere ([`SqliteDriver`],
+//! a shared database) ignores both; it never receives a path it could act
+//! on beyond the one it was given.
+//!
+//! # Order of calls, and crash safety
+//!
+//! A commit is: `prepare` (the file complete but not synced: a store on the
+//! file writes its metadata now, so that it is synced and published with
+//! the bytes) → `fsync` → no-replace rename → directory `fsync` → `insert`
+//! (a store elsewhere records the row now: a row never names a file that
+//! is not in place). Removal is files first, rows second; a crash between
+//! leaves rows without files, which the recovery walk drops. Invalidation
+//! records the reason before the file moves.
+//!
+//! # Nodes
+//!
+//! A store answers for one node's cache ([`CacheDriver::node`]): a local
+//! store has exactly one; a store on a shared database keys every row by
+//! it, and may tell which other nodes hold an image
+//! ([`CacheDriver::nodes_holding`]).
+
+use std::fmt;
+use std::time::SystemTime;
+
+use crate::entry::{CachedFiles, CachedImageInfo, Invalidation, LruEntry, OnDisk, Scanned};
+use crate::error::Result;
+use crate::id::ImageId;
 
 mod checkpoint;
 pub mod sqlite;
@@ -6,3 +50,125 @@ pub mod xattr;
 
 pub use self::sqlite::SqliteDriver;
 pub use self::xattr::XattrDriver;
+
+/// The same trait as [`CacheDriver`], under the name of what it is.
+pub use self::CacheDriver as MetadataStore;
+
+/// The node name of a store that serves one local cache only.
+pub const LOCAL_NODE: &str = "local";
+
+/// Where a cache keeps its metadata. See the [module docs](self) for the
+/// order of calls and what each store may rely on.
+///
+/// Implemented by [`SqliteDriver`] and [`XattrDriver`]; object safe
+/// ([`crate::ImageCache`] holds an `Arc<dyn CacheDriver>`). Ids reaching a
+/// driver have been admitted by the cache (never one of its own file
+/// names).
+pub trait CacheDriver: Send + Sync + fmt::Debug {
+    /// The driver's name, as Glance's `image_cache_driver` spells it.
+    fn name(&self) -> &'static str;
+
+    /// The node whose rows this store reads and writes.
+    fn node(&self) -> &str {
+        LOCAL_NODE
+    }
+
+    /// The entry of `id`, whose cached file is `file`, without counting a
+    /// hit; `None` if the store has none (a file renamed in place whose
+    /// row is not written yet, or one nobody recorded).
+    fn get(&self, id: &ImageId, file: OnDisk<'_>) -> Result<Option<CachedImageInfo>>;
+
+    /// Counts one hit of `id` at `at` and returns its entry as of that hit;
+    /// `None` if the store has no entry. Stores batch these writes: a read
+    /// costs at most one metadata update, never one per chunk.
+    fn hit(
+        &self,
+        id: &ImageId,
+        at: SystemTime,
+        file: OnDisk<'_>,
+    ) -> Result<Option<CachedImageInfo>>;
+
+    /// Before a commit's file is synced and published (`file` is the
+    /// complete incomplete file). For stores that keep metadata on the file.
+    fn prepare(&self, _entry: &CachedImageInfo, _file: OnDisk<'_>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Records a published entry (its file is in place and synced),
+    /// replacing any earlier entry of the same id.
+    fn insert(&self, entry: &CachedImageInfo) -> Result<()>;
+
+    /// Forgets the entries of `ids`, whose files are gone; returns how many
+    /// it held.
+    fn remove(&self, ids: &[ImageId]) -> Result<usize>;
+
+    /// Forgets the entry of `id` if `missing()` is still true once the
+    /// store has excluded concurrent `insert`s: a commit renames its file
+    /// before it inserts, so a fresh entry is never taken for a stale one.
+    fn remove_if_missing(&self, id: &ImageId, missing: &dyn Fn() -> bool) -> Result<()> {
+        if missing() {
+            self.remove(std::slice::from_ref(id))?;
+        }
+        Ok(())
+    }
+
+    /// Records the CRC-32 of an entry that had none (adopted, or written by
+    /// Glance), once a scrub has read its `file` whole.
+    fn set_crc32(&self, id: &ImageId, crc32: u32, file: OnDisk<'_>) -> Result<()>;
+
+    /// Every entry, ordered by id. Entries whose metadata cannot be decoded
+    /// are logged and passed over.
+    fn list(&self, files: &dyn CachedFiles) -> Result<Vec<CachedImageInfo>>;
+
+    /// Every entry, least recently accessed first (ties broken by id).
+    fn lru(&self, files: &dyn CachedFiles) -> Result<Vec<LruEntry>>;
+
+    /// Total bytes of the entries.
+    fn total_size(&self, files: &dyn CachedFiles) -> Result<u64> {
+        Ok(self.lru(files)?.iter().map(|e| e.size).sum())
+    }
+
+    /// Every entry the store holds, for the recovery walk, undecodable
+    /// ones included. Rows whose id is not even a valid image id (no file
+    /// can have that name) are dropped by the store as it scans.
+    fn scan(&self, files: &dyn CachedFiles) -> Result<Vec<Scanned>>;
+
+    /// Adopts a cached `file` that has no entry (a crash between rename and
+    /// `insert`, or a file another tool put there): records `entry` (its
+    /// real size, no CRC) unless a committer recorded one meanwhile.
+    /// Returns whether it adopted it.
+    fn adopt(&self, entry: &CachedImageInfo, file: OnDisk<'_>) -> Result<bool>;
+
+    /// Records why an entry is invalidated, before its `file` (incomplete,
+    /// or cached and found corrupt) moves to `invalid/`.
+    fn invalidate(&self, why: &Invalidation, file: OnDisk<'_>) -> Result<()>;
+
+    /// Why the file `file` in `invalid/` was invalidated, and when, if
+    /// recorded.
+    fn invalid_reason(
+        &self,
+        id: &ImageId,
+        file: OnDisk<'_>,
+    ) -> Result<(Option<String>, Option<SystemTime>)>;
+
+    /// Forgets the reasons of invalid files that `clean` removed.
+    fn forget_invalid(&self, _ids: &[ImageId]) -> Result<()> {
+        Ok(())
+    }
+
+    /// The next number of the queue's order, from a counter every process
+    /// on the cache shares; `queue` is the queue folder.
+    fn next_queue_seq(&self, queue: OnDisk<'_>) -> Result<u64>;
+
+    /// Writes metadata held in memory (batched hits) now.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The nodes whose caches hold `id`, for a store shared by many nodes;
+    /// `None` for a store that knows only its own node (Glance answers
+    /// `409` then).
+    fn nodes_holding(&self, _id: &ImageId) -> Result<Option<Vec<String>>> {
+        Ok(None)
+    }
+}

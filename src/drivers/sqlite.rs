@@ -35,10 +35,7 @@
 //! loss can therefore drop the rows of the latest commits and the latest
 //! hit counts, never half an image.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::fs::File;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -48,14 +45,11 @@ use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::checkpoint::Checkpointer;
-use crate::clock::{from_epoch_secs, round_trip, to_epoch_secs, Clock};
-use crate::driver::{CacheDriver, CachedImageInfo, InvalidImageInfo, LruEntry, RecoveryReport};
-use crate::error::{Error, Result};
+use super::CacheDriver;
+use crate::clock::{from_epoch_secs, to_epoch_secs};
+use crate::entry::{CachedFiles, CachedImageInfo, Invalidation, LruEntry, OnDisk, Scanned};
+use crate::error::{Error, Result, StoreError};
 use crate::id::ImageId;
-use crate::layout::{remove_if_exists, CleanReport, Layout};
-use crate::queue;
-use crate::reader::CachedImage;
-use crate::writer::{CacheWriter, CommitHooks, CommitInfo, InvalidateInfo};
 
 /// How long a statement waits for another process's lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -70,10 +64,8 @@ pub struct SqliteDriver {
 }
 
 struct Inner {
-    layout: Layout,
     db_path: PathBuf,
     conn: Arc<Mutex<Connection>>,
-    clock: Arc<dyn Clock>,
     checkpointer: Checkpointer,
     hits: Mutex<PendingHits>,
 }
@@ -97,7 +89,6 @@ pub const HIT_DELAY: Duration = Duration::from_secs(1);
 impl fmt::Debug for SqliteDriver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SqliteDriver")
-            .field("dir", &self.inner.layout.base())
             .field("db", &self.inner.db_path)
             .finish()
     }
@@ -112,19 +103,18 @@ impl fmt::Debug for Inner {
 }
 
 impl SqliteDriver {
-    /// Opens (creating if needed) the cache in `dir` with its database at
-    /// `db_path`.
-    pub fn open(dir: &Path, db_path: &Path, clock: Arc<dyn Clock>) -> Result<Self> {
-        let layout = Layout::new(dir, Some(db_path));
-        layout.create()?;
+    /// Opens (creating it and its folder if needed, upgrading a database
+    /// Glance wrote) the database at `db_path`.
+    pub fn open(db_path: &Path) -> Result<Self> {
+        if let Some(dir) = db_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+        }
         let conn = Arc::new(Mutex::new(open_db(db_path).map_err(classify)?));
         let checkpointer = Checkpointer::spawn(db_path, Arc::downgrade(&conn))?;
         Ok(SqliteDriver {
             inner: Arc::new(Inner {
-                layout,
                 db_path: db_path.to_path_buf(),
                 conn,
-                clock,
                 checkpointer,
                 hits: Mutex::default(),
             }),
@@ -158,7 +148,7 @@ impl SqliteDriver {
 impl Inner {
     fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
         let mut conn = self.conn.lock();
-        f(&mut conn).map_err(|e| Error::sqlite(&self.db_path, e))
+        f(&mut conn).map_err(|e| sqlite_error(&self.db_path, e))
     }
 
     /// Writes the hits held in memory, in one transaction.
@@ -192,24 +182,40 @@ impl Inner {
         self.checkpointer.wrote();
         out
     }
+}
 
-    fn now(&self) -> SystemTime {
-        round_trip(self.clock.now())
-    }
+/// A SQLite error on the database at `path`, as the crate's own error: the
+/// source kept, its kind told ([`crate::StoreErrorKind`]).
+pub(crate) fn sqlite_error(path: &Path, e: rusqlite::Error) -> Error {
+    use crate::error::StoreErrorKind as Kind;
+    let kind = match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => Kind::Busy,
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
+            Kind::Corrupt
+        }
+        Some(rusqlite::ErrorCode::DiskFull) => Kind::NoSpace,
+        Some(
+            rusqlite::ErrorCode::CannotOpen
+            | rusqlite::ErrorCode::PermissionDenied
+            | rusqlite::ErrorCode::ReadOnly,
+        ) => Kind::Unavailable,
+        _ => Kind::Other,
+    };
+    Error::Store(StoreError::new(
+        kind,
+        "sqlite",
+        path.display().to_string(),
+        e,
+    ))
 }
 
 /// Turns "this is not a database" errors into [`Error::BadDatabase`].
 fn classify(e: Error) -> Error {
     match e {
-        Error::Sqlite { path, source }
-            if matches!(
-                source.sqlite_error_code(),
-                Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
-            ) =>
-        {
+        Error::Store(store) if store.kind() == crate::error::StoreErrorKind::Corrupt => {
             Error::BadDatabase {
-                path,
-                detail: source.to_string(),
+                path: PathBuf::from(store.location()),
+                detail: store.detail(),
             }
         }
         other => other,
@@ -219,7 +225,7 @@ fn classify(e: Error) -> Error {
 /// Opens a connection with the settings every one of ours has: the busy
 /// timeout, and no automatic checkpoints (see the checkpoint module).
 fn connect(path: &Path) -> Result<Connection> {
-    let err = |e| Error::sqlite(path, e);
+    let err = |e| sqlite_error(path, e);
     let conn = Connection::open(path).map_err(err)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
     conn.pragma_update(None, "wal_autocheckpoint", 0)
@@ -234,7 +240,7 @@ fn connect(path: &Path) -> Result<Connection> {
 /// Opens the database, sets it up for sharing, and creates or upgrades the
 /// schema.
 fn open_db(path: &Path) -> Result<Connection> {
-    let err = |e| Error::sqlite(path, e);
+    let err = |e| sqlite_error(path, e);
     let mut conn = connect(path)?;
     // WAL lets readers proceed while a writer commits; NORMAL syncs the WAL
     // at checkpoints only, so a hit never waits for an fsync.
@@ -337,7 +343,7 @@ fn time(v: ValueRef<'_>, what: &str) -> std::result::Result<SystemTime, String> 
 /// Decodes one row of `image_id, size, hits, last_accessed, last_modified,
 /// checksum, crc32`. Errors describe the bad field; the
 /// caller names the database.
-pub fn decode_row(row: &Row<'_>) -> rusqlite::Result<std::result::Result<CachedImageInfo, String>> {
+fn decode_row(row: &Row<'_>) -> rusqlite::Result<std::result::Result<CachedImageInfo, String>> {
     let id = match row.get_ref(0)? {
         ValueRef::Text(t) => match std::str::from_utf8(t).ok().map(ImageId::new) {
             Some(Ok(id)) => id,
@@ -432,37 +438,6 @@ impl SqliteDriver {
             Ok(n)
         })
     }
-
-    /// Drops the row of `id` if its file is (still) missing. The check and
-    /// the delete happen in one write transaction: a commit renames its
-    /// file before it writes its row, so a commit racing with this either
-    /// has its file seen here, or writes its row after this transaction —
-    /// a fresh row is never taken for a stale one.
-    fn drop_row_if_file_missing(&self, id: &ImageId, path: &Path) -> Result<()> {
-        self.inner.with_write(|c| {
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            if !path.exists() {
-                tx.prepare_cached("DELETE FROM cached_images WHERE image_id = ?1")?
-                    .execute([id.as_str()])?;
-            }
-            tx.commit()
-        })
-    }
-
-    fn next_queue_seq(&self) -> Result<u64> {
-        let v: i64 = self.inner.with_write(|c| {
-            c.prepare_cached(
-                "INSERT INTO imgcache_state (key, value) VALUES ('queue_seq', 1)
-                 ON CONFLICT (key) DO UPDATE SET value = value + 1
-                 RETURNING value",
-            )?
-            .query_row([], |r| r.get(0))
-        })?;
-        u64::try_from(v).map_err(|_| Error::CorruptMetadata {
-            path: self.inner.db_path.clone(),
-            detail: format!("queue counter is negative ({v})"),
-        })
-    }
 }
 
 impl Drop for Inner {
@@ -476,42 +451,49 @@ impl Drop for Inner {
     }
 }
 
-impl CommitHooks for Inner {
-    fn after_publish(&self, info: &CommitInfo) -> Result<()> {
-        // Hits pending for an earlier image of this id go to its row, which
-        // this commit then replaces.
-        self.flush_hits()?;
-        let at = to_epoch_secs(info.at);
-        self.with_write(|c| {
-            c.prepare_cached(
-                "INSERT OR REPLACE INTO cached_images
-                 (image_id, last_accessed, last_modified, size, hits, checksum, crc32)
-                 VALUES (?1, ?2, ?2, ?3, 0, ?4, ?5)",
-            )?
-            .execute(params![
-                info.id.as_str(),
-                at,
-                info.size as i64,
-                info.checksum,
-                info.crc32 as i64
-            ])
-        })?;
-        Ok(())
+/// A row as recovery sees it: its rowid, its raw id, and the row decoded
+/// (or what is wrong with it).
+type RawRow = (i64, String, std::result::Result<CachedImageInfo, String>);
+
+impl SqliteDriver {
+    /// Counts one hit of `id` at `at` in memory; returns the hits pending
+    /// for it and whether the batch is due to be written.
+    fn count_hit(&self, id: &ImageId, at: SystemTime) -> (u64, bool) {
+        let mut hits = self.inner.hits.lock();
+        let at = to_epoch_secs(at);
+        // No allocation when the image already has hits pending.
+        let pending = match hits.by_id.get_mut(id) {
+            Some(entry) => {
+                entry.0 += 1;
+                entry.1 = at;
+                entry.0
+            }
+            None => {
+                hits.by_id.insert(id.clone(), (1, at));
+                1
+            }
+        };
+        hits.count += 1;
+        let oldest = *hits.oldest.get_or_insert_with(std::time::Instant::now);
+        (
+            pending,
+            hits.count >= HIT_BATCH || oldest.elapsed() >= HIT_DELAY,
+        )
     }
 
-    fn after_invalidate(&self, info: &InvalidateInfo) -> Result<()> {
-        self.with_write(|c| {
-            c.prepare_cached(
-                "INSERT OR REPLACE INTO imgcache_invalid (image_id, reason, invalidated_at)
-                 VALUES (?1, ?2, ?3)",
-            )?
-            .execute(params![
-                info.id.as_str(),
-                info.reason,
-                to_epoch_secs(info.at)
-            ])
-        })?;
-        Ok(())
+    /// Every row, decoded or not, with its raw id (for recovery).
+    fn all_rows(&self) -> Result<Vec<RawRow>> {
+        self.with_conn(|c| {
+            c.prepare(&format!("SELECT {COLUMNS}, rowid FROM cached_images"))?
+                .query_map([], |r| {
+                    let raw = match r.get_ref(0)? {
+                        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+                        other => format!("{other:?}"),
+                    };
+                    Ok((r.get::<_, i64>(7)?, raw, decode_row(r)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
     }
 }
 
@@ -520,20 +502,85 @@ impl CacheDriver for SqliteDriver {
         "sqlite"
     }
 
-    fn layout(&self) -> &Layout {
-        &self.inner.layout
+    fn get(&self, id: &ImageId, _file: OnDisk<'_>) -> Result<Option<CachedImageInfo>> {
+        self.one(id)
     }
 
-    fn cache_size(&self) -> Result<u64> {
+    fn hit(
+        &self,
+        id: &ImageId,
+        at: SystemTime,
+        _file: OnDisk<'_>,
+    ) -> Result<Option<CachedImageInfo>> {
+        // One SELECT; the hit is counted in memory and written with others.
+        let Some(mut info) = self.row(id)? else {
+            return Ok(None);
+        };
+        let (pending, due) = self.count_hit(id, at);
+        info.hits += pending;
+        info.last_accessed = at;
+        if due {
+            self.inner.flush_hits()?;
+        }
+        Ok(Some(info))
+    }
+
+    fn insert(&self, entry: &CachedImageInfo) -> Result<()> {
+        // Hits pending for an earlier image of this id go to its row, which
+        // this one then replaces.
         self.inner.flush_hits()?;
-        let total: i64 = self.with_conn(|c| {
-            c.prepare_cached("SELECT COALESCE(SUM(MAX(size, 0)), 0) FROM cached_images")?
-                .query_row([], |r| r.get(0))
+        self.inner.with_write(|c| {
+            c.prepare_cached(
+                "INSERT OR REPLACE INTO cached_images
+                 (image_id, last_accessed, last_modified, size, hits, checksum, crc32)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                entry.id.as_str(),
+                to_epoch_secs(entry.last_accessed),
+                to_epoch_secs(entry.last_modified),
+                entry.size as i64,
+                entry.hits as i64,
+                entry.checksum,
+                entry.crc32.map(i64::from)
+            ])
         })?;
-        Ok(u64::try_from(total).unwrap_or(0))
+        Ok(())
     }
 
-    fn cached_images(&self) -> Result<Vec<CachedImageInfo>> {
+    fn remove(&self, ids: &[ImageId]) -> Result<usize> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.inner.flush_hits()?;
+        self.delete_rows(ids)
+    }
+
+    fn remove_if_missing(&self, id: &ImageId, missing: &dyn Fn() -> bool) -> Result<()> {
+        // The check and the delete in one write transaction: a commit renames
+        // its file before it writes its row, so a commit racing with this
+        // either has its file seen here, or writes its row after this
+        // transaction — a fresh row is never taken for a stale one.
+        self.inner.with_write(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            if missing() {
+                tx.prepare_cached("DELETE FROM cached_images WHERE image_id = ?1")?
+                    .execute([id.as_str()])?;
+            }
+            tx.commit()
+        })
+    }
+
+    fn set_crc32(&self, id: &ImageId, crc32: u32, _file: OnDisk<'_>) -> Result<()> {
+        self.inner.flush_hits()?;
+        self.inner.with_write(|c| {
+            c.prepare_cached("UPDATE cached_images SET crc32 = ?2 WHERE image_id = ?1")?
+                .execute(params![id.as_str(), crc32 as i64])
+        })?;
+        Ok(())
+    }
+
+    fn list(&self, _files: &dyn CachedFiles) -> Result<Vec<CachedImageInfo>> {
         self.inner.flush_hits()?;
         let rows = self.with_conn(|c| {
             c.prepare_cached(&format!(
@@ -545,124 +592,7 @@ impl CacheDriver for SqliteDriver {
         Ok(self.collect_rows(rows))
     }
 
-    fn cached_image(&self, id: &ImageId) -> Result<Option<CachedImageInfo>> {
-        self.one(id)
-    }
-
-    fn hit_count(&self, id: &ImageId) -> Result<u64> {
-        Ok(self.one(id)?.map_or(0, |i| i.hits))
-    }
-
-    fn is_cached(&self, id: &ImageId) -> Result<bool> {
-        self.with_conn(|c| {
-            c.prepare_cached("SELECT 1 FROM cached_images WHERE image_id = ?1")?
-                .exists([id.as_str()])
-        })
-    }
-
-    fn delete_cached_image(&self, id: &ImageId) -> Result<bool> {
-        Ok(self.delete_cached_images(std::slice::from_ref(id))? > 0)
-    }
-
-    fn delete_cached_images(&self, ids: &[ImageId]) -> Result<usize> {
-        self.inner.flush_hits()?;
-        // Files first: a crash in between leaves rows without files, which
-        // a reader treats as not cached and drops.
-        let mut removed_files = Vec::with_capacity(ids.len());
-        for id in ids {
-            removed_files.push(remove_if_exists(&self.inner.layout.cached(id))?);
-        }
-        self.delete_rows(ids)?;
-        Ok(removed_files.into_iter().filter(|r| *r).count())
-    }
-
-    fn delete_all_cached_images(&self) -> Result<usize> {
-        self.inner.flush_hits()?;
-        let mut ids: Vec<ImageId> = self
-            .with_conn(|c| {
-                c.prepare_cached("SELECT image_id FROM cached_images")?
-                    .query_map([], |r| r.get::<_, String>(0))?
-                    .collect::<rusqlite::Result<Vec<_>>>()
-            })?
-            .into_iter()
-            .filter_map(|s| ImageId::new(s).ok())
-            .collect();
-        // Files without rows too, as Glance's own `delete_all` walks the
-        // directory.
-        ids.extend(
-            self.inner
-                .layout
-                .list(self.inner.layout.base())?
-                .into_iter()
-                .map(|(id, _)| id),
-        );
-        ids.sort();
-        ids.dedup();
-        self.delete_cached_images(&ids)
-    }
-
-    fn queue_image(&self, id: &ImageId) -> Result<bool> {
-        self.inner.layout.check_id(id)?;
-        if self.is_cached(id)? || self.is_being_cached(id)? || self.is_queued(id)? {
-            return Ok(false);
-        }
-        let seq = self.next_queue_seq()?;
-        queue::add(&self.inner.layout, id, seq)
-    }
-
-    fn invalid_images(&self) -> Result<Vec<InvalidImageInfo>> {
-        let layout = &self.inner.layout;
-        let files = layout.list(layout.invalid_dir())?;
-        let mut out = Vec::with_capacity(files.len());
-        for (id, meta) in files {
-            let row = self.with_conn(|c| {
-                c.prepare_cached(
-                    "SELECT reason, invalidated_at FROM imgcache_invalid WHERE image_id = ?1",
-                )?
-                .query_row([id.as_str()], |r| {
-                    Ok((r.get::<_, Option<String>>(0)?, r.get::<_, Option<f64>>(1)?))
-                })
-                .optional()
-            })?;
-            let (reason, at) = row.unwrap_or((None, None));
-            out.push(InvalidImageInfo {
-                id,
-                size: meta.len(),
-                reason,
-                invalidated_at: at.and_then(from_epoch_secs),
-            });
-        }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(out)
-    }
-
-    fn clean(&self, stall_time: Duration) -> Result<CleanReport> {
-        let report = self
-            .inner
-            .layout
-            .clean(stall_time, self.inner.clock.now())?;
-        let gone: Vec<&ImageId> = report
-            .invalid
-            .iter()
-            .filter_map(|f| f.id.as_ref())
-            .collect();
-        if !gone.is_empty() {
-            self.inner.with_write(|c| {
-                let tx = c.transaction()?;
-                {
-                    let mut stmt =
-                        tx.prepare_cached("DELETE FROM imgcache_invalid WHERE image_id = ?1")?;
-                    for id in gone {
-                        stmt.execute([id.as_str()])?;
-                    }
-                }
-                tx.commit()
-            })?;
-        }
-        Ok(report)
-    }
-
-    fn least_recently_accessed(&self) -> Result<Vec<LruEntry>> {
+    fn lru(&self, _files: &dyn CachedFiles) -> Result<Vec<LruEntry>> {
         self.inner.flush_hits()?;
         let rows = self.with_conn(|c| {
             c.prepare_cached(&format!(
@@ -682,200 +612,137 @@ impl CacheDriver for SqliteDriver {
             .collect())
     }
 
-    fn open_for_write(&self, id: &ImageId) -> Result<CacheWriter> {
-        if self.is_cached(id)? {
-            return Err(Error::AlreadyCached { id: id.clone() });
-        }
-        CacheWriter::create(
-            &self.inner.layout,
-            id,
-            self.inner.clone(),
-            self.inner.clock.clone(),
-        )
-    }
-
-    fn open_for_read(&self, id: &ImageId) -> Result<Option<CachedImage>> {
-        let path = self.inner.layout.cached(id);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.drop_row_if_file_missing(id, &path)?;
-                return Ok(None);
-            }
-            Err(e) => return Err(Error::io("open", &path, e)),
-        };
-        let Some(mut info) = self.row(id)? else {
-            return Ok(None);
-        };
-        // Count the hit in memory; it is written with others shortly.
-        let now = self.inner.now();
-        let flush = {
-            let mut hits = self.inner.hits.lock();
-            let at = to_epoch_secs(now);
-            // No allocation when the image already has hits pending.
-            let pending = match hits.by_id.get_mut(id) {
-                Some(entry) => {
-                    entry.0 += 1;
-                    entry.1 = at;
-                    entry.0
-                }
-                None => {
-                    hits.by_id.insert(id.clone(), (1, at));
-                    1
-                }
-            };
-            info.hits += pending;
-            info.last_accessed = now;
-            hits.count += 1;
-            let oldest = *hits.oldest.get_or_insert_with(std::time::Instant::now);
-            hits.count >= HIT_BATCH || oldest.elapsed() >= HIT_DELAY
-        };
-        if flush {
-            self.inner.flush_hits()?;
-        }
-        CachedImage::new(file, path, info).map(Some)
-    }
-
-    fn image_size(&self, id: &ImageId) -> Result<Option<u64>> {
-        Ok(self.one(id)?.map(|i| i.size))
-    }
-
-    fn recover(&self) -> Result<RecoveryReport> {
+    fn total_size(&self, _files: &dyn CachedFiles) -> Result<u64> {
         self.inner.flush_hits()?;
-        let layout = &self.inner.layout;
-        let mut report = RecoveryReport::default();
-        // Rows first, files second: a commit renames its file before it
-        // writes its row, so a row seen here has a file unless someone
-        // deleted it since (and then dropping the row is what they meant).
-        let rows = self.with_conn(|c| {
-            c.prepare(&format!("SELECT {COLUMNS}, rowid FROM cached_images"))?
-                .query_map([], |r| {
-                    let raw = match r.get_ref(0)? {
-                        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
-                        other => format!("{other:?}"),
-                    };
-                    Ok((r.get::<_, i64>(7)?, raw, decode_row(r)?))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()
+        let total: i64 = self.with_conn(|c| {
+            c.prepare_cached("SELECT COALESCE(SUM(MAX(size, 0)), 0) FROM cached_images")?
+                .query_row([], |r| r.get(0))
         })?;
-        let files: BTreeMap<ImageId, std::fs::Metadata> =
-            layout.list(layout.base())?.into_iter().collect();
-        let mut known = BTreeSet::new();
-        let mut drop_rows = Vec::new();
-        for (rowid, raw, decoded) in rows {
+        Ok(u64::try_from(total).unwrap_or(0))
+    }
+
+    fn scan(&self, _files: &dyn CachedFiles) -> Result<Vec<Scanned>> {
+        self.inner.flush_hits()?;
+        let mut out = Vec::new();
+        let mut unusable = Vec::new();
+        for (rowid, raw, decoded) in self.all_rows()? {
             match decoded {
-                Ok(info) if files.contains_key(&info.id) => {
-                    known.insert(info.id);
-                }
-                Ok(info) => {
-                    drop_rows.push(rowid);
-                    report.dropped.push(info.id);
-                }
+                Ok(info) => out.push(Scanned::Entry(info)),
                 Err(detail) => match ImageId::new(&raw) {
-                    Ok(id) if layout.check_id(&id).is_ok() => {
-                        if files.contains_key(&id) {
-                            self.quarantine(&id, &format!("corrupt metadata: {detail}"))?;
-                            report.quarantined.push(id.clone());
-                        } else {
-                            drop_rows.push(rowid);
-                            report.dropped.push(id.clone());
-                        }
-                        known.insert(id);
-                    }
+                    Ok(id) => out.push(Scanned::Corrupt { id, detail }),
                     // An id that is no safe file name never reaches the
                     // file system: only its row goes.
-                    _ => {
+                    Err(_) => {
                         log::warn!(
                             "imgcache: dropping row {raw:?} of {}: {detail}",
                             self.inner.db_path.display()
                         );
-                        drop_rows.push(rowid);
+                        unusable.push(rowid);
                     }
                 },
             }
         }
-        if !drop_rows.is_empty() {
+        if !unusable.is_empty() {
             self.inner.with_write(|c| {
                 let tx = c.transaction()?;
                 {
                     let mut stmt =
                         tx.prepare_cached("DELETE FROM cached_images WHERE rowid = ?1")?;
-                    for rowid in &drop_rows {
+                    for rowid in &unusable {
                         stmt.execute([rowid])?;
                     }
                 }
                 tx.commit()
             })?;
         }
-        let orphans: Vec<(ImageId, u64, f64)> = files
-            .into_iter()
-            .filter(|(id, _)| !known.contains(id))
-            .map(|(id, meta)| {
-                let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                (id, meta.len(), to_epoch_secs(mtime))
-            })
-            .collect();
-        if !orphans.is_empty() {
-            let adopted = self.inner.with_write(|c| {
-                let tx = c.transaction()?;
-                let mut adopted = Vec::new();
-                {
-                    // OR IGNORE: a committer that writes its row meanwhile
-                    // knows better (it has the CRC).
-                    let mut stmt = tx.prepare_cached(
-                        "INSERT OR IGNORE INTO cached_images
-                         (image_id, last_accessed, last_modified, size, hits, checksum, crc32)
-                         VALUES (?1, ?2, ?2, ?3, 0, NULL, NULL)",
-                    )?;
-                    for (id, size, mtime) in orphans {
-                        if stmt.execute(params![id.as_str(), mtime, size as i64])? == 1 {
-                            adopted.push(id);
-                        }
-                    }
-                }
-                tx.commit()?;
-                Ok(adopted)
-            })?;
-            report.adopted = adopted;
-        }
-        report.stalled = layout.stalled()?;
-        Ok(report)
+        Ok(out)
     }
 
-    fn quarantine(&self, id: &ImageId, reason: &str) -> Result<bool> {
-        self.inner.flush_hits()?;
-        let moved = self.inner.layout.quarantine(id)?;
-        let at = to_epoch_secs(self.inner.now());
+    fn adopt(&self, entry: &CachedImageInfo, _file: OnDisk<'_>) -> Result<bool> {
+        // OR IGNORE: a committer that writes its row meanwhile knows better
+        // (it has the CRC).
+        let n = self.inner.with_write(|c| {
+            c.prepare_cached(
+                "INSERT OR IGNORE INTO cached_images
+                 (image_id, last_accessed, last_modified, size, hits, checksum, crc32)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                entry.id.as_str(),
+                to_epoch_secs(entry.last_accessed),
+                to_epoch_secs(entry.last_modified),
+                entry.size as i64,
+                entry.hits as i64,
+                entry.checksum,
+                entry.crc32.map(i64::from)
+            ])
+        })?;
+        Ok(n == 1)
+    }
+
+    fn invalidate(&self, why: &Invalidation, _file: OnDisk<'_>) -> Result<()> {
+        self.inner.with_write(|c| {
+            c.prepare_cached(
+                "INSERT OR REPLACE INTO imgcache_invalid (image_id, reason, invalidated_at)
+                 VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![why.id.as_str(), why.reason, to_epoch_secs(why.at)])
+        })?;
+        Ok(())
+    }
+
+    fn invalid_reason(
+        &self,
+        id: &ImageId,
+        _file: OnDisk<'_>,
+    ) -> Result<(Option<String>, Option<SystemTime>)> {
+        let row = self.with_conn(|c| {
+            c.prepare_cached(
+                "SELECT reason, invalidated_at FROM imgcache_invalid WHERE image_id = ?1",
+            )?
+            .query_row([id.as_str()], |r| {
+                Ok((r.get::<_, Option<String>>(0)?, r.get::<_, Option<f64>>(1)?))
+            })
+            .optional()
+        })?;
+        let (reason, at) = row.unwrap_or((None, None));
+        Ok((reason, at.and_then(from_epoch_secs)))
+    }
+
+    fn forget_invalid(&self, ids: &[ImageId]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
         self.inner.with_write(|c| {
             let tx = c.transaction()?;
-            tx.prepare_cached("DELETE FROM cached_images WHERE image_id = ?1")?
-                .execute([id.as_str()])?;
-            if moved {
-                tx.prepare_cached(
-                    "INSERT OR REPLACE INTO imgcache_invalid (image_id, reason, invalidated_at)
-                     VALUES (?1, ?2, ?3)",
-                )?
-                .execute(params![id.as_str(), reason, at])?;
+            {
+                let mut stmt =
+                    tx.prepare_cached("DELETE FROM imgcache_invalid WHERE image_id = ?1")?;
+                for id in ids {
+                    stmt.execute([id.as_str()])?;
+                }
             }
             tx.commit()
+        })
+    }
+
+    fn next_queue_seq(&self, _queue: OnDisk<'_>) -> Result<u64> {
+        let v: i64 = self.inner.with_write(|c| {
+            c.prepare_cached(
+                "INSERT INTO imgcache_state (key, value) VALUES ('queue_seq', 1)
+                 ON CONFLICT (key) DO UPDATE SET value = value + 1
+                 RETURNING value",
+            )?
+            .query_row([], |r| r.get(0))
         })?;
-        if moved {
-            log::error!("imgcache: quarantined {id}: {reason}");
-        }
-        Ok(moved)
+        u64::try_from(v).map_err(|_| Error::CorruptMetadata {
+            path: self.inner.db_path.clone(),
+            detail: format!("queue counter is negative ({v})"),
+        })
     }
 
     fn flush(&self) -> Result<()> {
         self.inner.flush_hits()
-    }
-
-    fn set_crc32(&self, id: &ImageId, crc32: u32) -> Result<()> {
-        self.inner.flush_hits()?;
-        self.inner.with_write(|c| {
-            c.prepare_cached("UPDATE cached_images SET crc32 = ?2 WHERE image_id = ?1")?
-                .execute(params![id.as_str(), crc32 as i64])
-        })?;
-        Ok(())
     }
 }
 
@@ -883,14 +750,22 @@ impl CacheDriver for SqliteDriver {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use crate::{CacheOptions, ImageCache};
 
     fn open(dir: &Path) -> SqliteDriver {
-        SqliteDriver::open(
-            dir,
-            &dir.join("cache.db"),
-            Arc::new(ManualClock::at_secs(1000)),
-        )
-        .unwrap()
+        SqliteDriver::open(&dir.join("cache.db")).unwrap()
+    }
+
+    /// A cache in `dir` over a handle `d` on its store.
+    fn cache(dir: &Path, d: &SqliteDriver) -> ImageCache {
+        let options = CacheOptions::new(dir).clock(Arc::new(ManualClock::at_secs(1000)));
+        ImageCache::with_driver(Arc::new(d.clone()), options).unwrap()
+    }
+
+    /// `f` on the file at `path`, as the file layer would hand it over.
+    fn on_disk<T>(path: &Path, f: impl FnOnce(OnDisk<'_>) -> T) -> T {
+        let meta = std::fs::metadata(path).unwrap();
+        f(OnDisk::new(path, None, &meta))
     }
 
     #[test]
@@ -956,14 +831,18 @@ mod tests {
             )
         })
         .unwrap();
-        let images = d.cached_images().unwrap();
+        let images = d.list(&crate::Layout::new(dir.path(), None)).unwrap();
         let ids: Vec<&str> = images.iter().map(|i| i.id.as_str()).collect();
         assert_eq!(ids, ["defaults", "ints"]);
         assert_eq!(images[0].size, 0);
         assert_eq!(images[0].crc32, None);
         assert_eq!(images[1].hits, 8);
         assert_eq!(to_epoch_secs(images[1].last_accessed), 5.0);
-        let bad = d.cached_image(&ImageId::new("neg").unwrap()).unwrap_err();
+        std::fs::write(dir.path().join("neg"), b"").unwrap();
+        let bad = on_disk(&dir.path().join("neg"), |on| {
+            d.get(&ImageId::new("neg").unwrap(), on)
+        })
+        .unwrap_err();
         assert!(bad.to_string().contains("size is negative"), "{bad}");
         assert!(bad.to_string().contains("cache.db"), "{bad}");
     }
@@ -976,7 +855,7 @@ mod tests {
             .unwrap()
             .execute_batch("CREATE TABLE cached_images (id INTEGER, blob BLOB)")
             .unwrap();
-        let e = SqliteDriver::open(dir.path(), &db, Arc::new(ManualClock::at_secs(0))).unwrap_err();
+        let e = SqliteDriver::open(&db).unwrap_err();
         let msg = e.to_string();
         assert!(
             msg.contains("cache.db") && msg.contains("no column"),
@@ -984,16 +863,18 @@ mod tests {
         );
     }
 
-    /// A driver in a fresh directory holding one three-byte image.
-    fn one_image() -> (tempfile::TempDir, SqliteDriver, ImageId) {
+    /// A store and a cache on it in a fresh directory holding one
+    /// three-byte image.
+    fn one_image() -> (tempfile::TempDir, SqliteDriver, ImageCache, ImageId) {
         use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
         let d = open(dir.path());
+        let c = cache(dir.path(), &d);
         let x = ImageId::new("x").unwrap();
-        let mut w = d.open_for_write(&x).unwrap();
+        let mut w = c.open_for_write(&x).unwrap();
         w.write_all(b"abc").unwrap();
         w.commit().unwrap();
-        (dir, d, x)
+        (dir, d, c, x)
     }
 
     /// Every metadata write goes to the log; the background checkpointer
@@ -1001,7 +882,8 @@ mod tests {
     /// ever), and readers' hits, batched, add little to it.
     #[test]
     fn wal_stays_bounded_under_metadata_writes() {
-        let (dir, d, x) = one_image();
+        let (dir, d, _c, x) = one_image();
+        let file = dir.path().join("x");
         let conn = d.inner.conn.lock();
         let autockpt: i64 = conn
             .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
@@ -1015,7 +897,7 @@ mod tests {
         for _ in 0..32 {
             for _ in 0..super::super::checkpoint::CHECKPOINT_EVERY {
                 n += 1;
-                d.set_crc32(&x, n).unwrap();
+                on_disk(&file, |on| d.set_crc32(&x, n, on)).unwrap();
             }
             expected += 1;
             let got = d
@@ -1034,20 +916,21 @@ mod tests {
     /// checkpointer; hits are exact once read back.
     #[test]
     fn wal_stays_bounded_under_steady_load() {
-        let (dir, d, x) = one_image();
+        let (dir, d, c, x) = one_image();
+        let file = dir.path().join("x");
         let wal = dir.path().join("cache.db-wal");
         let mut high = 0;
         // 65 536 writes would leave ~520 MB of log without checkpoints.
         for i in 0..65_536u32 {
-            d.set_crc32(&x, i).unwrap();
-            d.open_for_read(&x).unwrap().unwrap();
+            on_disk(&file, |on| d.set_crc32(&x, i, on)).unwrap();
+            c.open_for_read(&x).unwrap().unwrap();
             if i % 256 == 0 {
                 high = high.max(std::fs::metadata(&wal).unwrap().len());
             }
         }
         eprintln!("log high-water mark under steady load: {high} bytes");
         assert!(high < 16 << 20, "log reached {high} bytes");
-        assert_eq!(d.hit_count(&x).unwrap(), 65_536);
+        assert_eq!(c.hit_count(&x).unwrap(), 65_536);
     }
 
     #[test]
@@ -1055,8 +938,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = open(dir.path());
         let b = open(dir.path());
-        assert_eq!(a.next_queue_seq().unwrap(), 1);
-        assert_eq!(b.next_queue_seq().unwrap(), 2);
-        assert_eq!(a.next_queue_seq().unwrap(), 3);
+        let q = dir.path();
+        assert_eq!(on_disk(q, |on| a.next_queue_seq(on)).unwrap(), 1);
+        assert_eq!(on_disk(q, |on| b.next_queue_seq(on)).unwrap(), 2);
+        assert_eq!(on_disk(q, |on| a.next_queue_seq(on)).unwrap(), 3);
     }
 }

@@ -20,27 +20,32 @@
 //! exclusive `flock` of the file, so concurrent readers in any number of
 //! threads and processes each count.
 //!
+//! The store holds no state of its own: every call works on the file the
+//! file layer hands it ([`OnDisk`]), by its open descriptor where the file
+//! layer opened it and by its path where a walk only listed it. It never
+//! builds a path, and it never moves or removes a file: `remove` has
+//! nothing to forget once the file is gone.
+//!
 //! Durability: the attributes are written on the incomplete file before it
-//! is synced and renamed, so a cached file is published together with its
-//! metadata. Hit counts and access times are not synced.
+//! is synced and renamed (`prepare`), so a cached file is published together
+//! with its metadata. Hit counts and access times are not synced.
+//!
+//! The file system must take user xattrs: [`crate::ImageCache::open`]
+//! checks that before it opens this store, and fails with
+//! [`crate::Error::XattrUnsupported`] otherwise.
 
-use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::path::Path;
+use std::time::SystemTime;
 
 use xattr::FileExt;
 
-use crate::clock::{from_epoch_secs, round_trip, to_epoch_secs, Clock};
-use crate::driver::{CacheDriver, CachedImageInfo, InvalidImageInfo, LruEntry, RecoveryReport};
+use super::CacheDriver;
+use crate::clock::{from_epoch_secs, to_epoch_secs};
+use crate::entry::{CachedFiles, CachedImageInfo, Invalidation, LruEntry, OnDisk, Scanned};
 use crate::error::{Error, IoContext, Result};
 use crate::id::ImageId;
-use crate::layout::{remove_if_exists, CleanReport, Layout};
-use crate::queue;
-use crate::reader::CachedImage;
-use crate::writer::{CacheWriter, CommitHooks, CommitInfo, InvalidateInfo};
 
 /// Glance's hit counter.
 pub const HITS: &str = "user.hits";
@@ -113,40 +118,29 @@ pub mod encoding {
 
 use encoding::*;
 
-/// The metadata driver Glance calls `xattr`.
-#[derive(Clone)]
+/// The metadata store Glance calls `xattr`: metadata in extended attributes
+/// of the cached files themselves.
+#[derive(Debug, Clone, Default)]
 pub struct XattrDriver {
-    inner: Arc<Inner>,
+    _private: (),
 }
 
-struct Inner {
-    layout: Layout,
-    clock: Arc<dyn Clock>,
-}
-
-impl fmt::Debug for XattrDriver {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("XattrDriver")
-            .field("dir", &self.inner.layout.base())
-            .finish()
+/// Reads an attribute; `None` if absent. By descriptor where the file is
+/// open, else by path.
+fn get(on: OnDisk<'_>, name: &str) -> Result<Option<Vec<u8>>> {
+    match on.file() {
+        Some(f) => f.get_xattr(name),
+        None => xattr::get(on.path(), name),
     }
+    .ctx("read xattr", on.path())
 }
 
-impl fmt::Debug for Inner {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("XattrDriver")
-            .field("dir", &self.layout.base())
-            .finish()
+fn set(on: OnDisk<'_>, name: &str, value: &[u8]) -> Result<()> {
+    match on.file() {
+        Some(f) => f.set_xattr(name, value),
+        None => xattr::set(on.path(), name, value),
     }
-}
-
-/// Reads an attribute of an open file; `None` if absent.
-fn get(file: &File, path: &Path, name: &str) -> Result<Option<Vec<u8>>> {
-    file.get_xattr(name).ctx("read xattr", path)
-}
-
-fn set(file: &File, path: &Path, name: &str, value: &[u8]) -> Result<()> {
-    file.set_xattr(name, value).ctx("write xattr", path)
+    .ctx("write xattr", on.path())
 }
 
 /// Decodes an optional attribute, naming the file and attribute on error.
@@ -165,37 +159,42 @@ fn decode<T>(
     .transpose()
 }
 
+/// Runs `f` holding an exclusive `flock` of the open file: read-modify-write
+/// of an attribute loses nothing to a concurrent writer in any process.
+fn locked<T>(on: OnDisk<'_>, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let path = on.path();
+    let owned;
+    let file: &File = match on.file() {
+        Some(f) => f,
+        None => {
+            owned = File::open(path).ctx("open", path)?;
+            &owned
+        }
+    };
+    file.lock().ctx("lock", path)?;
+    let out = f();
+    file.unlock().ctx("unlock", path)?;
+    out
+}
+
 impl XattrDriver {
-    /// Opens (creating if needed) the cache in `dir`. Fails with
-    /// [`Error::XattrUnsupported`] if the file system has no user extended
-    /// attributes.
-    pub fn open(dir: &Path, clock: Arc<dyn Clock>) -> Result<Self> {
-        Self::with_layout(Layout::new(dir, None), clock)
+    /// The xattr store. It keeps nothing but the attributes of the files
+    /// the cache hands it.
+    pub fn new() -> Self {
+        XattrDriver::default()
     }
 
-    /// Opens the cache laid out as `layout`: used when a database name is
-    /// configured for the directory, so that it is never taken for an image.
-    pub fn with_layout(layout: Layout, clock: Arc<dyn Clock>) -> Result<Self> {
-        layout.create()?;
-        probe(&layout)?;
-        Ok(XattrDriver {
-            inner: Arc::new(Inner { layout, clock }),
-        })
-    }
-
-    /// Reads the metadata of a cached file (`path` is `<id>`).
-    fn info_of(&self, id: ImageId, file: &File, path: &Path) -> Result<CachedImageInfo> {
-        let meta = file.metadata().ctx("stat", path)?;
-        let hits = decode(get(file, path, HITS)?, path, HITS, decode_u64)?.unwrap_or(0);
-        let atime = meta.accessed().unwrap_or(SystemTime::UNIX_EPOCH);
-        let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+    /// Reads the metadata of a cached file.
+    fn info_of(&self, id: ImageId, on: OnDisk<'_>) -> Result<CachedImageInfo> {
+        let path = on.path();
+        let hits = decode(get(on, HITS)?, path, HITS, decode_u64)?.unwrap_or(0);
         let last_accessed =
-            decode(get(file, path, ACCESSED)?, path, ACCESSED, decode_time)?.unwrap_or(atime);
+            decode(get(on, ACCESSED)?, path, ACCESSED, decode_time)?.unwrap_or(on.accessed());
         let last_modified =
-            decode(get(file, path, MODIFIED)?, path, MODIFIED, decode_time)?.unwrap_or(mtime);
-        let size = decode(get(file, path, SIZE)?, path, SIZE, decode_u64)?.unwrap_or(meta.len());
-        let crc32 = decode(get(file, path, CRC32)?, path, CRC32, decode_crc)?;
-        let checksum = get(file, path, CHECKSUM)?.map(|v| String::from_utf8_lossy(&v).into_owned());
+            decode(get(on, MODIFIED)?, path, MODIFIED, decode_time)?.unwrap_or(on.modified());
+        let size = decode(get(on, SIZE)?, path, SIZE, decode_u64)?.unwrap_or(on.len());
+        let crc32 = decode(get(on, CRC32)?, path, CRC32, decode_crc)?;
+        let checksum = get(on, CHECKSUM)?.map(|v| String::from_utf8_lossy(&v).into_owned());
         Ok(CachedImageInfo {
             id,
             size,
@@ -206,67 +205,199 @@ impl XattrDriver {
             crc32,
         })
     }
+}
 
-    /// Opens `<id>` and reads its metadata; `None` if it is not cached.
-    fn open_cached(&self, id: &ImageId) -> Result<Option<(File, PathBuf)>> {
-        let path = self.inner.layout.cached(id);
-        match File::open(&path) {
-            Ok(f) => Ok(Some((f, path))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io("open", &path, e)),
+/// Whether an attribute read failed because the file went away.
+fn vanished(e: &Error) -> bool {
+    e.io_kind() == Some(io::ErrorKind::NotFound)
+}
+
+impl CacheDriver for XattrDriver {
+    fn name(&self) -> &'static str {
+        "xattr"
+    }
+
+    fn get(&self, id: &ImageId, file: OnDisk<'_>) -> Result<Option<CachedImageInfo>> {
+        match self.info_of(id.clone(), file) {
+            Ok(info) => Ok(Some(info)),
+            Err(e) if vanished(&e) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
-    /// Every cached image's metadata; files that vanish meanwhile are passed
-    /// over, files with undecodable metadata are logged and passed over.
-    fn all(&self) -> Result<Vec<CachedImageInfo>> {
-        let layout = &self.inner.layout;
+    fn hit(
+        &self,
+        id: &ImageId,
+        at: SystemTime,
+        file: OnDisk<'_>,
+    ) -> Result<Option<CachedImageInfo>> {
+        let path = file.path();
+        locked(file, || {
+            let hits = decode(get(file, HITS)?, path, HITS, decode_u64)?.unwrap_or(0);
+            set(file, HITS, &encode_u64(hits.saturating_add(1)))?;
+            set(file, ACCESSED, &encode_time(at))
+        })?;
+        self.info_of(id.clone(), file).map(Some)
+    }
+
+    fn prepare(&self, entry: &CachedImageInfo, file: OnDisk<'_>) -> Result<()> {
+        set(file, HITS, &encode_u64(entry.hits))?;
+        set(file, ACCESSED, &encode_time(entry.last_accessed))?;
+        set(file, MODIFIED, &encode_time(entry.last_modified))?;
+        set(file, SIZE, &encode_u64(entry.size))?;
+        if let Some(crc) = entry.crc32 {
+            set(file, CRC32, &encode_crc(crc))?;
+        }
+        if let Some(c) = &entry.checksum {
+            set(file, CHECKSUM, c.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn insert(&self, _entry: &CachedImageInfo) -> Result<()> {
+        // Written on the file by `prepare`, published with it.
+        Ok(())
+    }
+
+    fn remove(&self, _ids: &[ImageId]) -> Result<usize> {
+        // The metadata went with the file.
+        Ok(0)
+    }
+
+    fn set_crc32(&self, _id: &ImageId, crc32: u32, file: OnDisk<'_>) -> Result<()> {
+        set(file, CRC32, &encode_crc(crc32))?;
+        set(file, SIZE, &encode_u64(file.len()))
+    }
+
+    fn list(&self, files: &dyn CachedFiles) -> Result<Vec<CachedImageInfo>> {
         let mut out = Vec::new();
-        for (id, _) in layout.list(layout.base())? {
-            let Some((file, path)) = self.open_cached(&id)? else {
-                continue;
-            };
-            match self.info_of(id, &file, &path) {
+        files.each_cached(true, &mut |id, on| {
+            match self.info_of(id.clone(), on) {
                 Ok(info) => out.push(info),
                 Err(e @ Error::CorruptMetadata { .. }) => {
-                    log::warn!("imgcache: skipping {}: {e}", path.display())
+                    log::warn!("imgcache: skipping {}: {e}", on.path().display())
                 }
+                Err(e) if vanished(&e) => {}
                 Err(e) => return Err(e),
             }
-        }
+            Ok(())
+        })?;
+        out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
 
-    /// The next queue sequence number: a counter in an attribute of
-    /// `queue/`, incremented under an exclusive lock of the folder so that
-    /// every process on the directory shares it.
-    fn next_queue_seq(&self) -> Result<u64> {
-        let dir = self.inner.layout.queue_dir();
-        let f = File::open(dir).ctx("open", dir)?;
-        f.lock().ctx("lock", dir)?;
-        let cur = decode(get(&f, dir, QUEUE_SEQ)?, dir, QUEUE_SEQ, decode_u64)?.unwrap_or(0);
-        let next = cur.saturating_add(1);
-        set(&f, dir, QUEUE_SEQ, &encode_u64(next))?;
-        // Closing the file releases the lock.
-        Ok(next)
+    fn lru(&self, files: &dyn CachedFiles) -> Result<Vec<LruEntry>> {
+        // Lean: the size from the directory walk's stat, and one attribute
+        // read by path per file (no open, no other attributes).
+        let mut all = Vec::new();
+        files.each_cached(false, &mut |id, on| {
+            let accessed = match get(on, ACCESSED) {
+                Ok(v) => v,
+                Err(e) if vanished(&e) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let last_accessed = match accessed.as_deref().map(decode_time) {
+                Some(Ok(t)) => t,
+                // Glance's files, or an undecodable value: the atime.
+                _ => on.accessed(),
+            };
+            all.push(LruEntry {
+                id: id.clone(),
+                size: on.len(),
+                last_accessed,
+            });
+            Ok(())
+        })?;
+        all.sort_by(|a, b| {
+            a.last_accessed
+                .cmp(&b.last_accessed)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        Ok(all)
+    }
+
+    fn total_size(&self, files: &dyn CachedFiles) -> Result<u64> {
+        let mut total = 0;
+        files.each_cached(false, &mut |_, on| {
+            total += on.len();
+            Ok(())
+        })?;
+        Ok(total)
+    }
+
+    fn scan(&self, files: &dyn CachedFiles) -> Result<Vec<Scanned>> {
+        // The metadata travels with the file, so nothing can be orphaned the
+        // way a database row can; what remains is files whose attributes do
+        // not decode, and files no cache has seen yet (neither Glance nor
+        // imgcache wrote them): those are left out, for the walk to adopt.
+        let mut out = Vec::new();
+        files.each_cached(true, &mut |id, on| {
+            match self.info_of(id.clone(), on) {
+                Ok(info) => {
+                    if get(on, HITS)?.is_some() || get(on, CRC32)?.is_some() {
+                        out.push(Scanned::Entry(info));
+                    }
+                }
+                Err(Error::CorruptMetadata { detail, .. }) => out.push(Scanned::Corrupt {
+                    id: id.clone(),
+                    detail,
+                }),
+                Err(e) if vanished(&e) => {}
+                Err(e) => return Err(e),
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn adopt(&self, entry: &CachedImageInfo, file: OnDisk<'_>) -> Result<bool> {
+        // Glance's own marker of a known file; the rest stays as the file
+        // says (size, times), unverified until scrubbed.
+        let _ = entry;
+        set(file, HITS, b"0")?;
+        Ok(true)
+    }
+
+    fn invalidate(&self, why: &Invalidation, file: OnDisk<'_>) -> Result<()> {
+        set(file, ERROR, why.reason.as_bytes())?;
+        set(file, INVALIDATED, &encode_time(why.at))
+    }
+
+    fn invalid_reason(
+        &self,
+        _id: &ImageId,
+        file: OnDisk<'_>,
+    ) -> Result<(Option<String>, Option<SystemTime>)> {
+        let reason = get(file, ERROR)?.map(|v| String::from_utf8_lossy(&v).into_owned());
+        let at = get(file, INVALIDATED)?.and_then(|v| decode_time(&v).ok());
+        Ok((reason, at))
+    }
+
+    fn next_queue_seq(&self, queue: OnDisk<'_>) -> Result<u64> {
+        // A counter in an attribute of `queue/`, incremented under an
+        // exclusive lock of the folder, so that every process shares it.
+        let path = queue.path();
+        locked(queue, || {
+            let cur = decode(get(queue, QUEUE_SEQ)?, path, QUEUE_SEQ, decode_u64)?.unwrap_or(0);
+            let next = cur.saturating_add(1);
+            set(queue, QUEUE_SEQ, &encode_u64(next))?;
+            Ok(next)
+        })
     }
 }
 
-/// Checks that `layout`'s file system takes user xattrs, on a scratch file
-/// in `incomplete/` (named so that no image id can collide with it).
-fn probe(layout: &Layout) -> Result<()> {
-    let path = layout
-        .incomplete_dir()
-        .join(format!(".imgcache-probe-{}", std::process::id()));
-    let file = OpenOptions::new()
+/// Checks that the file system holding `dir` takes user xattrs, on a
+/// scratch file `probe` (a name no image id can take).
+pub(crate) fn probe(dir: &Path, probe: &Path) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .open(&path)
-        .ctx("create", &path)?;
+        .open(probe)
+        .ctx("create", probe)?;
     let result = file.set_xattr(HITS, b"0");
     drop(file);
-    remove_if_exists(&path)?;
+    let _ = std::fs::remove_file(probe);
     match result {
         Ok(()) => Ok(()),
         Err(e)
@@ -276,267 +407,18 @@ fn probe(layout: &Layout) -> Result<()> {
             ) || e.kind() == io::ErrorKind::Unsupported =>
         {
             Err(Error::XattrUnsupported {
-                dir: layout.base().to_path_buf(),
+                dir: dir.to_path_buf(),
                 source: e,
             })
         }
-        Err(e) => Err(Error::io("write xattr", &path, e)),
-    }
-}
-
-impl CommitHooks for Inner {
-    fn before_publish(&self, file: &File, path: &Path, info: &CommitInfo) -> Result<()> {
-        set(file, path, HITS, b"0")?;
-        set(file, path, ACCESSED, &encode_time(info.at))?;
-        set(file, path, MODIFIED, &encode_time(info.at))?;
-        set(file, path, SIZE, &encode_u64(info.size))?;
-        set(file, path, CRC32, &encode_crc(info.crc32))?;
-        if let Some(c) = &info.checksum {
-            set(file, path, CHECKSUM, c.as_bytes())?;
-        }
-        Ok(())
-    }
-
-    fn after_publish(&self, _info: &CommitInfo) -> Result<()> {
-        Ok(())
-    }
-
-    fn before_invalidate(&self, file: &File, path: &Path, info: &InvalidateInfo) -> Result<()> {
-        set(file, path, ERROR, info.reason.as_bytes())?;
-        set(file, path, INVALIDATED, &encode_time(info.at))
-    }
-}
-
-impl CacheDriver for XattrDriver {
-    fn name(&self) -> &'static str {
-        "xattr"
-    }
-
-    fn layout(&self) -> &Layout {
-        &self.inner.layout
-    }
-
-    fn cache_size(&self) -> Result<u64> {
-        let layout = &self.inner.layout;
-        Ok(layout
-            .list(layout.base())?
-            .iter()
-            .map(|(_, m)| m.len())
-            .sum())
-    }
-
-    fn cached_images(&self) -> Result<Vec<CachedImageInfo>> {
-        let mut all = self.all()?;
-        all.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(all)
-    }
-
-    fn cached_image(&self, id: &ImageId) -> Result<Option<CachedImageInfo>> {
-        match self.open_cached(id)? {
-            Some((file, path)) => self.info_of(id.clone(), &file, &path).map(Some),
-            None => Ok(None),
-        }
-    }
-
-    fn hit_count(&self, id: &ImageId) -> Result<u64> {
-        match self.open_cached(id)? {
-            Some((file, path)) => {
-                Ok(decode(get(&file, &path, HITS)?, &path, HITS, decode_u64)?.unwrap_or(0))
-            }
-            None => Ok(0),
-        }
-    }
-
-    fn is_cached(&self, id: &ImageId) -> Result<bool> {
-        Ok(self.inner.layout.cached(id).is_file())
-    }
-
-    fn delete_cached_image(&self, id: &ImageId) -> Result<bool> {
-        remove_if_exists(&self.inner.layout.cached(id))
-    }
-
-    fn delete_all_cached_images(&self) -> Result<usize> {
-        let layout = &self.inner.layout;
-        let mut n = 0;
-        for (id, _) in layout.list(layout.base())? {
-            if remove_if_exists(&layout.cached(&id))? {
-                n += 1;
-            }
-        }
-        Ok(n)
-    }
-
-    fn queue_image(&self, id: &ImageId) -> Result<bool> {
-        self.inner.layout.check_id(id)?;
-        if self.is_cached(id)? || self.is_being_cached(id)? || self.is_queued(id)? {
-            return Ok(false);
-        }
-        let seq = self.next_queue_seq()?;
-        queue::add(&self.inner.layout, id, seq)
-    }
-
-    fn invalid_images(&self) -> Result<Vec<InvalidImageInfo>> {
-        let layout = &self.inner.layout;
-        let mut out = Vec::new();
-        for (id, meta) in layout.list(layout.invalid_dir())? {
-            let path = layout.invalid(&id);
-            let file = match File::open(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io("open", &path, e)),
-            };
-            let reason =
-                get(&file, &path, ERROR)?.map(|v| String::from_utf8_lossy(&v).into_owned());
-            let invalidated_at = get(&file, &path, INVALIDATED)?.and_then(|v| decode_time(&v).ok());
-            out.push(InvalidImageInfo {
-                id,
-                size: meta.len(),
-                reason,
-                invalidated_at,
-            });
-        }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(out)
-    }
-
-    fn clean(&self, stall_time: Duration) -> Result<CleanReport> {
-        self.inner.layout.clean(stall_time, self.inner.clock.now())
-    }
-
-    fn least_recently_accessed(&self) -> Result<Vec<LruEntry>> {
-        // Lean: the size from the directory walk's stat, and one attribute
-        // read by path per file (no open, no other attributes).
-        let layout = &self.inner.layout;
-        let mut all = Vec::new();
-        for (id, meta) in layout.list(layout.base())? {
-            let path = layout.cached(&id);
-            let accessed = match xattr::get(&path, ACCESSED) {
-                Ok(v) => v,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io("read xattr", &path, e)),
-            };
-            let last_accessed = match accessed.as_deref().map(decode_time) {
-                Some(Ok(t)) => t,
-                // Glance's files, or an undecodable value: the atime.
-                _ => meta.accessed().unwrap_or(SystemTime::UNIX_EPOCH),
-            };
-            all.push(LruEntry {
-                id,
-                size: meta.len(),
-                last_accessed,
-            });
-        }
-        all.sort_by(|a, b| {
-            a.last_accessed
-                .cmp(&b.last_accessed)
-                .then_with(|| a.id.cmp(&b.id))
-        });
-        Ok(all)
-    }
-
-    fn open_for_write(&self, id: &ImageId) -> Result<CacheWriter> {
-        if self.is_cached(id)? {
-            return Err(Error::AlreadyCached { id: id.clone() });
-        }
-        CacheWriter::create(
-            &self.inner.layout,
-            id,
-            self.inner.clone(),
-            self.inner.clock.clone(),
-        )
-    }
-
-    fn open_for_read(&self, id: &ImageId) -> Result<Option<CachedImage>> {
-        let Some((file, path)) = self.open_cached(id)? else {
-            return Ok(None);
-        };
-        // Read-modify-write of the counter under an exclusive lock of the
-        // file: no hit is lost to a concurrent reader, in any process.
-        file.lock().ctx("lock", &path)?;
-        let counted = (|| {
-            let hits = decode(get(&file, &path, HITS)?, &path, HITS, decode_u64)?.unwrap_or(0);
-            set(&file, &path, HITS, &encode_u64(hits.saturating_add(1)))?;
-            set(
-                &file,
-                &path,
-                ACCESSED,
-                &encode_time(round_trip(self.inner.clock.now())),
-            )
-        })();
-        file.unlock().ctx("unlock", &path)?;
-        counted?;
-        let info = self.info_of(id.clone(), &file, &path)?;
-        CachedImage::new(file, path, info).map(Some)
-    }
-
-    fn image_size(&self, id: &ImageId) -> Result<Option<u64>> {
-        Ok(self.cached_image(id)?.map(|i| i.size))
-    }
-
-    fn recover(&self) -> Result<RecoveryReport> {
-        let layout = &self.inner.layout;
-        let mut report = RecoveryReport::default();
-        // The metadata travels with the file, so nothing can be orphaned
-        // the way a database row can; what remains is files whose
-        // attributes do not decode, and files no cache has seen yet.
-        for (id, _) in layout.list(layout.base())? {
-            let Some((file, path)) = self.open_cached(&id)? else {
-                continue;
-            };
-            match self.info_of(id.clone(), &file, &path) {
-                Ok(_) => {
-                    if get(&file, &path, HITS)?.is_none() && get(&file, &path, CRC32)?.is_none() {
-                        // Neither Glance nor imgcache wrote it: adopt it (for
-                        // Glance too), unverified until scrubbed.
-                        set(&file, &path, HITS, b"0")?;
-                        report.adopted.push(id);
-                    }
-                }
-                Err(Error::CorruptMetadata { detail, .. }) => {
-                    drop(file);
-                    if self.quarantine(&id, &format!("corrupt metadata: {detail}"))? {
-                        report.quarantined.push(id);
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        report.stalled = layout.stalled()?;
-        Ok(report)
-    }
-
-    fn quarantine(&self, id: &ImageId, reason: &str) -> Result<bool> {
-        let Some((file, path)) = self.open_cached(id)? else {
-            return Ok(false);
-        };
-        set(&file, &path, ERROR, reason.as_bytes())?;
-        set(
-            &file,
-            &path,
-            INVALIDATED,
-            &encode_time(round_trip(self.inner.clock.now())),
-        )?;
-        drop(file);
-        let moved = self.inner.layout.quarantine(id)?;
-        if moved {
-            log::error!("imgcache: quarantined {id}: {reason}");
-        }
-        Ok(moved)
-    }
-
-    fn set_crc32(&self, id: &ImageId, crc32: u32) -> Result<()> {
-        let Some((file, path)) = self.open_cached(id)? else {
-            return Ok(());
-        };
-        let len = file.metadata().ctx("stat", &path)?.len();
-        set(&file, &path, CRC32, &encode_crc(crc32))?;
-        set(&file, &path, SIZE, &encode_u64(len))
+        Err(e) => Err(Error::io("write xattr", probe, e)),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn counts_decode_glance_values() {

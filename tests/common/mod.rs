@@ -5,32 +5,29 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use imgcache::{CacheOptions, DriverKind, ImageCache, ImageId, ManualClock};
+use imgcache::testing::Store;
+use imgcache::{CacheOptions, ImageCache, ImageId, ManualClock};
 
-/// Both built-in drivers.
-pub const DRIVERS: [DriverKind; 2] = [DriverKind::Sqlite, DriverKind::Xattr];
-
-/// A cache in a fresh temporary directory, with a manual clock that starts
-/// at the real time (so that file mtimes and the clock agree).
+/// A cache in a fresh temporary directory, on one store of the conformance
+/// kit, with a manual clock that starts at the real time (so that file
+/// mtimes and the clock agree).
 pub struct Fixture {
     pub dir: tempfile::TempDir,
     pub clock: ManualClock,
     pub cache: ImageCache,
-    pub kind: DriverKind,
+    pub kind: Store,
 }
 
 impl Fixture {
-    pub fn new(kind: DriverKind) -> Self {
+    pub fn new(kind: Store) -> Self {
         Self::with(kind, |o| o)
     }
 
-    pub fn with(kind: DriverKind, f: impl FnOnce(CacheOptions) -> CacheOptions) -> Self {
+    pub fn with(kind: Store, f: impl FnOnce(CacheOptions) -> CacheOptions) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let clock = ManualClock::new(SystemTime::now());
-        let options = f(CacheOptions::new(dir.path())
-            .driver(kind)
-            .clock(Arc::new(clock.clone())));
-        let cache = options.open().expect("open cache");
+        let options = f(CacheOptions::new(dir.path()).clock(Arc::new(clock.clone())));
+        let cache = kind.open(options).expect("open cache");
         Fixture {
             dir,
             clock,
@@ -42,10 +39,8 @@ impl Fixture {
     /// Opens another handle on the same directory (as another server
     /// process would).
     pub fn reopen(&self) -> ImageCache {
-        CacheOptions::new(self.dir.path())
-            .driver(self.kind)
-            .clock(Arc::new(self.clock.clone()))
-            .open()
+        self.kind
+            .open(CacheOptions::new(self.dir.path()).clock(Arc::new(self.clock.clone())))
             .expect("reopen cache")
     }
 
@@ -74,17 +69,21 @@ impl Fixture {
 }
 
 /// In a test binary re-run as a child process: the command from
-/// `IMGCACHE_CHILD` and the cache named by `IMGCACHE_DIR` and
-/// `IMGCACHE_DRIVER`; `None` in an ordinary test run.
+/// `IMGCACHE_CHILD` and the cache named by `IMGCACHE_DIR` on the store
+/// named by `IMGCACHE_DRIVER`; `None` in an ordinary test run.
 pub fn child_cache() -> Option<(String, ImageCache)> {
     let cmd = std::env::var("IMGCACHE_CHILD").ok()?;
     let dir = std::env::var("IMGCACHE_DIR").expect("IMGCACHE_DIR");
-    let driver = std::env::var("IMGCACHE_DRIVER").expect("IMGCACHE_DRIVER");
-    let cache = CacheOptions::new(dir)
-        .driver(driver.parse().expect("driver name"))
-        .open()
+    let cache = child_store()
+        .open(CacheOptions::new(dir))
         .expect("open cache in child");
     Some((cmd, cache))
+}
+
+/// The store named by `IMGCACHE_DRIVER`, in a child process.
+pub fn child_store() -> Store {
+    let name = std::env::var("IMGCACHE_DRIVER").expect("IMGCACHE_DRIVER");
+    Store::by_name(&name).unwrap_or_else(|| panic!("no store named {name:?}"))
 }
 
 pub fn id(s: &str) -> ImageId {
@@ -93,7 +92,7 @@ pub fn id(s: &str) -> ImageId {
 
 /// Deterministic pseudo-random bytes (the generator the model uses).
 pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    imgcache::fuzzing::content(seed, len)
+    imgcache::testing::content(seed, len)
 }
 
 /// Reads lines from a child's output until one equals `want`; fails if the
@@ -107,15 +106,23 @@ pub fn wait_for_line(reader: &mut impl std::io::BufRead, want: &str) {
     }
 }
 
-/// Runs `f` for a fresh fixture of every driver; a failure names the driver.
+/// Runs each case against every store of the conformance kit, one test
+/// module per store; a failure names the store. A new store joins every
+/// suite by one line here (and one in `Store::all`).
 #[macro_export]
 macro_rules! for_each_driver {
     ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[test] fn $name() { super::$name(imgcache::DriverKind::Sqlite) })*
-        }
-        mod xattr {
-            $(#[test] fn $name() { super::$name(imgcache::DriverKind::Xattr) })*
+        $crate::store_suite!(sqlite, imgcache::testing::Store::SQLITE; $($name),*);
+        $crate::store_suite!(xattr, imgcache::testing::Store::XATTR; $($name),*);
+    };
+}
+
+/// One store's module of a suite.
+#[macro_export]
+macro_rules! store_suite {
+    ($module:ident, $store:expr; $($name:ident),*) => {
+        mod $module {
+            $(#[test] fn $name() { super::$name($store) })*
         }
     };
 }

@@ -1,82 +1,26 @@
 //! [`CacheWriter`]: fills `incomplete/<id>` and publishes it atomically.
+//!
+//! The writer is where the file layer and the metadata store meet for one
+//! image: it makes the file moves ([`Layout`]) and tells the store at each
+//! step ([`CacheDriver`]); neither calls the other.
 
 use std::fmt;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use crate::clock::{round_trip, Clock};
-use crate::driver::CachedImageInfo;
+use crate::drivers::CacheDriver;
+use crate::entry::{CachedImageInfo, Invalidation, OnDisk};
 use crate::error::{Error, IoContext, Result};
+use crate::files::layout::remove_if_exists;
+use crate::files::{queue, Layout};
 use crate::id::ImageId;
-use crate::layout::{remove_if_exists, Layout};
-use crate::queue;
 
 /// Size of the writer's buffer. Writes at least this large go straight to
 /// the file.
 const BUFFER: usize = 256 * 1024;
-
-/// What a writer is committing.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct CommitInfo {
-    /// The image.
-    pub id: ImageId,
-    /// Bytes written.
-    pub size: u64,
-    /// CRC-32 (IEEE) of those bytes.
-    pub crc32: u32,
-    /// The checksum the caller declared, if any.
-    pub checksum: Option<String>,
-    /// When the commit happened (from the cache's clock).
-    pub at: SystemTime,
-}
-
-/// Why and when a write was invalidated.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct InvalidateInfo {
-    /// The image.
-    pub id: ImageId,
-    /// Bytes written before it failed.
-    pub size: u64,
-    /// Why.
-    pub reason: String,
-    /// When.
-    pub at: SystemTime,
-}
-
-/// A driver's part in a writer's life: recording metadata around the file
-/// moves that [`CacheWriter`] makes.
-///
-/// The order of a commit is: `before_publish` (the file is complete but not
-/// yet synced) → `fsync` of the file → rename to the base directory →
-/// `fsync` of the directory → `after_publish`. A driver that keeps metadata
-/// on the file itself (xattr) writes it in `before_publish`, so that it is
-/// synced and published with the bytes; one that keeps it elsewhere (SQLite)
-/// writes it in `after_publish`.
-pub trait CommitHooks: Send + Sync + fmt::Debug {
-    /// Before the file is synced and published.
-    fn before_publish(&self, _file: &File, _path: &Path, _info: &CommitInfo) -> Result<()> {
-        Ok(())
-    }
-
-    /// After the file is published and its directory synced. If this fails,
-    /// the published file is removed again and the commit fails.
-    fn after_publish(&self, info: &CommitInfo) -> Result<()>;
-
-    /// Before the file is moved to `invalid/`.
-    fn before_invalidate(&self, _file: &File, _path: &Path, _info: &InvalidateInfo) -> Result<()> {
-        Ok(())
-    }
-
-    /// After the file was moved to `invalid/`.
-    fn after_invalidate(&self, _info: &InvalidateInfo) -> Result<()> {
-        Ok(())
-    }
-}
 
 /// Writes one image into `incomplete/<id>`.
 ///
@@ -88,12 +32,14 @@ pub trait CommitHooks: Send + Sync + fmt::Debug {
 /// Bytes are checksummed (CRC-32) as they are written; nothing is read back.
 pub struct CacheWriter {
     id: ImageId,
+    /// `incomplete/<id>`.
+    path: PathBuf,
     layout: Layout,
     out: Option<BufWriter<File>>,
     crc: crc32fast::Hasher,
     len: u64,
     checksum: Option<String>,
-    hooks: Arc<dyn CommitHooks>,
+    store: Arc<dyn CacheDriver>,
     clock: Arc<dyn Clock>,
 }
 
@@ -109,33 +55,40 @@ impl fmt::Debug for CacheWriter {
 
 impl CacheWriter {
     /// Starts a writer for `id`: creates and locks `incomplete/<id>`
-    /// exclusively. For driver implementations; users call
-    /// [`crate::CacheDriver::open_for_write`].
-    pub fn create(
+    /// exclusively. Users call [`crate::ImageCache::open_for_write`].
+    pub(crate) fn create(
         layout: &Layout,
-        id: &ImageId,
-        hooks: Arc<dyn CommitHooks>,
+        id: crate::files::Admitted<'_>,
+        store: Arc<dyn CacheDriver>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
-        layout.check_id(id)?;
+        let cached = layout.cached(id);
+        if cached.exists() {
+            return Err(Error::AlreadyCached {
+                id: id.id().clone(),
+            });
+        }
         let file = layout.create_incomplete(id)?;
+        let path = layout.incomplete(id);
         // A writer that committed this id just before our create renamed its
         // file away first (which is what freed the name): look again, so
         // that we do not fill a second copy only to learn it at commit.
-        let cached = layout.cached(id);
         if cached.exists() {
             drop(file);
-            remove_if_exists(&layout.incomplete(id))?;
-            return Err(Error::AlreadyCached { id: id.clone() });
+            remove_if_exists(&path)?;
+            return Err(Error::AlreadyCached {
+                id: id.id().clone(),
+            });
         }
         Ok(CacheWriter {
-            id: id.clone(),
+            id: id.id().clone(),
+            path,
             layout: layout.clone(),
             out: Some(BufWriter::with_capacity(BUFFER, file)),
             crc: crc32fast::Hasher::new(),
             len: 0,
             checksum: None,
-            hooks,
+            store,
             clock,
         })
     }
@@ -153,15 +106,19 @@ impl CacheWriter {
     /// Another handle on the file being written (for readers that follow
     /// the fill with `pread`).
     pub(crate) fn try_clone_file(&self) -> Result<File> {
-        let path = self.layout.incomplete(&self.id);
         match self.out.as_ref() {
-            Some(out) => out.get_ref().try_clone().ctx("dup", &path),
+            Some(out) => out.get_ref().try_clone().ctx("dup", &self.path),
             None => Err(Error::io(
                 "dup",
-                &path,
+                &self.path,
                 io::Error::other("writer already finished"),
             )),
         }
+    }
+
+    /// The id as the layout admitted it (it was admitted at create).
+    fn key(&self) -> Result<crate::files::Admitted<'_>> {
+        self.layout.admit(&self.id)
     }
 
     /// Records the checksum the caller expects (Glance's `checksum`, e.g. an
@@ -181,7 +138,7 @@ impl CacheWriter {
         let Some(out) = self.out.take() else {
             return Err(Error::Config("writer already finished".into()));
         };
-        let path = self.layout.incomplete(&self.id);
+        let path = self.path.clone();
         let file = match out.into_inner() {
             Ok(f) => f,
             Err(e) => {
@@ -192,22 +149,25 @@ impl CacheWriter {
                 return Err(err);
             }
         };
-        let info = CommitInfo {
-            id: self.id.clone(),
-            size: self.len,
-            crc32: self.crc.clone().finalize(),
-            checksum: self.checksum.take(),
-            at: round_trip(self.clock.now()),
-        };
-        let staged = self
-            .hooks
-            .before_publish(&file, &path, &info)
+        let info = CachedImageInfo::new(self.id.clone(), self.len, round_trip(self.clock.now()))
+            .with_crc32(Some(self.crc.clone().finalize()))
+            .with_checksum(self.checksum.take());
+        // A store on the file writes its metadata now, so that it is synced
+        // and published with the bytes.
+        let staged = file
+            .metadata()
+            .ctx("stat", &path)
+            .and_then(|meta| {
+                self.store
+                    .prepare(&info, OnDisk::new(&path, Some(&file), &meta))
+            })
             .and_then(|()| file.sync_all().map_err(|e| Error::io("fsync", &path, e)));
         if let Err(err) = staged {
             self.invalidate(file, &format!("commit failed: {err}"));
             return Err(err);
         }
-        match self.layout.publish(&self.id) {
+        let key = self.key()?;
+        match self.layout.publish(key) {
             Ok(true) => {}
             Ok(false) => {
                 // Someone else committed this id between our open and now.
@@ -222,9 +182,11 @@ impl CacheWriter {
                 return Err(err);
             }
         }
-        if let Err(err) = self.hooks.after_publish(&info) {
+        // A store elsewhere records the row now: a row never names a file
+        // that is not in place.
+        if let Err(err) = self.store.insert(&info) {
             // Metadata and files must agree: take the file back out.
-            if let Err(e) = remove_if_exists(&self.layout.cached(&self.id)) {
+            if let Err(e) = remove_if_exists(&self.layout.cached(key)) {
                 log::error!(
                     "imgcache: cannot withdraw {} after failed commit: {e}",
                     self.id
@@ -232,19 +194,11 @@ impl CacheWriter {
             }
             return Err(err);
         }
-        if let Err(e) = queue::remove(&self.layout, &self.id) {
+        if let Err(e) = queue::remove(&self.layout, key) {
             log::warn!("imgcache: {} cached but still queued: {e}", self.id);
         }
         drop(file);
-        Ok(CachedImageInfo {
-            id: info.id,
-            size: info.size,
-            hits: 0,
-            last_accessed: info.at,
-            last_modified: info.at,
-            checksum: info.checksum,
-            crc32: Some(info.crc32),
-        })
+        Ok(info)
     }
 
     /// Withdraws a writer that wrote nothing worth keeping (its source could
@@ -253,7 +207,7 @@ impl CacheWriter {
         if let Some(out) = self.out.take() {
             let (file, _) = out.into_parts();
             drop(file);
-            remove_if_exists(&self.layout.incomplete(&self.id))?;
+            remove_if_exists(&self.path)?;
         }
         Ok(())
     }
@@ -282,23 +236,24 @@ impl CacheWriter {
     }
 
     fn try_invalidate(&mut self, file: File, reason: &str) -> Result<()> {
-        let info = InvalidateInfo {
-            id: self.id.clone(),
-            size: self.len,
-            reason: reason.to_owned(),
-            at: round_trip(self.clock.now()),
-        };
-        let path = self.layout.incomplete(&self.id);
-        if let Err(e) = self.hooks.before_invalidate(&file, &path, &info) {
+        let why = Invalidation::new(
+            self.id.clone(),
+            self.len,
+            reason,
+            round_trip(self.clock.now()),
+        );
+        // The reason first, the move second; failing to record why (a full
+        // disk refusing the metadata write) loses only the reason.
+        let recorded = file.metadata().ctx("stat", &self.path).and_then(|meta| {
+            self.store
+                .invalidate(&why, OnDisk::new(&self.path, Some(&file), &meta))
+        });
+        if let Err(e) = recorded {
             log::warn!("imgcache: cannot record why {} failed: {e}", self.id);
         }
-        self.layout.invalidate(&self.id)?;
+        let key = self.key()?;
+        self.layout.invalidate(key)?;
         drop(file);
-        // The file is out of the way; failing to record why (a full disk
-        // refusing the metadata write) loses only the reason.
-        if let Err(e) = self.hooks.after_invalidate(&info) {
-            log::warn!("imgcache: cannot record why {} failed: {e}", self.id);
-        }
         Ok(())
     }
 }

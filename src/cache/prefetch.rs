@@ -6,7 +6,7 @@ use std::io::Read;
 
 use parking_lot::Mutex;
 
-use crate::cache::ImageCache;
+use super::ImageCache;
 use crate::error::{Error, Result};
 use crate::id::ImageId;
 use crate::origin::Origin;

@@ -5,11 +5,11 @@ use std::fmt;
 use std::io::{self, Read};
 use std::sync::Arc;
 
+use super::fill::{Fill, Fills};
+use super::writer::CacheWriter;
 use crate::checksum::{Checksum, Hasher};
 use crate::error::Error;
-use crate::fill::{Fill, Fills};
 use crate::id::ImageId;
-use crate::writer::CacheWriter;
 
 /// What a [`TeeReader`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

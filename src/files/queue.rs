@@ -4,8 +4,8 @@
 //! Glance orders the queue by the files' modification times, which ties
 //! for images queued within one timestamp tick. `imgcache` writes a sequence
 //! number into each marker file (Glance creates them empty and never reads
-//! them), handed out by the driver from a counter that every process on the
-//! directory shares. Markers without one (written by Glance) sort first, by
+//! them), handed out by the metadata store from a counter that every process
+//! on the directory shares. Markers without one (written by Glance) sort first, by
 //! modification time.
 
 use std::cmp::Ordering;
@@ -13,9 +13,9 @@ use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::time::SystemTime;
 
+use super::layout::{remove_if_exists, Admitted, Layout};
 use crate::error::{Error, IoContext, Result};
 use crate::id::ImageId;
-use crate::layout::{remove_if_exists, Layout};
 
 /// Encodes a queue sequence number as marker file content.
 pub(crate) fn encode_seq(seq: u64) -> String {
@@ -36,7 +36,7 @@ pub fn decode_seq(content: &[u8]) -> Option<u64> {
 
 /// Creates the marker for `id` with sequence number `seq`. `Ok(false)` if it
 /// was already queued.
-pub(crate) fn add(layout: &Layout, id: &ImageId, seq: u64) -> Result<bool> {
+pub(crate) fn add(layout: &Layout, id: Admitted<'_>, seq: u64) -> Result<bool> {
     let path = layout.queued(id);
     let mut file = match OpenOptions::new().write(true).create_new(true).open(&path) {
         Ok(f) => f,
@@ -49,12 +49,12 @@ pub(crate) fn add(layout: &Layout, id: &ImageId, seq: u64) -> Result<bool> {
 }
 
 /// Removes the marker for `id`. `Ok(false)` if it was not queued.
-pub(crate) fn remove(layout: &Layout, id: &ImageId) -> Result<bool> {
+pub(crate) fn remove(layout: &Layout, id: Admitted<'_>) -> Result<bool> {
     remove_if_exists(&layout.queued(id))
 }
 
 /// Whether `id` is queued.
-pub(crate) fn contains(layout: &Layout, id: &ImageId) -> bool {
+pub(crate) fn contains(layout: &Layout, id: Admitted<'_>) -> bool {
     layout.queued(id).is_file()
 }
 
@@ -67,7 +67,8 @@ pub(crate) fn list(layout: &Layout) -> Result<Vec<ImageId>> {
     }
     let mut entries = Vec::new();
     for (id, meta) in layout.list(layout.queue_dir())? {
-        let path = layout.queued(&id);
+        let Ok(key) = layout.admit(&id) else { continue };
+        let path = layout.queued(key);
         let seq = match fs::read(&path) {
             Ok(content) => decode_seq(&content),
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -89,7 +90,8 @@ pub(crate) fn list(layout: &Layout) -> Result<Vec<ImageId>> {
 pub(crate) fn clear(layout: &Layout) -> Result<usize> {
     let mut n = 0;
     for (id, _) in layout.list(layout.queue_dir())? {
-        if remove(layout, &id)? {
+        let Ok(key) = layout.admit(&id) else { continue };
+        if remove(layout, key)? {
             n += 1;
         }
     }
@@ -130,10 +132,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let l = Layout::new(dir.path(), None);
         l.create().unwrap();
-        let id = |s: &str| ImageId::new(s).unwrap();
-        assert!(add(&l, &id("b"), 2).unwrap());
-        assert!(add(&l, &id("a"), 3).unwrap());
-        assert!(!add(&l, &id("a"), 4).unwrap());
+        let (a, b) = (ImageId::new("a").unwrap(), ImageId::new("b").unwrap());
+        let (a, b) = (l.admit(&a).unwrap(), l.admit(&b).unwrap());
+        assert!(add(&l, b, 2).unwrap());
+        assert!(add(&l, a, 3).unwrap());
+        assert!(!add(&l, a, 4).unwrap());
         // Two empty markers, as Glance writes them, with explicit times.
         for (name, secs) in [("g2", 200), ("g1", 100)] {
             let f = fs::File::create(l.queue_dir().join(name)).unwrap();

@@ -1,28 +1,39 @@
-//! [`ImageCache`]: the facade users hold — a driver plus the policies.
+//! [`ImageCache`]: the facade users hold — the one local file layer and a
+//! metadata store, joined, and the policies on top (prune, clean,
+//! quarantine, recovery, single-flight fills, the tee, prefetch).
+//!
+//! Every public method that takes an id admits it first
+//! ([`Layout::admit`]); nothing below can build a path from an id that was
+//! not admitted, and the store receives only admitted ids.
 
-use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::checksum::Checksum;
-use crate::fill::{Fill, Fills, FollowReader};
-use crate::tee::TeeReader;
-
-use crate::clock::to_epoch_secs;
-use crate::driver::{CacheDriver, CachedImageInfo, InvalidImageInfo, LruEntry, RecoveryReport};
-use crate::drivers::{SqliteDriver, XattrDriver};
+use crate::clock::{round_trip, to_epoch_secs};
+use crate::drivers::{CacheDriver, SqliteDriver, XattrDriver};
+use crate::entry::{CachedImageInfo, InvalidImageInfo, Invalidation, LruEntry, OnDisk};
 use crate::error::{Error, Result};
+use crate::files::{self, queue, Admitted, CachedImage, CleanReport, Layout};
 use crate::id::ImageId;
-use crate::layout::{CleanReport, Layout};
 use crate::options::{CacheOptions, DriverKind};
 use crate::origin::Origin;
-use crate::reader::CachedImage;
-use crate::writer::CacheWriter;
+
+pub(crate) mod fill;
+pub(crate) mod prefetch;
+mod recover;
+pub(crate) mod tee;
+pub(crate) mod writer;
+
+use fill::{Fill, Fills, FollowReader};
+pub use recover::RecoveryReport;
+use tee::TeeReader;
+use writer::CacheWriter;
 
 /// What [`ImageCache::prune`] removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct PruneReport {
     /// The images deleted, least recently accessed first.
@@ -42,6 +53,7 @@ impl PruneReport {
 
 /// What [`ImageCache::verify`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub enum Verification {
     /// Size and CRC-32 match what was committed.
@@ -61,6 +73,7 @@ pub enum Verification {
 
 /// What [`ImageCache::scrub`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct ScrubReport {
     /// Entries whose size and CRC matched.
@@ -73,14 +86,16 @@ pub struct ScrubReport {
     pub corrupt: Vec<(ImageId, String)>,
 }
 
-/// A local image cache: a [`CacheDriver`] for the mechanism, and the
-/// operator's jobs (prune, clean) as policy on top.
+/// A local image cache: the local file layer ([`Layout`]) and a metadata
+/// store ([`CacheDriver`]), joined, with the operator's jobs (prune, clean,
+/// scrub, prefetch) as policy on top.
 ///
 /// `ImageCache` is `Send + Sync`; share it between threads with an `Arc`.
 /// Several processes may open the same directory at once.
 #[derive(Debug)]
 pub struct ImageCache {
-    driver: Box<dyn CacheDriver>,
+    layout: Layout,
+    store: Arc<dyn CacheDriver>,
     options: CacheOptions,
     kind: Option<DriverKind>,
     recovery: RecoveryReport,
@@ -128,62 +143,75 @@ impl ImageCache {
     /// and opens the `sqlite` driver ([`ImageCache::driver_kind`] tells which
     /// one is in use).
     pub fn open(options: CacheOptions) -> Result<Self> {
-        let dir = options.image_cache_dir().to_path_buf();
-        let clock = options.clock_ref().clone();
-        let sqlite = || -> Result<Box<dyn CacheDriver>> {
-            Ok(Box::new(SqliteDriver::open(
-                &dir,
-                &options.sqlite_db_path(),
-                clock.clone(),
-            )?))
+        let layout = Self::layout_for(&options)?;
+        let sqlite = || -> Result<Arc<dyn CacheDriver>> {
+            Ok(Arc::new(SqliteDriver::open(&options.sqlite_db_path())?))
         };
-        let (driver, kind) = match options.image_cache_driver() {
+        let (store, kind) = match options.image_cache_driver() {
             DriverKind::Sqlite => (sqlite()?, DriverKind::Sqlite),
-            DriverKind::Xattr => match XattrDriver::with_layout(
-                Layout::new(&dir, Some(&options.sqlite_db_path())),
-                clock.clone(),
-            ) {
-                Ok(d) => (Box::new(d) as Box<dyn CacheDriver>, DriverKind::Xattr),
-                Err(e @ Error::XattrUnsupported { .. }) if options.falls_back_to_sqlite() => {
-                    log::warn!("imgcache: {e}; falling back to the sqlite driver as configured");
-                    (sqlite()?, DriverKind::Sqlite)
+            DriverKind::Xattr => {
+                match crate::drivers::xattr::probe(layout.base(), &layout.scratch("probe")) {
+                    Ok(()) => (
+                        Arc::new(XattrDriver::new()) as Arc<dyn CacheDriver>,
+                        DriverKind::Xattr,
+                    ),
+                    Err(e @ Error::XattrUnsupported { .. }) if options.falls_back_to_sqlite() => {
+                        log::warn!(
+                            "imgcache: {e}; falling back to the sqlite driver as configured"
+                        );
+                        (sqlite()?, DriverKind::Sqlite)
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
-            },
+            }
         };
-        Self::recovered(driver, options, Some(kind))
+        Self::recovered(layout, store, options, Some(kind))
     }
 
-    /// A cache over a driver of your own. `options` supplies the policy
-    /// settings (max size, stall time); its driver setting is ignored. Runs
-    /// the driver's recovery, as [`ImageCache::open`] does.
-    pub fn with_driver(driver: Box<dyn CacheDriver>, options: CacheOptions) -> Result<Self> {
-        Self::recovered(driver, options, None)
+    /// A cache over a metadata store of your own (or a built-in one opened
+    /// by hand). `options` supplies the directory and the policy settings
+    /// (max size, stall time); its driver setting is ignored. Runs the
+    /// recovery walk, as [`ImageCache::open`] does.
+    pub fn with_driver(driver: Arc<dyn CacheDriver>, options: CacheOptions) -> Result<Self> {
+        let layout = Self::layout_for(&options)?;
+        Self::recovered(layout, driver, options, None)
+    }
+
+    /// The directory's layout, created if missing. The configured database
+    /// name is reserved whatever the store, so that switching stores never
+    /// turns the database into an image.
+    fn layout_for(options: &CacheOptions) -> Result<Layout> {
+        let layout = Layout::new(options.image_cache_dir(), Some(&options.sqlite_db_path()));
+        layout.create()?;
+        Ok(layout)
     }
 
     fn recovered(
-        driver: Box<dyn CacheDriver>,
+        layout: Layout,
+        store: Arc<dyn CacheDriver>,
         options: CacheOptions,
         kind: Option<DriverKind>,
     ) -> Result<Self> {
-        let recovery = driver.recover()?;
-        if !recovery.is_clean() {
+        let mut cache = ImageCache {
+            layout,
+            store,
+            options,
+            kind,
+            recovery: RecoveryReport::default(),
+            fills: Arc::default(),
+        };
+        cache.recovery = cache.recover()?;
+        if !cache.recovery.is_clean() {
             log::warn!(
                 "imgcache: recovered {}: dropped {} entries without files, adopted {} files \
                  without metadata, quarantined {} corrupt entries",
-                driver.layout().base().display(),
-                recovery.dropped.len(),
-                recovery.adopted.len(),
-                recovery.quarantined.len()
+                cache.layout.base().display(),
+                cache.recovery.dropped.len(),
+                cache.recovery.adopted.len(),
+                cache.recovery.quarantined.len()
             );
         }
-        Ok(ImageCache {
-            driver,
-            options,
-            kind,
-            recovery,
-            fills: Arc::default(),
-        })
+        Ok(cache)
     }
 
     /// Opens the cache after moving a broken SQLite database (see
@@ -206,7 +234,7 @@ impl ImageCache {
                 for suffix in ["", "-wal", "-shm", "-journal"] {
                     let from = db.with_file_name(format!("{name}{suffix}"));
                     let to = db.with_file_name(format!(".imgcache-broken-{stamp}-{name}{suffix}"));
-                    match fs::rename(&from, &to) {
+                    match std::fs::rename(&from, &to) {
                         Ok(()) => {
                             log::warn!("imgcache: moved {} to {}", from.display(), to.display())
                         }
@@ -224,9 +252,9 @@ impl ImageCache {
         &self.recovery
     }
 
-    /// The driver.
+    /// The metadata store.
     pub fn driver(&self) -> &dyn CacheDriver {
-        &*self.driver
+        &*self.store
     }
 
     /// Which built-in driver is in use (after any fallback); `None` for a
@@ -242,115 +270,197 @@ impl ImageCache {
 
     /// The paths of the cache directory.
     pub fn layout(&self) -> &Layout {
-        self.driver.layout()
+        &self.layout
     }
 
-    fn check(&self, id: &ImageId) -> Result<()> {
-        self.driver.layout().check_id(id)
+    /// The cache's clock, now, as stored (rounded to what a store keeps).
+    fn now(&self) -> SystemTime {
+        round_trip(self.options.clock_ref().now())
     }
 
     /// Writes metadata held in memory (the SQLite driver's batched hit
     /// counts) now, so that other processes see it. Dropping the cache does
     /// it too.
     pub fn flush(&self) -> Result<()> {
-        self.driver.flush()
+        self.store.flush()
     }
 
     /// Total bytes of cached images.
     pub fn cache_size(&self) -> Result<u64> {
-        self.driver.cache_size()
+        self.store.total_size(&self.layout)
     }
 
     /// Every cached image (id, size, hits, last accessed, last modified),
     /// ordered by id.
     pub fn cached_images(&self) -> Result<Vec<CachedImageInfo>> {
-        self.driver.cached_images()
+        self.store.list(&self.layout)
     }
 
     /// One cached image's metadata, without counting a hit.
     pub fn cached_image(&self, id: &ImageId) -> Result<Option<CachedImageInfo>> {
-        self.check(id)?;
-        self.driver.cached_image(id)
+        let key = self.layout.admit(id)?;
+        self.entry(key)
+    }
+
+    /// The entry of an admitted id whose file is in place.
+    fn entry(&self, key: Admitted<'_>) -> Result<Option<CachedImageInfo>> {
+        let path = self.layout.cached(key);
+        match self.layout.stat(&path)? {
+            Some(meta) => self.store.get(key.id(), OnDisk::new(&path, None, &meta)),
+            None => Ok(None),
+        }
     }
 
     /// Hits of `id` since it was cached (0 if not cached).
     pub fn hit_count(&self, id: &ImageId) -> Result<u64> {
-        self.check(id)?;
-        self.driver.hit_count(id)
+        Ok(self.cached_image(id)?.map_or(0, |i| i.hits))
     }
 
-    /// Whether `id` is cached.
+    /// Whether `id` is cached: its file is in place and the store has its
+    /// entry.
     pub fn is_cached(&self, id: &ImageId) -> Result<bool> {
-        self.check(id)?;
-        self.driver.is_cached(id)
+        Ok(self.cached_image(id)?.is_some())
     }
 
     /// Whether `id` is neither cached nor being cached.
     pub fn is_cacheable(&self, id: &ImageId) -> Result<bool> {
-        self.check(id)?;
-        self.driver.is_cacheable(id)
+        Ok(!self.is_cached(id)? && !self.is_being_cached(id)?)
     }
 
     /// Whether a writer is filling `id` (or died doing so).
     pub fn is_being_cached(&self, id: &ImageId) -> Result<bool> {
-        self.check(id)?;
-        self.driver.is_being_cached(id)
+        let key = self.layout.admit(id)?;
+        Ok(self.layout.incomplete(key).is_file())
     }
 
     /// Whether `id` is queued.
     pub fn is_queued(&self, id: &ImageId) -> Result<bool> {
-        self.check(id)?;
-        self.driver.is_queued(id)
+        let key = self.layout.admit(id)?;
+        Ok(queue::contains(&self.layout, key))
     }
 
     /// Deletes cached image `id`; `false` if it was not cached.
     pub fn delete_cached_image(&self, id: &ImageId) -> Result<bool> {
-        self.check(id)?;
-        self.driver.delete_cached_image(id)
+        Ok(self.delete_cached_images(std::slice::from_ref(id))? > 0)
     }
 
-    /// Deletes every cached image; returns how many.
+    /// Deletes cached images `ids`, files first, then the store's entries in
+    /// one batch (a crash in between leaves entries without files, which a
+    /// reader treats as not cached and the recovery walk drops). Returns how
+    /// many files were removed.
+    fn delete_cached_images(&self, ids: &[ImageId]) -> Result<usize> {
+        let mut removed = 0;
+        for id in ids {
+            if self.layout.remove_cached(self.layout.admit(id)?)? {
+                removed += 1;
+            }
+        }
+        self.store.remove(ids)?;
+        Ok(removed)
+    }
+
+    /// Deletes every cached image, those the store knows and files it does
+    /// not (as Glance's `delete_all` walks the directory); returns how many.
     pub fn delete_all_cached_images(&self) -> Result<usize> {
-        self.driver.delete_all_cached_images()
+        let mut ids: Vec<ImageId> = self
+            .store
+            .lru(&self.layout)?
+            .into_iter()
+            .map(|e| e.id)
+            .filter(|id| self.layout.admit(id).is_ok())
+            .collect();
+        ids.extend(
+            self.layout
+                .list(self.layout.base())?
+                .into_iter()
+                .map(|(id, _)| id),
+        );
+        ids.sort();
+        ids.dedup();
+        self.delete_cached_images(&ids)
     }
 
     /// Removes `id` from the queue; `false` if it was not queued.
     pub fn delete_queued_image(&self, id: &ImageId) -> Result<bool> {
-        self.check(id)?;
-        self.driver.delete_queued_image(id)
+        let key = self.layout.admit(id)?;
+        queue::remove(&self.layout, key)
     }
 
     /// Empties the queue; returns how many were removed.
     pub fn delete_all_queued_images(&self) -> Result<usize> {
-        self.driver.delete_all_queued_images()
+        queue::clear(&self.layout)
     }
 
     /// Queues `id` for prefetching; `false` if it is already cached, being
     /// cached or queued.
     pub fn queue_image(&self, id: &ImageId) -> Result<bool> {
-        self.check(id)?;
-        self.driver.queue_image(id)
+        let key = self.layout.admit(id)?;
+        if self.entry(key)?.is_some()
+            || self.layout.incomplete(key).is_file()
+            || queue::contains(&self.layout, key)
+        {
+            return Ok(false);
+        }
+        let (dir, meta) = self.layout.open_queue_dir()?;
+        let seq =
+            self.store
+                .next_queue_seq(OnDisk::new(self.layout.queue_dir(), Some(&dir), &meta))?;
+        queue::add(&self.layout, key, seq)
     }
 
     /// The queued images, oldest first.
     pub fn queued_images(&self) -> Result<Vec<ImageId>> {
-        self.driver.queued_images()
+        queue::list(&self.layout)
     }
 
     /// The failed writes kept in `invalid/`, with their reasons.
     pub fn invalid_images(&self) -> Result<Vec<InvalidImageInfo>> {
-        self.driver.invalid_images()
+        let files = self.layout.list(self.layout.invalid_dir())?;
+        let mut out = Vec::with_capacity(files.len());
+        for (id, meta) in files {
+            let path = self.layout.invalid(self.layout.admit(&id)?);
+            let (reason, invalidated_at) = match self
+                .store
+                .invalid_reason(&id, OnDisk::new(&path, None, &meta))
+            {
+                Ok(r) => r,
+                // Removed by a concurrent clean.
+                Err(e) if e.io_kind() == Some(io::ErrorKind::NotFound) => continue,
+                Err(e) => return Err(e),
+            };
+            out.push(InvalidImageInfo {
+                id,
+                size: meta.len(),
+                reason,
+                invalidated_at,
+            });
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
     }
 
     /// Cached images, least recently accessed first.
     pub fn least_recently_accessed(&self) -> Result<Vec<LruEntry>> {
-        self.driver.least_recently_accessed()
+        self.store.lru(&self.layout)
     }
 
-    /// Starts writing `id`; see [`CacheDriver::open_for_write`].
+    /// Starts writing `id`: creates `incomplete/<id>` exclusively, locked
+    /// for the writer's life.
+    ///
+    /// Errors: [`Error::AlreadyBeingCached`] if another writer holds it,
+    /// [`Error::AlreadyCached`] if it is cached.
     pub fn open_for_write(&self, id: &ImageId) -> Result<CacheWriter> {
-        self.check(id)?;
-        self.driver.open_for_write(id)
+        let key = self.layout.admit(id)?;
+        self.writer(key)
+    }
+
+    fn writer(&self, key: Admitted<'_>) -> Result<CacheWriter> {
+        CacheWriter::create(
+            &self.layout,
+            key,
+            self.store.clone(),
+            self.options.clock_ref().clone(),
+        )
     }
 
     /// Opens cached image `id`, counting a hit; `None` if it is not cached.
@@ -358,41 +468,75 @@ impl ImageCache {
     /// A file whose size is not what was committed, or whose metadata
     /// cannot be decoded, is never served: it is moved to `invalid/` and
     /// [`Error::Corrupt`] (or [`Error::CorruptMetadata`]) is returned; the
-    /// next request is a miss.
+    /// next request is a miss. [`ImageCache::fetch`] goes to the origin
+    /// instead.
     pub fn open_for_read(&self, id: &ImageId) -> Result<Option<CachedImage>> {
-        self.check(id)?;
-        match self.driver.open_for_read(id) {
+        let key = self.layout.admit(id)?;
+        match self.read_hit(key) {
             Err(Error::Corrupt { id, path, detail }) => {
-                self.driver.quarantine(&id, &detail)?;
+                self.quarantine(key, &detail)?;
                 Err(Error::Corrupt { id, path, detail })
             }
             Err(Error::CorruptMetadata { path, detail }) => {
-                self.driver
-                    .quarantine(id, &format!("corrupt metadata: {detail}"))?;
+                self.quarantine(key, &format!("corrupt metadata: {detail}"))?;
                 Err(Error::CorruptMetadata { path, detail })
             }
             other => other,
         }
     }
 
+    fn read_hit(&self, key: Admitted<'_>) -> Result<Option<CachedImage>> {
+        let Some((file, path, meta)) = self.layout.open_cached(key)? else {
+            // A store entry whose file is gone is stale: drop it, unless a
+            // commit lands meanwhile.
+            let path = self.layout.cached(key);
+            self.store.remove_if_missing(key.id(), &|| !path.exists())?;
+            return Ok(None);
+        };
+        let on = OnDisk::new(&path, Some(&file), &meta);
+        let Some(info) = self.store.hit(key.id(), self.now(), on)? else {
+            return Ok(None);
+        };
+        CachedImage::new(file, path, info).map(Some)
+    }
+
+    /// Moves cached image `id` to `invalid/` with `reason` recorded, and
+    /// drops its entry; `false` if it was not cached.
+    pub(crate) fn quarantine(&self, key: Admitted<'_>, reason: &str) -> Result<bool> {
+        let Some((file, path, meta)) = self.layout.open_cached(key)? else {
+            return Ok(false);
+        };
+        let why = Invalidation::new(key.id().clone(), meta.len(), reason, self.now());
+        if let Err(e) = self
+            .store
+            .invalidate(&why, OnDisk::new(&path, Some(&file), &meta))
+        {
+            log::warn!("imgcache: cannot record why {key} was quarantined: {e}");
+        }
+        drop(file);
+        let moved = self.layout.quarantine(key)?;
+        let ids = std::slice::from_ref(key.id());
+        self.store.remove(ids)?;
+        if moved {
+            log::error!("imgcache: quarantined {key}: {reason}");
+        } else {
+            self.store.forget_invalid(ids)?;
+        }
+        Ok(moved)
+    }
+
     /// Reads cached image `id` whole and checks its size and CRC-32 against
     /// what was committed, without counting a hit; `None` if it is not
     /// cached. Reads through a 1 MiB buffer; costs one full read of the file.
     pub fn verify(&self, id: &ImageId) -> Result<Option<Verification>> {
-        self.check(id)?;
-        let Some(info) = self.driver.cached_image(id)? else {
+        let key = self.layout.admit(id)?;
+        let Some((mut file, path, meta)) = self.layout.open_cached(key)? else {
             return Ok(None);
         };
-        let path = self.layout().cached(id);
-        let mut file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("open", &path, e)),
+        let Some(info) = self.store.get(id, OnDisk::new(&path, Some(&file), &meta))? else {
+            return Ok(None);
         };
-        let len = file
-            .metadata()
-            .map_err(|e| Error::io("stat", &path, e))?
-            .len();
+        let len = meta.len();
         if len != info.size {
             return Ok(Some(Verification::Corrupt {
                 detail: format!("{len} bytes on disk, {} were committed", info.size),
@@ -424,7 +568,8 @@ impl ImageCache {
     /// cached byte once.
     pub fn scrub(&self) -> Result<ScrubReport> {
         let mut report = ScrubReport::default();
-        for info in self.driver.cached_images()? {
+        for info in self.cached_images()? {
+            let key = self.layout.admit(&info.id)?;
             match self.verify(&info.id)? {
                 None => {}
                 Some(Verification::Intact) => {
@@ -432,12 +577,16 @@ impl ImageCache {
                     report.bytes += info.size;
                 }
                 Some(Verification::Unverified { crc32 }) => {
-                    self.driver.set_crc32(&info.id, crc32)?;
-                    report.bytes += info.size;
-                    report.newly_verified.push(info.id);
+                    let path = self.layout.cached(key);
+                    if let Some(meta) = self.layout.stat(&path)? {
+                        self.store
+                            .set_crc32(&info.id, crc32, OnDisk::new(&path, None, &meta))?;
+                        report.bytes += info.size;
+                        report.newly_verified.push(info.id);
+                    }
                 }
                 Some(Verification::Corrupt { detail }) => {
-                    self.driver.quarantine(&info.id, &detail)?;
+                    self.quarantine(key, &detail)?;
                     report.corrupt.push((info.id, detail));
                 }
             }
@@ -447,8 +596,7 @@ impl ImageCache {
 
     /// The size of cached image `id`; `None` if not cached.
     pub fn image_size(&self, id: &ImageId) -> Result<Option<u64>> {
-        self.check(id)?;
-        self.driver.image_size(id)
+        Ok(self.cached_image(id)?.map(|i| i.size))
     }
 
     /// Deletes least recently accessed images until the cache holds at most
@@ -462,7 +610,7 @@ impl ImageCache {
     /// order (which also gives the total) and one batched delete; never a
     /// rescan per deleted image.
     pub fn prune_to(&self, max_size: u64) -> Result<PruneReport> {
-        let lru = self.driver.least_recently_accessed()?;
+        let lru = self.store.lru(&self.layout)?;
         let mut total: u64 = lru.iter().map(|e| e.size).sum();
         let mut victims = Vec::new();
         let mut bytes = 0;
@@ -475,7 +623,7 @@ impl ImageCache {
             victims.push(entry.id);
         }
         if !victims.is_empty() {
-            self.driver.delete_cached_images(&victims)?;
+            self.delete_cached_images(&victims)?;
             log::info!(
                 "imgcache: pruned {} images ({bytes} bytes), {total} bytes remain",
                 victims.len()
@@ -493,7 +641,9 @@ impl ImageCache {
     /// gone. A file whose writer is alive is kept, however old.
     pub fn clean(&self, stall_time: Option<Duration>) -> Result<CleanReport> {
         let stall = stall_time.unwrap_or(self.options.image_cache_stall_time());
-        let report = self.driver.clean(stall)?;
+        let report = self.layout.clean(stall, self.options.clock_ref().now())?;
+        let gone: Vec<ImageId> = report.invalid.iter().filter_map(|f| f.id.clone()).collect();
+        self.store.forget_invalid(&gone)?;
         if report.files() > 0 {
             log::info!(
                 "imgcache: cleaned {} invalid and {} stalled files ({} bytes)",
@@ -519,12 +669,12 @@ impl ImageCache {
         expected: Option<Checksum>,
         source: R,
     ) -> Result<TeeReader<R>> {
-        self.check(id)?;
+        let key = self.layout.admit(id)?;
         let started = self.fills.with(|map| {
             if map.contains_key(id) {
                 return Ok(None);
             }
-            match self.start_fill(id, map) {
+            match self.start_fill(key, map) {
                 Ok(pair) => Ok(Some(pair)),
                 Err(Error::AlreadyCached { .. } | Error::AlreadyBeingCached { .. }) => Ok(None),
                 Err(e) => Err(e),
@@ -558,12 +708,12 @@ impl ImageCache {
     /// follow it. The registry is locked by the caller.
     fn start_fill(
         &self,
-        id: &ImageId,
+        key: Admitted<'_>,
         map: &mut std::collections::HashMap<ImageId, Arc<Fill>>,
     ) -> Result<(CacheWriter, Arc<Fill>)> {
-        let writer = self.driver.open_for_write(id)?;
-        let fill = Arc::new(Fill::new(id.clone(), writer.try_clone_file()?));
-        map.insert(id.clone(), fill.clone());
+        let writer = self.writer(key)?;
+        let fill = Arc::new(Fill::new(key.id().clone(), writer.try_clone_file()?));
+        map.insert(key.id().clone(), fill.clone());
         Ok((writer, fill))
     }
 
@@ -580,8 +730,9 @@ impl ImageCache {
     ///   the way ([`ImageStream::Filling`]); `expected` is checked at the
     ///   end.
     ///
-    /// A failure to open the backend is [`Error::Source`], and leaves
-    /// nothing behind.
+    /// A cached file found corrupt is quarantined and the image fetched
+    /// again: a fault of the cache is never the caller's. A failure to open
+    /// the backend is [`Error::Source`], and leaves nothing behind.
     pub fn fetch<R, F>(
         &self,
         id: &ImageId,
@@ -616,7 +767,7 @@ impl ImageCache {
         R: Read + Send + 'static,
         F: FnOnce() -> Result<(R, Option<Checksum>)>,
     {
-        self.check(id)?;
+        let key = self.layout.admit(id)?;
         // One value, living for one loop round: its size does not matter.
         #[allow(clippy::large_enum_variant)]
         enum Step {
@@ -641,7 +792,7 @@ impl ImageCache {
                 if let Some(fill) = map.get(id) {
                     return Ok(Step::Follow(fill.clone()));
                 }
-                match self.start_fill(id, map) {
+                match self.start_fill(key, map) {
                     Ok((writer, fill)) => Ok(Step::Fill(writer, fill)),
                     Err(Error::AlreadyCached { .. }) => Ok(Step::Again),
                     Err(Error::AlreadyBeingCached { .. }) => Ok(Step::Foreign),
@@ -671,7 +822,7 @@ impl ImageCache {
                     };
                 }
                 Step::Again => {}
-                Step::Foreign => self.wait_for_foreign_writer(id)?,
+                Step::Foreign => files::wait_for_writer(&self.layout, key)?,
             }
         }
         Err(Error::FillFailed {
@@ -680,45 +831,13 @@ impl ImageCache {
         })
     }
 
-    /// Blocks until the writer holding `incomplete/<id>` (in any process)
-    /// is done. If it died instead, removes its stalled file so that the
-    /// caller can take the fill over.
-    fn wait_for_foreign_writer(&self, id: &ImageId) -> Result<()> {
-        let path = self.layout().incomplete(id);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(Error::io("open", &path, e)),
-        };
-        // A living writer holds an exclusive lock until it commits or
-        // aborts; the kernel drops it if the writer dies.
-        file.lock_shared()
-            .map_err(|e| Error::io("lock", &path, e))?;
-        let same = |f: &File| -> bool {
-            match (f.metadata(), fs::metadata(&path)) {
-                (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
-                _ => false,
-            }
-        };
-        if !same(&file) {
-            return Ok(()); // committed or aborted: moved away
-        }
-        // Still in place with nobody holding it: its writer died.
-        file.unlock().map_err(|e| Error::io("unlock", &path, e))?;
-        if file.try_lock().is_ok() && same(&file) {
-            log::warn!("imgcache: {id}: taking over a fill whose writer died");
-            crate::layout::remove_if_exists(&path)?;
-        }
-        Ok(())
-    }
-
     /// Caches `id` from `source`: `Ok(true)` if it was cached now, `Ok(false)`
     /// if it already was, or another writer is filling it. A read error from
     /// `source` moves what was written to `invalid/` and is returned as
     /// [`Error::Io`].
     pub fn cache_image_file(&self, id: &ImageId, mut source: impl Read) -> Result<bool> {
-        self.check(id)?;
-        let mut writer = match self.driver.open_for_write(id) {
+        let key = self.layout.admit(id)?;
+        let mut writer = match self.writer(key) {
             Ok(w) => w,
             Err(Error::AlreadyCached { .. } | Error::AlreadyBeingCached { .. }) => {
                 return Ok(false)
@@ -726,7 +845,7 @@ impl ImageCache {
             Err(e) => return Err(e),
         };
         if let Err(e) = io::copy(&mut source, &mut writer) {
-            let path = self.layout().incomplete(id);
+            let path = self.layout.incomplete(key);
             let reason = format!("copy failed: {e}");
             // The copy's error is the one to report; a failure to move the
             // file aside (on a full disk, say) only goes to the log.

@@ -6,11 +6,11 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::driver::CachedImageInfo;
+use super::zero_copy;
+use crate::entry::CachedImageInfo;
 use crate::error::{Error, IoContext, Result};
 use crate::id::ImageId;
 use crate::range::ByteRange;
-use crate::zero_copy;
 
 /// An open cached image: the file, and its metadata as of the open.
 ///
@@ -41,9 +41,8 @@ pub struct CachedImage {
 impl CachedImage {
     /// Wraps an open cache file. Checks that the file holds exactly
     /// `info.size` bytes, so that a file truncated or extended behind the
-    /// cache's back is refused rather than served. For driver
-    /// implementations.
-    pub fn new(file: File, path: PathBuf, info: CachedImageInfo) -> Result<Self> {
+    /// cache's back is refused rather than served.
+    pub(crate) fn new(file: File, path: PathBuf, info: CachedImageInfo) -> Result<Self> {
         let len = file.metadata().ctx("stat", &path)?.len();
         if len != info.size {
             return Err(Error::Corrupt {

@@ -1,9 +1,6 @@
-//! Entry points for the fuzz targets under `fuzz/` and for the tests that
-//! replay their corpus on stable Rust; and the in-memory model that the
-//! model-based tests and the operation-sequence fuzz target share.
-//!
-//! Not part of the stable API. Each function returns `Err` with a
-//! description when an invariant breaks; the fuzz targets panic on it.
+//! The in-memory model of a cache, and the operation sequences that the
+//! model-based test (`tests/model.rs`) and the `ops` fuzz target run
+//! against a real cache on every store, comparing after every step.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
@@ -11,100 +8,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use super::Store;
 use crate::clock::{round_trip, to_epoch_secs, Clock, ManualClock};
-use crate::drivers::xattr::encoding;
-use crate::{CacheOptions, CacheWriter, DriverKind, Error, ImageCache, ImageId};
-
-/// `ImageId` parsing: never panics, and whatever it accepts is one plain
-/// file name.
-pub fn id(data: &[u8]) -> Result<(), String> {
-    let Ok(s) = std::str::from_utf8(data) else {
-        return Ok(());
-    };
-    match ImageId::new(s) {
-        Ok(id) => {
-            let mut parts = Path::new(id.as_str()).components();
-            let one_normal = matches!(parts.next(), Some(std::path::Component::Normal(_)))
-                && parts.next().is_none();
-            if !one_normal || s.len() > 255 || s.contains(['/', '\0']) {
-                return Err(format!("accepted unsafe id {s:?}"));
-            }
-            if id.as_str() != s {
-                return Err("id changed its input".into());
-            }
-            Ok(())
-        }
-        Err(Error::InvalidId { input, .. }) if input == s => Ok(()),
-        Err(e) => Err(format!("unexpected error {e}")),
-    }
-}
-
-/// Decoders of stored values (xattr values, queue markers): never panic,
-/// and what decodes re-encodes to something that decodes the same.
-pub fn stored_values(data: &[u8]) -> Result<(), String> {
-    if let Ok(n) = encoding::decode_u64(data) {
-        if encoding::decode_u64(&encoding::encode_u64(n)) != Ok(n) {
-            return Err(format!("count {n} does not round-trip"));
-        }
-    }
-    if let Ok(t) = encoding::decode_time(data) {
-        if encoding::decode_time(&encoding::encode_time(t)) != Ok(t) {
-            return Err(format!("time {t:?} does not round-trip"));
-        }
-    }
-    if let Ok(c) = encoding::decode_crc(data) {
-        if encoding::decode_crc(&encoding::encode_crc(c)) != Ok(c) {
-            return Err(format!("crc {c} does not round-trip"));
-        }
-    }
-    if let Some(seq) = crate::queue::decode_seq(data) {
-        if crate::queue::decode_seq(crate::queue::encode_seq(seq).as_bytes()) != Some(seq) {
-            return Err(format!("queue seq {seq} does not round-trip"));
-        }
-    }
-    Ok(())
-}
-
-/// A `cache.db` holding `data`, opened in `dir`: opening gives a cache or a
-/// typed error, and an opened cache answers every query without panicking.
-pub fn sqlite_db(dir: &Path, data: &[u8]) -> Result<(), String> {
-    std::fs::write(dir.join("cache.db"), data).map_err(|e| e.to_string())?;
-    let cache = match CacheOptions::new(dir).open() {
-        Ok(c) => c,
-        Err(Error::BadDatabase { .. } | Error::Sqlite { .. } | Error::CorruptMetadata { .. }) => {
-            return Ok(())
-        }
-        Err(e) => return Err(format!("unexpected error opening a fuzzed database: {e}")),
-    };
-    // Errors are fine; panics are not.
-    let _ = cache.cache_size();
-    let _ = cache.least_recently_accessed();
-    let _ = cache.queued_images();
-    let _ = cache.invalid_images();
-    if let Ok(images) = cache.cached_images() {
-        for info in images {
-            let _ = cache.open_for_read(&info.id);
-            let _ = cache.verify(&info.id);
-        }
-    }
-    let _ = cache.prune_to(0);
-    let _ = cache.clean(Some(Duration::ZERO));
-    Ok(())
-}
-
-/// The `ops` fuzz target: the first byte picks the driver, the rest decode
-/// to operations ([`Op::decode`]) run against the model in `dir`.
-pub fn ops(dir: &Path, data: &[u8]) -> Result<(), String> {
-    let Some((&driver, rest)) = data.split_first() else {
-        return Ok(());
-    };
-    let kind = if driver % 2 == 0 {
-        DriverKind::Sqlite
-    } else {
-        DriverKind::Xattr
-    };
-    run(kind, dir, &Op::decode(rest)).map_err(|e| format!("{kind}: {e}"))
-}
+use crate::{CacheOptions, CacheWriter, Error, ImageCache, ImageId};
 
 /// The ids the model uses (Glance's test ids, and a UUID).
 pub const IDS: [&str; 5] = [
@@ -210,17 +116,15 @@ struct Model {
 /// The real cache under test.
 struct Real<'a> {
     dir: &'a Path,
-    kind: DriverKind,
+    store: Store,
     clock: ManualClock,
     cache: ImageCache,
     writers: HashMap<String, (CacheWriter, Vec<u8>)>,
 }
 
-fn open(dir: &Path, kind: DriverKind, clock: &ManualClock) -> Result<ImageCache, String> {
-    CacheOptions::new(dir)
-        .driver(kind)
-        .clock(Arc::new(clock.clone()))
-        .open()
+fn open(dir: &Path, store: Store, clock: &ManualClock) -> Result<ImageCache, String> {
+    store
+        .open(CacheOptions::new(dir).clock(Arc::new(clock.clone())))
         .map_err(|e| format!("open: {e}"))
 }
 
@@ -232,15 +136,15 @@ fn valid(name: &str) -> Result<ImageId, String> {
     ImageId::new(name).map_err(s)
 }
 
-/// Runs `ops` against a cache in `dir` (which must be empty) with driver
-/// `kind`, and against the model; after every step they must agree on every
-/// thing the cache reports. `Err` says which step and what differed.
-pub fn run(kind: DriverKind, dir: &Path, ops: &[Op]) -> Result<(), String> {
+/// Runs `ops` against a cache in `dir` (which must be empty) on `store`,
+/// and against the model; after every step they must agree on every thing
+/// the cache reports. `Err` says which step and what differed.
+pub fn run(store: Store, dir: &Path, ops: &[Op]) -> Result<(), String> {
     let clock = ManualClock::new(SystemTime::now());
-    let cache = open(dir, kind, &clock)?;
+    let cache = open(dir, store, &clock)?;
     let mut real = Real {
         dir,
-        kind,
+        store,
         clock,
         cache,
         writers: HashMap::new(),
@@ -460,7 +364,7 @@ fn apply(r: &mut Real<'_>, m: &mut Model, op: &Op) -> Result<(), String> {
         }
         Op::Tick(n) => r.clock.advance(Duration::from_millis(n * 700)),
         Op::Reopen => {
-            r.cache = open(r.dir, r.kind, &r.clock)?;
+            r.cache = open(r.dir, r.store, &r.clock)?;
             if !r.cache.recovery().is_clean() {
                 return Err(format!("reopen had to recover: {:?}", r.cache.recovery()));
             }

@@ -1,5 +1,6 @@
 //! [`Layout`]: where each state of an image lives on disk, and the file
-//! operations every driver shares (publish, invalidate, clean).
+//! operations of the one local file layer (create, publish, invalidate,
+//! quarantine, clean), written once whatever store keeps the metadata.
 //!
 //! | state | path |
 //! |---|---|
@@ -15,6 +16,28 @@ use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, IoContext, Result};
 use crate::id::{is_reserved, IdError, ImageId};
+
+/// An id this cache has admitted: a valid [`ImageId`] that is none of the
+/// cache's own names (its folders, its database and the database's side
+/// files, Glance's lock file). Only [`Layout::admit`] and the layout's own
+/// walks make one, and every path of an image is built from one: an id is
+/// checked once, where it enters, and cannot reach the file system
+/// unchecked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted<'a>(&'a ImageId);
+
+impl<'a> Admitted<'a> {
+    /// The id.
+    pub fn id(self) -> &'a ImageId {
+        self.0
+    }
+}
+
+impl std::fmt::Display for Admitted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// The paths of a cache directory.
 #[derive(Debug, Clone)]
@@ -82,6 +105,7 @@ impl GroupSync {
 
 /// One file that `clean` (or another sweep) removed.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct RemovedFile {
     /// The file's path at the moment it was removed.
     pub path: PathBuf,
@@ -91,8 +115,9 @@ pub struct RemovedFile {
     pub size: u64,
 }
 
-/// What [`crate::CacheDriver::clean`] removed.
+/// What [`crate::ImageCache::clean`] removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct CleanReport {
     /// Files removed from `invalid/`.
@@ -171,34 +196,36 @@ impl Layout {
     }
 
     /// Where `id` lives once cached.
-    pub fn cached(&self, id: &ImageId) -> PathBuf {
-        self.base.join(id.as_str())
+    pub fn cached(&self, id: Admitted<'_>) -> PathBuf {
+        self.base.join(id.0.as_str())
     }
 
     /// Where `id` is written.
-    pub fn incomplete(&self, id: &ImageId) -> PathBuf {
-        self.incomplete.join(id.as_str())
+    pub fn incomplete(&self, id: Admitted<'_>) -> PathBuf {
+        self.incomplete.join(id.0.as_str())
     }
 
     /// Where `id` goes when its write fails.
-    pub fn invalid(&self, id: &ImageId) -> PathBuf {
-        self.invalid.join(id.as_str())
+    pub fn invalid(&self, id: Admitted<'_>) -> PathBuf {
+        self.invalid.join(id.0.as_str())
     }
 
     /// The queue marker of `id`.
-    pub fn queued(&self, id: &ImageId) -> PathBuf {
-        self.queue.join(id.as_str())
+    pub fn queued(&self, id: Admitted<'_>) -> PathBuf {
+        self.queue.join(id.0.as_str())
     }
 
-    /// Refuses ids that collide with this cache's own files beyond the
-    /// defaults [`ImageId`] already refuses (a custom database name).
-    pub fn check_id(&self, id: &ImageId) -> Result<()> {
+    /// Admits `id` into this cache, refusing (with
+    /// [`IdError::Reserved`]) what collides with its own files beyond the
+    /// defaults [`ImageId`] already refuses: a custom database name and its
+    /// `-wal`, `-shm`, `-journal` files.
+    pub fn admit<'i>(&self, id: &'i ImageId) -> Result<Admitted<'i>> {
         match &self.db_name {
             Some(db) if is_reserved(id.as_str(), db) => Err(Error::InvalidId {
                 input: id.to_string(),
                 reason: IdError::Reserved,
             }),
-            _ => Ok(()),
+            _ => Ok(Admitted(id)),
         }
     }
 
@@ -217,7 +244,7 @@ impl Layout {
             let Ok(id) = ImageId::from_os(&entry.file_name()) else {
                 continue;
             };
-            if self.check_id(&id).is_err() {
+            if self.admit(&id).is_err() {
                 continue;
             }
             // A file may vanish between readdir and stat: that is not an error.
@@ -239,7 +266,7 @@ impl Layout {
     /// The file is created and locked under a private name, then renamed
     /// into place without replacing: no other process can ever see a live
     /// writer's file unlocked (and take it for a stalled one).
-    pub fn create_incomplete(&self, id: &ImageId) -> Result<File> {
+    pub fn create_incomplete(&self, id: Admitted<'_>) -> Result<File> {
         use std::sync::atomic::{AtomicU64, Ordering};
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let path = self.incomplete(id);
@@ -266,7 +293,7 @@ impl Layout {
             .and_then(|()| match rename_noreplace(&staging, &path) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    Err(Error::AlreadyBeingCached { id: id.clone() })
+                    Err(Error::AlreadyBeingCached { id: id.0.clone() })
                 }
                 Err(e) => Err(Error::io("rename", &staging, e)),
             });
@@ -281,7 +308,7 @@ impl Layout {
     /// the base directory (one `fsync` shared by the commits of this cache
     /// that rename at about the same time: group commit). Returns `false` (and leaves the incomplete file
     /// where it is) when the image was already cached.
-    pub fn publish(&self, id: &ImageId) -> Result<bool> {
+    pub fn publish(&self, id: Admitted<'_>) -> Result<bool> {
         let from = self.incomplete(id);
         let to = self.cached(id);
         match rename_noreplace(&from, &to) {
@@ -294,7 +321,7 @@ impl Layout {
     }
 
     /// Moves `incomplete/<id>` to `invalid/<id>` (replacing an older one).
-    pub fn invalidate(&self, id: &ImageId) -> Result<()> {
+    pub fn invalidate(&self, id: Admitted<'_>) -> Result<()> {
         let from = self.incomplete(id);
         fs::rename(&from, self.invalid(id)).ctx("rename", &from)
     }
@@ -304,7 +331,7 @@ impl Layout {
     pub fn stalled(&self) -> Result<Vec<ImageId>> {
         let mut out = Vec::new();
         for (id, _) in self.list(&self.incomplete)? {
-            let path = self.incomplete(&id);
+            let path = self.incomplete(Admitted(&id));
             let file = match File::open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -321,7 +348,7 @@ impl Layout {
     }
 
     /// Moves cached `<id>` to `invalid/<id>`; `false` if it was not there.
-    pub fn quarantine(&self, id: &ImageId) -> Result<bool> {
+    pub fn quarantine(&self, id: Admitted<'_>) -> Result<bool> {
         let from = self.cached(id);
         match fs::rename(&from, self.invalid(id)) {
             Ok(()) => Ok(true),
@@ -374,6 +401,76 @@ impl Layout {
             }
         }
         Ok(report)
+    }
+}
+
+impl Layout {
+    /// Opens cached `id` with its metadata; `None` if it is not there.
+    pub fn open_cached(&self, id: Admitted<'_>) -> Result<Option<(File, PathBuf, Metadata)>> {
+        let path = self.cached(id);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("open", &path, e)),
+        };
+        let meta = file.metadata().ctx("stat", &path)?;
+        Ok(Some((file, path, meta)))
+    }
+
+    /// The metadata of file `path` (of `id` in some state); `None` if it is
+    /// not there or not a regular file.
+    pub fn stat(&self, path: &Path) -> Result<Option<Metadata>> {
+        match fs::metadata(path) {
+            Ok(m) if m.is_file() => Ok(Some(m)),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("stat", path, e)),
+        }
+    }
+
+    /// Removes cached `id`; `false` if it was not there.
+    pub fn remove_cached(&self, id: Admitted<'_>) -> Result<bool> {
+        remove_if_exists(&self.cached(id))
+    }
+
+    /// The queue folder, open (a store may keep the queue's counter on it).
+    pub fn open_queue_dir(&self) -> Result<(File, Metadata)> {
+        let dir = &self.queue;
+        let f = File::open(dir).ctx("open", dir)?;
+        let meta = f.metadata().ctx("stat", dir)?;
+        Ok((f, meta))
+    }
+
+    /// A scratch name in `incomplete/` that no image id can take.
+    pub(crate) fn scratch(&self, what: &str) -> PathBuf {
+        self.incomplete.join(format!(
+            "{}-{what}-{}",
+            crate::id::PRIVATE_PREFIX,
+            std::process::id()
+        ))
+    }
+}
+
+impl crate::entry::CachedFiles for Layout {
+    fn each_cached(
+        &self,
+        open: bool,
+        f: &mut dyn FnMut(&ImageId, crate::entry::OnDisk<'_>) -> Result<()>,
+    ) -> Result<()> {
+        for (id, meta) in self.list(&self.base)? {
+            let path = self.cached(Admitted(&id));
+            if open {
+                let file = match File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(Error::io("open", &path, e)),
+                };
+                f(&id, crate::entry::OnDisk::new(&path, Some(&file), &meta))?;
+            } else {
+                f(&id, crate::entry::OnDisk::new(&path, None, &meta))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -449,20 +546,21 @@ mod tests {
     fn paths_of_the_four_states() {
         let l = Layout::new("/c", Some(Path::new("/c/cache.db")));
         let i = id("abc");
-        assert_eq!(l.cached(&i), Path::new("/c/abc"));
-        assert_eq!(l.incomplete(&i), Path::new("/c/incomplete/abc"));
-        assert_eq!(l.invalid(&i), Path::new("/c/invalid/abc"));
-        assert_eq!(l.queued(&i), Path::new("/c/queue/abc"));
+        let i = l.admit(&i).unwrap();
+        assert_eq!(l.cached(i), Path::new("/c/abc"));
+        assert_eq!(l.incomplete(i), Path::new("/c/incomplete/abc"));
+        assert_eq!(l.invalid(i), Path::new("/c/invalid/abc"));
+        assert_eq!(l.queued(i), Path::new("/c/queue/abc"));
     }
 
     #[test]
     fn custom_db_name_is_reserved_only_inside_base() {
         let l = Layout::new("/c", Some(Path::new("/c/meta.sqlite")));
-        assert!(l.check_id(&id("meta.sqlite")).is_err());
-        assert!(l.check_id(&id("meta.sqlite-wal")).is_err());
-        assert!(l.check_id(&id("other")).is_ok());
+        assert!(l.admit(&id("meta.sqlite")).is_err());
+        assert!(l.admit(&id("meta.sqlite-wal")).is_err());
+        assert!(l.admit(&id("other")).is_ok());
         let outside = Layout::new("/c", Some(Path::new("/elsewhere/meta.sqlite")));
-        assert!(outside.check_id(&id("meta.sqlite")).is_ok());
+        assert!(outside.admit(&id("meta.sqlite")).is_ok());
     }
 
     #[test]
@@ -471,16 +569,17 @@ mod tests {
         let l = Layout::new(dir.path(), None);
         l.create().unwrap();
         let i = id("x");
-        fs::write(l.cached(&i), b"old").unwrap();
-        drop(l.create_incomplete(&i).unwrap());
-        fs::write(l.incomplete(&i), b"new").unwrap();
-        assert!(!l.publish(&i).unwrap());
-        assert_eq!(fs::read(l.cached(&i)).unwrap(), b"old");
-        assert!(l.incomplete(&i).exists());
-        fs::remove_file(l.cached(&i)).unwrap();
-        assert!(l.publish(&i).unwrap());
-        assert_eq!(fs::read(l.cached(&i)).unwrap(), b"new");
-        assert!(!l.incomplete(&i).exists());
+        let i = l.admit(&i).unwrap();
+        fs::write(l.cached(i), b"old").unwrap();
+        drop(l.create_incomplete(i).unwrap());
+        fs::write(l.incomplete(i), b"new").unwrap();
+        assert!(!l.publish(i).unwrap());
+        assert_eq!(fs::read(l.cached(i)).unwrap(), b"old");
+        assert!(l.incomplete(i).exists());
+        fs::remove_file(l.cached(i)).unwrap();
+        assert!(l.publish(i).unwrap());
+        assert_eq!(fs::read(l.cached(i)).unwrap(), b"new");
+        assert!(!l.incomplete(i).exists());
     }
 
     #[test]

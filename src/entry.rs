@@ -1,0 +1,208 @@
+//! The row types every layer shares: what is known of a cached image, of a
+//! failed write, and of an entry's file when the file layer hands it to a
+//! store. They use nothing above the ground floor (`id`, `error`, `clock`).
+
+use std::fs::{File, Metadata};
+use std::path::Path;
+use std::time::SystemTime;
+
+use crate::error::Result;
+use crate::id::ImageId;
+
+/// What the cache knows of one cached image.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct CachedImageInfo {
+    /// The image.
+    #[cfg_attr(feature = "serde", serde(rename = "image_id"))]
+    pub id: ImageId,
+    /// Its size in bytes.
+    pub size: u64,
+    /// How many times it was opened for reading since it was cached.
+    pub hits: u64,
+    /// When it was last opened for reading (or cached, if never read).
+    /// Serialized as seconds since the epoch, as Glance reports it.
+    #[cfg_attr(feature = "serde", serde(serialize_with = "crate::clock::serde_secs"))]
+    pub last_accessed: SystemTime,
+    /// When it was cached. Serialized as seconds since the epoch.
+    #[cfg_attr(feature = "serde", serde(serialize_with = "crate::clock::serde_secs"))]
+    pub last_modified: SystemTime,
+    /// The checksum the writer declared (Glance's `checksum` column), if any.
+    pub checksum: Option<String>,
+    /// The CRC-32 of its bytes, computed while they were written; `None` for
+    /// entries written by another tool (Glance), which are unverified.
+    pub crc32: Option<u32>,
+}
+
+impl CachedImageInfo {
+    /// A fresh entry: `size` bytes committed at `at`, never read.
+    pub fn new(id: ImageId, size: u64, at: SystemTime) -> Self {
+        CachedImageInfo {
+            id,
+            size,
+            hits: 0,
+            last_accessed: at,
+            last_modified: at,
+            checksum: None,
+            crc32: None,
+        }
+    }
+
+    /// With the CRC-32 of its bytes.
+    pub fn with_crc32(mut self, crc32: Option<u32>) -> Self {
+        self.crc32 = crc32;
+        self
+    }
+
+    /// With the checksum the writer declared.
+    pub fn with_checksum(mut self, checksum: Option<String>) -> Self {
+        self.checksum = checksum;
+        self
+    }
+}
+
+/// One entry of the least-recently-accessed order.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct LruEntry {
+    /// The image.
+    #[cfg_attr(feature = "serde", serde(rename = "image_id"))]
+    pub id: ImageId,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it was last accessed.
+    #[cfg_attr(feature = "serde", serde(serialize_with = "crate::clock::serde_secs"))]
+    pub last_accessed: SystemTime,
+}
+
+/// A file in `invalid/`: a write that failed or was abandoned, kept for
+/// debugging until the next `clean`.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct InvalidImageInfo {
+    /// The image.
+    #[cfg_attr(feature = "serde", serde(rename = "image_id"))]
+    pub id: ImageId,
+    /// How many bytes had been written.
+    pub size: u64,
+    /// Why it was invalidated, if recorded.
+    pub reason: Option<String>,
+    /// When it was invalidated, if recorded.
+    #[cfg_attr(
+        feature = "serde",
+        serde(serialize_with = "crate::clock::serde_opt_secs")
+    )]
+    pub invalidated_at: Option<SystemTime>,
+}
+
+/// Why and when an entry was invalidated: a write that failed or was
+/// abandoned, or a cached file found corrupt.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Invalidation {
+    /// The image.
+    pub id: ImageId,
+    /// Bytes written (or on disk).
+    pub size: u64,
+    /// Why.
+    pub reason: String,
+    /// When.
+    pub at: SystemTime,
+}
+
+impl Invalidation {
+    /// `id` (`size` bytes) invalidated at `at` for `reason`.
+    pub fn new(id: ImageId, size: u64, reason: impl Into<String>, at: SystemTime) -> Self {
+        Invalidation {
+            id,
+            size,
+            reason: reason.into(),
+            at,
+        }
+    }
+}
+
+/// One entry a store holds, as [`crate::CacheDriver::scan`] reports it for
+/// recovery.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Scanned {
+    /// A well-formed entry.
+    Entry(CachedImageInfo),
+    /// An entry whose metadata cannot be decoded.
+    Corrupt {
+        /// The image.
+        id: ImageId,
+        /// What is wrong with it.
+        detail: String,
+    },
+}
+
+/// An entry's file, as the file layer hands it to a store.
+///
+/// Stores that keep metadata apart from the files (SQLite, a shared
+/// database) ignore it. A store that keeps metadata *on* the file (the
+/// xattr store) reads and writes it through [`OnDisk::file`] where the file
+/// layer has opened the file, and through [`OnDisk::path`] where a walk only
+/// looked at the directory. The path is the file's as the file layer found
+/// it: a store never builds one.
+#[derive(Debug, Clone, Copy)]
+pub struct OnDisk<'a> {
+    path: &'a Path,
+    file: Option<&'a File>,
+    meta: &'a Metadata,
+}
+
+impl<'a> OnDisk<'a> {
+    /// The file at `path`, open as `file` if the file layer opened it, with
+    /// its metadata as of the open or the walk.
+    pub fn new(path: &'a Path, file: Option<&'a File>, meta: &'a Metadata) -> Self {
+        OnDisk { path, file, meta }
+    }
+
+    /// Where the file is (for stores that work on paths, and for messages).
+    pub fn path(&self) -> &'a Path {
+        self.path
+    }
+
+    /// The open file, if the file layer opened it.
+    pub fn file(&self) -> Option<&'a File> {
+        self.file
+    }
+
+    /// Its size in bytes.
+    pub fn len(&self) -> u64 {
+        self.meta.len()
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.meta.len() == 0
+    }
+
+    /// Its modification time (the epoch where the system gives none).
+    pub fn modified(&self) -> SystemTime {
+        self.meta.modified().unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+
+    /// Its access time (the epoch where the system gives none).
+    pub fn accessed(&self) -> SystemTime {
+        self.meta.accessed().unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+}
+
+/// The cached files, as the file layer shows them to a store that keeps its
+/// metadata on them.
+pub trait CachedFiles {
+    /// Calls `f` for every cached file (ids that are the cache's own names
+    /// are never among them). With `open`, each file is opened first
+    /// ([`OnDisk::file`] is `Some`); otherwise only its directory entry is
+    /// looked at. Files that vanish during the walk are passed over.
+    fn each_cached(
+        &self,
+        open: bool,
+        f: &mut dyn FnMut(&ImageId, OnDisk<'_>) -> Result<()>,
+    ) -> Result<()>;
+}

@@ -1,0 +1,201 @@
+//! Test support (feature `test-utils`; never in a release build): the
+//! store conformance kit, the in-memory model of a cache, and the entry
+//! points of the fuzz targets under `fuzz/` (which the tests replay on
+//! stable Rust).
+//!
+//! # The conformance kit
+//!
+//! A [`Store`] says how to open one metadata store for a cache directory.
+//! The behaviour suite, the streaming and zero-copy suites, the model test
+//! and the kill test run every case against every store of
+//! [`Store::all`], through [`crate::ImageCache::with_driver`]. A new store
+//! joins them by one line in [`Store::all`] (and one in the tests'
+//! `for_each_driver!` macro).
+//!
+//! The fuzz entry points return `Err` with a description when an invariant
+//! breaks; the fuzz targets panic on it.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::drivers::xattr::encoding;
+use crate::drivers::{CacheDriver, SqliteDriver, XattrDriver};
+use crate::error::Result;
+use crate::{CacheOptions, Error, ImageCache, ImageId};
+
+pub mod model;
+
+pub use model::{content, run, Op, IDS};
+
+/// How to open one metadata store for a cache directory: the unit of the
+/// conformance kit.
+#[derive(Clone, Copy)]
+pub struct Store {
+    name: &'static str,
+    open: fn(&CacheOptions) -> Result<Arc<dyn CacheDriver>>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+impl fmt::Display for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+impl PartialEq for Store {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Store {
+    /// The SQLite store, its database where `options` puts it.
+    pub const SQLITE: Store = Store {
+        name: "sqlite",
+        open: |o| Ok(Arc::new(SqliteDriver::open(&o.sqlite_db_path())?)),
+    };
+
+    /// The xattr store (the directory's file system must take user xattrs).
+    pub const XATTR: Store = Store {
+        name: "xattr",
+        open: |o| {
+            let dir = o.image_cache_dir();
+            std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+            let probe = dir.join(format!("{}-kit-probe", crate::id::PRIVATE_PREFIX));
+            crate::drivers::xattr::probe(dir, &probe)?;
+            Ok(Arc::new(XattrDriver::new()))
+        },
+    };
+
+    /// A store of your own, for running the kit against it.
+    pub const fn new(
+        name: &'static str,
+        open: fn(&CacheOptions) -> Result<Arc<dyn CacheDriver>>,
+    ) -> Store {
+        Store { name, open }
+    }
+
+    /// Every store the kit runs against.
+    pub fn all() -> &'static [Store] {
+        &[Store::SQLITE, Store::XATTR]
+    }
+
+    /// The store of [`Store::all`] named `name`.
+    pub fn by_name(name: &str) -> Option<Store> {
+        Store::all().iter().copied().find(|s| s.name == name)
+    }
+
+    /// Its name (the driver's, as Glance spells it).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Opens the store alone, for a cache `options` describe.
+    pub fn driver(&self, options: &CacheOptions) -> Result<Arc<dyn CacheDriver>> {
+        (self.open)(options)
+    }
+
+    /// Opens a cache on this store: the directory first, as
+    /// [`ImageCache::open`] does, then the store, then
+    /// [`ImageCache::with_driver`].
+    pub fn open(&self, options: CacheOptions) -> Result<ImageCache> {
+        crate::Layout::new(options.image_cache_dir(), Some(&options.sqlite_db_path())).create()?;
+        ImageCache::with_driver(self.driver(&options)?, options)
+    }
+}
+
+/// `ImageId` parsing: never panics, and whatever it accepts is one plain
+/// file name.
+pub fn id(data: &[u8]) -> Result<(), String> {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return Ok(());
+    };
+    match ImageId::new(s) {
+        Ok(id) => {
+            let mut parts = Path::new(id.as_str()).components();
+            let one_normal = matches!(parts.next(), Some(std::path::Component::Normal(_)))
+                && parts.next().is_none();
+            if !one_normal || s.len() > 255 || s.contains(['/', '\0']) {
+                return Err(format!("accepted unsafe id {s:?}"));
+            }
+            if id.as_str() != s {
+                return Err("id changed its input".into());
+            }
+            Ok(())
+        }
+        Err(Error::InvalidId { input, .. }) if input == s => Ok(()),
+        Err(e) => Err(format!("unexpected error {e}")),
+    }
+}
+
+/// Decoders of stored values (xattr values, queue markers): never panic,
+/// and what decodes re-encodes to something that decodes the same.
+pub fn stored_values(data: &[u8]) -> Result<(), String> {
+    if let Ok(n) = encoding::decode_u64(data) {
+        if encoding::decode_u64(&encoding::encode_u64(n)) != Ok(n) {
+            return Err(format!("count {n} does not round-trip"));
+        }
+    }
+    if let Ok(t) = encoding::decode_time(data) {
+        if encoding::decode_time(&encoding::encode_time(t)) != Ok(t) {
+            return Err(format!("time {t:?} does not round-trip"));
+        }
+    }
+    if let Ok(c) = encoding::decode_crc(data) {
+        if encoding::decode_crc(&encoding::encode_crc(c)) != Ok(c) {
+            return Err(format!("crc {c} does not round-trip"));
+        }
+    }
+    if let Some(seq) = crate::files::queue::decode_seq(data) {
+        let again = crate::files::queue::encode_seq(seq);
+        if crate::files::queue::decode_seq(again.as_bytes()) != Some(seq) {
+            return Err(format!("queue seq {seq} does not round-trip"));
+        }
+    }
+    Ok(())
+}
+
+/// A `cache.db` holding `data`, opened in `dir`: opening gives a cache or a
+/// typed error, and an opened cache answers every query without panicking.
+pub fn sqlite_db(dir: &Path, data: &[u8]) -> Result<(), String> {
+    std::fs::write(dir.join("cache.db"), data).map_err(|e| e.to_string())?;
+    let cache = match CacheOptions::new(dir).open() {
+        Ok(c) => c,
+        Err(Error::BadDatabase { .. } | Error::Store(_) | Error::CorruptMetadata { .. }) => {
+            return Ok(())
+        }
+        Err(e) => return Err(format!("unexpected error opening a fuzzed database: {e}")),
+    };
+    // Errors are fine; panics are not.
+    let _ = cache.cache_size();
+    let _ = cache.least_recently_accessed();
+    let _ = cache.queued_images();
+    let _ = cache.invalid_images();
+    if let Ok(images) = cache.cached_images() {
+        for info in images {
+            let _ = cache.open_for_read(&info.id);
+            let _ = cache.verify(&info.id);
+        }
+    }
+    let _ = cache.prune_to(0);
+    let _ = cache.clean(Some(Duration::ZERO));
+    Ok(())
+}
+
+/// The `ops` fuzz target: the first byte picks the store, the rest decode
+/// to operations ([`Op::decode`]) run against the model in `dir`.
+pub fn ops(dir: &Path, data: &[u8]) -> Result<(), String> {
+    let Some((&pick, rest)) = data.split_first() else {
+        return Ok(());
+    };
+    let stores = Store::all();
+    let store = stores[usize::from(pick) % stores.len()];
+    run(store, dir, &Op::decode(rest)).map_err(|e| format!("{store}: {e}"))
+}
