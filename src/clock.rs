@@ -105,21 +105,48 @@ pub(crate) fn round_trip(t: SystemTime) -> SystemTime {
     from_epoch_secs(to_epoch_secs(t)).unwrap_or(t)
 }
 
-/// Serializes a time as seconds since the epoch (a float, as Glance
-/// reports times).
+/// A time as RFC 3339 in UTC, to the microsecond
+/// (`2026-12-01T18:52:43.123456Z`). Times before the epoch (a Glance row
+/// with a negative time, a file with such an mtime) show as the epoch.
 #[cfg(feature = "serde")]
-pub(crate) fn serde_secs<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(to_epoch_secs(*t))
+fn rfc3339(t: SystemTime) -> impl fmt::Display {
+    humantime::format_rfc3339_micros(t.max(UNIX_EPOCH))
 }
 
-/// [`serde_secs`] for an optional time (`null` when absent).
+/// Serializes a time as [`rfc3339`].
 #[cfg(feature = "serde")]
-pub(crate) fn serde_opt_secs<S: serde::Serializer>(
+pub(crate) fn serde_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&rfc3339(*t))
+}
+
+/// [`serde_time`] for an optional time (`null` when absent).
+#[cfg(feature = "serde")]
+pub(crate) fn serde_opt_time<S: serde::Serializer>(
     t: &Option<SystemTime>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
     match t {
-        Some(t) => s.serialize_some(&to_epoch_secs(*t)),
+        Some(t) => s.collect_str(&rfc3339(*t)),
+        None => s.serialize_none(),
+    }
+}
+
+/// Serializes a path as text, lossily where it is not UTF-8 (a report is
+/// never lost to one odd file name).
+#[cfg(feature = "serde")]
+pub(crate) fn serde_path<S: serde::Serializer>(
+    p: &std::path::Path,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_str(&p.display())
+}
+
+/// Serializes an optional CRC-32 as 8 hex digits, as the xattr store and
+/// the CLI write it.
+#[cfg(feature = "serde")]
+pub(crate) fn serde_crc<S: serde::Serializer>(c: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
+    match c {
+        Some(c) => s.collect_str(&format_args!("{c:08x}")),
         None => s.serialize_none(),
     }
 }

@@ -15,23 +15,24 @@ use crate::id::ImageId;
 #[non_exhaustive]
 pub struct CachedImageInfo {
     /// The image.
-    #[cfg_attr(feature = "serde", serde(rename = "image_id"))]
     pub id: ImageId,
     /// Its size in bytes.
     pub size: u64,
     /// How many times it was opened for reading since it was cached.
     pub hits: u64,
     /// When it was last opened for reading (or cached, if never read).
-    /// Serialized as seconds since the epoch, as Glance reports it.
-    #[cfg_attr(feature = "serde", serde(serialize_with = "crate::clock::serde_secs"))]
+    /// Serialized as RFC 3339 (UTC), as are all times.
+    #[cfg_attr(feature = "serde", serde(serialize_with = "crate::clock::serde_time"))]
     pub last_accessed: SystemTime,
-    /// When it was cached. Serialized as seconds since the epoch.
-    #[cfg_attr(feature = "serde", serde(serialize_with = "crate::clock::serde_secs"))]
+    /// When it was cached.
+    #[cfg_attr(feature = "serde", serde(serialize_with = "crate::clock::serde_time"))]
     pub last_modified: SystemTime,
     /// The checksum the writer declared (Glance's `checksum` column), if any.
     pub checksum: Option<String>,
     /// The CRC-32 of its bytes, computed while they were written; `None` for
     /// entries written by another tool (Glance), which are unverified.
+    /// Serialized as 8 hex digits.
+    #[cfg_attr(feature = "serde", serde(serialize_with = "crate::clock::serde_crc"))]
     pub crc32: Option<u32>,
 }
 
@@ -67,12 +68,11 @@ impl CachedImageInfo {
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct LruEntry {
     /// The image.
-    #[cfg_attr(feature = "serde", serde(rename = "image_id"))]
     pub id: ImageId,
     /// Its size in bytes.
     pub size: u64,
     /// When it was last accessed.
-    #[cfg_attr(feature = "serde", serde(serialize_with = "crate::clock::serde_secs"))]
+    #[cfg_attr(feature = "serde", serde(serialize_with = "crate::clock::serde_time"))]
     pub last_accessed: SystemTime,
 }
 
@@ -83,7 +83,6 @@ pub struct LruEntry {
 #[non_exhaustive]
 pub struct InvalidImageInfo {
     /// The image.
-    #[cfg_attr(feature = "serde", serde(rename = "image_id"))]
     pub id: ImageId,
     /// How many bytes had been written.
     pub size: u64,
@@ -92,7 +91,7 @@ pub struct InvalidImageInfo {
     /// When it was invalidated, if recorded.
     #[cfg_attr(
         feature = "serde",
-        serde(serialize_with = "crate::clock::serde_opt_secs")
+        serde(serialize_with = "crate::clock::serde_opt_time")
     )]
     pub invalidated_at: Option<SystemTime>,
 }
@@ -205,4 +204,35 @@ pub trait CachedFiles {
         open: bool,
         f: &mut dyn FnMut(&ImageId, OnDisk<'_>) -> Result<()>,
     ) -> Result<()>;
+}
+
+#[cfg(all(test, feature = "serde"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_serialize_as_the_cli_prints_them() {
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_700_000_000_250_000);
+        let info = CachedImageInfo::new(ImageId::new("img").unwrap(), 42, at)
+            .with_crc32(Some(0xbeef))
+            .with_checksum(Some("abc".into()));
+        let v = serde_json::to_value(&info).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "id": "img",
+                "size": 42,
+                "hits": 0,
+                "last_accessed": "2023-11-14T22:13:20.250000Z",
+                "last_modified": "2023-11-14T22:13:20.250000Z",
+                "checksum": "abc",
+                "crc32": "0000beef",
+            })
+        );
+        let id: ImageId = serde_json::from_str("\"img\"").unwrap();
+        assert_eq!(id.as_str(), "img");
+        // Deserializing validates, as ImageId::new does.
+        assert!(serde_json::from_str::<ImageId>("\"../etc\"").is_err());
+        assert!(serde_json::from_str::<ImageId>("\"cache.db\"").is_err());
+    }
 }

@@ -339,3 +339,34 @@ fn sqlite_row_without_file_is_dropped() {
     assert!(!again.is_cached(&x).unwrap());
     assert_eq!(again.cache_size().unwrap(), 5);
 }
+
+/// A SQLite store opened by hand on a database name the options do not
+/// give: the cache still never takes the database (or its side files) for
+/// images, so recovery does not adopt them and a prune to zero keeps them.
+#[test]
+fn a_store_opened_by_hand_keeps_its_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("meta.db");
+    let store = std::sync::Arc::new(imgcache::SqliteDriver::open(&db).unwrap());
+    let cache = ImageCache::with_driver(store, CacheOptions::new(dir.path())).unwrap();
+    cache.cache_image_file(&id("img"), &b"bytes"[..]).unwrap();
+    drop(cache);
+    let store = std::sync::Arc::new(imgcache::SqliteDriver::open(&db).unwrap());
+    let cache = ImageCache::with_driver(store, CacheOptions::new(dir.path())).unwrap();
+    assert!(cache.recovery().is_clean(), "{:?}", cache.recovery());
+    let ids: Vec<String> = cache
+        .cached_images()
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id.to_string())
+        .collect();
+    assert_eq!(ids, ["img"]);
+    assert!(matches!(
+        cache.delete_cached_image(&id("meta.db")),
+        Err(Error::InvalidId { .. })
+    ));
+    cache.prune_to(0).unwrap();
+    cache.delete_all_cached_images().unwrap();
+    assert!(db.is_file(), "the store's database was deleted");
+    assert_eq!(cache.cache_size().unwrap(), 0);
+}

@@ -82,8 +82,25 @@ pub struct ScrubReport {
     pub bytes: u64,
     /// Entries that had no CRC and now have one recorded.
     pub newly_verified: Vec<ImageId>,
-    /// Entries that did not match, moved to `invalid/`, with the reason.
+    /// Entries that did not match, moved to `invalid/`, with the reason
+    /// (serialized as `{"id": …, "reason": …}`).
+    #[cfg_attr(feature = "serde", serde(serialize_with = "serde_corrupt"))]
     pub corrupt: Vec<(ImageId, String)>,
+}
+
+#[cfg(feature = "serde")]
+fn serde_corrupt<S: serde::Serializer>(v: &[(ImageId, String)], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    #[derive(serde::Serialize)]
+    struct Corrupt<'a> {
+        id: &'a ImageId,
+        reason: &'a str,
+    }
+    let mut seq = s.serialize_seq(Some(v.len()))?;
+    for (id, reason) in v {
+        seq.serialize_element(&Corrupt { id, reason })?;
+    }
+    seq.end()
 }
 
 /// A local image cache: the local file layer ([`Layout`]) and a metadata
@@ -124,6 +141,10 @@ impl<R: Read + Send + 'static> Read for ImageStream<R> {
     }
 }
 
+/// A cached file as [`ImageCache::verify`] read it: open, with its path and
+/// metadata.
+type Verified = (std::fs::File, std::path::PathBuf, std::fs::Metadata);
+
 /// How many times [`ImageCache::fetch`] goes round when other writers keep
 /// winning races, before it gives up.
 const FETCH_ROUNDS: usize = 64;
@@ -149,21 +170,14 @@ impl ImageCache {
         };
         let (store, kind) = match options.image_cache_driver() {
             DriverKind::Sqlite => (sqlite()?, DriverKind::Sqlite),
-            DriverKind::Xattr => {
-                match crate::drivers::xattr::probe(layout.base(), &layout.scratch("probe")) {
-                    Ok(()) => (
-                        Arc::new(XattrDriver::new()) as Arc<dyn CacheDriver>,
-                        DriverKind::Xattr,
-                    ),
-                    Err(e @ Error::XattrUnsupported { .. }) if options.falls_back_to_sqlite() => {
-                        log::warn!(
-                            "imgcache: {e}; falling back to the sqlite driver as configured"
-                        );
-                        (sqlite()?, DriverKind::Sqlite)
-                    }
-                    Err(e) => return Err(e),
+            DriverKind::Xattr => match XattrDriver::open(layout.base()) {
+                Ok(d) => (Arc::new(d) as Arc<dyn CacheDriver>, DriverKind::Xattr),
+                Err(e @ Error::XattrUnsupported { .. }) if options.falls_back_to_sqlite() => {
+                    log::warn!("imgcache: {e}; falling back to the sqlite driver as configured");
+                    (sqlite()?, DriverKind::Sqlite)
                 }
-            }
+                Err(e) => return Err(e),
+            },
         };
         Self::recovered(layout, store, options, Some(kind))
     }
@@ -173,7 +187,10 @@ impl ImageCache {
     /// (max size, stall time); its driver setting is ignored. Runs the
     /// recovery walk, as [`ImageCache::open`] does.
     pub fn with_driver(driver: Arc<dyn CacheDriver>, options: CacheOptions) -> Result<Self> {
-        let layout = Self::layout_for(&options)?;
+        let mut layout = Self::layout_for(&options)?;
+        for file in driver.files() {
+            layout.reserve(&file);
+        }
         Self::recovered(layout, driver, options, None)
     }
 
@@ -302,11 +319,13 @@ impl ImageCache {
         self.entry(key)
     }
 
-    /// The entry of an admitted id whose file is in place.
+    /// The entry of an admitted id whose file is in place (read through
+    /// the open file, so that a store on the file reads one inode).
     fn entry(&self, key: Admitted<'_>) -> Result<Option<CachedImageInfo>> {
-        let path = self.layout.cached(key);
-        match self.layout.stat(&path)? {
-            Some(meta) => self.store.get(key.id(), OnDisk::new(&path, None, &meta)),
+        match self.layout.open_cached(key)? {
+            Some((file, path, meta)) => self
+                .store
+                .get(key.id(), OnDisk::new(&path, Some(&file), &meta)),
             None => Ok(None),
         }
     }
@@ -319,7 +338,12 @@ impl ImageCache {
     /// Whether `id` is cached: its file is in place and the store has its
     /// entry.
     pub fn is_cached(&self, id: &ImageId) -> Result<bool> {
-        Ok(self.cached_image(id)?.is_some())
+        match self.cached_image(id) {
+            Ok(entry) => Ok(entry.is_some()),
+            // Not servable: the next read quarantines it.
+            Err(Error::CorruptMetadata { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Whether `id` is neither cached nor being cached.
@@ -341,18 +365,22 @@ impl ImageCache {
 
     /// Deletes cached image `id`; `false` if it was not cached.
     pub fn delete_cached_image(&self, id: &ImageId) -> Result<bool> {
-        Ok(self.delete_cached_images(std::slice::from_ref(id))? > 0)
+        let key = self.layout.admit(id)?;
+        Ok(self.delete_cached_images(std::slice::from_ref(key.id()))? > 0)
     }
 
     /// Deletes cached images `ids`, files first, then the store's entries in
     /// one batch (a crash in between leaves entries without files, which a
     /// reader treats as not cached and the recovery walk drops). Returns how
-    /// many files were removed.
+    /// many files were removed. An id the layout does not admit (a store row
+    /// named like one of the cache's own files) loses its entry only.
     fn delete_cached_images(&self, ids: &[ImageId]) -> Result<usize> {
         let mut removed = 0;
         for id in ids {
-            if self.layout.remove_cached(self.layout.admit(id)?)? {
-                removed += 1;
+            if let Ok(key) = self.layout.admit(id) {
+                if self.layout.remove_cached(key)? {
+                    removed += 1;
+                }
             }
         }
         self.store.remove(ids)?;
@@ -367,7 +395,6 @@ impl ImageCache {
             .lru(&self.layout)?
             .into_iter()
             .map(|e| e.id)
-            .filter(|id| self.layout.admit(id).is_ok())
             .collect();
         ids.extend(
             self.layout
@@ -418,7 +445,7 @@ impl ImageCache {
         let files = self.layout.list(self.layout.invalid_dir())?;
         let mut out = Vec::with_capacity(files.len());
         for (id, meta) in files {
-            let path = self.layout.invalid(self.layout.admit(&id)?);
+            let path = self.layout.invalid(Admitted::again(&id));
             let (reason, invalidated_at) = match self
                 .store
                 .invalid_reason(&id, OnDisk::new(&path, None, &meta))
@@ -490,7 +517,8 @@ impl ImageCache {
             // A store entry whose file is gone is stale: drop it, unless a
             // commit lands meanwhile.
             let path = self.layout.cached(key);
-            self.store.remove_if_missing(key.id(), &|| !path.exists())?;
+            self.store
+                .remove_if_missing(std::slice::from_ref(key.id()), &|_| !path.exists())?;
             return Ok(None);
         };
         let on = OnDisk::new(&path, Some(&file), &meta);
@@ -501,27 +529,31 @@ impl ImageCache {
     }
 
     /// Moves cached image `id` to `invalid/` with `reason` recorded, and
-    /// drops its entry; `false` if it was not cached.
+    /// drops its entry; `false` if its file was not there (its entry goes
+    /// all the same).
     pub(crate) fn quarantine(&self, key: Admitted<'_>, reason: &str) -> Result<bool> {
-        let Some((file, path, meta)) = self.layout.open_cached(key)? else {
+        let ids = std::slice::from_ref(key.id());
+        let Some((file, _, meta)) = self.layout.open_cached(key)? else {
+            self.store.remove(ids)?;
             return Ok(false);
         };
-        let why = Invalidation::new(key.id().clone(), meta.len(), reason, self.now());
-        if let Err(e) = self
-            .store
-            .invalidate(&why, OnDisk::new(&path, Some(&file), &meta))
-        {
-            log::warn!("imgcache: cannot record why {key} was quarantined: {e}");
+        // Files first: the move, then the reason (on the moved file), then
+        // the entry. A crash between leaves an entry without a file, which
+        // the recovery walk drops.
+        let moved = self.layout.quarantine(key)?;
+        if moved {
+            let why = Invalidation::new(key.id().clone(), meta.len(), reason, self.now());
+            let path = self.layout.invalid(key);
+            if let Err(e) = self
+                .store
+                .invalidate(&why, OnDisk::new(&path, Some(&file), &meta))
+            {
+                log::warn!("imgcache: cannot record why {key} was quarantined: {e}");
+            }
+            log::error!("imgcache: quarantined {key}: {reason}");
         }
         drop(file);
-        let moved = self.layout.quarantine(key)?;
-        let ids = std::slice::from_ref(key.id());
         self.store.remove(ids)?;
-        if moved {
-            log::error!("imgcache: quarantined {key}: {reason}");
-        } else {
-            self.store.forget_invalid(ids)?;
-        }
         Ok(moved)
     }
 
@@ -530,37 +562,48 @@ impl ImageCache {
     /// cached. Reads through a 1 MiB buffer; costs one full read of the file.
     pub fn verify(&self, id: &ImageId) -> Result<Option<Verification>> {
         let key = self.layout.admit(id)?;
+        Ok(self.verify_key(key)?.map(|(v, _)| v))
+    }
+
+    /// [`ImageCache::verify`], keeping the file it read (so that a scrub
+    /// records the CRC on the inode it checked).
+    fn verify_key(&self, key: Admitted<'_>) -> Result<Option<(Verification, Verified)>> {
         let Some((mut file, path, meta)) = self.layout.open_cached(key)? else {
             return Ok(None);
         };
-        let Some(info) = self.store.get(id, OnDisk::new(&path, Some(&file), &meta))? else {
+        let Some(info) = self
+            .store
+            .get(key.id(), OnDisk::new(&path, Some(&file), &meta))?
+        else {
             return Ok(None);
         };
         let len = meta.len();
-        if len != info.size {
-            return Ok(Some(Verification::Corrupt {
+        let verdict = if len != info.size {
+            Verification::Corrupt {
                 detail: format!("{len} bytes on disk, {} were committed", info.size),
-            }));
-        }
-        let mut crc = crc32fast::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = match file.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Error::io("read", &path, e)),
-            };
-            crc.update(&buf[..n]);
-        }
-        let crc = crc.finalize();
-        Ok(Some(match info.crc32 {
-            Some(c) if c == crc => Verification::Intact,
-            Some(c) => Verification::Corrupt {
-                detail: format!("CRC-32 is {crc:08x}, {c:08x} was committed"),
-            },
-            None => Verification::Unverified { crc32: crc },
-        }))
+            }
+        } else {
+            let mut crc = crc32fast::Hasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = match file.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(Error::io("read", &path, e)),
+                };
+                crc.update(&buf[..n]);
+            }
+            let crc = crc.finalize();
+            match info.crc32 {
+                Some(c) if c == crc => Verification::Intact,
+                Some(c) => Verification::Corrupt {
+                    detail: format!("CRC-32 is {crc:08x}, {c:08x} was committed"),
+                },
+                None => Verification::Unverified { crc32: crc },
+            }
+        };
+        Ok(Some((verdict, (file, path, meta))))
     }
 
     /// Verifies every cached image: corrupt ones are moved to `invalid/`
@@ -569,23 +612,22 @@ impl ImageCache {
     pub fn scrub(&self) -> Result<ScrubReport> {
         let mut report = ScrubReport::default();
         for info in self.cached_images()? {
-            let key = self.layout.admit(&info.id)?;
-            match self.verify(&info.id)? {
+            let Ok(key) = self.layout.admit(&info.id) else {
+                continue;
+            };
+            match self.verify_key(key)? {
                 None => {}
-                Some(Verification::Intact) => {
+                Some((Verification::Intact, _)) => {
                     report.intact += 1;
                     report.bytes += info.size;
                 }
-                Some(Verification::Unverified { crc32 }) => {
-                    let path = self.layout.cached(key);
-                    if let Some(meta) = self.layout.stat(&path)? {
-                        self.store
-                            .set_crc32(&info.id, crc32, OnDisk::new(&path, None, &meta))?;
-                        report.bytes += info.size;
-                        report.newly_verified.push(info.id);
-                    }
+                Some((Verification::Unverified { crc32 }, (file, path, meta))) => {
+                    let on = OnDisk::new(&path, Some(&file), &meta);
+                    self.store.set_crc32(&info.id, crc32, on)?;
+                    report.bytes += info.size;
+                    report.newly_verified.push(info.id);
                 }
-                Some(Verification::Corrupt { detail }) => {
+                Some((Verification::Corrupt { detail }, _)) => {
                     self.quarantine(key, &detail)?;
                     report.corrupt.push((info.id, detail));
                 }

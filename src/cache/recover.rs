@@ -5,8 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::ImageCache;
+use crate::clock::round_trip;
 use crate::entry::{CachedImageInfo, OnDisk, Scanned};
 use crate::error::Result;
+use crate::files::Admitted;
 use crate::id::ImageId;
 
 /// What the recovery walk found when the cache was opened, and what it did
@@ -64,7 +66,7 @@ impl ImageCache {
                     // Only an id the layout listed can name a file: any other
                     // (one of the cache's own names) loses its entry only.
                     if files.contains_key(&id) {
-                        let key = layout.admit(&id)?;
+                        let key = Admitted::again(&id);
                         if self.quarantine(key, &format!("corrupt metadata: {detail}"))? {
                             report.quarantined.push(id.clone());
                         }
@@ -75,19 +77,34 @@ impl ImageCache {
                 }
             }
         }
-        self.store.remove(&dropped)?;
+        // A commit landing meanwhile (rename, then insert) is not dropped:
+        // the store re-checks each file where it excludes inserts.
+        let in_place = |id: &ImageId| match layout.admit(id) {
+            Ok(key) => layout.cached(key).exists(),
+            Err(_) => false,
+        };
+        self.store
+            .remove_if_missing(&dropped, &|id| !in_place(id))?;
         report.dropped = dropped;
-        for (id, meta) in files {
-            if known.contains(&id) {
-                continue;
-            }
-            let path = layout.cached(layout.admit(&id)?);
-            let mtime = meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH);
-            let entry = CachedImageInfo::new(id.clone(), meta.len(), mtime);
-            if self.store.adopt(&entry, OnDisk::new(&path, None, &meta))? {
-                report.adopted.push(id);
-            }
-        }
+        let orphans: Vec<(ImageId, std::path::PathBuf, std::fs::Metadata)> = files
+            .into_iter()
+            .filter(|(id, _)| !known.contains(id))
+            .map(|(id, meta)| {
+                let path = layout.cached(Admitted::again(&id));
+                (id, path, meta)
+            })
+            .collect();
+        let entries: Vec<(CachedImageInfo, OnDisk<'_>)> = orphans
+            .iter()
+            .map(|(id, path, meta)| {
+                let mtime = meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+                (
+                    CachedImageInfo::new(id.clone(), meta.len(), round_trip(mtime)),
+                    OnDisk::new(path, None, meta),
+                )
+            })
+            .collect();
+        report.adopted = self.store.adopt(&entries)?;
         report.stalled = layout.stalled()?;
         Ok(report)
     }

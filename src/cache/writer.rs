@@ -116,9 +116,9 @@ impl CacheWriter {
         }
     }
 
-    /// The id as the layout admitted it (it was admitted at create).
-    fn key(&self) -> Result<crate::files::Admitted<'_>> {
-        self.layout.admit(&self.id)
+    /// The id as the layout admitted it at create.
+    fn key(&self) -> crate::files::Admitted<'_> {
+        crate::files::Admitted::again(&self.id)
     }
 
     /// Records the checksum the caller expects (Glance's `checksum`, e.g. an
@@ -166,7 +166,7 @@ impl CacheWriter {
             self.invalidate(file, &format!("commit failed: {err}"));
             return Err(err);
         }
-        let key = self.key()?;
+        let key = self.key();
         match self.layout.publish(key) {
             Ok(true) => {}
             Ok(false) => {
@@ -242,17 +242,18 @@ impl CacheWriter {
             reason,
             round_trip(self.clock.now()),
         );
-        // The reason first, the move second; failing to record why (a full
-        // disk refusing the metadata write) loses only the reason.
-        let recorded = file.metadata().ctx("stat", &self.path).and_then(|meta| {
+        // The move first, the reason second: failing to record why (a full
+        // disk refusing the metadata write, a crash) loses only the reason.
+        let key = self.key();
+        self.layout.invalidate(key)?;
+        let moved = self.layout.invalid(key);
+        let recorded = file.metadata().ctx("stat", &moved).and_then(|meta| {
             self.store
-                .invalidate(&why, OnDisk::new(&self.path, Some(&file), &meta))
+                .invalidate(&why, OnDisk::new(&moved, Some(&file), &meta))
         });
         if let Err(e) = recorded {
             log::warn!("imgcache: cannot record why {} failed: {e}", self.id);
         }
-        let key = self.key()?;
-        self.layout.invalidate(key)?;
         drop(file);
         Ok(())
     }

@@ -28,7 +28,8 @@
 //! (a store elsewhere records the row now: a row never names a file that
 //! is not in place). Removal is files first, rows second; a crash between
 //! leaves rows without files, which the recovery walk drops. Invalidation
-//! records the reason before the file moves.
+//! moves the file first and records the reason second (a crash between
+//! loses only the reason).
 //!
 //! # Nodes
 //!
@@ -102,13 +103,13 @@ pub trait CacheDriver: Send + Sync + fmt::Debug {
     /// it held.
     fn remove(&self, ids: &[ImageId]) -> Result<usize>;
 
-    /// Forgets the entry of `id` if `missing()` is still true once the
-    /// store has excluded concurrent `insert`s: a commit renames its file
-    /// before it inserts, so a fresh entry is never taken for a stale one.
-    fn remove_if_missing(&self, id: &ImageId, missing: &dyn Fn() -> bool) -> Result<()> {
-        if missing() {
-            self.remove(std::slice::from_ref(id))?;
-        }
+    /// Forgets the entries of those `ids` for which `missing(id)` is still
+    /// true once the store has excluded concurrent `insert`s: a commit
+    /// renames its file before it inserts, so a fresh entry is never taken
+    /// for a stale one.
+    fn remove_if_missing(&self, ids: &[ImageId], missing: &dyn Fn(&ImageId) -> bool) -> Result<()> {
+        let gone: Vec<ImageId> = ids.iter().filter(|id| missing(id)).cloned().collect();
+        self.remove(&gone)?;
         Ok(())
     }
 
@@ -133,14 +134,16 @@ pub trait CacheDriver: Send + Sync + fmt::Debug {
     /// can have that name) are dropped by the store as it scans.
     fn scan(&self, files: &dyn CachedFiles) -> Result<Vec<Scanned>>;
 
-    /// Adopts a cached `file` that has no entry (a crash between rename and
-    /// `insert`, or a file another tool put there): records `entry` (its
-    /// real size, no CRC) unless a committer recorded one meanwhile.
-    /// Returns whether it adopted it.
-    fn adopt(&self, entry: &CachedImageInfo, file: OnDisk<'_>) -> Result<bool>;
+    /// Adopts cached files that have no entry (a crash between rename and
+    /// `insert`, or files another tool put there): records each `entry`
+    /// (its real size, no CRC) unless a committer recorded one meanwhile,
+    /// in one batch. Files that vanished meanwhile are passed over. Returns
+    /// the ids it adopted.
+    fn adopt(&self, orphans: &[(CachedImageInfo, OnDisk<'_>)]) -> Result<Vec<ImageId>>;
 
-    /// Records why an entry is invalidated, before its `file` (incomplete,
-    /// or cached and found corrupt) moves to `invalid/`.
+    /// Records why an entry was invalidated, once its `file` (a writer's
+    /// incomplete file, or a cached file found corrupt) is in `invalid/`.
+    /// A crash before this loses only the reason.
     fn invalidate(&self, why: &Invalidation, file: OnDisk<'_>) -> Result<()>;
 
     /// Why the file `file` in `invalid/` was invalidated, and when, if
@@ -163,6 +166,13 @@ pub trait CacheDriver: Send + Sync + fmt::Debug {
     /// Writes metadata held in memory (batched hits) now.
     fn flush(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// The files this store keeps, so that a cache whose directory holds
+    /// them never takes them for images (a SQLite database and its side
+    /// files).
+    fn files(&self) -> Vec<std::path::PathBuf> {
+        Vec::new()
     }
 
     /// The nodes whose caches hold `id`, for a store shared by many nodes;

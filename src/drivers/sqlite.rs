@@ -399,11 +399,6 @@ impl SqliteDriver {
             .collect()
     }
 
-    fn one(&self, id: &ImageId) -> Result<Option<CachedImageInfo>> {
-        self.inner.flush_hits()?;
-        self.row(id)
-    }
-
     /// One row, as written (without the hits held in memory).
     fn row(&self, id: &ImageId) -> Result<Option<CachedImageInfo>> {
         let row = self.with_conn(|c| {
@@ -425,18 +420,25 @@ impl SqliteDriver {
 
     fn delete_rows(&self, ids: &[ImageId]) -> Result<usize> {
         self.inner.with_write(|c| {
-            let tx = c.transaction()?;
-            let mut n = 0;
-            {
-                let mut stmt =
-                    tx.prepare_cached("DELETE FROM cached_images WHERE image_id = ?1")?;
-                for id in ids {
-                    n += stmt.execute([id.as_str()])?;
-                }
-            }
-            tx.commit()?;
-            Ok(n)
+            delete_each(
+                c,
+                "DELETE FROM cached_images WHERE image_id = ?1",
+                ids.iter().map(|i| i.as_str()),
+            )
         })
+    }
+
+    /// Every decodable row, in `order` (logging and passing over the rest).
+    fn rows(&self, order: &str) -> Result<Vec<CachedImageInfo>> {
+        self.inner.flush_hits()?;
+        let rows = self.with_conn(|c| {
+            c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM cached_images ORDER BY {order}"
+            ))?
+            .query_map([], decode_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        Ok(self.collect_rows(rows))
     }
 }
 
@@ -449,6 +451,44 @@ impl Drop for Inner {
             );
         }
     }
+}
+
+/// Writes `entry`'s row with `verb` (`INSERT OR REPLACE`, `INSERT OR
+/// IGNORE`); returns how many rows it wrote.
+fn write_row(c: &Connection, verb: &str, entry: &CachedImageInfo) -> rusqlite::Result<usize> {
+    c.prepare_cached(&format!(
+        "{verb} INTO cached_images
+         (image_id, last_accessed, last_modified, size, hits, checksum, crc32)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+    ))?
+    .execute(params![
+        entry.id.as_str(),
+        to_epoch_secs(entry.last_accessed),
+        to_epoch_secs(entry.last_modified),
+        entry.size as i64,
+        entry.hits as i64,
+        entry.checksum,
+        entry.crc32.map(i64::from)
+    ])
+}
+
+/// Deletes with `sql` (one `?1` parameter) for each of `keys`, in one
+/// transaction; returns how many rows went.
+fn delete_each<K: rusqlite::ToSql>(
+    c: &mut Connection,
+    sql: &str,
+    keys: impl IntoIterator<Item = K>,
+) -> rusqlite::Result<usize> {
+    let tx = c.transaction()?;
+    let mut n = 0;
+    {
+        let mut stmt = tx.prepare_cached(sql)?;
+        for key in keys {
+            n += stmt.execute([key])?;
+        }
+    }
+    tx.commit()?;
+    Ok(n)
 }
 
 /// A row as recovery sees it: its rowid, its raw id, and the row decoded
@@ -503,7 +543,17 @@ impl CacheDriver for SqliteDriver {
     }
 
     fn get(&self, id: &ImageId, _file: OnDisk<'_>) -> Result<Option<CachedImageInfo>> {
-        self.one(id)
+        // The row as written, plus the hits held in memory: no write.
+        let Some(mut info) = self.row(id)? else {
+            return Ok(None);
+        };
+        if let Some((n, at)) = self.inner.hits.lock().by_id.get(id) {
+            info.hits += n;
+            if let Some(t) = from_epoch_secs(*at) {
+                info.last_accessed = t;
+            }
+        }
+        Ok(Some(info))
     }
 
     fn hit(
@@ -529,22 +579,8 @@ impl CacheDriver for SqliteDriver {
         // Hits pending for an earlier image of this id go to its row, which
         // this one then replaces.
         self.inner.flush_hits()?;
-        self.inner.with_write(|c| {
-            c.prepare_cached(
-                "INSERT OR REPLACE INTO cached_images
-                 (image_id, last_accessed, last_modified, size, hits, checksum, crc32)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![
-                entry.id.as_str(),
-                to_epoch_secs(entry.last_accessed),
-                to_epoch_secs(entry.last_modified),
-                entry.size as i64,
-                entry.hits as i64,
-                entry.checksum,
-                entry.crc32.map(i64::from)
-            ])
-        })?;
+        self.inner
+            .with_write(|c| write_row(c, "INSERT OR REPLACE", entry))?;
         Ok(())
     }
 
@@ -556,16 +592,23 @@ impl CacheDriver for SqliteDriver {
         self.delete_rows(ids)
     }
 
-    fn remove_if_missing(&self, id: &ImageId, missing: &dyn Fn() -> bool) -> Result<()> {
-        // The check and the delete in one write transaction: a commit renames
-        // its file before it writes its row, so a commit racing with this
-        // either has its file seen here, or writes its row after this
+    fn remove_if_missing(&self, ids: &[ImageId], missing: &dyn Fn(&ImageId) -> bool) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.inner.flush_hits()?;
+        // The checks and the deletes in one write transaction: a commit
+        // renames its file before it writes its row, so a commit racing with
+        // this either has its file seen here, or writes its row after this
         // transaction — a fresh row is never taken for a stale one.
         self.inner.with_write(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            if missing() {
-                tx.prepare_cached("DELETE FROM cached_images WHERE image_id = ?1")?
-                    .execute([id.as_str()])?;
+            {
+                let mut stmt =
+                    tx.prepare_cached("DELETE FROM cached_images WHERE image_id = ?1")?;
+                for id in ids.iter().filter(|id| missing(id)) {
+                    stmt.execute([id.as_str()])?;
+                }
             }
             tx.commit()
         })
@@ -581,28 +624,12 @@ impl CacheDriver for SqliteDriver {
     }
 
     fn list(&self, _files: &dyn CachedFiles) -> Result<Vec<CachedImageInfo>> {
-        self.inner.flush_hits()?;
-        let rows = self.with_conn(|c| {
-            c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM cached_images ORDER BY image_id"
-            ))?
-            .query_map([], decode_row)?
-            .collect::<rusqlite::Result<Vec<_>>>()
-        })?;
-        Ok(self.collect_rows(rows))
+        self.rows("image_id")
     }
 
     fn lru(&self, _files: &dyn CachedFiles) -> Result<Vec<LruEntry>> {
-        self.inner.flush_hits()?;
-        let rows = self.with_conn(|c| {
-            c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM cached_images ORDER BY last_accessed, image_id"
-            ))?
-            .query_map([], decode_row)?
-            .collect::<rusqlite::Result<Vec<_>>>()
-        })?;
         Ok(self
-            .collect_rows(rows)
+            .rows("last_accessed, image_id")?
             .into_iter()
             .map(|i| LruEntry {
                 id: i.id,
@@ -644,40 +671,29 @@ impl CacheDriver for SqliteDriver {
         }
         if !unusable.is_empty() {
             self.inner.with_write(|c| {
-                let tx = c.transaction()?;
-                {
-                    let mut stmt =
-                        tx.prepare_cached("DELETE FROM cached_images WHERE rowid = ?1")?;
-                    for rowid in &unusable {
-                        stmt.execute([rowid])?;
-                    }
-                }
-                tx.commit()
+                delete_each(c, "DELETE FROM cached_images WHERE rowid = ?1", unusable)
             })?;
         }
         Ok(out)
     }
 
-    fn adopt(&self, entry: &CachedImageInfo, _file: OnDisk<'_>) -> Result<bool> {
+    fn adopt(&self, orphans: &[(CachedImageInfo, OnDisk<'_>)]) -> Result<Vec<ImageId>> {
+        if orphans.is_empty() {
+            return Ok(Vec::new());
+        }
         // OR IGNORE: a committer that writes its row meanwhile knows better
-        // (it has the CRC).
-        let n = self.inner.with_write(|c| {
-            c.prepare_cached(
-                "INSERT OR IGNORE INTO cached_images
-                 (image_id, last_accessed, last_modified, size, hits, checksum, crc32)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![
-                entry.id.as_str(),
-                to_epoch_secs(entry.last_accessed),
-                to_epoch_secs(entry.last_modified),
-                entry.size as i64,
-                entry.hits as i64,
-                entry.checksum,
-                entry.crc32.map(i64::from)
-            ])
-        })?;
-        Ok(n == 1)
+        // (it has the CRC). One transaction for them all.
+        self.inner.with_write(|c| {
+            let tx = c.transaction()?;
+            let mut adopted = Vec::new();
+            for (entry, _) in orphans {
+                if write_row(&tx, "INSERT OR IGNORE", entry)? == 1 {
+                    adopted.push(entry.id.clone());
+                }
+            }
+            tx.commit()?;
+            Ok(adopted)
+        })
     }
 
     fn invalidate(&self, why: &Invalidation, _file: OnDisk<'_>) -> Result<()> {
@@ -710,20 +726,16 @@ impl CacheDriver for SqliteDriver {
     }
 
     fn forget_invalid(&self, ids: &[ImageId]) -> Result<()> {
-        if ids.is_empty() {
-            return Ok(());
+        if !ids.is_empty() {
+            self.inner.with_write(|c| {
+                delete_each(
+                    c,
+                    "DELETE FROM imgcache_invalid WHERE image_id = ?1",
+                    ids.iter().map(|i| i.as_str()),
+                )
+            })?;
         }
-        self.inner.with_write(|c| {
-            let tx = c.transaction()?;
-            {
-                let mut stmt =
-                    tx.prepare_cached("DELETE FROM imgcache_invalid WHERE image_id = ?1")?;
-                for id in ids {
-                    stmt.execute([id.as_str()])?;
-                }
-            }
-            tx.commit()
-        })
+        Ok(())
     }
 
     fn next_queue_seq(&self, _queue: OnDisk<'_>) -> Result<u64> {
@@ -744,6 +756,10 @@ impl CacheDriver for SqliteDriver {
     fn flush(&self) -> Result<()> {
         self.inner.flush_hits()
     }
+
+    fn files(&self) -> Vec<PathBuf> {
+        vec![self.inner.db_path.clone()]
+    }
 }
 
 #[cfg(test)]
@@ -760,6 +776,19 @@ mod tests {
     fn cache(dir: &Path, d: &SqliteDriver) -> ImageCache {
         let options = CacheOptions::new(dir).clock(Arc::new(ManualClock::at_secs(1000)));
         ImageCache::with_driver(Arc::new(d.clone()), options).unwrap()
+    }
+
+    /// The store keeps no metadata on files: it never asks for them.
+    struct NoFiles;
+
+    impl CachedFiles for NoFiles {
+        fn each_cached(
+            &self,
+            _open: bool,
+            _f: &mut dyn FnMut(&ImageId, OnDisk<'_>) -> Result<()>,
+        ) -> Result<()> {
+            panic!("the sqlite store walked the files")
+        }
     }
 
     /// `f` on the file at `path`, as the file layer would hand it over.
@@ -831,7 +860,7 @@ mod tests {
             )
         })
         .unwrap();
-        let images = d.list(&crate::Layout::new(dir.path(), None)).unwrap();
+        let images = d.list(&NoFiles).unwrap();
         let ids: Vec<&str> = images.iter().map(|i| i.id.as_str()).collect();
         assert_eq!(ids, ["defaults", "ints"]);
         assert_eq!(images[0].size, 0);

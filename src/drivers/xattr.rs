@@ -120,7 +120,7 @@ use encoding::*;
 
 /// The metadata store Glance calls `xattr`: metadata in extended attributes
 /// of the cached files themselves.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct XattrDriver {
     _private: (),
 }
@@ -178,10 +178,37 @@ fn locked<T>(on: OnDisk<'_>, f: impl FnOnce() -> Result<T>) -> Result<T> {
 }
 
 impl XattrDriver {
-    /// The xattr store. It keeps nothing but the attributes of the files
-    /// the cache hands it.
-    pub fn new() -> Self {
-        XattrDriver::default()
+    /// The xattr store for a cache in `dir` (which must exist). It keeps
+    /// nothing but the attributes of the files the cache hands it; opening
+    /// checks that `dir`'s file system takes user xattrs, and fails with
+    /// [`Error::XattrUnsupported`] where it does not.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let scratch = dir.join(format!(
+            "{}-probe-{}",
+            crate::id::PRIVATE_PREFIX,
+            std::process::id()
+        ));
+        probe(dir, &scratch)?;
+        Ok(XattrDriver { _private: () })
+    }
+
+    /// Every cached file's metadata, through `keep` (which says what to do
+    /// with each decoded entry); files that vanish meanwhile are passed
+    /// over.
+    fn walk<T>(
+        &self,
+        files: &dyn CachedFiles,
+        mut keep: impl FnMut(&ImageId, OnDisk<'_>, Result<CachedImageInfo>) -> Result<Option<T>>,
+    ) -> Result<Vec<T>> {
+        let mut out = Vec::new();
+        files.each_cached(true, &mut |id, on| {
+            match self.info_of(id.clone(), on) {
+                Err(e) if vanished(&e) => {}
+                decoded => out.extend(keep(id, on, decoded)?),
+            }
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// Reads the metadata of a cached file.
@@ -270,17 +297,13 @@ impl CacheDriver for XattrDriver {
     }
 
     fn list(&self, files: &dyn CachedFiles) -> Result<Vec<CachedImageInfo>> {
-        let mut out = Vec::new();
-        files.each_cached(true, &mut |id, on| {
-            match self.info_of(id.clone(), on) {
-                Ok(info) => out.push(info),
-                Err(e @ Error::CorruptMetadata { .. }) => {
-                    log::warn!("imgcache: skipping {}: {e}", on.path().display())
-                }
-                Err(e) if vanished(&e) => {}
-                Err(e) => return Err(e),
+        let mut out = self.walk(files, |_, on, decoded| match decoded {
+            Ok(info) => Ok(Some(info)),
+            Err(e @ Error::CorruptMetadata { .. }) => {
+                log::warn!("imgcache: skipping {}: {e}", on.path().display());
+                Ok(None)
             }
-            Ok(())
+            Err(e) => Err(e),
         })?;
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
@@ -330,32 +353,31 @@ impl CacheDriver for XattrDriver {
         // way a database row can; what remains is files whose attributes do
         // not decode, and files no cache has seen yet (neither Glance nor
         // imgcache wrote them): those are left out, for the walk to adopt.
-        let mut out = Vec::new();
-        files.each_cached(true, &mut |id, on| {
-            match self.info_of(id.clone(), on) {
-                Ok(info) => {
-                    if get(on, HITS)?.is_some() || get(on, CRC32)?.is_some() {
-                        out.push(Scanned::Entry(info));
-                    }
-                }
-                Err(Error::CorruptMetadata { detail, .. }) => out.push(Scanned::Corrupt {
-                    id: id.clone(),
-                    detail,
-                }),
+        self.walk(files, |id, on, decoded| match decoded {
+            Ok(info) => {
+                let known = get(on, HITS)?.is_some() || get(on, CRC32)?.is_some();
+                Ok(known.then_some(Scanned::Entry(info)))
+            }
+            Err(Error::CorruptMetadata { detail, .. }) => Ok(Some(Scanned::Corrupt {
+                id: id.clone(),
+                detail,
+            })),
+            Err(e) => Err(e),
+        })
+    }
+
+    fn adopt(&self, orphans: &[(CachedImageInfo, OnDisk<'_>)]) -> Result<Vec<ImageId>> {
+        // Glance's own marker of a known file; the rest stays as the file
+        // says (size, times), unverified until scrubbed.
+        let mut adopted = Vec::new();
+        for (entry, on) in orphans {
+            match set(*on, HITS, b"0") {
+                Ok(()) => adopted.push(entry.id.clone()),
                 Err(e) if vanished(&e) => {}
                 Err(e) => return Err(e),
             }
-            Ok(())
-        })?;
-        Ok(out)
-    }
-
-    fn adopt(&self, entry: &CachedImageInfo, file: OnDisk<'_>) -> Result<bool> {
-        // Glance's own marker of a known file; the rest stays as the file
-        // says (size, times), unverified until scrubbed.
-        let _ = entry;
-        set(file, HITS, b"0")?;
-        Ok(true)
+        }
+        Ok(adopted)
     }
 
     fn invalidate(&self, why: &Invalidation, file: OnDisk<'_>) -> Result<()> {
@@ -388,7 +410,7 @@ impl CacheDriver for XattrDriver {
 
 /// Checks that the file system holding `dir` takes user xattrs, on a
 /// scratch file `probe` (a name no image id can take).
-pub(crate) fn probe(dir: &Path, probe: &Path) -> Result<()> {
+fn probe(dir: &Path, probe: &Path) -> Result<()> {
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)

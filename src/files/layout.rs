@@ -31,6 +31,12 @@ impl<'a> Admitted<'a> {
     pub fn id(self) -> &'a ImageId {
         self.0
     }
+
+    /// An id this crate admitted earlier (a writer's, one a walk of this
+    /// layout listed): admitted again without a second check.
+    pub(crate) fn again(id: &'a ImageId) -> Self {
+        Admitted(id)
+    }
 }
 
 impl std::fmt::Display for Admitted<'_> {
@@ -46,9 +52,9 @@ pub struct Layout {
     queue: PathBuf,
     incomplete: PathBuf,
     invalid: PathBuf,
-    /// The database file name when it lies directly in `base` (it then
-    /// reserves that name).
-    db_name: Option<String>,
+    /// The names of database files that lie directly in `base` (each
+    /// reserves its name and its side files' names).
+    db_names: Vec<String>,
     /// Group commit of the base directory's `fsync`, shared by every clone.
     base_sync: std::sync::Arc<GroupSync>,
 }
@@ -108,6 +114,7 @@ impl GroupSync {
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct RemovedFile {
     /// The file's path at the moment it was removed.
+    #[cfg_attr(feature = "serde", serde(serialize_with = "crate::clock::serde_path"))]
     pub path: PathBuf,
     /// The image id, when the file name is a valid one.
     pub id: Option<ImageId>,
@@ -150,20 +157,35 @@ impl Layout {
     /// `db_path`.
     pub fn new(base: impl Into<PathBuf>, db_path: Option<&Path>) -> Self {
         let base = base.into();
-        let db_name = db_path.and_then(|p| {
-            let parent = p.parent()?;
-            let in_base = parent == base || parent.as_os_str().is_empty();
-            in_base
-                .then(|| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-                .flatten()
-        });
-        Layout {
+        let mut layout = Layout {
             queue: base.join("queue"),
             incomplete: base.join("incomplete"),
             invalid: base.join("invalid"),
             base,
-            db_name,
+            db_names: Vec::new(),
             base_sync: std::sync::Arc::default(),
+        };
+        if let Some(p) = db_path {
+            layout.reserve(p);
+        }
+        layout
+    }
+
+    /// Reserves the name of database file `path` (and its side files) if it
+    /// lies directly in the base directory: no image can take it, no walk
+    /// lists it.
+    pub(crate) fn reserve(&mut self, path: &Path) {
+        let Some(parent) = path.parent() else {
+            return;
+        };
+        if parent != self.base && !parent.as_os_str().is_empty() {
+            return;
+        }
+        if let Some(name) = path.file_name() {
+            let name = name.to_string_lossy().into_owned();
+            if !self.db_names.contains(&name) {
+                self.db_names.push(name);
+            }
         }
     }
 
@@ -220,13 +242,13 @@ impl Layout {
     /// defaults [`ImageId`] already refuses: a custom database name and its
     /// `-wal`, `-shm`, `-journal` files.
     pub fn admit<'i>(&self, id: &'i ImageId) -> Result<Admitted<'i>> {
-        match &self.db_name {
-            Some(db) if is_reserved(id.as_str(), db) => Err(Error::InvalidId {
+        if self.db_names.iter().any(|db| is_reserved(id.as_str(), db)) {
+            return Err(Error::InvalidId {
                 input: id.to_string(),
                 reason: IdError::Reserved,
-            }),
-            _ => Ok(Admitted(id)),
+            });
         }
+        Ok(Admitted(id))
     }
 
     /// The image files in `dir`: regular files whose names are valid ids
@@ -266,7 +288,7 @@ impl Layout {
     /// The file is created and locked under a private name, then renamed
     /// into place without replacing: no other process can ever see a live
     /// writer's file unlocked (and take it for a stalled one).
-    pub fn create_incomplete(&self, id: Admitted<'_>) -> Result<File> {
+    pub(crate) fn create_incomplete(&self, id: Admitted<'_>) -> Result<File> {
         use std::sync::atomic::{AtomicU64, Ordering};
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let path = self.incomplete(id);
@@ -308,7 +330,7 @@ impl Layout {
     /// the base directory (one `fsync` shared by the commits of this cache
     /// that rename at about the same time: group commit). Returns `false` (and leaves the incomplete file
     /// where it is) when the image was already cached.
-    pub fn publish(&self, id: Admitted<'_>) -> Result<bool> {
+    pub(crate) fn publish(&self, id: Admitted<'_>) -> Result<bool> {
         let from = self.incomplete(id);
         let to = self.cached(id);
         match rename_noreplace(&from, &to) {
@@ -321,14 +343,14 @@ impl Layout {
     }
 
     /// Moves `incomplete/<id>` to `invalid/<id>` (replacing an older one).
-    pub fn invalidate(&self, id: Admitted<'_>) -> Result<()> {
+    pub(crate) fn invalidate(&self, id: Admitted<'_>) -> Result<()> {
         let from = self.incomplete(id);
         fs::rename(&from, self.invalid(id)).ctx("rename", &from)
     }
 
     /// The ids in `incomplete/` whose writer is gone: no process holds the
     /// file's lock.
-    pub fn stalled(&self) -> Result<Vec<ImageId>> {
+    pub(crate) fn stalled(&self) -> Result<Vec<ImageId>> {
         let mut out = Vec::new();
         for (id, _) in self.list(&self.incomplete)? {
             let path = self.incomplete(Admitted(&id));
@@ -348,7 +370,7 @@ impl Layout {
     }
 
     /// Moves cached `<id>` to `invalid/<id>`; `false` if it was not there.
-    pub fn quarantine(&self, id: Admitted<'_>) -> Result<bool> {
+    pub(crate) fn quarantine(&self, id: Admitted<'_>) -> Result<bool> {
         let from = self.cached(id);
         match fs::rename(&from, self.invalid(id)) {
             Ok(()) => Ok(true),
@@ -360,7 +382,7 @@ impl Layout {
     /// Removes every file in `invalid/`, and every file in `incomplete/`
     /// last modified more than `stall_time` before `now` whose writer is
     /// gone (no process holds its lock).
-    pub fn clean(&self, stall_time: Duration, now: SystemTime) -> Result<CleanReport> {
+    pub(crate) fn clean(&self, stall_time: Duration, now: SystemTime) -> Result<CleanReport> {
         let mut report = CleanReport::default();
         for (path, size) in plain_files(&self.invalid)? {
             if remove_if_exists(&path)? {
@@ -406,7 +428,10 @@ impl Layout {
 
 impl Layout {
     /// Opens cached `id` with its metadata; `None` if it is not there.
-    pub fn open_cached(&self, id: Admitted<'_>) -> Result<Option<(File, PathBuf, Metadata)>> {
+    pub(crate) fn open_cached(
+        &self,
+        id: Admitted<'_>,
+    ) -> Result<Option<(File, PathBuf, Metadata)>> {
         let path = self.cached(id);
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -417,37 +442,17 @@ impl Layout {
         Ok(Some((file, path, meta)))
     }
 
-    /// The metadata of file `path` (of `id` in some state); `None` if it is
-    /// not there or not a regular file.
-    pub fn stat(&self, path: &Path) -> Result<Option<Metadata>> {
-        match fs::metadata(path) {
-            Ok(m) if m.is_file() => Ok(Some(m)),
-            Ok(_) => Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io("stat", path, e)),
-        }
-    }
-
     /// Removes cached `id`; `false` if it was not there.
-    pub fn remove_cached(&self, id: Admitted<'_>) -> Result<bool> {
+    pub(crate) fn remove_cached(&self, id: Admitted<'_>) -> Result<bool> {
         remove_if_exists(&self.cached(id))
     }
 
     /// The queue folder, open (a store may keep the queue's counter on it).
-    pub fn open_queue_dir(&self) -> Result<(File, Metadata)> {
+    pub(crate) fn open_queue_dir(&self) -> Result<(File, Metadata)> {
         let dir = &self.queue;
         let f = File::open(dir).ctx("open", dir)?;
         let meta = f.metadata().ctx("stat", dir)?;
         Ok((f, meta))
-    }
-
-    /// A scratch name in `incomplete/` that no image id can take.
-    pub(crate) fn scratch(&self, what: &str) -> PathBuf {
-        self.incomplete.join(format!(
-            "{}-{what}-{}",
-            crate::id::PRIVATE_PREFIX,
-            std::process::id()
-        ))
     }
 }
 

@@ -67,8 +67,7 @@ pub(crate) fn list(layout: &Layout) -> Result<Vec<ImageId>> {
     }
     let mut entries = Vec::new();
     for (id, meta) in layout.list(layout.queue_dir())? {
-        let Ok(key) = layout.admit(&id) else { continue };
-        let path = layout.queued(key);
+        let path = layout.queued(Admitted::again(&id));
         let seq = match fs::read(&path) {
             Ok(content) => decode_seq(&content),
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -90,8 +89,7 @@ pub(crate) fn list(layout: &Layout) -> Result<Vec<ImageId>> {
 pub(crate) fn clear(layout: &Layout) -> Result<usize> {
     let mut n = 0;
     for (id, _) in layout.list(layout.queue_dir())? {
-        let Ok(key) = layout.admit(&id) else { continue };
-        if remove(layout, key)? {
+        if remove(layout, Admitted::again(&id))? {
             n += 1;
         }
     }

@@ -65,13 +65,7 @@ impl Store {
     /// The xattr store (the directory's file system must take user xattrs).
     pub const XATTR: Store = Store {
         name: "xattr",
-        open: |o| {
-            let dir = o.image_cache_dir();
-            std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
-            let probe = dir.join(format!("{}-kit-probe", crate::id::PRIVATE_PREFIX));
-            crate::drivers::xattr::probe(dir, &probe)?;
-            Ok(Arc::new(XattrDriver::new()))
-        },
+        open: |o| Ok(Arc::new(XattrDriver::open(o.image_cache_dir())?)),
     };
 
     /// A store of your own, for running the kit against it.

@@ -174,17 +174,6 @@ fn origin(spec: &str) -> Result<Box<dyn Origin>, Failure> {
     Ok(Box::new(DirOrigin::new(dir)))
 }
 
-#[derive(Serialize)]
-struct CachedJson {
-    id: String,
-    size: u64,
-    hits: u64,
-    last_accessed: String,
-    last_modified: String,
-    checksum: Option<String>,
-    crc32: Option<String>,
-}
-
 fn run(cli: Cli) -> Result<u8, Failure> {
     let options = cli.settings.options()?;
     let cache = options.open()?;
@@ -193,19 +182,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         Command::ListCached => {
             let images = cache.cached_images()?;
             if as_json {
-                let rows: Vec<CachedJson> = images
-                    .iter()
-                    .map(|i| CachedJson {
-                        id: i.id.to_string(),
-                        size: i.size,
-                        hits: i.hits,
-                        last_accessed: iso(i.last_accessed),
-                        last_modified: iso(i.last_modified),
-                        checksum: i.checksum.clone(),
-                        crc32: i.crc32.map(|c| format!("{c:08x}")),
-                    })
-                    .collect();
-                json(&rows);
+                json(&images);
             } else if images.is_empty() {
                 println!("No cached images.");
             } else {
@@ -314,14 +291,18 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Prune => {
             let r = cache.prune()?;
+            #[derive(Serialize)]
+            struct Pruned<'a> {
+                #[serde(flatten)]
+                report: &'a imgcache::PruneReport,
+                max_size: u64,
+            }
             report(
                 as_json,
-                &serde_json::json!({
-                    "removed": r.removed.iter().map(|i| i.as_str()).collect::<Vec<_>>(),
-                    "bytes": r.bytes,
-                    "remaining": r.remaining,
-                    "max_size": cache.options().image_cache_max_size(),
-                }),
+                &Pruned {
+                    report: &r,
+                    max_size: cache.options().image_cache_max_size(),
+                },
                 &format!(
                     "pruned {} images ({}); {} remain of a {} limit",
                     r.files(),
@@ -333,17 +314,18 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Clean => {
             let r = cache.clean(None)?;
-            let names = |v: &[imgcache::RemovedFile]| -> Vec<String> {
-                v.iter().map(|f| f.path.display().to_string()).collect()
-            };
+            #[derive(Serialize)]
+            struct Cleaned<'a> {
+                #[serde(flatten)]
+                report: &'a imgcache::CleanReport,
+                bytes: u64,
+            }
             report(
                 as_json,
-                &serde_json::json!({
-                    "invalid": names(&r.invalid),
-                    "stalled": names(&r.stalled),
-                    "live_writers": r.live_writers.iter().map(|i| i.as_str()).collect::<Vec<_>>(),
-                    "bytes": r.bytes(),
-                }),
+                &Cleaned {
+                    report: &r,
+                    bytes: r.bytes(),
+                },
                 &format!(
                     "removed {} invalid and {} stalled files ({}); kept {} files being written",
                     r.invalid.len(),
@@ -367,12 +349,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             let r = cache.scrub()?;
             report(
                 as_json,
-                &serde_json::json!({
-                    "intact": r.intact,
-                    "bytes": r.bytes,
-                    "newly_verified": r.newly_verified.iter().map(|i| i.as_str()).collect::<Vec<_>>(),
-                    "corrupt": r.corrupt.iter().map(|(i, why)| serde_json::json!({"id": i.as_str(), "reason": why})).collect::<Vec<_>>(),
-                }),
+                &r,
                 &format!(
                     "{} intact, {} newly verified, {} corrupt (moved to invalid/); {} read",
                     r.intact,
@@ -433,7 +410,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
 }
 
 /// Prints `value` as JSON, or `line` for people.
-fn report(as_json: bool, value: &serde_json::Value, line: &str) {
+fn report(as_json: bool, value: &impl Serialize, line: &str) {
     if as_json {
         json(value);
     } else {

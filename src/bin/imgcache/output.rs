@@ -21,7 +21,8 @@ pub fn human_size(bytes: u64) -> String {
 
 /// A time as ISO-8601 (RFC 3339) in UTC, to the second.
 pub fn iso(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    // humantime refuses times before the epoch: show those as the epoch.
+    humantime::format_rfc3339_seconds(t.max(SystemTime::UNIX_EPOCH)).to_string()
 }
 
 /// Prints rows under a header, columns padded to their widest cell.
