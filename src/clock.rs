@@ -84,25 +84,47 @@ pub(crate) fn to_epoch_secs(t: SystemTime) -> f64 {
     }
 }
 
-/// The inverse of [`to_epoch_secs`]. Values that are not finite, or lie
-/// beyond what `SystemTime` holds, give `None`.
+/// The inverse of [`to_epoch_secs`], to the nearest microsecond. Values
+/// that are not finite, or lie beyond what `SystemTime` holds, give `None`.
 pub(crate) fn from_epoch_secs(secs: f64) -> Option<SystemTime> {
     if !secs.is_finite() {
         return None;
     }
-    let d = Duration::try_from_secs_f64(secs.abs()).ok()?;
-    if secs >= 0.0 {
+    let micros = (secs * 1e6).round();
+    if micros.abs() >= 9.0e18 {
+        return None;
+    }
+    let d = Duration::from_micros(micros.abs() as u64);
+    if micros >= 0.0 {
         UNIX_EPOCH.checked_add(d)
     } else {
         UNIX_EPOCH.checked_sub(d)
     }
 }
 
-/// Rounds `t` to what survives a trip through [`to_epoch_secs`] and
-/// [`from_epoch_secs`], so that values the cache reports back compare equal
-/// to what it was given.
+/// Rounds `t` to the microsecond: the precision every store keeps exactly
+/// (an `f64` of seconds, as Glance's SQLite table and the xattrs hold it,
+/// is exact to well under a microsecond until the year 2255; a PostgreSQL
+/// `timestamp` holds microseconds). Values the cache reports back then
+/// compare equal to what it was given, whatever the store.
 pub(crate) fn round_trip(t: SystemTime) -> SystemTime {
-    from_epoch_secs(to_epoch_secs(t)).unwrap_or(t)
+    // In whole nanoseconds, not through an f64: a time half-way between two
+    // microseconds rounds the same way everywhere (up).
+    let (d, after) = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d, true),
+        Err(e) => (e.duration(), false),
+    };
+    let micros = (d.as_nanos() + 500) / 1000;
+    let Ok(micros) = u64::try_from(micros) else {
+        return t;
+    };
+    let d = Duration::from_micros(micros);
+    let rounded = if after {
+        UNIX_EPOCH.checked_add(d)
+    } else {
+        UNIX_EPOCH.checked_sub(d)
+    };
+    rounded.unwrap_or(t)
 }
 
 /// A time as RFC 3339 in UTC, to the microsecond
@@ -164,6 +186,11 @@ mod tests {
         let now = SystemTime::now();
         let r = round_trip(now);
         assert_eq!(round_trip(r), r);
+        // A whole number of microseconds: what a PostgreSQL timestamp holds.
+        assert_eq!(
+            r.duration_since(UNIX_EPOCH).unwrap().subsec_nanos() % 1000,
+            0
+        );
         let diff = match now.duration_since(r) {
             Ok(d) => d,
             Err(e) => e.duration(),

@@ -190,6 +190,26 @@ impl<'a> OnDisk<'a> {
     pub fn accessed(&self) -> SystemTime {
         self.meta.accessed().unwrap_or(SystemTime::UNIX_EPOCH)
     }
+
+    /// Which file it is: its device and inode. A commit publishes a new
+    /// inode, so a store may remember what it knows of an entry for as long
+    /// as the identity is the same.
+    pub fn identity(&self) -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt;
+        (self.meta.dev(), self.meta.ino())
+    }
+}
+
+/// One cached image of one node, in a store shared by many nodes.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct NodeImage {
+    /// The node's URL (Glance's `worker_self_reference_url`).
+    pub node: String,
+    /// The image as that node cached it.
+    #[cfg_attr(feature = "serde", serde(flatten))]
+    pub image: CachedImageInfo,
 }
 
 /// The cached files, as the file layer shows them to a store that keeps its

@@ -52,7 +52,9 @@
 //!   `rebuild`, `caching_reader`, `fetch`, `cache_image_file`, `prefetch`.
 //! - [`CacheDriver`] (also named [`MetadataStore`]): where metadata lives,
 //!   and nothing else. [`SqliteDriver`] and [`XattrDriver`] (Linux)
-//!   implement it.
+//!   implement it for one node; `CentralizedDbDriver` (feature `postgres`)
+//!   for many nodes on one PostgreSQL database, as Glance's
+//!   `centralized_db`.
 //! - [`Layout`]: the one local file layer's paths and file moves.
 //! - [`CacheWriter`]: `Write` into `incomplete/<id>`; `commit()` publishes,
 //!   dropping it moves the bytes to `invalid/`.
@@ -72,9 +74,9 @@
 //!                      │        single-flight fills, tee; admits every id once
 //!          ┌───────────┴────────────┐
 //!     files (Layout)          dyn CacheDriver      rows, hits, LRU order, queue
-//!     writer's file moves,    ┌─────┴──────┐       counter, invalid reasons,
-//!     reader, locks, queue   SQLite      xattr     the node its rows belong to
-//!     folder, zero copy
+//!     writer's file moves,    ┌──────┼───────┐     counter, invalid reasons,
+//!     reader, locks, queue   SQLite  xattr  PostgreSQL  the node its rows belong to
+//!     folder, zero copy          (one node)   (many nodes)
 //! ```
 //!
 //! How bytes move between `incomplete/`, the base directory and `invalid/`,
@@ -165,17 +167,23 @@ pub use cache::fill::FollowReader;
 pub use cache::prefetch::{PrefetchEvent, PrefetchOutcome, PrefetchReport, PrefetchResult};
 pub use cache::tee::{TeeReader, TeeStats};
 pub use cache::writer::CacheWriter;
-pub use cache::{ImageCache, ImageStream, PruneReport, RecoveryReport, ScrubReport, Verification};
+pub use cache::{
+    ImageCache, ImageStream, MigrationReport, PruneReport, RecoveryReport, ScrubReport,
+    Verification,
+};
 pub use checksum::{Algorithm, Checksum, Hasher};
 pub use clock::{Clock, ManualClock, SystemClock};
+#[cfg(feature = "postgres")]
+pub use drivers::CentralizedDbDriver;
 pub use drivers::{CacheDriver, MetadataStore, SqliteDriver, XattrDriver, LOCAL_NODE};
 pub use entry::{
-    CachedFiles, CachedImageInfo, InvalidImageInfo, Invalidation, LruEntry, OnDisk, Scanned,
+    CachedFiles, CachedImageInfo, InvalidImageInfo, Invalidation, LruEntry, NodeImage, OnDisk,
+    Scanned,
 };
 pub use error::{Error, Result, StoreError, StoreErrorKind};
 pub use files::{Admitted, CachedImage, CleanReport, Layout, RangeReader, RemovedFile};
 pub use id::{IdError, ImageId, DEFAULT_SQLITE_DB, MAX_ID_LEN};
-pub use options::{CacheOptions, DriverKind, DEFAULT_MAX_SIZE, DEFAULT_STALL_TIME};
+pub use options::{redact_url, CacheOptions, DriverKind, DEFAULT_MAX_SIZE, DEFAULT_STALL_TIME};
 #[cfg(feature = "http")]
 pub use origin::HttpOrigin;
 pub use origin::{DirOrigin, Origin, OriginObject};

@@ -26,6 +26,10 @@ pub enum DriverKind {
     Sqlite,
     /// Extended attributes on the cached files ([`crate::XattrDriver`]).
     Xattr,
+    /// Glance's `centralized_db`: metadata of many nodes in one PostgreSQL
+    /// database (feature `postgres`); needs
+    /// [`CacheOptions::database_url`] and [`CacheOptions::node_url`].
+    CentralizedDb,
 }
 
 impl DriverKind {
@@ -34,6 +38,7 @@ impl DriverKind {
         match self {
             DriverKind::Sqlite => "sqlite",
             DriverKind::Xattr => "xattr",
+            DriverKind::CentralizedDb => "centralized_db",
         }
     }
 }
@@ -50,8 +55,9 @@ impl FromStr for DriverKind {
         match s.trim().to_ascii_lowercase().as_str() {
             "sqlite" => Ok(DriverKind::Sqlite),
             "xattr" => Ok(DriverKind::Xattr),
+            "centralized_db" | "postgres" | "postgresql" => Ok(DriverKind::CentralizedDb),
             other => Err(Error::Config(format!(
-                "unknown image_cache_driver {other:?} (expected \"sqlite\" or \"xattr\")"
+                "unknown image_cache_driver {other:?} (expected \"sqlite\", \"xattr\" or \"centralized_db\")"
             ))),
         }
     }
@@ -80,6 +86,9 @@ pub struct CacheOptions {
     sqlite_db: PathBuf,
     fallback_to_sqlite: bool,
     finish_abandoned_fills: bool,
+    database_url: Option<String>,
+    node_url: Option<String>,
+    migrate_sqlite: bool,
     clock: Arc<dyn Clock>,
 }
 
@@ -93,6 +102,9 @@ impl fmt::Debug for CacheOptions {
             .field("image_cache_sqlite_db", &self.sqlite_db)
             .field("fallback_to_sqlite", &self.fallback_to_sqlite)
             .field("finish_abandoned_fills", &self.finish_abandoned_fills)
+            .field("database_url", &self.database_url_redacted())
+            .field("worker_self_reference_url", &self.node_url)
+            .field("migrate_sqlite", &self.migrate_sqlite)
             .field("clock", &self.clock)
             .finish()
     }
@@ -111,6 +123,9 @@ impl CacheOptions {
             sqlite_db: PathBuf::from(DEFAULT_SQLITE_DB),
             fallback_to_sqlite: false,
             finish_abandoned_fills: false,
+            database_url: None,
+            node_url: None,
+            migrate_sqlite: false,
             clock: Arc::new(SystemClock),
         }
     }
@@ -215,6 +230,66 @@ impl CacheOptions {
     pub fn clock_ref(&self) -> &Arc<dyn Clock> {
         &self.clock
     }
+
+    /// The PostgreSQL database of the `centralized_db` driver
+    /// (`postgres://user:password@host:port/dbname`; Glance's `[database]
+    /// connection`). It never appears in logs, errors or `Debug` output
+    /// with its password.
+    pub fn database_url(mut self, url: impl Into<String>) -> Self {
+        self.database_url = Some(url.into());
+        self
+    }
+
+    /// This node's URL, naming its rows in a shared database (Glance's
+    /// `worker_self_reference_url`); required by `centralized_db`.
+    pub fn node_url(mut self, url: impl Into<String>) -> Self {
+        self.node_url = Some(url.into());
+        self
+    }
+
+    /// With `centralized_db`: at open, move this node's rows from the
+    /// local SQLite database (`image_cache_sqlite_db`) into the shared one,
+    /// as Glance does at start-up ([`crate::ImageCache::migrate_from_sqlite`]).
+    pub fn migrate_sqlite(mut self, yes: bool) -> Self {
+        self.migrate_sqlite = yes;
+        self
+    }
+
+    /// The database URL, if set (with its password: do not print it; see
+    /// [`CacheOptions::database_url_redacted`]).
+    pub fn database_url_ref(&self) -> Option<&str> {
+        self.database_url.as_deref()
+    }
+
+    /// The database URL without its password, for messages.
+    pub fn database_url_redacted(&self) -> Option<String> {
+        self.database_url.as_deref().map(redact_url)
+    }
+
+    /// This node's URL, if set.
+    pub fn node_url_ref(&self) -> Option<&str> {
+        self.node_url.as_deref()
+    }
+
+    /// Whether to migrate the local SQLite rows at open.
+    pub fn migrates_sqlite(&self) -> bool {
+        self.migrate_sqlite
+    }
+}
+
+/// `url` with any password replaced by `***` (`scheme://user:***@host…`).
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (auth, host) = match rest.rfind('@') {
+        Some(at) => (&rest[..at], &rest[at..]),
+        None => return url.to_owned(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***{host}"),
+        None => url.to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -239,6 +314,22 @@ mod tests {
     fn absolute_db_path_is_kept() {
         let o = CacheOptions::new("/cache").sqlite_db("/meta/x.db");
         assert_eq!(o.sqlite_db_path(), Path::new("/meta/x.db"));
+    }
+
+    #[test]
+    fn database_passwords_never_show() {
+        let o = CacheOptions::new("/c").database_url("postgres://glance:s3cret@db:5432/glance");
+        assert_eq!(
+            o.database_url_redacted().as_deref(),
+            Some("postgres://glance:***@db:5432/glance")
+        );
+        assert!(!format!("{o:?}").contains("s3cret"));
+        assert_eq!(redact_url("postgres://db/glance"), "postgres://db/glance");
+        assert_eq!(redact_url("postgres://u@db/x"), "postgres://u@db/x");
+        assert_eq!(
+            redact_url("postgres://u:p:q@a@db/x"),
+            "postgres://u:***@db/x"
+        );
     }
 
     #[test]

@@ -81,8 +81,8 @@ fn empty_cache_reports_nothing(kind: Store) {
     assert_eq!(c.clean(None).unwrap().files(), 0);
     assert_eq!(c.driver().name(), kind.name());
     // The same store by name, as `ImageCache::open` picks it from options.
-    let opened = imgcache::CacheOptions::new(f.path())
-        .driver(kind.name().parse().unwrap())
+    let opened = kind
+        .configure(imgcache::CacheOptions::new(f.path()))
         .open()
         .unwrap();
     assert_eq!(opened.driver_kind().map(|k| k.as_str()), Some(kind.name()));
@@ -925,14 +925,16 @@ trait RoundedNow {
 }
 
 impl RoundedNow for imgcache::ManualClock {
-    /// The clock's time as the cache stores it (seconds in an `f64`).
+    /// The clock's time as the cache stores it: to the nearest
+    /// microsecond, which every store keeps exactly.
     fn now_rounded(&self) -> SystemTime {
         use imgcache::Clock;
-        let secs = self
+        let nanos = self
             .now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap()
-            .as_secs_f64();
-        SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs)
+            .as_nanos();
+        let micros = (nanos + 500) / 1000;
+        SystemTime::UNIX_EPOCH + Duration::from_micros(micros as u64)
     }
 }

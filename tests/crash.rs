@@ -243,6 +243,7 @@ fn sigkill_at_random_moments_never_breaks_the_cache() {
                 .env("IMGCACHE_CHILD", kill.to_string())
                 .env("IMGCACHE_DIR", &cache_dir)
                 .env("IMGCACHE_DRIVER", kind.name())
+                .envs(kind.child_env())
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap();

@@ -134,6 +134,28 @@ fn corrupt_metadata_is_quarantined_at_open(kind: Store) {
             )
             .unwrap();
         }
+        "centralized_db" => {
+            let cluster = imgcache::testing::postgres::cluster().unwrap();
+            let node = imgcache::testing::postgres::node_for(f.path());
+            let mut db = postgres::Client::connect(cluster.url(), postgres::NoTls).unwrap();
+            let n = db
+                .execute(
+                    "UPDATE cached_images SET size = -5 WHERE image_id = 'bad' AND node_reference_id =
+                     (SELECT node_reference_id FROM node_reference WHERE node_reference_url = $1)",
+                    &[&node],
+                )
+                .unwrap();
+            assert_eq!(n, 1);
+            // A row whose id is no safe file name never reaches the disk.
+            db.execute(
+                "INSERT INTO cached_images
+                 (image_id, size, hits, last_accessed, last_modified, node_reference_id)
+                 SELECT '../../etc/passwd', 1, 0, now(), now(), node_reference_id
+                 FROM node_reference WHERE node_reference_url = $1",
+                &[&node],
+            )
+            .unwrap();
+        }
         _ => {
             let file = fs::File::open(f.path().join("bad")).unwrap();
             file.set_xattr("user.imgcache.crc32", b"not-hex!").unwrap();
@@ -205,6 +227,7 @@ fn permission_denied_names_the_directory(kind: Store) {
         .env("IMGCACHE_CHILD", "open")
         .env("IMGCACHE_DIR", &dir)
         .env("IMGCACHE_DRIVER", kind.name())
+        .envs(kind.child_env())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -58,3 +58,15 @@ proptest! {
         check(Store::XATTR, ops)?;
     }
 }
+
+proptest! {
+    // A round trip to the database per query: a quarter of the cases.
+    #![proptest_config(ProptestConfig { cases: config().cases / 4, ..config() })]
+
+    #[test]
+    fn centralized_db_agrees_with_model(ops in proptest::collection::vec(op(), 1..60)) {
+        if let Some(store) = Store::centralized_db() {
+            check(store, ops)?;
+        }
+    }
+}

@@ -89,6 +89,7 @@ fn spawn(f: &Fixture, cmd: &str) -> std::process::Child {
         .env("IMGCACHE_CHILD", cmd)
         .env("IMGCACHE_DIR", f.path())
         .env("IMGCACHE_DRIVER", f.kind.name())
+        .envs(f.kind.child_env())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

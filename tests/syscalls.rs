@@ -71,6 +71,7 @@ fn trace(f: &Fixture, cmd: &str, env: &[(&str, &Path)], calls: &str, out: &Path)
         .env("IMGCACHE_CHILD", cmd)
         .env("IMGCACHE_DIR", f.path())
         .env("IMGCACHE_DRIVER", f.kind.name())
+        .envs(f.kind.child_env())
         .stdout(std::process::Stdio::null())
         .status()
         .unwrap();
@@ -140,7 +141,7 @@ fn commit_syncs_data_then_renames_then_syncs_dir_then_records() {
             &f,
             "commit",
             &[],
-            "openat,write,pwrite64,fsetxattr,fsync,fdatasync,rename,renameat,renameat2,linkat",
+            "openat,write,pwrite64,sendto,sendmsg,fsetxattr,fsync,fdatasync,rename,renameat,renameat2,linkat",
             out.path(),
         );
         let base = f.path().display().to_string();
@@ -210,6 +211,22 @@ fn commit_syncs_data_then_renames_then_syncs_dir_then_records() {
                 assert!(
                     find(fsync_dir, &wal).is_some(),
                     "{kind}: no metadata after the sync"
+                );
+            }
+            "centralized_db" => {
+                // The row goes over the socket to the database, once the
+                // directory is synced.
+                let sent = |l: &str| {
+                    (l.contains(" sendto(") || l.contains(" write(") || l.contains(" sendmsg("))
+                        && l.contains("socket:[")
+                };
+                assert!(
+                    !lines[opened..fsync_dir].iter().any(|l| sent(l)),
+                    "{kind}: metadata sent before the directory sync"
+                );
+                assert!(
+                    find(fsync_dir, &sent).is_some(),
+                    "{kind}: no metadata after the sync: {lines:#?}"
                 );
             }
             _ => {

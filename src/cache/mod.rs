@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use crate::checksum::Checksum;
 use crate::clock::{round_trip, to_epoch_secs};
 use crate::drivers::{CacheDriver, SqliteDriver, XattrDriver};
-use crate::entry::{CachedImageInfo, InvalidImageInfo, Invalidation, LruEntry, OnDisk};
+use crate::entry::{CachedImageInfo, InvalidImageInfo, Invalidation, LruEntry, NodeImage, OnDisk};
 use crate::error::{Error, Result};
 use crate::files::{self, queue, Admitted, CachedImage, CleanReport, Layout};
 use crate::id::ImageId;
@@ -49,6 +49,17 @@ impl PruneReport {
     pub fn files(&self) -> usize {
         self.removed.len()
     }
+}
+
+/// What [`ImageCache::migrate_from_sqlite`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct MigrationReport {
+    /// Rows the SQLite database held.
+    pub rows: usize,
+    /// Rows now in the store and deleted from the SQLite database.
+    pub migrated: usize,
 }
 
 /// What [`ImageCache::verify`] found.
@@ -116,7 +127,33 @@ pub struct ImageCache {
     options: CacheOptions,
     kind: Option<DriverKind>,
     recovery: RecoveryReport,
+    migration: Option<MigrationReport>,
     fills: Arc<Fills>,
+}
+
+/// [`ImageCache::migrate_from_sqlite`], on a store alone.
+fn migrate_into(store: &dyn CacheDriver, db: &std::path::Path) -> Result<MigrationReport> {
+    let name = db
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let lock_path = db.with_file_name(format!("{}-migrate-{name}", crate::id::PRIVATE_PREFIX));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::io("create", &lock_path, e))?;
+    lock.lock().map_err(|e| Error::io("lock", &lock_path, e))?;
+    let local = SqliteDriver::open(db)?;
+    let rows = local.entries()?;
+    let present = store.import(&rows)?;
+    local.delete(&present)?;
+    drop(lock);
+    Ok(MigrationReport {
+        rows: rows.len(),
+        migrated: present.len(),
+    })
 }
 
 /// An image's bytes from wherever they are now; see [`ImageCache::fetch`].
@@ -178,8 +215,79 @@ impl ImageCache {
                 }
                 Err(e) => return Err(e),
             },
+            DriverKind::CentralizedDb => {
+                (Self::centralized_db(&options)?, DriverKind::CentralizedDb)
+            }
         };
         Self::recovered(layout, store, options, Some(kind))
+    }
+
+    /// What the migration at open did ([`CacheOptions::migrate_sqlite`]),
+    /// if one ran.
+    pub fn migration(&self) -> Option<&MigrationReport> {
+        self.migration.as_ref()
+    }
+
+    /// The `centralized_db` store the options describe.
+    #[cfg(feature = "postgres")]
+    fn centralized_db(options: &CacheOptions) -> Result<Arc<dyn CacheDriver>> {
+        let url = options.database_url_ref().ok_or_else(|| {
+            Error::Config(
+                "the centralized_db driver needs a database URL \
+                 (--database-url, IMGCACHE_DATABASE_URL, or [database] connection)"
+                    .into(),
+            )
+        })?;
+        let node = options.node_url_ref().ok_or_else(|| {
+            Error::Config(
+                "the centralized_db driver needs this node's URL \
+                 (worker_self_reference_url, --node-url, IMGCACHE_NODE_URL)"
+                    .into(),
+            )
+        })?;
+        Ok(Arc::new(crate::drivers::CentralizedDbDriver::open(
+            url, node,
+        )?))
+    }
+
+    #[cfg(not(feature = "postgres"))]
+    fn centralized_db(_options: &CacheOptions) -> Result<Arc<dyn CacheDriver>> {
+        Err(Error::Config(
+            "the centralized_db driver needs imgcache built with the `postgres` feature".into(),
+        ))
+    }
+
+    /// Moves this node's rows from a local SQLite database (Glance's
+    /// `cache.db`) into the store, as Glance migrates to `centralized_db`
+    /// (at start-up: [`CacheOptions::migrate_sqlite`] runs it before the
+    /// recovery walk, which would otherwise adopt the files without their
+    /// rows' hits):
+    /// the rows the store lacks are recorded, every row the store then holds
+    /// is deleted from the SQLite file (the file is kept). One way,
+    /// idempotent, and safe to run from several processes and nodes at once
+    /// (an exclusive lock beside the SQLite file here, the store's own lock
+    /// there); a run killed half-way loses nothing: a row leaves SQLite only
+    /// once the store has it.
+    pub fn migrate_from_sqlite(&self, db: &std::path::Path) -> Result<MigrationReport> {
+        migrate_into(&*self.store, db)
+    }
+
+    /// This node's identity in its store ([`CacheDriver::node`]).
+    pub fn node(&self) -> &str {
+        self.store.node()
+    }
+
+    /// The nodes whose caches hold `id` (Glance's `GET
+    /// /v2/cache/nodes/{image_id}`); `None` with a store of one node.
+    pub fn cached_nodes(&self, id: &ImageId) -> Result<Option<Vec<String>>> {
+        let key = self.layout.admit(id)?;
+        self.store.nodes_holding(key.id())
+    }
+
+    /// Every cached image of every node sharing the store, ordered by node
+    /// and id; `None` with a store of one node.
+    pub fn cached_images_all_nodes(&self) -> Result<Option<Vec<NodeImage>>> {
+        self.store.all_nodes()
     }
 
     /// A cache over a metadata store of your own (or a built-in one opened
@@ -209,12 +317,30 @@ impl ImageCache {
         options: CacheOptions,
         kind: Option<DriverKind>,
     ) -> Result<Self> {
+        // Glance's order: the migration first, before anything else (the
+        // recovery walk would adopt the files without their rows' hits).
+        let mut migration = None;
+        if options.migrates_sqlite() {
+            let db = options.sqlite_db_path();
+            if db.exists() {
+                let report = migrate_into(&*store, &db)?;
+                log::info!(
+                    "imgcache: migrated {} of {} rows of {} to node {}",
+                    report.migrated,
+                    report.rows,
+                    db.display(),
+                    store.node()
+                );
+                migration = Some(report);
+            }
+        }
         let mut cache = ImageCache {
             layout,
             store,
             options,
             kind,
             recovery: RecoveryReport::default(),
+            migration,
             fills: Arc::default(),
         };
         cache.recovery = cache.recover()?;

@@ -41,14 +41,20 @@
 use std::fmt;
 use std::time::SystemTime;
 
-use crate::entry::{CachedFiles, CachedImageInfo, Invalidation, LruEntry, OnDisk, Scanned};
+use crate::entry::{
+    CachedFiles, CachedImageInfo, Invalidation, LruEntry, NodeImage, OnDisk, Scanned,
+};
 use crate::error::Result;
 use crate::id::ImageId;
 
+#[cfg(feature = "postgres")]
+pub mod centralized_db;
 mod checkpoint;
 pub mod sqlite;
 pub mod xattr;
 
+#[cfg(feature = "postgres")]
+pub use self::centralized_db::CentralizedDbDriver;
 pub use self::sqlite::SqliteDriver;
 pub use self::xattr::XattrDriver;
 
@@ -180,5 +186,24 @@ pub trait CacheDriver: Send + Sync + fmt::Debug {
     /// `409` then).
     fn nodes_holding(&self, _id: &ImageId) -> Result<Option<Vec<String>>> {
         Ok(None)
+    }
+
+    /// Every cached image of every node, ordered by node and id, for a
+    /// store shared by many nodes; `None` for a store of one node.
+    fn all_nodes(&self) -> Result<Option<Vec<NodeImage>>> {
+        Ok(None)
+    }
+
+    /// Takes over `entries` from a node's local SQLite database (Glance's
+    /// migration to `centralized_db`): records those this node lacks, and
+    /// returns every id of `entries` the store now holds for this node, for
+    /// the caller to delete from the old database. Must be idempotent and
+    /// safe when several processes import at once. Stores that cannot take
+    /// entries over refuse with [`crate::Error::Config`].
+    fn import(&self, _entries: &[CachedImageInfo]) -> Result<Vec<ImageId>> {
+        Err(crate::Error::Config(format!(
+            "the {} driver keeps its metadata locally: there is nothing to migrate to",
+            self.name()
+        )))
     }
 }

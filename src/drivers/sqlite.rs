@@ -140,6 +140,17 @@ impl SqliteDriver {
         &self.inner.db_path
     }
 
+    /// Every decodable row, ordered by id (for a migration).
+    pub(crate) fn entries(&self) -> Result<Vec<CachedImageInfo>> {
+        self.rows("image_id")
+    }
+
+    /// Deletes the rows of `ids` (once a migration has moved them).
+    pub(crate) fn delete(&self, ids: &[ImageId]) -> Result<usize> {
+        self.inner.flush_hits()?;
+        self.delete_rows(ids)
+    }
+
     fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
         self.inner.with_conn(f)
     }

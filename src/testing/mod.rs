@@ -26,6 +26,8 @@ use crate::error::Result;
 use crate::{CacheOptions, Error, ImageCache, ImageId};
 
 pub mod model;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 
 pub use model::{content, run, Op, IDS};
 
@@ -76,14 +78,87 @@ impl Store {
         Store { name, open }
     }
 
-    /// Every store the kit runs against.
-    pub fn all() -> &'static [Store] {
-        &[Store::SQLITE, Store::XATTR]
+    /// The `centralized_db` store on the test process's PostgreSQL server
+    /// ([`postgres::cluster`]), as the node named by the cache directory
+    /// (or the options' node URL).
+    #[cfg(feature = "postgres")]
+    pub const CENTRALIZED_DB: Store = Store {
+        name: "centralized_db",
+        open: |o| {
+            let url = postgres::database_url()?;
+            let node = match o.node_url_ref() {
+                Some(n) => n.to_owned(),
+                None => postgres::node_for(o.image_cache_dir()),
+            };
+            Ok(Arc::new(crate::drivers::CentralizedDbDriver::open(
+                &url, &node,
+            )?))
+        },
+    };
+
+    /// The `centralized_db` store if a PostgreSQL server can be had here;
+    /// `None` after saying why (a panic where `IMGCACHE_REQUIRE_POSTGRES` is
+    /// set). Always `None` without the `postgres` feature.
+    pub fn centralized_db() -> Option<Store> {
+        #[cfg(feature = "postgres")]
+        {
+            postgres::cluster().map(|_| Store::CENTRALIZED_DB)
+        }
+        #[cfg(not(feature = "postgres"))]
+        {
+            None
+        }
     }
 
-    /// The store of [`Store::all`] named `name`.
+    /// Every store the kit runs against: SQLite, xattr, and
+    /// `centralized_db` where a PostgreSQL server can be had.
+    pub fn all() -> &'static [Store] {
+        static ALL: std::sync::OnceLock<Vec<Store>> = std::sync::OnceLock::new();
+        ALL.get_or_init(|| {
+            let mut all = vec![Store::SQLITE, Store::XATTR];
+            all.extend(Store::centralized_db());
+            all
+        })
+    }
+
+    /// The store named `name`, if it can be had here (only
+    /// `centralized_db` reaches for a PostgreSQL server).
     pub fn by_name(name: &str) -> Option<Store> {
-        Store::all().iter().copied().find(|s| s.name == name)
+        match name {
+            "sqlite" => Some(Store::SQLITE),
+            "xattr" => Some(Store::XATTR),
+            "centralized_db" => Store::centralized_db(),
+            _ => None,
+        }
+    }
+
+    /// The environment a child process needs to open this store as its
+    /// parent does (the parent's PostgreSQL server).
+    pub fn child_env(&self) -> Vec<(&'static str, String)> {
+        #[cfg(feature = "postgres")]
+        if self.name == Store::CENTRALIZED_DB.name {
+            return postgres::cluster()
+                .map(|c| vec![c.child_env()])
+                .unwrap_or_default();
+        }
+        Vec::new()
+    }
+
+    /// `options` with what [`ImageCache::open`] needs to open this store by
+    /// its [`crate::DriverKind`] (for `centralized_db`: the test server's
+    /// URL and a node URL of the cache directory).
+    pub fn configure(&self, options: CacheOptions) -> CacheOptions {
+        let options = options.driver(self.name.parse().unwrap_or_default());
+        #[cfg(feature = "postgres")]
+        if self.name == Store::CENTRALIZED_DB.name {
+            let node = postgres::node_for(options.image_cache_dir());
+            let options = options.node_url(node);
+            return match postgres::database_url() {
+                Ok(url) => options.database_url(url),
+                Err(_) => options,
+            };
+        }
+        options
     }
 
     /// Its name (the driver's, as Glance spells it).

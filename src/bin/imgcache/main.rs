@@ -62,7 +62,28 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// List cached images: id, size, hits, last accessed, last modified.
-    ListCached,
+    ListCached {
+        /// Every node's images (centralized_db): node, id, size, hits, last
+        /// access.
+        #[arg(long)]
+        all_nodes: bool,
+    },
+    /// The nodes whose caches hold an image (centralized_db).
+    Nodes {
+        /// Image id.
+        id: String,
+    },
+    /// Move this node's rows from a local SQLite cache.db into the
+    /// centralized_db database, as Glance does (idempotent; the file is
+    /// kept).
+    Migrate {
+        /// Migrate from a SQLite database (the only source there is).
+        #[arg(long, required = true)]
+        from_sqlite: bool,
+        /// The SQLite database (default: the cache's image_cache_sqlite_db).
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
     /// List queued images, oldest first.
     ListQueued,
     /// Queue images for the prefetcher.
@@ -175,11 +196,101 @@ fn origin(spec: &str) -> Result<Box<dyn Origin>, Failure> {
 }
 
 fn run(cli: Cli) -> Result<u8, Failure> {
-    let options = cli.settings.options()?;
+    let mut options = cli.settings.options()?;
+    if let Command::Migrate { file, .. } = &cli.command {
+        // Glance's order: the rows move before the cache is opened (whose
+        // recovery walk would adopt the files without their hits).
+        if let Some(f) = file {
+            options = options.sqlite_db(std::path::absolute(f).unwrap_or_else(|_| f.clone()));
+        }
+        let db = options.sqlite_db_path();
+        if !db.is_file() {
+            return Err(Failure {
+                code: code::NOT_FOUND,
+                message: format!("no SQLite database at {}", db.display()),
+            });
+        }
+        options = options.migrate_sqlite(true);
+    }
     let cache = options.open()?;
     let as_json = cli.json;
     match cli.command {
-        Command::ListCached => {
+        Command::ListCached { all_nodes: true } => {
+            let Some(images) = cache.cached_images_all_nodes()? else {
+                return Err(Failure::input(format!(
+                    "--all-nodes needs the centralized_db driver (this cache's is {})",
+                    cache.driver().name()
+                )));
+            };
+            if as_json {
+                json(&images);
+            } else if images.is_empty() {
+                println!("No cached images on any node.");
+            } else {
+                let rows: Vec<Vec<String>> = images
+                    .iter()
+                    .map(|n| {
+                        vec![
+                            n.node.clone(),
+                            n.image.id.to_string(),
+                            human_size(n.image.size),
+                            n.image.hits.to_string(),
+                            iso(n.image.last_accessed),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &["NODE", "ID", "SIZE", "HITS", "LAST ACCESSED"],
+                    &rows,
+                    &[2, 3],
+                );
+                let nodes: std::collections::BTreeSet<&str> =
+                    images.iter().map(|n| n.node.as_str()).collect();
+                println!("{} images on {} nodes", images.len(), nodes.len());
+            }
+        }
+        Command::Nodes { id: s } => {
+            let i = id(&s)?;
+            let Some(nodes) = cache.cached_nodes(&i)? else {
+                return Err(Failure::input(format!(
+                    "which nodes hold an image is known to the centralized_db driver only (this cache's is {})",
+                    cache.driver().name()
+                )));
+            };
+            if as_json {
+                json(&serde_json::json!({"image_id": i.as_str(), "nodes": nodes}));
+            } else if nodes.is_empty() {
+                return Err(Failure {
+                    code: code::NOT_FOUND,
+                    message: format!("no node holds {i}"),
+                });
+            } else {
+                for n in &nodes {
+                    println!("{n}");
+                }
+            }
+        }
+        Command::Migrate { .. } => {
+            let db = cache.options().sqlite_db_path();
+            let Some(r) = cache.migration().cloned() else {
+                return Err(Failure::input(format!(
+                    "migrating needs the centralized_db driver (this cache's is {})",
+                    cache.driver().name()
+                )));
+            };
+            report(
+                as_json,
+                &r,
+                &format!(
+                    "migrated {} of {} rows from {} to node {}",
+                    r.migrated,
+                    r.rows,
+                    db.display(),
+                    cache.node()
+                ),
+            );
+        }
+        Command::ListCached { all_nodes: false } => {
             let images = cache.cached_images()?;
             if as_json {
                 json(&images);

@@ -1,5 +1,6 @@
 //! Settings: flags, then environment variables (clap reads both), then a
-//! Glance config file's `[DEFAULT]` section, then Glance's defaults.
+//! Glance config file (its `[DEFAULT]` section, and `[database] connection`
+//! when it is a PostgreSQL URL), then Glance's defaults.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -33,9 +34,33 @@ pub struct Settings {
     #[arg(long, env = "IMGCACHE_STALL_TIME", global = true, value_name = "TIME")]
     pub stall_time: Option<String>,
 
-    /// The metadata driver (image_cache_driver): sqlite or xattr.
+    /// The metadata driver (image_cache_driver): sqlite, xattr, or
+    /// centralized_db (alias postgres: one PostgreSQL database for many
+    /// nodes; needs --database-url and --node-url).
     #[arg(long, env = "IMGCACHE_DRIVER", global = true, value_name = "NAME")]
     pub driver: Option<String>,
+
+    /// The PostgreSQL database of the centralized_db driver
+    /// (postgres://user:password@host:port/dbname; glance-api.conf's
+    /// [database] connection). Its value is never printed.
+    #[arg(
+        long,
+        env = "IMGCACHE_DATABASE_URL",
+        hide_env_values = true,
+        global = true,
+        value_name = "URL"
+    )]
+    pub database_url: Option<String>,
+
+    /// This node's URL, naming its rows in the shared database
+    /// (worker_self_reference_url); required by centralized_db.
+    #[arg(long, env = "IMGCACHE_NODE_URL", global = true, value_name = "URL")]
+    pub node_url: Option<String>,
+
+    /// With centralized_db: move this node's rows from its local SQLite
+    /// cache.db into the database when opening, as Glance does at start.
+    #[arg(long, global = true)]
+    pub migrate_sqlite: bool,
 
     /// The SQLite database, relative to the cache directory
     /// (image_cache_sqlite_db). Default cache.db.
@@ -51,6 +76,9 @@ struct GlanceConf {
     stall_time: Option<String>,
     driver: Option<String>,
     sqlite_db: Option<String>,
+    node_url: Option<String>,
+    /// `[database] connection`, when it is a PostgreSQL URL.
+    database_url: Option<String>,
 }
 
 /// Reads the `[DEFAULT]` section of an oslo.config INI file.
@@ -58,33 +86,42 @@ fn read_conf(path: &Path) -> Result<GlanceConf, Failure> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Failure::input(format!("cannot read config {}: {e}", path.display())))?;
     let mut conf = GlanceConf::default();
-    let mut in_default = false;
+    let mut section = String::new();
     for line in text.lines() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
             continue;
         }
-        if let Some(section) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            in_default = section.trim().eq_ignore_ascii_case("DEFAULT");
-            continue;
-        }
-        if !in_default {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.trim().to_ascii_lowercase();
             continue;
         }
         let Some((key, value)) = line.split_once(['=', ':']) else {
             continue;
         };
         let value = Some(value.trim().to_owned()).filter(|v| !v.is_empty());
-        match key.trim() {
-            "image_cache_dir" => conf.dir = value,
-            "image_cache_max_size" => conf.max_size = value,
-            "image_cache_stall_time" => conf.stall_time = value,
-            "image_cache_driver" => conf.driver = value,
-            "image_cache_sqlite_db" => conf.sqlite_db = value,
+        match (section.as_str(), key.trim()) {
+            ("default", "image_cache_dir") => conf.dir = value,
+            ("default", "image_cache_max_size") => conf.max_size = value,
+            ("default", "image_cache_stall_time") => conf.stall_time = value,
+            ("default", "image_cache_driver") => conf.driver = value,
+            ("default", "image_cache_sqlite_db") => conf.sqlite_db = value,
+            ("default", "worker_self_reference_url") => conf.node_url = value,
+            ("database", "connection") => {
+                conf.database_url = value.as_deref().and_then(postgres_url);
+            }
             _ => {}
         }
     }
     Ok(conf)
+}
+
+/// A SQLAlchemy URL (`postgresql+psycopg2://…`, as Glance's `[database]
+/// connection` holds it) as a PostgreSQL URL; `None` for another database.
+fn postgres_url(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let dialect = scheme.split('+').next()?;
+    matches!(dialect, "postgresql" | "postgres").then(|| format!("postgres://{rest}"))
 }
 
 /// Parses a size: bytes, or a number with a unit (K/KB/M/MB/G/GB/T/TB in
@@ -162,7 +199,13 @@ impl Settings {
         if let Some(v) = self.sqlite_db.clone().or(conf.sqlite_db.map(PathBuf::from)) {
             options = options.sqlite_db(v);
         }
-        Ok(options)
+        if let Some(v) = self.database_url.clone().or(conf.database_url) {
+            options = options.database_url(v);
+        }
+        if let Some(v) = self.node_url.clone().or(conf.node_url) {
+            options = options.node_url(v);
+        }
+        Ok(options.migrate_sqlite(self.migrate_sqlite))
     }
 }
 
@@ -180,6 +223,21 @@ mod tests {
         assert!(parse_size("ten").is_err());
         assert!(parse_size("5 parsecs").is_err());
         assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn glance_database_urls() {
+        assert_eq!(
+            postgres_url("postgresql+psycopg2://glance:pw@db/glance").as_deref(),
+            Some("postgres://glance:pw@db/glance")
+        );
+        assert_eq!(
+            postgres_url("postgresql://db/glance").as_deref(),
+            Some("postgres://db/glance")
+        );
+        assert_eq!(postgres_url("mysql+pymysql://glance:pw@db/glance"), None);
+        assert_eq!(postgres_url("sqlite:///glance.db"), None);
+        assert_eq!(postgres_url("nonsense"), None);
     }
 
     #[test]

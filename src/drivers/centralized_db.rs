@@ -1,0 +1,1097 @@
+//! [`CentralizedDbDriver`] (feature `postgres`): the metadata of many nodes'
+//! caches in one PostgreSQL database, as Glance's `centralized_db` driver
+//! keeps it (Glance 2024.1 and later).
+//!
+//! The tables are Glance's own, so that imgcache nodes and Glance nodes can
+//! share one database:
+//!
+//! ```sql
+//! CREATE TABLE node_reference (
+//!     node_reference_id BIGSERIAL PRIMARY KEY,
+//!     node_reference_url VARCHAR(255) NOT NULL UNIQUE);
+//! CREATE TABLE cached_images (
+//!     id BIGSERIAL PRIMARY KEY,
+//!     image_id VARCHAR(255) NOT NULL,       -- Glance: VARCHAR(36)
+//!     last_accessed TIMESTAMP NOT NULL,     -- naive UTC, as Glance writes it
+//!     last_modified TIMESTAMP NOT NULL,
+//!     size BIGINT NOT NULL,
+//!     hits INTEGER NOT NULL,
+//!     checksum VARCHAR(32),
+//!     node_reference_id BIGINT NOT NULL REFERENCES node_reference,
+//!     UNIQUE (image_id, node_reference_id));
+//! ```
+//!
+//! imgcache creates them when they are missing (with room for its longer
+//! ids: on a table Glance created, an id over 36 bytes is refused with a
+//! typed error), adds nullable columns that Glance's queries never name
+//! (`crc32 BIGINT`, and `imgcache_checksum TEXT` for checksums longer than
+//! Glance's 32 characters: Glance's `checksum` gets an MD5 only), and keeps
+//! what Glance has no place for in tables of its own: `imgcache_invalid`
+//! (why a write failed) and `imgcache_state` (the queue counter), both
+//! keyed by node.
+//!
+//! Each node is named by its own URL (Glance's `worker_self_reference_url`);
+//! every query is keyed by it, and a node never reads or writes another
+//! node's rows — except [`CacheDriver::nodes_holding`] and
+//! [`CacheDriver::all_nodes`], the cross-node views. Image files and the
+//! queue stay on each node's disk.
+//!
+//! # The hot path stays off the network
+//!
+//! A hit costs no round trip: the store remembers the entries it has read
+//! or written, each with the identity (device, inode) of the file it
+//! described, and answers a hit from memory while the file is the same one
+//! (a new commit is a new inode). Hits and access times are held in memory
+//! and written by a background thread, in one statement, every
+//! [`HIT_DELAY`] or [`HIT_BATCH`]
+//! hits, and on [`CacheDriver::flush`] and drop. A commit costs one round
+//! trip (an upsert).
+//!
+//! # When the database goes away
+//!
+//! Hits of images already cached keep being served from the local files:
+//! answered from memory, their counts held until the database is back (lost
+//! only if the process dies first). A new fill still streams to its client,
+//! but its commit fails with [`crate::StoreErrorKind::Unavailable`] and its
+//! file is taken back out, so no file is ever left that no row describes.
+//! Connections are made anew after the server restarts; a connection
+//! attempt waits at most the URL's `connect_timeout` (default 2 s).
+//!
+//! # Client
+//!
+//! The blocking [`postgres`] client, with a small pool of connections of
+//! its own: the seam is synchronous, a hit never waits on the network, and a
+//! blocking client keeps an async runtime out of the library for users who
+//! have none.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::{Condvar, Mutex};
+use postgres::error::SqlState;
+use postgres::{Client, NoTls};
+
+use super::sqlite::{HIT_BATCH, HIT_DELAY};
+use super::CacheDriver;
+use crate::clock::round_trip;
+use crate::entry::{
+    CachedFiles, CachedImageInfo, Invalidation, LruEntry, NodeImage, OnDisk, Scanned,
+};
+use crate::error::{Error, Result, StoreError, StoreErrorKind};
+use crate::id::ImageId;
+
+/// How long a connection attempt waits when the URL does not say.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connections kept open at most.
+const POOL_IDLE: usize = 4;
+
+/// The key of the advisory lock under which schemas are created.
+const SCHEMA_LOCK: i64 = 0x696d_6763_6163_6865; // "imgcache"
+
+/// The metadata store Glance calls `centralized_db`, on PostgreSQL.
+#[derive(Clone)]
+pub struct CentralizedDbDriver {
+    inner: Arc<Handle>,
+}
+
+/// The store's handle: dropping the last one stops the flusher and writes
+/// the hits held, on the dropping thread.
+struct Handle(Arc<Inner>);
+
+impl std::ops::Deref for Handle {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.0.hits.lock().stop = true;
+        self.0.wake.notify_all();
+        if let Err(e) = self.0.flush_hits() {
+            log::warn!("imgcache: {}: hits not written: {e}", self.0.pool.location);
+        }
+    }
+}
+
+/// What the handle and the flusher share.
+struct Inner {
+    pool: Pool,
+    node_url: String,
+    node_id: i64,
+    /// Entries as last read or written, with the identity of their file.
+    memo: Mutex<HashMap<ImageId, Memo>>,
+    hits: Mutex<Pending>,
+    /// Held while hits are being written.
+    flushing: Mutex<()>,
+    /// Wakes the flusher (a full batch, a stop).
+    wake: Condvar,
+}
+
+#[derive(Debug, Clone)]
+struct Memo {
+    file: (u64, u64),
+    info: CachedImageInfo,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// Per image: hits not yet written, and the time of the latest.
+    by_id: HashMap<ImageId, (u64, SystemTime)>,
+    count: u64,
+    oldest: Option<Instant>,
+    stop: bool,
+}
+
+impl fmt::Debug for CentralizedDbDriver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CentralizedDbDriver")
+            .field("database", &self.inner.pool.location)
+            .field("node", &self.inner.node_url)
+            .finish()
+    }
+}
+
+/// `url` without its password, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match postgres::Config::from_str(url) {
+        Ok(c) => describe(&c),
+        Err(_) => "<an unparsable database URL>".into(),
+    }
+}
+
+fn describe(c: &postgres::Config) -> String {
+    let host = c
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            postgres::config::Host::Tcp(h) => h.clone(),
+            postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let port = c
+        .get_ports()
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    format!(
+        "postgres://{}@{}{}{}/{}",
+        c.get_user().unwrap_or(""),
+        host,
+        if port.is_empty() { "" } else { ":" },
+        port,
+        c.get_dbname().unwrap_or("")
+    )
+}
+
+/// A few connections, made on demand and dropped when broken.
+struct Pool {
+    config: postgres::Config,
+    location: String,
+    idle: Mutex<Vec<Session>>,
+}
+
+/// A connection and the statements prepared on it: a statement is parsed
+/// once per connection, so that each later use is one round trip.
+struct Session {
+    client: Client,
+    prepared: HashMap<String, postgres::Statement>,
+}
+
+type Params<'a> = &'a [&'a (dyn postgres::types::ToSql + Sync)];
+type PgResult<T> = std::result::Result<T, postgres::Error>;
+
+impl Session {
+    fn statement(&mut self, sql: &str) -> PgResult<postgres::Statement> {
+        if let Some(s) = self.prepared.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql)?;
+        self.prepared.insert(sql.to_owned(), s.clone());
+        Ok(s)
+    }
+
+    fn exec(&mut self, sql: &str, params: Params<'_>) -> PgResult<u64> {
+        let s = self.statement(sql)?;
+        self.client.execute(&s, params)
+    }
+
+    fn rows(&mut self, sql: &str, params: Params<'_>) -> PgResult<Vec<postgres::Row>> {
+        let s = self.statement(sql)?;
+        self.client.query(&s, params)
+    }
+
+    fn one(&mut self, sql: &str, params: Params<'_>) -> PgResult<postgres::Row> {
+        let s = self.statement(sql)?;
+        self.client.query_one(&s, params)
+    }
+
+    fn opt(&mut self, sql: &str, params: Params<'_>) -> PgResult<Option<postgres::Row>> {
+        let s = self.statement(sql)?;
+        self.client.query_opt(&s, params)
+    }
+}
+
+impl std::ops::Deref for Session {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+}
+
+/// A connection out of the pool; back into it on drop unless broken.
+struct Conn<'a> {
+    pool: &'a Pool,
+    session: Option<Session>,
+}
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        self.session
+            .as_ref()
+            .expect("a pooled connection is present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Conn<'_> {
+    fn deref_mut(&mut self) -> &mut Session {
+        self.session
+            .as_mut()
+            .expect("a pooled connection is present until dropped")
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.session.take() {
+            if !c.client.is_closed() {
+                let mut idle = self.pool.idle.lock();
+                if idle.len() < POOL_IDLE {
+                    idle.push(c);
+                }
+            }
+        }
+    }
+}
+
+impl Pool {
+    fn get(&self) -> Result<Conn<'_>> {
+        let pooled = self.idle.lock().pop();
+        let session = match pooled {
+            Some(c) if !c.client.is_closed() => c,
+            _ => Session {
+                client: self.config.connect(NoTls).map_err(|e| self.error(e))?,
+                prepared: HashMap::new(),
+            },
+        };
+        Ok(Conn {
+            pool: self,
+            session: Some(session),
+        })
+    }
+
+    /// A client error as the crate's own, with the database's address
+    /// (never its password).
+    fn error(&self, e: postgres::Error) -> Error {
+        let kind = match e.code() {
+            Some(c) if *c == SqlState::DISK_FULL => StoreErrorKind::NoSpace,
+            Some(c)
+                if *c == SqlState::LOCK_NOT_AVAILABLE || *c == SqlState::T_R_DEADLOCK_DETECTED =>
+            {
+                StoreErrorKind::Busy
+            }
+            Some(c)
+                if *c == SqlState::DATA_CORRUPTED
+                    || *c == SqlState::INDEX_CORRUPTED
+                    || *c == SqlState::UNDEFINED_COLUMN =>
+            {
+                StoreErrorKind::Corrupt
+            }
+            Some(c) if c.code().starts_with("08") || c.code().starts_with("57P") => {
+                StoreErrorKind::Unavailable
+            }
+            Some(_) => StoreErrorKind::Other,
+            // No SQL state: the connection itself failed.
+            None => StoreErrorKind::Unavailable,
+        };
+        Error::Store(StoreError::new(
+            kind,
+            "centralized_db",
+            self.location.clone(),
+            e,
+        ))
+    }
+
+    /// Runs `f` on a pooled connection, mapping its error.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Session) -> std::result::Result<T, postgres::Error>,
+    ) -> Result<T> {
+        let mut conn = self.get()?;
+        f(&mut conn).map_err(|e| self.error(e))
+    }
+}
+
+/// The columns every query of entries selects, in [`decode`]'s order.
+const COLUMNS: &str =
+    "image_id, size, hits, last_accessed, last_modified, COALESCE(imgcache_checksum, checksum), crc32";
+
+/// Decodes one row of [`COLUMNS`]; errors say which field is wrong.
+fn decode(row: &postgres::Row) -> std::result::Result<CachedImageInfo, (String, String)> {
+    let raw: String = row
+        .try_get(0)
+        .map_err(|e| ("?".to_string(), e.to_string()))?;
+    let id = ImageId::new(&raw).map_err(|e| (raw.clone(), e.to_string()))?;
+    let fail = |what: &str, e: String| (raw.clone(), format!("row {raw}: {what}: {e}"));
+    let size: i64 = row.try_get(1).map_err(|e| fail("size", e.to_string()))?;
+    let hits: i32 = row.try_get(2).map_err(|e| fail("hits", e.to_string()))?;
+    let last_accessed: SystemTime = row
+        .try_get(3)
+        .map_err(|e| fail("last_accessed", e.to_string()))?;
+    let last_modified: SystemTime = row
+        .try_get(4)
+        .map_err(|e| fail("last_modified", e.to_string()))?;
+    let checksum: Option<String> = row
+        .try_get(5)
+        .map_err(|e| fail("checksum", e.to_string()))?;
+    let crc32: Option<i64> = row.try_get(6).map_err(|e| fail("crc32", e.to_string()))?;
+    Ok(CachedImageInfo {
+        id,
+        size: u64::try_from(size).map_err(|_| fail("size", format!("negative ({size})")))?,
+        hits: u64::try_from(hits).map_err(|_| fail("hits", format!("negative ({hits})")))?,
+        last_accessed: round_trip(last_accessed),
+        last_modified: round_trip(last_modified),
+        checksum,
+        crc32: crc32
+            .map(|c| u32::try_from(c).map_err(|_| fail("crc32", format!("{c} is out of range"))))
+            .transpose()?,
+    })
+}
+
+/// Glance's column holds 32 characters: an MD5. Longer checksums go to
+/// imgcache's own column ([`long_checksum`]).
+fn glance_checksum(c: &Option<String>) -> Option<&str> {
+    c.as_deref().filter(|c| c.len() <= 32)
+}
+
+/// A checksum too long for Glance's column.
+fn long_checksum(c: &Option<String>) -> Option<&str> {
+    c.as_deref().filter(|c| c.len() > 32)
+}
+
+fn identity(on: OnDisk<'_>) -> (u64, u64) {
+    on.identity()
+}
+
+impl CentralizedDbDriver {
+    /// Connects to the database at `url` (`postgres://user:password@host/db`)
+    /// as node `node_url` (Glance's `worker_self_reference_url`), creating
+    /// the tables if they are missing and the node's row if it has none.
+    pub fn open(url: &str, node_url: &str) -> Result<Self> {
+        if node_url.is_empty() || node_url.len() > 255 {
+            return Err(Error::Config(
+                "the centralized_db driver needs the node's URL (worker_self_reference_url, \
+                 --node-url), at most 255 bytes"
+                    .into(),
+            ));
+        }
+        let mut config = postgres::Config::from_str(url)
+            .map_err(|e| Error::Config(format!("database URL {}: {e}", redact(url))))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        config.application_name("imgcache");
+        let pool = Pool {
+            location: describe(&config),
+            config,
+            idle: Mutex::new(Vec::new()),
+        };
+        let node_id = pool.with(|c| {
+            let mut tx = c.transaction()?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
+            tx.batch_execute(SCHEMA)?;
+            tx.execute(
+                "INSERT INTO node_reference (node_reference_url) VALUES ($1)
+                 ON CONFLICT (node_reference_url) DO NOTHING",
+                &[&node_url],
+            )?;
+            let id: i64 = tx
+                .query_one(
+                    "SELECT node_reference_id FROM node_reference WHERE node_reference_url = $1",
+                    &[&node_url],
+                )?
+                .get(0);
+            tx.commit()?;
+            Ok(id)
+        })?;
+        let inner = Arc::new(Inner {
+            pool,
+            node_url: node_url.to_owned(),
+            node_id,
+            memo: Mutex::default(),
+            hits: Mutex::default(),
+            flushing: Mutex::new(()),
+            wake: Condvar::new(),
+        });
+        let shared = inner.clone();
+        thread::Builder::new()
+            .name("imgcache-db-hits".into())
+            .spawn(move || flusher(&shared))
+            .map_err(|e| Error::io("spawn the hit flusher of", "centralized_db", e))?;
+        Ok(CentralizedDbDriver {
+            inner: Arc::new(Handle(inner)),
+        })
+    }
+
+    /// The database's address, without its password.
+    pub fn location(&self) -> &str {
+        &self.inner.pool.location
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Session) -> std::result::Result<T, postgres::Error>,
+    ) -> Result<T> {
+        self.inner.pool.with(f)
+    }
+
+    /// This node's rows, decoded (undecodable ones logged and passed over),
+    /// in `order`.
+    fn rows(&self, order: &str) -> Result<Vec<CachedImageInfo>> {
+        self.inner.flush_hits()?;
+        let node = self.inner.node_id;
+        let rows = self.with(|c| {
+            c.rows(
+                &format!(
+                    "SELECT {COLUMNS} FROM cached_images WHERE node_reference_id = $1 ORDER BY {order}"
+                ),
+                &[&node],
+            )
+        })?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| match decode(r) {
+                Ok(i) => Some(i),
+                Err((_, e)) => {
+                    log::warn!("imgcache: {}: skipping {e}", self.inner.pool.location);
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// One row of this node, as written.
+    fn row(&self, id: &ImageId) -> Result<Option<CachedImageInfo>> {
+        let node = self.inner.node_id;
+        let row = self.with(|c| {
+            c.opt(
+                &format!(
+                    "SELECT {COLUMNS} FROM cached_images WHERE node_reference_id = $1 AND image_id = $2"
+                ),
+                &[&node, &id.as_str()],
+            )
+        })?;
+        match row.as_ref().map(decode) {
+            None => Ok(None),
+            Some(Ok(info)) => Ok(Some(info)),
+            Some(Err((_, detail))) => Err(Error::CorruptMetadata {
+                path: self.inner.pool.location.clone().into(),
+                detail,
+            }),
+        }
+    }
+
+    /// Adds the hits this process holds for `info` to it.
+    fn with_pending(&self, mut info: CachedImageInfo) -> CachedImageInfo {
+        if let Some((n, at)) = self.inner.hits.lock().by_id.get(&info.id) {
+            info.hits += n;
+            info.last_accessed = *at;
+        }
+        info
+    }
+}
+
+/// The schema, created if missing (Glance's tables, imgcache's additions).
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS node_reference (
+    node_reference_id BIGSERIAL PRIMARY KEY,
+    node_reference_url VARCHAR(255) NOT NULL,
+    CONSTRAINT uq_node_reference_node_reference_url UNIQUE (node_reference_url)
+);
+CREATE TABLE IF NOT EXISTS cached_images (
+    id BIGSERIAL PRIMARY KEY,
+    image_id VARCHAR(255) NOT NULL,
+    last_accessed TIMESTAMP NOT NULL,
+    last_modified TIMESTAMP NOT NULL,
+    size BIGINT NOT NULL,
+    hits INTEGER NOT NULL,
+    checksum VARCHAR(32),
+    node_reference_id BIGINT NOT NULL REFERENCES node_reference (node_reference_id),
+    CONSTRAINT ix_cached_images_image_id_node_reference_id UNIQUE (image_id, node_reference_id)
+);
+ALTER TABLE cached_images ADD COLUMN IF NOT EXISTS crc32 BIGINT;
+ALTER TABLE cached_images ADD COLUMN IF NOT EXISTS imgcache_checksum TEXT;
+CREATE INDEX IF NOT EXISTS imgcache_lru ON cached_images (node_reference_id, last_accessed, image_id);
+CREATE TABLE IF NOT EXISTS imgcache_invalid (
+    node_reference_id BIGINT NOT NULL REFERENCES node_reference (node_reference_id),
+    image_id VARCHAR(255) NOT NULL,
+    reason TEXT,
+    invalidated_at TIMESTAMP,
+    PRIMARY KEY (node_reference_id, image_id)
+);
+CREATE TABLE IF NOT EXISTS imgcache_state (
+    node_reference_id BIGINT NOT NULL REFERENCES node_reference (node_reference_id),
+    key TEXT NOT NULL,
+    value BIGINT NOT NULL,
+    PRIMARY KEY (node_reference_id, key)
+);
+";
+
+impl Inner {
+    /// Writes the hits held in memory, in one statement. On failure they
+    /// stay held (merged with any that arrived meanwhile).
+    fn flush_hits(&self) -> Result<()> {
+        // One flush at a time: a flush asked for (before a query, on
+        // `flush`) waits for the flusher's write in flight, so that it
+        // never returns while hits are on their way.
+        let _one = self.flushing.lock();
+        let pending = {
+            let mut hits = self.hits.lock();
+            if hits.count == 0 {
+                return Ok(());
+            }
+            hits.count = 0;
+            hits.oldest = None;
+            std::mem::take(&mut hits.by_id)
+        };
+        let mut ids = Vec::with_capacity(pending.len());
+        let mut counts = Vec::with_capacity(pending.len());
+        let mut times = Vec::with_capacity(pending.len());
+        for (id, (n, at)) in &pending {
+            ids.push(id.as_str());
+            counts.push(i64::try_from(*n).unwrap_or(i64::MAX));
+            times.push(*at);
+        }
+        let node = self.node_id;
+        let written = self.pool.with(|c| {
+            c.exec(
+                "UPDATE cached_images AS c
+                 SET hits = c.hits + v.n, last_accessed = v.at
+                 FROM UNNEST($2::text[], $3::bigint[], $4::timestamp[]) AS v(image_id, n, at)
+                 WHERE c.node_reference_id = $1 AND c.image_id = v.image_id",
+                &[&node, &ids, &counts, &times],
+            )
+        });
+        match written {
+            Ok(_) => {
+                let mut memo = self.memo.lock();
+                for (id, (n, at)) in pending {
+                    if let Some(m) = memo.get_mut(&id) {
+                        m.info.hits += n;
+                        m.info.last_accessed = at;
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let mut hits = self.hits.lock();
+                for (id, (n, at)) in pending {
+                    let entry = hits.by_id.entry(id).or_insert((0, at));
+                    entry.0 += n;
+                    entry.1 = entry.1.max(at);
+                    hits.count += n;
+                }
+                hits.oldest.get_or_insert_with(Instant::now);
+                Err(e)
+            }
+        }
+    }
+
+    /// Forgets what this process remembers or holds of `ids`.
+    fn forget(&self, ids: &[ImageId]) {
+        let mut memo = self.memo.lock();
+        let mut hits = self.hits.lock();
+        for id in ids {
+            memo.remove(id);
+            if let Some((n, _)) = hits.by_id.remove(id) {
+                hits.count = hits.count.saturating_sub(n);
+            }
+        }
+    }
+}
+
+/// The background writer of batched hits: every [`HIT_DELAY`], or as soon
+/// as a batch fills; ends when the last handle is dropped.
+fn flusher(me: &Inner) {
+    let mut failing = false;
+    loop {
+        {
+            let mut hits = me.hits.lock();
+            if hits.stop {
+                return;
+            }
+            if hits.count < HIT_BATCH {
+                me.wake.wait_for(&mut hits, HIT_DELAY);
+            }
+            if hits.stop {
+                return;
+            }
+        }
+        match me.flush_hits() {
+            Ok(()) => {
+                if failing {
+                    log::info!("imgcache: {}: hits written again", me.pool.location);
+                    failing = false;
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    log::warn!("imgcache: hits held in memory until the database is back: {e}");
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+impl CacheDriver for CentralizedDbDriver {
+    fn name(&self) -> &'static str {
+        "centralized_db"
+    }
+
+    fn node(&self) -> &str {
+        &self.inner.node_url
+    }
+
+    fn get(&self, id: &ImageId, file: OnDisk<'_>) -> Result<Option<CachedImageInfo>> {
+        let Some(info) = self.row(id)? else {
+            self.inner.memo.lock().remove(id);
+            return Ok(None);
+        };
+        self.inner.memo.lock().insert(
+            id.clone(),
+            Memo {
+                file: identity(file),
+                info: info.clone(),
+            },
+        );
+        Ok(Some(self.with_pending(info)))
+    }
+
+    fn hit(
+        &self,
+        id: &ImageId,
+        at: SystemTime,
+        file: OnDisk<'_>,
+    ) -> Result<Option<CachedImageInfo>> {
+        let known = {
+            let memo = self.inner.memo.lock();
+            memo.get(id)
+                .filter(|m| m.file == identity(file))
+                .map(|m| m.info.clone())
+        };
+        // First sight of this file in this process: one round trip.
+        let info = match known {
+            Some(info) => info,
+            None => match self.row(id)? {
+                Some(info) => {
+                    self.inner.memo.lock().insert(
+                        id.clone(),
+                        Memo {
+                            file: identity(file),
+                            info: info.clone(),
+                        },
+                    );
+                    info
+                }
+                None => return Ok(None),
+            },
+        };
+        let due = {
+            let mut hits = self.inner.hits.lock();
+            let entry = hits.by_id.entry(id.clone()).or_insert((0, at));
+            entry.0 += 1;
+            entry.1 = at;
+            hits.count += 1;
+            hits.oldest.get_or_insert_with(Instant::now);
+            hits.count >= HIT_BATCH
+        };
+        if due {
+            self.inner.wake.notify_one();
+        }
+        Ok(Some(self.with_pending(info)))
+    }
+
+    fn insert(&self, entry: &CachedImageInfo) -> Result<()> {
+        // Hits held for an earlier image of this id belonged to its file,
+        // which this one replaces (with hits reset, as every store does).
+        self.inner.forget(std::slice::from_ref(&entry.id));
+        let node = self.inner.node_id;
+        let size = i64::try_from(entry.size).unwrap_or(i64::MAX);
+        let hits = i32::try_from(entry.hits).unwrap_or(i32::MAX);
+        let crc = entry.crc32.map(i64::from);
+        self.with(|c| {
+            c.exec(
+                "INSERT INTO cached_images
+                 (image_id, last_accessed, last_modified, size, hits, checksum, node_reference_id,
+                  crc32, imgcache_checksum)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                 ON CONFLICT (image_id, node_reference_id) DO UPDATE SET
+                 last_accessed = EXCLUDED.last_accessed, last_modified = EXCLUDED.last_modified,
+                 size = EXCLUDED.size, hits = EXCLUDED.hits, checksum = EXCLUDED.checksum,
+                 crc32 = EXCLUDED.crc32, imgcache_checksum = EXCLUDED.imgcache_checksum",
+                &[
+                    &entry.id.as_str(),
+                    &entry.last_accessed,
+                    &entry.last_modified,
+                    &size,
+                    &hits,
+                    &glance_checksum(&entry.checksum),
+                    &node,
+                    &crc,
+                    &long_checksum(&entry.checksum),
+                ],
+            )
+        })?;
+        Ok(())
+    }
+
+    fn remove(&self, ids: &[ImageId]) -> Result<usize> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.inner.forget(ids);
+        let node = self.inner.node_id;
+        let names: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
+        let n = self.with(|c| {
+            c.exec(
+                "DELETE FROM cached_images WHERE node_reference_id = $1 AND image_id = ANY($2)",
+                &[&node, &names],
+            )
+        })?;
+        Ok(n as usize)
+    }
+
+    fn remove_if_missing(&self, ids: &[ImageId], missing: &dyn Fn(&ImageId) -> bool) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        // Lock the rows first: a committer's upsert of one of them waits
+        // for this transaction. Then check the files: a commit that renamed
+        // its file before the check is seen; one after it inserts after us.
+        let node = self.inner.node_id;
+        let names: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
+        let gone = self.with(|c| {
+            let mut tx = c.transaction()?;
+            let locked = tx.query(
+                "SELECT image_id FROM cached_images
+                 WHERE node_reference_id = $1 AND image_id = ANY($2) FOR UPDATE",
+                &[&node, &names],
+            )?;
+            let gone: Vec<ImageId> = locked
+                .iter()
+                .filter_map(|r| r.try_get::<_, String>(0).ok())
+                .filter_map(|s| ImageId::new(s).ok())
+                .filter(|id| missing(id))
+                .collect();
+            let gone_names: Vec<&str> = gone.iter().map(|i| i.as_str()).collect();
+            tx.execute(
+                "DELETE FROM cached_images WHERE node_reference_id = $1 AND image_id = ANY($2)",
+                &[&node, &gone_names],
+            )?;
+            tx.commit()?;
+            Ok(gone)
+        })?;
+        self.inner.forget(&gone);
+        Ok(())
+    }
+
+    fn set_crc32(&self, id: &ImageId, crc32: u32, _file: OnDisk<'_>) -> Result<()> {
+        self.inner.memo.lock().remove(id);
+        let node = self.inner.node_id;
+        self.with(|c| {
+            c.exec(
+                "UPDATE cached_images SET crc32 = $3 WHERE node_reference_id = $1 AND image_id = $2",
+                &[&node, &id.as_str(), &i64::from(crc32)],
+            )
+        })?;
+        Ok(())
+    }
+
+    fn list(&self, _files: &dyn CachedFiles) -> Result<Vec<CachedImageInfo>> {
+        self.rows("image_id")
+    }
+
+    fn lru(&self, _files: &dyn CachedFiles) -> Result<Vec<LruEntry>> {
+        Ok(self
+            .rows("last_accessed, image_id")?
+            .into_iter()
+            .map(|i| LruEntry {
+                id: i.id,
+                size: i.size,
+                last_accessed: i.last_accessed,
+            })
+            .collect())
+    }
+
+    fn total_size(&self, _files: &dyn CachedFiles) -> Result<u64> {
+        let node = self.inner.node_id;
+        let total: i64 = self.with(|c| {
+            c.one(
+                "SELECT COALESCE(SUM(GREATEST(size, 0)), 0)::BIGINT FROM cached_images
+                 WHERE node_reference_id = $1",
+                &[&node],
+            )
+            .map(|r| r.get(0))
+        })?;
+        Ok(u64::try_from(total).unwrap_or(0))
+    }
+
+    fn scan(&self, _files: &dyn CachedFiles) -> Result<Vec<Scanned>> {
+        self.inner.flush_hits()?;
+        let node = self.inner.node_id;
+        let rows = self.with(|c| {
+            c.rows(
+                &format!("SELECT {COLUMNS}, id FROM cached_images WHERE node_reference_id = $1"),
+                &[&node],
+            )
+        })?;
+        let mut out = Vec::new();
+        let mut unusable: Vec<i64> = Vec::new();
+        for row in &rows {
+            match decode(row) {
+                Ok(info) => out.push(Scanned::Entry(info)),
+                Err((raw, detail)) => match ImageId::new(&raw) {
+                    Ok(id) => out.push(Scanned::Corrupt { id, detail }),
+                    Err(_) => {
+                        log::warn!(
+                            "imgcache: dropping row {raw:?} of {}: {detail}",
+                            self.inner.pool.location
+                        );
+                        unusable.extend(row.try_get::<_, i64>(7).ok());
+                    }
+                },
+            }
+        }
+        if !unusable.is_empty() {
+            self.with(|c| {
+                c.exec(
+                    "DELETE FROM cached_images WHERE node_reference_id = $1 AND id = ANY($2)",
+                    &[&node, &unusable],
+                )
+            })?;
+        }
+        Ok(out)
+    }
+
+    fn adopt(&self, orphans: &[(CachedImageInfo, OnDisk<'_>)]) -> Result<Vec<ImageId>> {
+        if orphans.is_empty() {
+            return Ok(Vec::new());
+        }
+        let node = self.inner.node_id;
+        let ids: Vec<&str> = orphans.iter().map(|(e, _)| e.id.as_str()).collect();
+        let sizes: Vec<i64> = orphans
+            .iter()
+            .map(|(e, _)| i64::try_from(e.size).unwrap_or(i64::MAX))
+            .collect();
+        let times: Vec<SystemTime> = orphans.iter().map(|(e, _)| e.last_modified).collect();
+        // One statement; DO NOTHING: a committer that wrote its row
+        // meanwhile knows better (it has the CRC).
+        let rows = self.with(|c| {
+            c.rows(
+                "INSERT INTO cached_images
+                 (image_id, last_accessed, last_modified, size, hits, node_reference_id)
+                 SELECT v.image_id, v.at, v.at, v.size, 0, $1
+                 FROM UNNEST($2::text[], $3::bigint[], $4::timestamp[]) AS v(image_id, size, at)
+                 ON CONFLICT (image_id, node_reference_id) DO NOTHING
+                 RETURNING image_id",
+                &[&node, &ids, &sizes, &times],
+            )
+        })?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| r.try_get::<_, String>(0).ok())
+            .filter_map(|s| ImageId::new(s).ok())
+            .collect())
+    }
+
+    fn invalidate(&self, why: &Invalidation, _file: OnDisk<'_>) -> Result<()> {
+        let node = self.inner.node_id;
+        self.with(|c| {
+            c.exec(
+                "INSERT INTO imgcache_invalid (node_reference_id, image_id, reason, invalidated_at)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (node_reference_id, image_id) DO UPDATE SET
+                 reason = EXCLUDED.reason, invalidated_at = EXCLUDED.invalidated_at",
+                &[&node, &why.id.as_str(), &why.reason, &why.at],
+            )
+        })?;
+        Ok(())
+    }
+
+    fn invalid_reason(
+        &self,
+        id: &ImageId,
+        _file: OnDisk<'_>,
+    ) -> Result<(Option<String>, Option<SystemTime>)> {
+        let node = self.inner.node_id;
+        let row = self.with(|c| {
+            c.opt(
+                "SELECT reason, invalidated_at FROM imgcache_invalid
+                 WHERE node_reference_id = $1 AND image_id = $2",
+                &[&node, &id.as_str()],
+            )
+        })?;
+        Ok(match row {
+            Some(r) => (
+                r.try_get(0).ok().flatten(),
+                r.try_get::<_, Option<SystemTime>>(1)
+                    .ok()
+                    .flatten()
+                    .map(round_trip),
+            ),
+            None => (None, None),
+        })
+    }
+
+    fn forget_invalid(&self, ids: &[ImageId]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let node = self.inner.node_id;
+        let names: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
+        self.with(|c| {
+            c.exec(
+                "DELETE FROM imgcache_invalid WHERE node_reference_id = $1 AND image_id = ANY($2)",
+                &[&node, &names],
+            )
+        })?;
+        Ok(())
+    }
+
+    fn next_queue_seq(&self, _queue: OnDisk<'_>) -> Result<u64> {
+        let node = self.inner.node_id;
+        let v: i64 = self.with(|c| {
+            c.one(
+                "INSERT INTO imgcache_state (node_reference_id, key, value) VALUES ($1, 'queue_seq', 1)
+                 ON CONFLICT (node_reference_id, key) DO UPDATE SET value = imgcache_state.value + 1
+                 RETURNING value",
+                &[&node],
+            )
+            .map(|r| r.get(0))
+        })?;
+        u64::try_from(v).map_err(|_| Error::CorruptMetadata {
+            path: self.inner.pool.location.clone().into(),
+            detail: format!("queue counter is negative ({v})"),
+        })
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.inner.flush_hits()
+    }
+
+    fn nodes_holding(&self, id: &ImageId) -> Result<Option<Vec<String>>> {
+        let rows = self.with(|c| {
+            c.rows(
+                "SELECT n.node_reference_url FROM cached_images c
+                 JOIN node_reference n ON n.node_reference_id = c.node_reference_id
+                 WHERE c.image_id = $1 ORDER BY 1",
+                &[&id.as_str()],
+            )
+        })?;
+        Ok(Some(rows.iter().map(|r| r.get(0)).collect()))
+    }
+
+    fn all_nodes(&self) -> Result<Option<Vec<NodeImage>>> {
+        self.inner.flush_hits()?;
+        let rows = self.with(|c| {
+            c.rows(
+                &format!(
+                    "SELECT {COLUMNS}, n.node_reference_url FROM cached_images c
+                     JOIN node_reference n ON n.node_reference_id = c.node_reference_id
+                     ORDER BY n.node_reference_url, c.image_id"
+                ),
+                &[],
+            )
+        })?;
+        Ok(Some(
+            rows.iter()
+                .filter_map(|r| {
+                    let image = decode(r).ok()?;
+                    Some(NodeImage {
+                        node: r.get(7),
+                        image,
+                    })
+                })
+                .collect(),
+        ))
+    }
+
+    fn import(&self, entries: &[CachedImageInfo]) -> Result<Vec<ImageId>> {
+        // Glance's migration: insert this node's rows that the database
+        // lacks, then report every id the database now has for this node
+        // (imported now or before), for the caller to delete locally. One
+        // transaction, under a per-node lock: several processes of a node
+        // migrating at once insert each row once.
+        let node = self.inner.node_id;
+        let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        let sizes: Vec<i64> = entries
+            .iter()
+            .map(|e| i64::try_from(e.size).unwrap_or(i64::MAX))
+            .collect();
+        let hits: Vec<i32> = entries
+            .iter()
+            .map(|e| i32::try_from(e.hits).unwrap_or(i32::MAX))
+            .collect();
+        let accessed: Vec<SystemTime> = entries.iter().map(|e| e.last_accessed).collect();
+        let modified: Vec<SystemTime> = entries.iter().map(|e| e.last_modified).collect();
+        let checksums: Vec<Option<&str>> = entries
+            .iter()
+            .map(|e| glance_checksum(&e.checksum))
+            .collect();
+        let crcs: Vec<Option<i64>> = entries.iter().map(|e| e.crc32.map(i64::from)).collect();
+        let long: Vec<Option<&str>> = entries.iter().map(|e| long_checksum(&e.checksum)).collect();
+        let present = self.with(|c| {
+            let mut tx = c.transaction()?;
+            tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&(SCHEMA_LOCK as i32), &(node as i32)])?;
+            tx.execute(
+                "INSERT INTO cached_images
+                 (image_id, size, hits, last_accessed, last_modified, checksum, crc32,
+                  imgcache_checksum, node_reference_id)
+                 SELECT v.image_id, v.size, v.hits, v.accessed, v.modified, v.checksum, v.crc32,
+                        v.long, $1
+                 FROM UNNEST($2::text[], $3::bigint[], $4::int[], $5::timestamp[], $6::timestamp[],
+                             $7::text[], $8::bigint[], $9::text[])
+                   AS v(image_id, size, hits, accessed, modified, checksum, crc32, long)
+                 ON CONFLICT (image_id, node_reference_id) DO NOTHING",
+                &[&node, &ids, &sizes, &hits, &accessed, &modified, &checksums, &crcs, &long],
+            )?;
+            let rows = tx.query(
+                "SELECT image_id FROM cached_images WHERE node_reference_id = $1 AND image_id = ANY($2)",
+                &[&node, &ids],
+            )?;
+            tx.commit()?;
+            Ok(rows)
+        })?;
+        Ok(present
+            .iter()
+            .filter_map(|r| r.try_get::<_, String>(0).ok())
+            .filter_map(|s| ImageId::new(s).ok())
+            .collect())
+    }
+}

@@ -1,0 +1,127 @@
+//! The fleet's database goes away: the PostgreSQL server the test started
+//! is killed (an immediate shutdown) and started again while readers and
+//! writers run. A binary of its own, so that no other test shares the
+//! server it restarts. Skipped with a message where no server can be had,
+//! unless `IMGCACHE_REQUIRE_POSTGRES` is set.
+
+mod common;
+
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+
+use common::{bytes, id};
+use imgcache::testing::{postgres::cluster, Store};
+use imgcache::{CacheOptions, Error, StoreErrorKind};
+
+/// The database killed (immediate shutdown) and restarted while readers and
+/// writers run: no read of a cached image fails, no hit is lost (they wait
+/// in memory), fills during the outage fail with a typed error and leave no
+/// file behind, and the cache reopens clean.
+#[test]
+fn database_restart_under_load_fails_no_hit_and_orphans_nothing() {
+    let Some(store) = Store::centralized_db() else {
+        return;
+    };
+    let server = cluster().unwrap();
+    if !server.controlled() {
+        eprintln!(
+            "skipped: the server given by IMGCACHE_TEST_DATABASE_URL cannot be restarted here"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(store.open(CacheOptions::new(dir.path())).unwrap());
+    let hot: Vec<_> = (0..8)
+        .map(|i| {
+            let x = id(&format!("hot-{i}"));
+            assert!(cache.cache_image_file(&x, &bytes(i, 8192)[..]).unwrap());
+            // One read now: each reader process knows its file from here on.
+            cache.open_for_read(&x).unwrap().unwrap();
+            x
+        })
+        .collect();
+    let stop = AtomicBool::new(false);
+    let reads = AtomicU64::new(0);
+    let fills_failed = AtomicU64::new(0);
+    let fills_ok = AtomicU64::new(0);
+    let started = Barrier::new(5);
+    std::thread::scope(|s| {
+        for t in 0..3 {
+            let (cache, hot, stop, reads, started) = (&cache, &hot, &stop, &reads, &started);
+            s.spawn(move || {
+                started.wait();
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let x = &hot[(n + t) % hot.len()];
+                    let mut img = cache
+                        .open_for_read(x)
+                        .unwrap_or_else(|e| panic!("a hit failed during the outage: {e}"))
+                        .expect("cached");
+                    let mut buf = Vec::new();
+                    img.read_to_end(&mut buf).unwrap();
+                    assert_eq!(buf.len(), 8192);
+                    reads.fetch_add(1, Ordering::Relaxed);
+                    n += 1;
+                }
+            });
+        }
+        {
+            let (cache, stop, fills_failed, fills_ok, started) =
+                (&cache, &stop, &fills_failed, &fills_ok, &started);
+            s.spawn(move || {
+                started.wait();
+                let mut k = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let x = id(&format!("fill-{k}"));
+                    match cache.cache_image_file(&x, &bytes(k, 4096)[..]) {
+                        Ok(true) => {
+                            fills_ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(false) => panic!("fill-{k} was cached already"),
+                        Err(Error::Store(e)) => {
+                            assert_eq!(e.kind(), StoreErrorKind::Unavailable, "{e}");
+                            fills_failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => panic!("unexpected error during the outage: {e}"),
+                    }
+                    k += 1;
+                }
+            });
+        }
+        started.wait();
+        let before = reads.load(Ordering::Relaxed);
+        server.crash();
+        // Reads go on while the server is down.
+        let down = reads.load(Ordering::Relaxed);
+        while reads.load(Ordering::Relaxed) < down + 2000 {
+            std::thread::yield_now();
+        }
+        server.start();
+        let up = reads.load(Ordering::Relaxed);
+        while reads.load(Ordering::Relaxed) < up + 500 {
+            std::thread::yield_now();
+        }
+        stop.store(true, Ordering::Relaxed);
+        eprintln!(
+            "reads: {before} before the crash, {} while down, {} in all; fills: {} ok, {} refused (database down)",
+            up - down,
+            reads.load(Ordering::Relaxed),
+            fills_ok.load(Ordering::Relaxed),
+            fills_failed.load(Ordering::Relaxed)
+        );
+    });
+    // Every hit counted: flushed once the server is back.
+    cache.flush().unwrap();
+    let hits: u64 = hot.iter().map(|x| cache.hit_count(x).unwrap()).sum();
+    assert_eq!(hits, reads.load(Ordering::Relaxed) + hot.len() as u64);
+    // Nothing orphaned: every file has its row, every row its file.
+    drop(cache);
+    let again = store.open(CacheOptions::new(dir.path())).unwrap();
+    assert!(again.recovery().is_clean(), "{:?}", again.recovery());
+    let files = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_type().unwrap().is_file())
+        .count();
+    assert_eq!(files, again.cached_images().unwrap().len());
+}
