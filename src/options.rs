@@ -280,7 +280,15 @@ impl CacheOptions {
 /// `url` with any password replaced by `***` (`scheme://user:***@host…`).
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+        // libpq's `key=value` form: hide what follows `password=`.
+        return url
+            .split(' ')
+            .map(|w| match w.split_once('=') {
+                Some((k, _)) if k.trim().eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => w.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
     };
     let (auth, host) = match rest.rfind('@') {
         Some(at) => (&rest[..at], &rest[at..]),

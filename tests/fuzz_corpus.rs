@@ -22,6 +22,13 @@ fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
 }
 
 #[test]
+fn urls_corpus() {
+    for (path, data) in corpus("urls") {
+        imgcache::testing::urls(&data).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+}
+
+#[test]
 fn id_corpus() {
     for (path, data) in corpus("id") {
         imgcache::testing::id(&data).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

@@ -87,8 +87,9 @@ use crate::id::ImageId;
 /// How long a connection attempt waits when the URL does not say.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Connections kept open at most.
-const POOL_IDLE: usize = 4;
+/// Connections kept open at most: as many as threads that use the store at
+/// once, so that none is opened (and its statements prepared) again.
+const POOL_IDLE: usize = 32;
 
 /// The key of the advisory lock under which schemas are created.
 const SCHEMA_LOCK: i64 = 0x696d_6763_6163_6865; // "imgcache"
@@ -197,6 +198,8 @@ struct Pool {
     config: postgres::Config,
     location: String,
     idle: Mutex<Vec<Session>>,
+    /// Statements sent (each one round trip), prepares included.
+    trips: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A connection and the statements prepared on it: a statement is parsed
@@ -204,6 +207,7 @@ struct Pool {
 struct Session {
     client: Client,
     prepared: HashMap<String, postgres::Statement>,
+    trips: Arc<std::sync::atomic::AtomicU64>,
 }
 
 type Params<'a> = &'a [&'a (dyn postgres::types::ToSql + Sync)];
@@ -211,9 +215,12 @@ type PgResult<T> = std::result::Result<T, postgres::Error>;
 
 impl Session {
     fn statement(&mut self, sql: &str) -> PgResult<postgres::Statement> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.trips.fetch_add(1, Relaxed);
         if let Some(s) = self.prepared.get(sql) {
             return Ok(s.clone());
         }
+        self.trips.fetch_add(1, Relaxed);
         let s = self.client.prepare(sql)?;
         self.prepared.insert(sql.to_owned(), s.clone());
         Ok(s)
@@ -297,6 +304,7 @@ impl Pool {
             _ => Session {
                 client: self.config.connect(NoTls).map_err(|e| self.error(e))?,
                 prepared: HashMap::new(),
+                trips: self.trips.clone(),
             },
         };
         Ok(Conn {
@@ -420,6 +428,7 @@ impl CentralizedDbDriver {
             location: describe(&config),
             config,
             idle: Mutex::new(Vec::new()),
+            trips: Arc::default(),
         };
         let node_id = pool.with(|c| {
             let mut tx = c.transaction()?;
@@ -461,6 +470,16 @@ impl CentralizedDbDriver {
     /// The database's address, without its password.
     pub fn location(&self) -> &str {
         &self.inner.pool.location
+    }
+
+    /// How many statements this store has sent to the database (each one
+    /// round trip; the first use of a statement on a connection costs one
+    /// more, to prepare it; transactions of the rare paths are not counted).
+    pub fn round_trips(&self) -> u64 {
+        self.inner
+            .pool
+            .trips
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn with<T>(

@@ -268,3 +268,46 @@ pub fn ops(dir: &Path, data: &[u8]) -> Result<(), String> {
     let store = stores[usize::from(pick) % stores.len()];
     run(store, dir, &Op::decode(rest)).map_err(|e| format!("{store}: {e}"))
 }
+
+/// Database URLs as the options and the CLI take them: redaction never
+/// panics and never lets a password through.
+pub fn urls(data: &[u8]) -> Result<(), String> {
+    let Ok(url) = std::str::from_utf8(data) else {
+        return Ok(());
+    };
+    let shown = crate::redact_url(url);
+    for word in url.split(' ') {
+        if let Some((k, password)) = word.split_once('=') {
+            if k.trim().eq_ignore_ascii_case("password")
+                && password.len() >= 4
+                && !url.contains("://")
+                && shown.contains(&format!("={password}"))
+            {
+                return Err(format!("{url:?} shown as {shown:?} keeps its password"));
+            }
+        }
+    }
+    if let Some((_, rest)) = url.split_once("://") {
+        if let Some(at) = rest.rfind('@') {
+            if let Some((_, password)) = rest[..at].split_once(':') {
+                if password.len() >= 4 && password != "***" && shown.contains(password) {
+                    return Err(format!("{url:?} shown as {shown:?} keeps its password"));
+                }
+            }
+        }
+    }
+    #[cfg(feature = "postgres")]
+    {
+        let shown = crate::drivers::centralized_db::redact(url);
+        if let Ok(c) = <::postgres::Config as std::str::FromStr>::from_str(url) {
+            if let Some(p) = c.get_password().filter(|p| p.len() >= 4) {
+                if let Ok(p) = std::str::from_utf8(p) {
+                    if shown.contains(p) {
+                        return Err(format!("{url:?} described as {shown:?} keeps its password"));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
