@@ -191,12 +191,23 @@ impl<'a> OnDisk<'a> {
         self.meta.accessed().unwrap_or(SystemTime::UNIX_EPOCH)
     }
 
-    /// Which file it is: its device and inode. A commit publishes a new
-    /// inode, so a store may remember what it knows of an entry for as long
-    /// as the identity is the same.
-    pub fn identity(&self) -> (u64, u64) {
+    /// Which file it is, as far as the file system tells: device, inode,
+    /// size, and modification and change times to the nanosecond. A commit
+    /// publishes a new file, so a store may remember what it knows of an
+    /// entry for as long as the identity is the same (an inode number alone
+    /// is reused at once by ext4 and XFS).
+    pub fn identity(&self) -> [i64; 7] {
         use std::os::unix::fs::MetadataExt;
-        (self.meta.dev(), self.meta.ino())
+        let m = self.meta;
+        [
+            m.dev() as i64,
+            m.ino() as i64,
+            m.size() as i64,
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+        ]
     }
 }
 

@@ -9,6 +9,7 @@ mod common;
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
 
 use common::{bytes, id};
 use imgcache::testing::{postgres::cluster, Store};
@@ -89,19 +90,50 @@ fn database_restart_under_load_fails_no_hit_and_orphans_nothing() {
                 }
             });
         }
+        // Whatever happens below (a panic included), the workers stop.
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = Stop(&stop);
+        // Waits for `done`, failing after a minute rather than hanging.
+        let until = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !done() {
+                assert!(Instant::now() < deadline, "no {what} within a minute");
+                std::thread::yield_now();
+            }
+        };
         started.wait();
         let before = reads.load(Ordering::Relaxed);
         server.crash();
+        // A miss while the server is down is served from the origin.
+        let mut cold = cache
+            .fetch(&id("cold-during-outage"), None, || {
+                Ok(std::io::Cursor::new(b"from the origin".to_vec()))
+            })
+            .expect("a miss is served from the origin while the database is down");
+        let mut got = Vec::new();
+        cold.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"from the origin");
+        drop(cold);
         // Reads go on while the server is down.
         let down = reads.load(Ordering::Relaxed);
-        while reads.load(Ordering::Relaxed) < down + 2000 {
-            std::thread::yield_now();
-        }
+        until("reads while down", &|| {
+            reads.load(Ordering::Relaxed) >= down + 2000
+        });
         server.start();
         let up = reads.load(Ordering::Relaxed);
-        while reads.load(Ordering::Relaxed) < up + 500 {
-            std::thread::yield_now();
-        }
+        let ok = fills_ok.load(Ordering::Relaxed);
+        until("reads after the restart", &|| {
+            reads.load(Ordering::Relaxed) >= up + 500
+        });
+        // Fills are recorded again once the server is back.
+        until("a fill after the restart", &|| {
+            fills_ok.load(Ordering::Relaxed) > ok
+        });
         stop.store(true, Ordering::Relaxed);
         eprintln!(
             "reads: {before} before the crash, {} while down, {} in all; fills: {} ok, {} refused (database down)",

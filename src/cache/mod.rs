@@ -643,8 +643,14 @@ impl ImageCache {
             // A store entry whose file is gone is stale: drop it, unless a
             // commit lands meanwhile.
             let path = self.layout.cached(key);
-            self.store
-                .remove_if_missing(std::slice::from_ref(key.id()), &|_| !path.exists())?;
+            let missing = std::slice::from_ref(key.id());
+            match self.store.remove_if_missing(missing, &|_| !path.exists()) {
+                Ok(()) => {}
+                // A store that cannot be reached has nothing to drop now;
+                // the recovery walk drops what stays stale.
+                Err(e @ Error::Store(_)) => log::warn!("imgcache: {key}: {e}"),
+                Err(e) => return Err(e),
+            }
             return Ok(None);
         };
         let on = OnDisk::new(&path, Some(&file), &meta);
@@ -953,6 +959,20 @@ impl ImageCache {
                 // quarantined by now, and the origin answers instead.
                 Err(e @ (Error::Corrupt { .. } | Error::CorruptMetadata { .. })) => {
                     log::warn!("imgcache: {id}: {e}; fetching it from the origin again");
+                }
+                // The metadata store is down: the origin answers, and nothing
+                // is cached (a commit could not be recorded).
+                Err(e @ Error::Store(_)) => {
+                    log::warn!("imgcache: {id}: {e}; serving it from the origin, uncached");
+                    let Some(open) = open.take() else {
+                        return Err(e);
+                    };
+                    let (source, expected) = open()?;
+                    return Ok(ImageStream::Filling(Box::new(TeeReader::pass_through(
+                        id.clone(),
+                        source,
+                        expected,
+                    ))));
                 }
                 Err(e) => return Err(e),
             }

@@ -69,7 +69,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use parking_lot::{Condvar, Mutex};
 use postgres::error::SqlState;
@@ -86,6 +86,9 @@ use crate::id::ImageId;
 
 /// How long a connection attempt waits when the URL does not say.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a statement (or the network under it) may take before it fails.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Connections kept open at most: as many as threads that use the store at
 /// once, so that none is opened (and its statements prepared) again.
@@ -126,6 +129,8 @@ struct Inner {
     pool: Pool,
     node_url: String,
     node_id: i64,
+    /// The longest `image_id` the table takes (Glance's: 36).
+    max_id: usize,
     /// Entries as last read or written, with the identity of their file.
     memo: Mutex<HashMap<ImageId, Memo>>,
     hits: Mutex<Pending>,
@@ -137,7 +142,7 @@ struct Inner {
 
 #[derive(Debug, Clone)]
 struct Memo {
-    file: (u64, u64),
+    file: [i64; 7],
     info: CachedImageInfo,
 }
 
@@ -146,7 +151,6 @@ struct Pending {
     /// Per image: hits not yet written, and the time of the latest.
     by_id: HashMap<ImageId, (u64, SystemTime)>,
     count: u64,
-    oldest: Option<Instant>,
     stop: bool,
 }
 
@@ -264,6 +268,8 @@ impl std::ops::DerefMut for Session {
 struct Conn<'a> {
     pool: &'a Pool,
     session: Option<Session>,
+    /// Whether it came from the idle ones (it may have been closed since).
+    used: bool,
 }
 
 impl std::ops::Deref for Conn<'_> {
@@ -299,18 +305,14 @@ impl Drop for Conn<'_> {
 impl Pool {
     fn get(&self) -> Result<Conn<'_>> {
         let pooled = self.idle.lock().pop();
-        let session = match pooled {
-            Some(c) if !c.client.is_closed() => c,
-            _ => Session {
-                client: self.config.connect(NoTls).map_err(|e| self.error(e))?,
-                prepared: HashMap::new(),
-                trips: self.trips.clone(),
-            },
-        };
-        Ok(Conn {
-            pool: self,
-            session: Some(session),
-        })
+        match pooled {
+            Some(c) if !c.client.is_closed() => Ok(Conn {
+                pool: self,
+                session: Some(c),
+                used: true,
+            }),
+            _ => self.fresh(),
+        }
     }
 
     /// A client error as the crate's own, with the database's address
@@ -333,9 +335,17 @@ impl Pool {
             Some(c) if c.code().starts_with("08") || c.code().starts_with("57P") => {
                 StoreErrorKind::Unavailable
             }
+            Some(c) if *c == SqlState::TOO_MANY_CONNECTIONS => StoreErrorKind::Busy,
+            Some(c) if *c == SqlState::STRING_DATA_RIGHT_TRUNCATION => StoreErrorKind::Other,
             Some(_) => StoreErrorKind::Other,
-            // No SQL state: the connection itself failed.
-            None => StoreErrorKind::Unavailable,
+            // No SQL state: the connection failed, or a value did not convert.
+            None if e.is_closed()
+                || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>())
+                || e.to_string().contains("connect") =>
+            {
+                StoreErrorKind::Unavailable
+            }
+            None => StoreErrorKind::Other,
         };
         Error::Store(StoreError::new(
             kind,
@@ -348,10 +358,36 @@ impl Pool {
     /// Runs `f` on a pooled connection, mapping its error.
     fn with<T>(
         &self,
-        f: impl FnOnce(&mut Session) -> std::result::Result<T, postgres::Error>,
+        mut f: impl FnMut(&mut Session) -> std::result::Result<T, postgres::Error>,
     ) -> Result<T> {
         let mut conn = self.get()?;
-        f(&mut conn).map_err(|e| self.error(e))
+        let reused = conn.used;
+        match f(&mut conn) {
+            Ok(v) => Ok(v),
+            // A pooled connection the server closed while it sat idle (a
+            // restart): the sync client learns of it only on use. Once more
+            // on a fresh one.
+            Err(e) if reused && conn.client.is_closed() => {
+                log::debug!("imgcache: {}: reconnecting after {e}", self.location);
+                drop(conn);
+                let mut fresh = self.fresh()?;
+                f(&mut fresh).map_err(|e| self.error(e))
+            }
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    /// A new connection, not from the idle ones.
+    fn fresh(&self) -> Result<Conn<'_>> {
+        Ok(Conn {
+            pool: self,
+            session: Some(Session {
+                client: self.config.connect(NoTls).map_err(|e| self.error(e))?,
+                prepared: HashMap::new(),
+                trips: self.trips.clone(),
+            }),
+            used: false,
+        })
     }
 }
 
@@ -402,7 +438,7 @@ fn long_checksum(c: &Option<String>) -> Option<&str> {
     c.as_deref().filter(|c| c.len() > 32)
 }
 
-fn identity(on: OnDisk<'_>) -> (u64, u64) {
+fn identity(on: OnDisk<'_>) -> [i64; 7] {
     on.identity()
 }
 
@@ -423,6 +459,19 @@ impl CentralizedDbDriver {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
+        // A half-open connection (a server that vanished without a reset)
+        // fails within seconds, not after the kernel's quarter of an hour;
+        // a statement stuck behind a lock fails too.
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(10));
+        config.tcp_user_timeout(STATEMENT_TIMEOUT);
+        if config.get_options().is_none() {
+            config.options(&format!(
+                "-c statement_timeout={} -c lock_timeout={}",
+                STATEMENT_TIMEOUT.as_millis(),
+                STATEMENT_TIMEOUT.as_millis()
+            ));
+        }
         config.application_name("imgcache");
         let pool = Pool {
             location: describe(&config),
@@ -431,9 +480,15 @@ impl CentralizedDbDriver {
             trips: Arc::default(),
         };
         let node_id = pool.with(|c| {
+            // The schema's DDL takes strong locks even when there is nothing
+            // to create: only when something is missing.
+            let complete: bool = c.query_one(SCHEMA_COMPLETE, &[])?.get(0);
             let mut tx = c.transaction()?;
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
-            tx.batch_execute(SCHEMA)?;
+            if !complete {
+                tx.batch_execute("SET LOCAL lock_timeout = '10s'")?;
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
+                tx.batch_execute(SCHEMA)?;
+            }
             tx.execute(
                 "INSERT INTO node_reference (node_reference_url) VALUES ($1)
                  ON CONFLICT (node_reference_url) DO NOTHING",
@@ -445,13 +500,26 @@ impl CentralizedDbDriver {
                     &[&node_url],
                 )?
                 .get(0);
+            let max: Option<i32> = tx
+                .query_one(
+                    "SELECT character_maximum_length FROM information_schema.columns
+                     WHERE table_name = 'cached_images' AND column_name = 'image_id'
+                       AND table_schema = current_schema()",
+                    &[],
+                )?
+                .get(0);
             tx.commit()?;
-            Ok(id)
+            Ok((id, max))
         })?;
+        let (node_id, max_id) = node_id;
+        let max_id = max_id
+            .and_then(|m| usize::try_from(m).ok())
+            .unwrap_or(usize::MAX);
         let inner = Arc::new(Inner {
             pool,
             node_url: node_url.to_owned(),
             node_id,
+            max_id,
             memo: Mutex::default(),
             hits: Mutex::default(),
             flushing: Mutex::new(()),
@@ -484,7 +552,7 @@ impl CentralizedDbDriver {
 
     fn with<T>(
         &self,
-        f: impl FnOnce(&mut Session) -> std::result::Result<T, postgres::Error>,
+        f: impl FnMut(&mut Session) -> std::result::Result<T, postgres::Error>,
     ) -> Result<T> {
         self.inner.pool.with(f)
     }
@@ -492,7 +560,7 @@ impl CentralizedDbDriver {
     /// This node's rows, decoded (undecodable ones logged and passed over),
     /// in `order`.
     fn rows(&self, order: &str) -> Result<Vec<CachedImageInfo>> {
-        self.inner.flush_hits()?;
+        self.inner.flush_or_warn();
         let node = self.inner.node_id;
         let rows = self.with(|c| {
             c.rows(
@@ -535,6 +603,21 @@ impl CentralizedDbDriver {
         }
     }
 
+    /// Whether `entry`'s id fits the table's `image_id` column; one that
+    /// does not is left out (with a warning) of a batch.
+    fn fits(&self, entry: &CachedImageInfo) -> bool {
+        let fits = entry.id.as_str().len() <= self.inner.max_id;
+        if !fits {
+            log::warn!(
+                "imgcache: {}: image id {} is longer than the {} bytes of cached_images.image_id; left out",
+                self.inner.pool.location,
+                entry.id,
+                self.inner.max_id
+            );
+        }
+        fits
+    }
+
     /// Adds the hits this process holds for `info` to it.
     fn with_pending(&self, mut info: CachedImageInfo) -> CachedImageInfo {
         if let Some((n, at)) = self.inner.hits.lock().by_id.get(&info.id) {
@@ -544,6 +627,16 @@ impl CentralizedDbDriver {
         info
     }
 }
+
+/// Whether every table, column and index of [`SCHEMA`] is there.
+const SCHEMA_COMPLETE: &str = "
+SELECT to_regclass('node_reference') IS NOT NULL
+   AND to_regclass('imgcache_invalid') IS NOT NULL
+   AND to_regclass('imgcache_state') IS NOT NULL
+   AND to_regclass('imgcache_lru') IS NOT NULL
+   AND (SELECT COUNT(*) FROM information_schema.columns
+        WHERE table_name = 'cached_images' AND table_schema = current_schema()
+          AND column_name IN ('crc32', 'imgcache_checksum')) = 2";
 
 /// The schema, created if missing (Glance's tables, imgcache's additions).
 const SCHEMA: &str = "
@@ -595,7 +688,6 @@ impl Inner {
                 return Ok(());
             }
             hits.count = 0;
-            hits.oldest = None;
             std::mem::take(&mut hits.by_id)
         };
         let mut ids = Vec::with_capacity(pending.len());
@@ -610,7 +702,7 @@ impl Inner {
         let written = self.pool.with(|c| {
             c.exec(
                 "UPDATE cached_images AS c
-                 SET hits = c.hits + v.n, last_accessed = v.at
+                 SET hits = LEAST(c.hits::bigint + v.n, 2147483647), last_accessed = v.at
                  FROM UNNEST($2::text[], $3::bigint[], $4::timestamp[]) AS v(image_id, n, at)
                  WHERE c.node_reference_id = $1 AND c.image_id = v.image_id",
                 &[&node, &ids, &counts, &times],
@@ -635,9 +727,17 @@ impl Inner {
                     entry.1 = entry.1.max(at);
                     hits.count += n;
                 }
-                hits.oldest.get_or_insert_with(Instant::now);
                 Err(e)
             }
+        }
+    }
+
+    /// Writes the hits held before a read of rows; a failure (the database
+    /// gone between two statements) leaves them held for the flusher, and
+    /// the read goes on.
+    fn flush_or_warn(&self) {
+        if let Err(e) = self.flush_hits() {
+            log::warn!("imgcache: hits held in memory for now: {e}");
         }
     }
 
@@ -664,7 +764,9 @@ fn flusher(me: &Inner) {
             if hits.stop {
                 return;
             }
-            if hits.count < HIT_BATCH {
+            // After a failure, always the full delay: no connect storm
+            // against a database that is down.
+            if hits.count < HIT_BATCH || failing {
                 me.wake.wait_for(&mut hits, HIT_DELAY);
             }
             if hits.stop {
@@ -747,7 +849,6 @@ impl CacheDriver for CentralizedDbDriver {
             entry.0 += 1;
             entry.1 = at;
             hits.count += 1;
-            hits.oldest.get_or_insert_with(Instant::now);
             hits.count >= HIT_BATCH
         };
         if due {
@@ -757,6 +858,13 @@ impl CacheDriver for CentralizedDbDriver {
     }
 
     fn insert(&self, entry: &CachedImageInfo) -> Result<()> {
+        if entry.id.as_str().len() > self.inner.max_id {
+            return Err(Error::Config(format!(
+                "image id {} is longer than the {} bytes the database's cached_images.image_id \
+                 takes (a table Glance created)",
+                entry.id, self.inner.max_id
+            )));
+        }
         // Hits held for an earlier image of this id belonged to its file,
         // which this one replaces (with hits reset, as every store does).
         self.inner.forget(std::slice::from_ref(&entry.id));
@@ -810,11 +918,23 @@ impl CacheDriver for CentralizedDbDriver {
         if ids.is_empty() {
             return Ok(());
         }
+        let node = self.inner.node_id;
+        let names: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
+        // Most misses have no row at all: one prepared look, no transaction.
+        let any: bool = self.with(|c| {
+            c.one(
+                "SELECT EXISTS (SELECT 1 FROM cached_images
+                 WHERE node_reference_id = $1 AND image_id = ANY($2))",
+                &[&node, &names],
+            )
+            .map(|r| r.get(0))
+        })?;
+        if !any {
+            return Ok(());
+        }
         // Lock the rows first: a committer's upsert of one of them waits
         // for this transaction. Then check the files: a commit that renamed
         // its file before the check is seen; one after it inserts after us.
-        let node = self.inner.node_id;
-        let names: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
         let gone = self.with(|c| {
             let mut tx = c.transaction()?;
             let locked = tx.query(
@@ -882,7 +1002,7 @@ impl CacheDriver for CentralizedDbDriver {
     }
 
     fn scan(&self, _files: &dyn CachedFiles) -> Result<Vec<Scanned>> {
-        self.inner.flush_hits()?;
+        self.inner.flush_or_warn();
         let node = self.inner.node_id;
         let rows = self.with(|c| {
             c.rows(
@@ -923,12 +1043,17 @@ impl CacheDriver for CentralizedDbDriver {
             return Ok(Vec::new());
         }
         let node = self.inner.node_id;
-        let ids: Vec<&str> = orphans.iter().map(|(e, _)| e.id.as_str()).collect();
+        let orphans: Vec<&CachedImageInfo> = orphans
+            .iter()
+            .map(|(e, _)| e)
+            .filter(|e| self.fits(e))
+            .collect();
+        let ids: Vec<&str> = orphans.iter().map(|e| e.id.as_str()).collect();
         let sizes: Vec<i64> = orphans
             .iter()
-            .map(|(e, _)| i64::try_from(e.size).unwrap_or(i64::MAX))
+            .map(|e| i64::try_from(e.size).unwrap_or(i64::MAX))
             .collect();
-        let times: Vec<SystemTime> = orphans.iter().map(|(e, _)| e.last_modified).collect();
+        let times: Vec<SystemTime> = orphans.iter().map(|e| e.last_modified).collect();
         // One statement; DO NOTHING: a committer that wrote its row
         // meanwhile knows better (it has the CRC).
         let rows = self.with(|c| {
@@ -1037,7 +1162,7 @@ impl CacheDriver for CentralizedDbDriver {
     }
 
     fn all_nodes(&self) -> Result<Option<Vec<NodeImage>>> {
-        self.inner.flush_hits()?;
+        self.inner.flush_or_warn();
         let rows = self.with(|c| {
             c.rows(
                 &format!(
@@ -1068,6 +1193,7 @@ impl CacheDriver for CentralizedDbDriver {
         // transaction, under a per-node lock: several processes of a node
         // migrating at once insert each row once.
         let node = self.inner.node_id;
+        let entries: Vec<&CachedImageInfo> = entries.iter().filter(|e| self.fits(e)).collect();
         let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
         let sizes: Vec<i64> = entries
             .iter()
