@@ -279,7 +279,7 @@ pub enum StoreErrorKind {
 /// underlying error as its source (the store's client library's own type,
 /// which never appears in this crate's signatures).
 #[derive(Debug, thiserror::Error)]
-#[error("{store} database {location}: {source}")]
+#[error("{store} database {location}: {}", chain(source.as_ref()))]
 pub struct StoreError {
     kind: StoreErrorKind,
     store: &'static str,
@@ -324,4 +324,20 @@ impl StoreError {
     pub fn detail(&self) -> String {
         self.source.to_string()
     }
+}
+
+/// An error and its causes, `outer: inner: innermost` (a client library's
+/// "error connecting to server" says little without its OS cause).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
 }

@@ -110,7 +110,8 @@ fn queue_prefetch_list_and_manage_in_human_output() {
     );
     assert!(lines.last().unwrap().starts_with("3 images"), "{listing}");
     // fetch: a hit, then a miss from the origin.
-    let out_file = cache.path().join("../fetched");
+    let out_dir = tempfile::tempdir().unwrap();
+    let out_file = out_dir.path().join("fetched");
     let out = imgcache(
         c,
         &[
