@@ -36,7 +36,8 @@ mod code {
 /// Manage a local image cache: list, queue, prefetch, prune, clean, verify.
 ///
 /// Works on imgcache's directories and on Glance's own (sqlite or xattr
-/// driver). Settings come from flags, IMGCACHE_* environment variables, or
+/// driver), and on a PostgreSQL database shared by many nodes
+/// (centralized_db). Settings come from flags, IMGCACHE_* environment variables, or
 /// a glance-api.conf (--config), in that order.
 ///
 /// Exit codes: 0 success; 1 failure; 2 bad input (id, option, config);
