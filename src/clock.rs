@@ -103,10 +103,10 @@ pub(crate) fn from_epoch_secs(secs: f64) -> Option<SystemTime> {
 }
 
 /// Rounds `t` to the microsecond: the precision every store keeps exactly
-/// (an `f64` of seconds, as Glance's SQLite table and the xattrs hold it,
-/// is exact to well under a microsecond until the year 2255; a PostgreSQL
-/// `timestamp` holds microseconds). Values the cache reports back then
-/// compare equal to what it was given, whatever the store.
+/// (the xattrs and PostgreSQL's `timestamp` hold whole microseconds; an
+/// `f64` of seconds, as Glance's SQLite table holds it, is exact to the
+/// microsecond until 2106 and within one after). Values the cache reports
+/// back then compare equal to what it was given.
 pub(crate) fn round_trip(t: SystemTime) -> SystemTime {
     // In whole nanoseconds, not through an f64: a time half-way between two
     // microseconds rounds the same way everywhere (up).

@@ -42,7 +42,7 @@ use std::time::SystemTime;
 use xattr::FileExt;
 
 use super::CacheDriver;
-use crate::clock::{from_epoch_secs, to_epoch_secs};
+use crate::clock::from_epoch_secs;
 use crate::entry::{CachedFiles, CachedImageInfo, Invalidation, LruEntry, OnDisk, Scanned};
 use crate::error::{Error, IoContext, Result};
 use crate::id::ImageId;
@@ -88,17 +88,60 @@ pub mod encoding {
     /// Seconds since the epoch, as Rust prints an `f64` (shortest form that
     /// reads back to the same value).
     pub fn encode_time(t: SystemTime) -> Vec<u8> {
-        to_epoch_secs(t).to_string().into_bytes()
+        // Exact decimal microseconds (a float's shortest form is not exact
+        // to the microsecond past 2106).
+        let (sign, d) = match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => ("", d),
+            Err(e) => ("-", e.duration()),
+        };
+        let micros = (d.as_nanos() + 500) / 1000;
+        format!("{sign}{}.{:06}", micros / 1_000_000, micros % 1_000_000).into_bytes()
     }
 
-    /// Decodes [`encode_time`] (or any decimal number of seconds).
+    /// Decodes [`encode_time`], or any number of seconds as Glance writes
+    /// them (Python's `str(float)`), to the microsecond.
     pub fn decode_time(v: &[u8]) -> std::result::Result<SystemTime, String> {
         let s = std::str::from_utf8(v).map_err(|_| "not UTF-8".to_string())?;
-        let secs: f64 = s
-            .trim()
+        let t = s.trim();
+        if let Some(micros) = decimal_micros(t) {
+            let d = std::time::Duration::from_micros(micros.unsigned_abs());
+            let at = if micros >= 0 {
+                std::time::UNIX_EPOCH.checked_add(d)
+            } else {
+                std::time::UNIX_EPOCH.checked_sub(d)
+            };
+            return at.ok_or_else(|| format!("{s:?} is not a time"));
+        }
+        let secs: f64 = t
             .parse()
             .map_err(|_| format!("{s:?} is not a number of seconds"))?;
         from_epoch_secs(secs).ok_or_else(|| format!("{s:?} is not a time"))
+    }
+
+    /// A plain decimal number of seconds (`-12.5`, `1700000000.123456`) as
+    /// microseconds, rounded half up, without going through a float; `None`
+    /// for anything else (exponents, `NaN`) or out of range.
+    fn decimal_micros(s: &str) -> Option<i64> {
+        let (negative, s) = match s.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, s),
+        };
+        let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+        let digits = |x: &str| x.bytes().all(|b| b.is_ascii_digit());
+        if (int.is_empty() && frac.is_empty()) || !digits(int) || !digits(frac) || int.len() > 15 {
+            return None;
+        }
+        let whole: i64 = if int.is_empty() { 0 } else { int.parse().ok()? };
+        let f = frac.as_bytes();
+        let mut micros: i64 = 0;
+        for i in 0..6 {
+            micros = micros * 10 + f.get(i).map_or(0, |d| i64::from(d - b'0'));
+        }
+        if f.get(6).is_some_and(|d| *d >= b'5') {
+            micros += 1;
+        }
+        let total = whole.checked_mul(1_000_000)?.checked_add(micros)?;
+        Some(if negative { -total } else { total })
     }
 
     /// A CRC-32 as 8 lowercase hex digits.
