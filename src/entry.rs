@@ -76,6 +76,16 @@ pub struct LruEntry {
     pub last_accessed: SystemTime,
 }
 
+impl From<CachedImageInfo> for LruEntry {
+    fn from(i: CachedImageInfo) -> Self {
+        LruEntry {
+            id: i.id,
+            size: i.size,
+            last_accessed: i.last_accessed,
+        }
+    }
+}
+
 /// A file in `invalid/`: a write that failed or was abandoned, kept for
 /// debugging until the next `clean`.
 #[derive(Debug, Clone, PartialEq)]

@@ -642,11 +642,7 @@ impl CacheDriver for SqliteDriver {
         Ok(self
             .rows("last_accessed, image_id")?
             .into_iter()
-            .map(|i| LruEntry {
-                id: i.id,
-                size: i.size,
-                last_accessed: i.last_accessed,
-            })
+            .map(LruEntry::from)
             .collect())
     }
 
