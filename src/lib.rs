@@ -149,6 +149,8 @@
 #![warn(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+#[cfg(feature = "tokio")]
+mod aio;
 mod cache;
 mod checksum;
 mod clock;
@@ -160,15 +162,19 @@ mod id;
 mod options;
 pub mod origin;
 mod range;
+#[cfg(feature = "serve")]
+pub mod serve;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
+#[cfg(feature = "tokio")]
+pub use aio::send_file_async;
 pub use cache::fill::FollowReader;
 pub use cache::prefetch::{PrefetchEvent, PrefetchOutcome, PrefetchReport, PrefetchResult};
 pub use cache::tee::{TeeReader, TeeStats};
 pub use cache::writer::CacheWriter;
 pub use cache::{
-    ImageCache, ImageStream, MigrationReport, PruneReport, RecoveryReport, ScrubReport,
+    Fetched, ImageCache, ImageStream, MigrationReport, PruneReport, RecoveryReport, ScrubReport,
     Verification,
 };
 pub use checksum::{Algorithm, Checksum, Hasher};
@@ -186,7 +192,9 @@ pub use id::{IdError, ImageId, DEFAULT_SQLITE_DB, MAX_ID_LEN};
 pub use options::{redact_url, CacheOptions, DriverKind, DEFAULT_MAX_SIZE, DEFAULT_STALL_TIME};
 #[cfg(feature = "http")]
 pub use origin::HttpOrigin;
-pub use origin::{DirOrigin, Origin, OriginObject};
+#[cfg(feature = "serve")]
+pub use origin::{AsyncHttpOrigin, AsyncOriginObject};
+pub use origin::{DirOrigin, Origin, OriginObject, OriginRequest};
 pub use range::ByteRange;
 
 /// The README's examples, compiled as doctests so that they cannot drift.

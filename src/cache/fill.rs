@@ -8,10 +8,12 @@ use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::error::Error;
+use crate::checksum::Checksum;
+use crate::error::{Error, Result};
 use crate::id::ImageId;
 
 /// One fill in progress: how far it got and how it ended.
@@ -26,12 +28,63 @@ pub(crate) struct Fill {
     followers: AtomicUsize,
 }
 
+/// How a fill failed, as its followers see it.
+#[derive(Debug, Clone)]
+pub(crate) struct Failure {
+    reason: String,
+    /// `Some(origin)` when the origin had no such image.
+    not_found_at: Option<String>,
+}
+
+impl Failure {
+    fn error(&self, id: &ImageId) -> Error {
+        match &self.not_found_at {
+            Some(origin) => Error::OriginNotFound {
+                id: id.clone(),
+                origin: origin.clone(),
+            },
+            None => Error::FillFailed {
+                id: id.clone(),
+                reason: self.reason.clone(),
+            },
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct FillState {
+    /// Whether the origin answered (and `size` says what it announced).
+    started: bool,
+    /// The size the origin announced, if it did.
+    size: Option<u64>,
+    /// The checksum the origin announced, if it did.
+    checksum: Option<Checksum>,
     /// Bytes written to the file so far (and readable from it).
     written: u64,
-    /// `Ok(size)` once committed; `Err(reason)` once failed.
-    outcome: Option<Result<u64, String>>,
+    /// `Ok(size)` once committed; `Err(..)` once failed.
+    outcome: Option<Result<u64, Failure>>,
+    /// Async followers waiting for any of the above to change.
+    wakers: Vec<Waker>,
+}
+
+impl FillState {
+    fn wake(&mut self) {
+        for w in self.wakers.drain(..) {
+            w.wake();
+        }
+    }
+}
+
+/// What a follower at `pos` may do now; see [`Fill::poll_state`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ready {
+    /// Bytes `pos..pos + n` may be read and passed on.
+    Bytes(u64),
+    /// The follower reached the end it asked for, and the fill committed:
+    /// its response may end cleanly.
+    End,
+    /// Nothing yet: wait for a change.
+    Wait,
 }
 
 impl Fill {
@@ -45,21 +98,148 @@ impl Fill {
         }
     }
 
+    fn update(&self, f: impl FnOnce(&mut FillState)) {
+        let mut state = self.state.lock();
+        f(&mut state);
+        state.wake();
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// Publishes that the origin answered, with the size it announced.
+    pub(crate) fn start(&self, size: Option<u64>, checksum: Option<Checksum>) {
+        self.update(|s| {
+            s.started = true;
+            s.size = size;
+            s.checksum = checksum;
+        });
+    }
+
     /// Publishes that `written` bytes are in the file.
     pub(crate) fn progress(&self, written: u64) {
-        self.state.lock().written = written;
-        self.changed.notify_all();
+        self.update(|s| s.written = written);
     }
 
     /// Publishes the end of the fill.
     pub(crate) fn finish(&self, outcome: Result<u64, String>) {
-        self.state.lock().outcome = Some(outcome);
-        self.changed.notify_all();
+        self.update(|s| {
+            s.outcome = Some(outcome.map_err(|reason| Failure {
+                reason,
+                not_found_at: None,
+            }))
+        });
+    }
+
+    /// Publishes that the origin has no such image (before any byte).
+    pub(crate) fn not_found(&self, reason: String, origin: String) {
+        self.update(|s| {
+            s.outcome = Some(Err(Failure {
+                reason,
+                not_found_at: Some(origin),
+            }))
+        });
     }
 
     /// How many readers follow this fill now.
     pub(crate) fn followers(&self) -> usize {
         self.followers.load(Ordering::SeqCst)
+    }
+
+    /// What a follower at `pos` that wants bytes up to `end` (or to the end
+    /// of the image) may do now.
+    ///
+    /// The rule that makes a follower safe to stream to a client: bytes are
+    /// passed on as soon as they have landed, **except the last one asked
+    /// for**, which waits for the commit (the size and checksum verified).
+    /// So a response never ends cleanly on bytes that might turn out wrong;
+    /// if the fill fails, the follower gets the error instead of its end.
+    fn ready(&self, state: &FillState, pos: u64, end: Option<u64>) -> Result<Ready> {
+        match &state.outcome {
+            Some(Err(failure)) => return Err(failure.error(&self.id)),
+            Some(Ok(size)) => {
+                let end = end.map_or(*size, |e| e.min(*size));
+                if end.max(pos) > state.written || end.max(pos) > *size {
+                    return Err(Error::FillFailed {
+                        id: self.id.clone(),
+                        reason: format!(
+                            "committed {size} bytes, fewer than the {} asked for",
+                            end.max(pos)
+                        ),
+                    });
+                }
+                return Ok(if pos >= end {
+                    Ready::End
+                } else {
+                    Ready::Bytes(end - pos)
+                });
+            }
+            None => {}
+        }
+        // Still filling: hold back the last byte wanted.
+        let last = match end.or(state.size) {
+            Some(e) => e.saturating_sub(1),
+            None => u64::MAX,
+        };
+        let upto = state.written.min(last);
+        Ok(if upto > pos {
+            Ready::Bytes(upto - pos)
+        } else {
+            Ready::Wait
+        })
+    }
+
+    /// Blocks until a follower at `pos` can do something.
+    fn wait_ready(&self, pos: u64, end: Option<u64>) -> Result<Ready> {
+        let mut state = self.state.lock();
+        loop {
+            match self.ready(&state, pos, end)? {
+                Ready::Wait => self.changed.wait(&mut state),
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// [`Fill::wait_ready`] as a future.
+    fn poll_ready(&self, cx: &mut Context<'_>, pos: u64, end: Option<u64>) -> Poll<Result<Ready>> {
+        let mut state = self.state.lock();
+        match self.ready(&state, pos, end) {
+            Ok(Ready::Wait) => {
+                if !state.wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    state.wakers.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            other => Poll::Ready(other),
+        }
+    }
+
+    /// Blocks until the origin answered or the fill ended; the announced
+    /// size.
+    fn wait_started(&self) -> Result<Option<u64>> {
+        let mut state = self.state.lock();
+        loop {
+            if let Some(Err(failure)) = &state.outcome {
+                return Err(failure.error(&self.id));
+            }
+            if state.started || state.outcome.is_some() {
+                return Ok(state.size);
+            }
+            self.changed.wait(&mut state);
+        }
+    }
+
+    fn poll_started(&self, cx: &mut Context<'_>) -> Poll<Result<Option<u64>>> {
+        let mut state = self.state.lock();
+        if let Some(Err(failure)) = &state.outcome {
+            return Poll::Ready(Err(failure.error(&self.id)));
+        }
+        if state.started || state.outcome.is_some() {
+            return Poll::Ready(Ok(state.size));
+        }
+        if !state.wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            state.wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
     }
 }
 
@@ -83,12 +263,21 @@ impl Fills {
     }
 }
 
-/// Streams an image that another reader of this process is filling, from
-/// the growing `incomplete/` file: bytes arrive as soon as the filler has
-/// written them, and the end of the stream comes only once the filler has
-/// committed (its checksum verified). If the fill fails, the next read
-/// returns [`Error::FillFailed`] (inside an [`io::Error`]); never a hang,
-/// never a partial image presented as complete.
+/// Streams an image that is being filled, from the growing `incomplete/`
+/// file: bytes arrive as soon as the fill has written them, and the end of
+/// the stream comes only once the fill has committed (its size and checksum
+/// verified). If the fill fails, the next read returns
+/// [`Error::FillFailed`] (inside an [`io::Error`]); never a hang, never a
+/// partial image presented as complete.
+///
+/// Besides `Read`, a follower offers what a server needs to stream the fill
+/// to a client at the client's own pace: [`FollowReader::started`] (the
+/// origin answered, and the size it announced), [`FollowReader::ready`]
+/// (how many bytes from a position may be passed on now), and
+/// [`FollowReader::read_at`]. The last byte a caller asks for is held back
+/// until the fill commits, so a response built this way never ends cleanly
+/// on bytes that could still turn out wrong. The async forms need no
+/// particular runtime.
 #[derive(Debug)]
 pub struct FollowReader {
     fill: Arc<Fill>,
@@ -106,9 +295,61 @@ impl FollowReader {
         &self.fill.id
     }
 
-    /// Bytes read so far.
+    /// Bytes read so far through `Read`.
     pub fn position(&self) -> u64 {
         self.pos
+    }
+
+    /// Waits until the origin answered; the size it announced, if it did.
+    /// An origin without the image is [`Error::OriginNotFound`], any other
+    /// failure before the first byte [`Error::FillFailed`].
+    pub async fn started(&self) -> Result<Option<u64>> {
+        std::future::poll_fn(|cx| self.fill.poll_started(cx)).await
+    }
+
+    /// The checksum the origin announced (and the fill checks), once
+    /// [`FollowReader::started`] returned.
+    pub fn checksum(&self) -> Option<Checksum> {
+        self.fill.state.lock().checksum.clone()
+    }
+
+    /// [`FollowReader::started`], blocking.
+    pub fn wait_started(&self) -> Result<Option<u64>> {
+        self.fill.wait_started()
+    }
+
+    /// Waits until bytes from `pos` (up to `end`, or the end of the image)
+    /// may be passed on: `Some(n)` for `n` bytes at `pos`, `None` once the
+    /// end was reached *and* the fill committed. The last byte before `end`
+    /// is held back until the commit; a failed fill is an error, and so is
+    /// an `end` past what the fill committed.
+    pub async fn ready(&self, pos: u64, end: Option<u64>) -> Result<Option<u64>> {
+        let r = std::future::poll_fn(|cx| self.fill.poll_ready(cx, pos, end)).await?;
+        Ok(match r {
+            Ready::Bytes(n) => Some(n),
+            _ => None,
+        })
+    }
+
+    /// [`FollowReader::ready`], blocking.
+    pub fn wait_ready(&self, pos: u64, end: Option<u64>) -> Result<Option<u64>> {
+        Ok(match self.fill.wait_ready(pos, end)? {
+            Ready::Bytes(n) => Some(n),
+            _ => None,
+        })
+    }
+
+    /// Reads bytes of the filling file at `pos` (`pread`; it does not move
+    /// the `Read` position). Read only what [`FollowReader::ready`] allowed.
+    pub fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+        self.fill.file.read_at(buf, pos)
+    }
+
+    /// The filling file, to send ranges of with
+    /// `send_file_async` (feature `tokio`; what [`FollowReader::ready`]
+    /// allowed).
+    pub fn file(&self) -> &File {
+        &self.fill.file
     }
 }
 
@@ -117,32 +358,11 @@ impl Read for FollowReader {
         if buf.is_empty() {
             return Ok(0);
         }
-        let available = {
-            let mut state = self.fill.state.lock();
-            loop {
-                if state.written > self.pos {
-                    break state.written - self.pos;
-                }
-                match &state.outcome {
-                    Some(Ok(size)) if self.pos >= *size => return Ok(0),
-                    Some(Ok(_)) => break 0,
-                    Some(Err(reason)) => {
-                        return Err(Error::FillFailed {
-                            id: self.fill.id.clone(),
-                            reason: reason.clone(),
-                        }
-                        .into_io())
-                    }
-                    None => self.fill.changed.wait(&mut state),
-                }
-            }
+        let available = match self.fill.wait_ready(self.pos, None) {
+            Ok(Ready::Bytes(n)) => n,
+            Ok(_) => return Ok(0),
+            Err(e) => return Err(e.into_io()),
         };
-        if available == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "fill committed fewer bytes than it published",
-            ));
-        }
         let n = usize::try_from(available)
             .unwrap_or(usize::MAX)
             .min(buf.len());

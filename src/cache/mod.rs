@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::files::{self, queue, Admitted, CachedImage, CleanReport, Layout};
 use crate::id::ImageId;
 use crate::options::{CacheOptions, DriverKind};
-use crate::origin::Origin;
+use crate::origin::{Origin, OriginObject};
 
 pub(crate) mod fill;
 pub(crate) mod prefetch;
@@ -174,6 +174,59 @@ impl<R: Read + Send + 'static> Read for ImageStream<R> {
             ImageStream::Cached(r) => r.read(buf),
             ImageStream::Filling(r) => r.read(buf),
             ImageStream::Following(r) => r.read(buf),
+        }
+    }
+}
+
+/// An image as [`ImageCache::fetch_detached`] found it.
+#[derive(Debug)]
+pub enum Fetched {
+    /// A hit: the cached file.
+    Cached(CachedImage),
+    /// A fill in progress (maybe started by this call): its bytes as they
+    /// land.
+    Following(FollowReader),
+    /// The metadata store cannot be reached: the origin's bytes, to pass
+    /// through uncached (check [`OriginObject::checksum`] and the size on
+    /// the way, as [`ImageCache::caching_reader`] would).
+    Uncached(OriginObject),
+}
+
+/// Where [`ImageCache::find`] found an image.
+// One value, returned once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Found {
+    Hit(CachedImage),
+    Follow(Arc<Fill>),
+    Fill(CacheWriter, Arc<Fill>),
+    StoreDown(Error),
+}
+
+/// An origin's stream that must end at the size the origin announced: a
+/// shorter or longer one is an error, so that the fill fails rather than
+/// commit what the origin did not mean.
+struct SizeChecked {
+    inner: Box<dyn Read + Send>,
+    announced: Option<u64>,
+    seen: u64,
+}
+
+impl Read for SizeChecked {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.seen += n as u64;
+        match self.announced {
+            Some(size) if self.seen > size || (n == 0 && !buf.is_empty() && self.seen < size) => {
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    if self.seen > size {
+                        format!("the origin announced {size} bytes and sent more")
+                    } else {
+                        format!("the origin announced {size} bytes and sent {}", self.seen)
+                    },
+                ))
+            }
+            _ => Ok(n),
         }
     }
 }
@@ -942,18 +995,46 @@ impl ImageCache {
         F: FnOnce() -> Result<(R, Option<Checksum>)>,
     {
         let key = self.layout.admit(id)?;
-        // One value, living for one loop round: its size does not matter.
-        #[allow(clippy::large_enum_variant)]
-        enum Step {
-            Follow(Arc<Fill>),
-            Fill(CacheWriter, Arc<Fill>),
-            Again,
-            Foreign,
-        }
-        let mut open = Some(open);
+        Ok(match self.find(key)? {
+            Found::Hit(image) => ImageStream::Cached(image),
+            Found::Follow(fill) => ImageStream::Following(FollowReader::new(fill)),
+            Found::StoreDown(e) => {
+                log::warn!("imgcache: {id}: {e}; serving it from the origin, uncached");
+                let (source, expected) = open()?;
+                ImageStream::Filling(Box::new(TeeReader::pass_through(
+                    id.clone(),
+                    source,
+                    expected,
+                )))
+            }
+            Found::Fill(writer, fill) => match open() {
+                Ok((source, expected)) => {
+                    fill.start(None, expected.clone());
+                    ImageStream::Filling(Box::new(self.tee(writer, fill, source, expected)))
+                }
+                Err(e) => {
+                    let reason = format!("cannot open the source: {e}");
+                    // Nothing was written: nothing to keep in invalid/.
+                    if let Err(discard) = writer.discard() {
+                        log::error!("imgcache: {id}: {discard}");
+                    }
+                    fill.finish(Err(reason));
+                    self.fills.remove(&fill);
+                    return Err(e);
+                }
+            },
+        })
+    }
+
+    /// Where `id` is now: cached, being filled here (to follow), or not —
+    /// then a new fill registered for the caller to drive. Goes round while
+    /// other writers win races, waits for another process's writer, and
+    /// quarantines a corrupt cached file on the way.
+    fn find(&self, key: Admitted<'_>) -> Result<Found> {
+        let id = key.id();
         for _ in 0..FETCH_ROUNDS {
             match self.open_for_read(id) {
-                Ok(Some(image)) => return Ok(ImageStream::Cached(image)),
+                Ok(Some(image)) => return Ok(Found::Hit(image)),
                 Ok(None) => {}
                 // A fault of the cache is never the client's: the entry is
                 // quarantined by now, and the origin answers instead.
@@ -962,61 +1043,121 @@ impl ImageCache {
                 }
                 // The metadata store is down: the origin answers, and nothing
                 // is cached (a commit could not be recorded).
-                Err(e @ Error::Store(_)) => {
-                    log::warn!("imgcache: {id}: {e}; serving it from the origin, uncached");
-                    let Some(open) = open.take() else {
-                        return Err(e);
-                    };
-                    let (source, expected) = open()?;
-                    return Ok(ImageStream::Filling(Box::new(TeeReader::pass_through(
-                        id.clone(),
-                        source,
-                        expected,
-                    ))));
-                }
+                Err(e @ Error::Store(_)) => return Ok(Found::StoreDown(e)),
                 Err(e) => return Err(e),
             }
+            // `Ok(None)`: go round; `Err(None)`: another process writes it.
             let step = self.fills.with(|map| {
                 if let Some(fill) = map.get(id) {
-                    return Ok(Step::Follow(fill.clone()));
+                    return Ok(Some(Found::Follow(fill.clone())));
                 }
                 match self.start_fill(key, map) {
-                    Ok((writer, fill)) => Ok(Step::Fill(writer, fill)),
-                    Err(Error::AlreadyCached { .. }) => Ok(Step::Again),
-                    Err(Error::AlreadyBeingCached { .. }) => Ok(Step::Foreign),
-                    Err(e) => Err(e),
+                    Ok((writer, fill)) => Ok(Some(Found::Fill(writer, fill))),
+                    Err(Error::AlreadyCached { .. }) => Ok(None),
+                    Err(Error::AlreadyBeingCached { .. }) => Err(None),
+                    Err(e) => Err(Some(e)),
                 }
-            })?;
+            });
             match step {
-                Step::Follow(fill) => return Ok(ImageStream::Following(FollowReader::new(fill))),
-                Step::Fill(writer, fill) => {
-                    let Some(open) = open.take() else {
-                        break;
-                    };
-                    return match open() {
-                        Ok((source, expected)) => Ok(ImageStream::Filling(Box::new(
-                            self.tee(writer, fill, source, expected),
-                        ))),
-                        Err(e) => {
-                            let reason = format!("cannot open the source: {e}");
-                            // Nothing was written: nothing to keep in invalid/.
-                            if let Err(discard) = writer.discard() {
-                                log::error!("imgcache: {id}: {discard}");
-                            }
-                            fill.finish(Err(reason));
-                            self.fills.remove(&fill);
-                            Err(e)
-                        }
-                    };
-                }
-                Step::Again => {}
-                Step::Foreign => files::wait_for_writer(&self.layout, key)?,
+                Ok(Some(found)) => return Ok(found),
+                Ok(None) => {}
+                // Waits with the registry unlocked.
+                Err(None) => files::wait_for_writer(&self.layout, key)?,
+                Err(Some(e)) => return Err(e),
             }
         }
         Err(Error::FillFailed {
             id: id.clone(),
             reason: format!("other writers kept winning, {FETCH_ROUNDS} times"),
         })
+    }
+
+    /// Reads `id` from wherever it is, as [`ImageCache::fetch`] does, but
+    /// with a fill that belongs to no caller: on a miss, `open` runs on a
+    /// thread of its own, which reads the origin into the cache at the
+    /// origin's pace, and every caller — this one included — gets a
+    /// [`FollowReader`] of the filling file, to read at its own pace.
+    ///
+    /// This is what a server wants: a slow client never slows the fill or
+    /// the others, a client that leaves does not stop it, and a failed fill
+    /// (the origin's error, a wrong size or checksum, a full disk) reaches
+    /// every follower as an error, never as a clean end. The size the
+    /// origin announces is checked, as is its checksum.
+    ///
+    /// - cached: [`Fetched::Cached`] (a hit counted);
+    /// - being filled, by this call or an earlier one: [`Fetched::Following`];
+    /// - the metadata store cannot be reached: [`Fetched::Uncached`], the
+    ///   origin's object opened by `open` on this thread, to pass through
+    ///   (nothing is cached).
+    ///
+    /// Errors from `open` reach the followers ([`FollowReader::started`]):
+    /// [`Error::OriginNotFound`] as itself, others as
+    /// [`Error::FillFailed`].
+    pub fn fetch_detached<F>(&self, id: &ImageId, open: F) -> Result<Fetched>
+    where
+        F: FnOnce() -> Result<OriginObject> + Send + 'static,
+    {
+        let key = self.layout.admit(id)?;
+        let (writer, fill) = match self.find(key)? {
+            Found::Hit(image) => return Ok(Fetched::Cached(image)),
+            Found::Follow(fill) => return Ok(Fetched::Following(FollowReader::new(fill))),
+            Found::StoreDown(e) => {
+                log::warn!("imgcache: {id}: {e}; serving it from the origin, uncached");
+                return open().map(Fetched::Uncached);
+            }
+            Found::Fill(writer, fill) => (writer, fill),
+        };
+        let follower = FollowReader::new(fill.clone());
+        let fills = self.fills.clone();
+        let thread_fill = fill.clone();
+        let id2 = id.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("imgcache-fill-{id}"))
+            .spawn(move || {
+                let fill = thread_fill;
+                let object = match open() {
+                    Ok(object) => object,
+                    Err(e) => {
+                        if let Err(discard) = writer.discard() {
+                            log::error!("imgcache: {id2}: {discard}");
+                        }
+                        match e {
+                            Error::OriginNotFound { origin, .. } => {
+                                fill.not_found(format!("not found at {origin}"), origin)
+                            }
+                            e => fill.finish(Err(format!("cannot open the origin: {e}"))),
+                        }
+                        fills.remove(&fill);
+                        return;
+                    }
+                };
+                fill.start(object.size, object.checksum.clone());
+                let source = SizeChecked {
+                    inner: object.reader,
+                    announced: object.size,
+                    seen: 0,
+                };
+                let mut tee =
+                    TeeReader::filling(writer, fill, fills, source, object.checksum, false);
+                match io::copy(&mut tee, &mut io::sink()) {
+                    Ok(n) if tee.stats().cached => log::info!("imgcache: {id2}: filled, {n} bytes"),
+                    Ok(_) => log::warn!(
+                        "imgcache: {id2}: fill not cached: {}",
+                        tee.stats().cache_error.as_deref().unwrap_or("?")
+                    ),
+                    Err(e) => log::warn!("imgcache: {id2}: fill failed: {e}"),
+                }
+            });
+        if let Err(e) = spawned {
+            // The closure (and the writer in it) is gone: end the fill.
+            fill.finish(Err(format!("cannot start a fill thread: {e}")));
+            self.fills.remove(&fill);
+            return Err(Error::FillFailed {
+                id: id.clone(),
+                reason: format!("cannot start a fill thread: {e}"),
+            });
+        }
+        Ok(Fetched::Following(follower))
     }
 
     /// Caches `id` from `source`: `Ok(true)` if it was cached now, `Ok(false)`

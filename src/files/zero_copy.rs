@@ -174,3 +174,40 @@ fn write_all_waiting(w: &mut File, out: BorrowedFd<'_>, mut buf: &[u8]) -> io::R
     }
     Ok(())
 }
+
+/// One non-blocking transfer of up to `want` bytes of `file` at `off` to
+/// `out` (a socket, or any descriptor): `sendfile` on Linux, a `pread` and
+/// one `write` where the kernel refuses and on other systems. Returns how
+/// many bytes went (0 at the end of the file); `WouldBlock` when `out` is
+/// full, for the caller to wait on readiness.
+pub(crate) fn send_once(
+    file: &File,
+    out: BorrowedFd<'_>,
+    off: u64,
+    want: u64,
+    use_kernel: &mut bool,
+) -> io::Result<usize> {
+    let want = want.min(CHUNK);
+    #[cfg(target_os = "linux")]
+    if *use_kernel {
+        match kernel_step(Mode::Sendfile, file, out, off, want) {
+            Err(e) if refused(&e) => *use_kernel = false,
+            other => return other,
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        *use_kernel = false;
+    }
+    let n = usize::try_from(want)
+        .unwrap_or(usize::MAX)
+        .min(FALLBACK_BUFFER);
+    let mut buffer = vec![0u8; n];
+    let got = file.read_at(&mut buffer, off)?;
+    if got == 0 {
+        return Ok(0);
+    }
+    // A short write sends fewer bytes than were read; the rest are read
+    // again on the next call.
+    nix::unistd::write(out, &buffer[..got]).map_err(io::Error::from)
+}

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use super::{Origin, OriginObject};
-use crate::checksum::Checksum;
+use super::template::{check_template, content_md5, url_of};
+use super::{Origin, OriginObject, OriginRequest};
 use crate::error::{Error, Result};
 use crate::id::ImageId;
 
@@ -16,6 +16,7 @@ use crate::id::ImageId;
 /// - HTTP 404 is [`Error::OriginNotFound`]; other non-2xx statuses,
 ///   connection failures and timeouts are [`Error::Origin`].
 /// - Bodies are passed as sent: no content decoding.
+/// - [`Origin::open_for`] passes the client's `X-Auth-Token` on.
 #[derive(Debug, Clone)]
 pub struct HttpOrigin {
     template: String,
@@ -39,17 +40,7 @@ impl HttpOrigin {
         connect: Duration,
         read: Duration,
     ) -> Result<Self> {
-        let template = template.into();
-        if !template.contains("{id}") {
-            return Err(Error::Config(format!(
-                "origin URL {template:?} has no {{id}} placeholder"
-            )));
-        }
-        if !(template.starts_with("http://") || template.starts_with("https://")) {
-            return Err(Error::Config(format!(
-                "origin URL {template:?} is not http:// or https://"
-            )));
-        }
+        let template = check_template(template.into())?;
         let agent = ureq::Agent::config_builder()
             .timeout_connect(Some(connect))
             .timeout_recv_response(Some(read))
@@ -62,78 +53,28 @@ impl HttpOrigin {
 
     /// The URL of image `id`.
     pub fn url(&self, id: &ImageId) -> String {
-        self.template.replace("{id}", &percent_encode(id.as_str()))
+        url_of(&self.template, id)
     }
-}
-
-/// Percent-encodes everything but RFC 3986's unreserved characters, so that
-/// an id is one path segment.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// Reads a `Content-MD5` value: 32 hex digits (Glance), or the base64 of
-/// the 16-byte digest (RFC 1864).
-fn content_md5(value: &str) -> Option<Checksum> {
-    let v = value.trim();
-    if let Ok(c) = Checksum::md5(v) {
-        return Some(c);
-    }
-    let digest = base64_16(v)?;
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    Checksum::md5(&hex).ok()
-}
-
-/// Decodes standard base64 holding exactly 16 bytes (24 characters, `==`).
-fn base64_16(s: &str) -> Option<[u8; 16]> {
-    let s = s.strip_suffix("==")?;
-    if s.len() != 22 {
-        return None;
-    }
-    let mut bits: u32 = 0;
-    let mut nbits = 0;
-    let mut out = Vec::with_capacity(16);
-    for c in s.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        };
-        bits = (bits << 6) | u32::from(v);
-        nbits += 6;
-        if nbits >= 8 {
-            nbits -= 8;
-            out.push((bits >> nbits) as u8);
-            bits &= (1 << nbits) - 1;
-        }
-    }
-    out.try_into().ok()
 }
 
 impl Origin for HttpOrigin {
     fn open(&self, id: &ImageId) -> Result<OriginObject> {
+        self.open_for(id, &OriginRequest::default())
+    }
+
+    /// Opens `id`, passing the request's `X-Auth-Token` on.
+    fn open_for(&self, id: &ImageId, request: &OriginRequest) -> Result<OriginObject> {
         let url = self.url(id);
         let fail = |detail: String| Error::Origin {
             id: id.clone(),
             origin: url.clone(),
             detail,
         };
-        let response = self
-            .agent
-            .get(&url)
-            .call()
-            .map_err(|e| fail(e.to_string()))?;
+        let mut get = self.agent.get(&url);
+        if let Some(token) = &request.auth_token {
+            get = get.header("X-Auth-Token", token);
+        }
+        let response = get.call().map_err(|e| fail(e.to_string()))?;
         let status = response.status();
         if status.as_u16() == 404 {
             return Err(Error::OriginNotFound {
@@ -182,14 +123,5 @@ mod tests {
         );
         assert!(HttpOrigin::new("http://glance/no-placeholder").is_err());
         assert!(HttpOrigin::new("ftp://x/{id}").is_err());
-    }
-
-    #[test]
-    fn content_md5_in_hex_and_base64() {
-        let hex = "900150983cd24fb0d6963f7d28e17f72"; // MD5 of "abc"
-        assert_eq!(content_md5(hex).unwrap().hex(), hex);
-        assert_eq!(content_md5("kAFQmDzST7DWlj99KOF/cg==").unwrap().hex(), hex);
-        assert!(content_md5("nonsense").is_none());
-        assert!(content_md5("kAFQmDzST7DWlj99KOF/c!==").is_none());
     }
 }

@@ -12,10 +12,16 @@ use crate::checksum::Checksum;
 use crate::error::Result;
 use crate::id::ImageId;
 
+#[cfg(feature = "serve")]
+mod async_http;
 mod dir;
 #[cfg(feature = "http")]
 mod http;
+#[cfg(any(feature = "http", feature = "serve"))]
+mod template;
 
+#[cfg(feature = "serve")]
+pub use async_http::{AsyncHttpOrigin, AsyncOriginObject};
 pub use dir::DirOrigin;
 #[cfg(feature = "http")]
 pub use http::HttpOrigin;
@@ -39,13 +45,51 @@ impl fmt::Debug for OriginObject {
     }
 }
 
+/// What a client's request carries that an origin may need: its
+/// credentials, passed on when a server forwards them.
+#[derive(Clone, Default)]
+#[non_exhaustive]
+pub struct OriginRequest {
+    /// The client's `X-Auth-Token` (Keystone's), if it sent one and the
+    /// server forwards it.
+    pub auth_token: Option<String>,
+}
+
+impl OriginRequest {
+    /// A request carrying `token` as its `X-Auth-Token`.
+    pub fn with_auth_token(token: impl Into<String>) -> Self {
+        OriginRequest {
+            auth_token: Some(token.into()),
+        }
+    }
+}
+
+impl fmt::Debug for OriginRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A token is a secret: never in a log line.
+        f.debug_struct("OriginRequest")
+            .field("auth_token", &self.auth_token.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
 /// A backend a cache fills from.
+///
+/// `open` blocks; a fill calls it on a thread of its own (see
+/// [`crate::ImageCache::fetch_detached`]), never on an async runtime's.
 ///
 /// Errors: [`crate::Error::OriginNotFound`] when the origin has no such
 /// image, [`crate::Error::Origin`] for everything else it refuses.
 pub trait Origin: Send + Sync + fmt::Debug {
     /// Opens image `id`.
     fn open(&self, id: &ImageId) -> Result<OriginObject>;
+
+    /// Opens image `id` for a client's `request` (its credentials passed
+    /// on). By default the request is ignored.
+    fn open_for(&self, id: &ImageId, request: &OriginRequest) -> Result<OriginObject> {
+        let _ = request;
+        self.open(id)
+    }
 
     /// Where the origin is, for messages (a path, a URL template).
     fn describe(&self) -> String;

@@ -3,6 +3,7 @@
 //! directory.
 
 mod output;
+mod serve;
 mod settings;
 
 use std::io::{IsTerminal, Write};
@@ -144,6 +145,10 @@ enum Command {
     Scrub,
     /// Entries, bytes, max size, hits, queued and invalid counts.
     Stats,
+    /// Serve images over HTTP: GET/HEAD {prefix}{id}/file from the cache,
+    /// one fill per miss from the origin, zero-copy bodies. Logs go to
+    /// stderr (RUST_LOG or -v sets the level).
+    Serve(serve::ServeArgs),
 }
 
 /// A failure to report: a one-line message and an exit code.
@@ -216,6 +221,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
     let cache = options.open()?;
     let as_json = cli.json;
     match cli.command {
+        Command::Serve(args) => return serve::run(cache, args),
         Command::ListCached { all_nodes: true } => {
             let Some(images) = cache.cached_images_all_nodes()? else {
                 return Err(Failure::input(format!(
@@ -802,10 +808,25 @@ fn main() -> ExitCode {
         1 => log::LevelFilter::Info,
         _ => log::LevelFilter::Debug,
     };
-    env_logger::Builder::new()
-        .filter_level(level)
-        .format_timestamp(None)
-        .init();
+    if matches!(cli.command, Command::Serve(_)) {
+        // The server logs with tracing (the library's `log` records too).
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(match cli.verbose {
+                0 => "warn",
+                1 => "info",
+                _ => "debug",
+            })
+        });
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        env_logger::Builder::new()
+            .filter_level(level)
+            .format_timestamp(None)
+            .init();
+    }
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(f) => {

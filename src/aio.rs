@@ -1,0 +1,116 @@
+//! The async face of the cache (feature `tokio`).
+//!
+//! Nothing here blocks a runtime thread on the disk or the metadata store:
+//! hits are opened, and fills looked up, on tokio's blocking pool; a fill
+//! runs on a thread of its own ([`ImageCache::fetch_detached`]); followers
+//! wait for bytes with wakers ([`FollowReader::ready`]); and bytes go to a
+//! socket with `sendfile` driven by the socket's readiness, never by a
+//! blocking `poll`.
+//!
+//! One exception is the kernel's own: `sendfile` of a page that is not in
+//! the page cache reads it from the disk inside the call, as nginx's
+//! `sendfile on` does. For images that are mostly cold, serve through the
+//! [`crate::serve::ImageService`] body instead, which reads on the blocking
+//! pool.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use crate::cache::{Fetched, ImageCache};
+use crate::error::{Error, Result};
+use crate::files::zero_copy::send_once;
+use crate::files::CachedImage;
+use crate::id::ImageId;
+use crate::origin::OriginObject;
+use crate::range::ByteRange;
+
+/// Sends bytes `start..end` of `file` to `stream` without copying them
+/// through user space (`sendfile` on Linux; a `pread`/`write` loop where
+/// the kernel refuses and on other systems), waiting on the socket's
+/// readiness between transfers. Returns how many bytes were sent; a file
+/// that ends before `end` is `UnexpectedEof`.
+pub async fn send_file_async(
+    file: &File,
+    stream: &TcpStream,
+    start: u64,
+    end: u64,
+) -> io::Result<u64> {
+    let mut off = start;
+    let mut kernel = true;
+    while off < end {
+        stream.writable().await?;
+        match stream.try_io(Interest::WRITABLE, || {
+            send_once(file, stream.as_fd(), off, end - off, &mut kernel)
+        }) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the file ended at byte {off}, before {end}"),
+                ))
+            }
+            Ok(n) => off += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(off - start)
+}
+
+impl CachedImage {
+    /// [`CachedImage::send_to`] into a tokio `TcpStream`: bytes of `range`
+    /// (or all) by `sendfile`, driven by the socket's readiness.
+    pub async fn send_to_async(&self, stream: &TcpStream, range: Option<ByteRange>) -> Result<u64> {
+        let r = range
+            .unwrap_or(ByteRange::full(self.len()))
+            .within(self.id(), self.len())?;
+        send_file_async(self.file(), stream, r.start, r.end)
+            .await
+            .map_err(|e| Error::io("send", self.path(), e))
+    }
+}
+
+/// Runs blocking `f` on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    cache: &ImageCache,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        Error::io(
+            "run a blocking task in",
+            cache.options().image_cache_dir(),
+            io::Error::other(e.to_string()),
+        )
+    })?
+}
+
+impl ImageCache {
+    /// [`ImageCache::open_for_read`] on tokio's blocking pool.
+    pub async fn open_for_read_async(
+        self: &Arc<Self>,
+        id: &ImageId,
+    ) -> Result<Option<CachedImage>> {
+        let cache = self.clone();
+        let id = id.clone();
+        blocking(self, move || cache.open_for_read(&id)).await
+    }
+
+    /// [`ImageCache::fetch_detached`] on tokio's blocking pool: a hit, or a
+    /// follower of the one fill of `id` (started now with `open` if none
+    /// runs), or — with the metadata store down — the origin's object to
+    /// pass through. Waiting for another process's writer happens there
+    /// too, never on a runtime thread.
+    pub async fn fetch_async<F>(self: &Arc<Self>, id: &ImageId, open: F) -> Result<Fetched>
+    where
+        F: FnOnce() -> Result<OriginObject> + Send + 'static,
+    {
+        let cache = self.clone();
+        let id = id.clone();
+        blocking(self, move || cache.fetch_detached(&id, open)).await
+    }
+}

@@ -1,0 +1,366 @@
+//! What a request for an image gets: one place for the HTTP semantics,
+//! whichever transport writes the response (hyper's, or the zero-copy
+//! server's).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, StatusCode};
+
+use super::ServeOptions;
+use crate::checksum::{Algorithm, Checksum};
+use crate::error::Error;
+use crate::files::CachedImage;
+use crate::id::ImageId;
+use crate::origin::{Origin, OriginObject, OriginRequest};
+use crate::range::ByteRange;
+use crate::{Fetched, FollowReader, ImageCache};
+
+/// A response, before a transport writes it.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: PlanBody,
+    /// Where the bytes came from, for the `x-imgcache` header and logs.
+    pub source: &'static str,
+}
+
+/// A response's body.
+pub(crate) enum PlanBody {
+    /// No body (HEAD, 304, and the like); `Content-Length` may still be set.
+    Empty,
+    /// A short body (an error's message).
+    Bytes(Bytes),
+    /// Bytes `range` of a cached file.
+    Cached(Arc<CachedImage>, ByteRange),
+    /// Bytes `start..end` (or to the end) of a filling file.
+    Follow(Arc<FollowReader>, u64, Option<u64>),
+    /// The origin's bytes, passed through uncached (the metadata store is
+    /// down): checked against the announced size and checksum.
+    Uncached(Box<OriginObject>),
+}
+
+impl std::fmt::Debug for PlanBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PlanBody::Empty => f.write_str("Empty"),
+            PlanBody::Bytes(b) => write!(f, "Bytes({})", b.len()),
+            PlanBody::Cached(i, r) => write!(f, "Cached({}, {r})", i.id()),
+            PlanBody::Follow(fo, s, e) => write!(f, "Follow({}, {s}, {e:?})", fo.id()),
+            PlanBody::Uncached(o) => write!(f, "Uncached({:?})", o.size),
+        }
+    }
+}
+
+/// The request, as the planner needs it.
+pub(crate) struct Ask<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+/// The image id in `path` (`{prefix}{id}/file`, the id percent-encoded):
+/// `None` if the path is not an image's, `Some(Err)` if the id is invalid.
+pub fn route(prefix: &str, path: &str) -> Option<Result<ImageId, String>> {
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let rest = path.strip_prefix(prefix)?;
+    let raw = rest.strip_suffix("/file")?;
+    if raw.is_empty() || raw.contains('/') {
+        return None;
+    }
+    let decoded = match percent_encoding::percent_decode_str(raw).decode_utf8() {
+        Ok(d) => d,
+        Err(_) => return Some(Err(format!("image id {raw:?} is not UTF-8"))),
+    };
+    Some(ImageId::new(decoded.as_ref()).map_err(|e| e.to_string()))
+}
+
+/// What a `Range` header asks of an image of `size` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeAsk {
+    /// No usable range (absent, malformed, several ranges, or not in
+    /// bytes): the whole image, `200`.
+    Whole,
+    /// One satisfiable range: `206`.
+    Part(ByteRange),
+    /// A well-formed range outside the image: `416`.
+    Unsatisfiable,
+}
+
+/// Classifies a `Range` header value for an image of `size` bytes.
+///
+/// Several ranges (`bytes=0-1,5-6`) get the whole image: a multipart
+/// response would cost every client a parser for one rare case, and HTTP
+/// lets a server ignore `Range`.
+pub fn range_ask(value: Option<&str>, size: u64) -> RangeAsk {
+    let Some(v) = value else {
+        return RangeAsk::Whole;
+    };
+    match ByteRange::parse_http(v, size) {
+        Some(r) => RangeAsk::Part(r),
+        // Well-formed (it parses against any size) but not satisfiable here.
+        None if ByteRange::parse_http(v, u64::MAX).is_some() => RangeAsk::Unsatisfiable,
+        None => RangeAsk::Whole,
+    }
+}
+
+/// The entity tag of an image: its checksum where known (as Glance stores
+/// it: MD5 in hex, others as `algorithm:hex`), else its CRC-32 and size.
+pub(crate) fn etag(checksum: Option<&str>, crc: Option<(u32, u64)>) -> Option<HeaderValue> {
+    let tag = match (checksum, crc) {
+        (Some(c), _) => format!("\"{c}\""),
+        (None, Some((crc, size))) => format!("\"crc32-{crc:08x}-{size}\""),
+        (None, None) => return None,
+    };
+    HeaderValue::from_str(&tag).ok()
+}
+
+fn stored(c: &Checksum) -> String {
+    match c.algorithm() {
+        Algorithm::Md5 => c.hex().to_owned(),
+        _ => c.to_string(),
+    }
+}
+
+/// Whether an `If-None-Match` value matches `tag` (weak comparison).
+pub(crate) fn none_match(value: &str, tag: &str) -> bool {
+    let tag = tag.trim_start_matches("W/");
+    value
+        .split(',')
+        .map(str::trim)
+        .any(|v| v == "*" || v.trim_start_matches("W/") == tag)
+}
+
+/// Plans the response to `ask`.
+pub(crate) async fn plan(
+    cache: &Arc<ImageCache>,
+    origin: &Arc<dyn Origin>,
+    options: &ServeOptions,
+    ask: Ask<'_>,
+) -> Plan {
+    let id = match route(&options.prefix, ask.path) {
+        None => return error(StatusCode::NOT_FOUND, "no such resource".into()),
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, e),
+        Some(Ok(id)) => id,
+    };
+    let head = match *ask.method {
+        Method::GET => false,
+        Method::HEAD => true,
+        _ => {
+            let mut p = error(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD".into());
+            p.headers
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return p;
+        }
+    };
+    let mut request = OriginRequest::default();
+    if options.forward_auth_token {
+        request.auth_token = ask
+            .headers
+            .get("x-auth-token")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+    }
+    let open_origin = origin.clone();
+    let open_id = id.clone();
+    let fetched = cache
+        .fetch_async(&id, move || open_origin.open_for(&open_id, &request))
+        .await;
+    let fetched = match fetched {
+        Ok(f) => f,
+        Err(e) => return failed(&e),
+    };
+    match fetched {
+        Fetched::Cached(image) => {
+            let info = image.info();
+            let tag = etag(info.checksum.as_deref(), info.crc32.map(|c| (c, info.size)));
+            let md5 = info
+                .checksum
+                .as_deref()
+                .filter(|c| Checksum::md5(c).is_ok());
+            let size = image.len();
+            respond(
+                ask,
+                head,
+                Some(size),
+                tag,
+                md5.map(str::to_owned),
+                "hit",
+                |r| PlanBody::Cached(Arc::new(image), r.unwrap_or(ByteRange::full(size))),
+            )
+        }
+        Fetched::Following(follower) => {
+            let size = match follower.started().await {
+                Ok(size) => size,
+                Err(e) => return failed(&e),
+            };
+            let checksum = follower.checksum();
+            let tag = checksum.as_ref().and_then(|c| etag(Some(&stored(c)), None));
+            let md5 = checksum
+                .as_ref()
+                .filter(|c| c.algorithm() == Algorithm::Md5)
+                .map(|c| c.hex().to_owned());
+            let follower = Arc::new(follower);
+            respond(ask, head, size, tag, md5, "follow", |r| match r {
+                Some(r) => PlanBody::Follow(follower, r.start, Some(r.end)),
+                None => PlanBody::Follow(follower, 0, size),
+            })
+        }
+        Fetched::Uncached(object) => {
+            let size = object.size;
+            let tag = object
+                .checksum
+                .as_ref()
+                .and_then(|c| etag(Some(&stored(c)), None));
+            let md5 = object
+                .checksum
+                .as_ref()
+                .filter(|c| c.algorithm() == Algorithm::Md5)
+                .map(|c| c.hex().to_owned());
+            // Passed through whole: a range of it would need the origin's
+            // own range support.
+            let ask = Ask {
+                headers: &HeaderMap::new(),
+                ..ask
+            };
+            respond(ask, head, size, tag, md5, "uncached", |_| {
+                PlanBody::Uncached(Box::new(object))
+            })
+        }
+    }
+}
+
+/// The response for an image of `size` bytes (unknown: streamed chunked,
+/// ranges ignored), with conditional requests and ranges applied; `body`
+/// makes the body for the range chosen (`None`: the whole image).
+fn respond(
+    ask: Ask<'_>,
+    head: bool,
+    size: Option<u64>,
+    tag: Option<HeaderValue>,
+    md5: Option<String>,
+    source: &'static str,
+    body: impl FnOnce(Option<ByteRange>) -> PlanBody,
+) -> Plan {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Some(t) = &tag {
+        headers.insert(header::ETAG, t.clone());
+    }
+    if let Some(m) = md5.and_then(|m| HeaderValue::from_str(&m).ok()) {
+        // Glance's header: the MD5 in hex (not RFC 1864's base64).
+        headers.insert("content-md5", m);
+    }
+    let tag_str = tag.as_ref().and_then(|t| t.to_str().ok());
+    let text = |name: header::HeaderName| ask.headers.get(name).and_then(|v| v.to_str().ok());
+    if let (Some(inm), Some(t)) = (text(header::IF_NONE_MATCH), tag_str) {
+        if none_match(inm, t) {
+            return Plan {
+                status: StatusCode::NOT_MODIFIED,
+                headers,
+                body: PlanBody::Empty,
+                source,
+            };
+        }
+    }
+    let Some(size) = size else {
+        // Unknown size: the whole image, chunked.
+        return Plan {
+            status: StatusCode::OK,
+            headers,
+            body: if head { PlanBody::Empty } else { body(None) },
+            source,
+        };
+    };
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    // If-Range: the range only if the client's tag is ours (strong match).
+    let honour_range = match text(header::IF_RANGE) {
+        None => true,
+        Some(v) => tag_str.is_some_and(|t| v.trim() == t && !t.starts_with("W/")),
+    };
+    let ranged = if honour_range {
+        range_ask(text(header::RANGE), size)
+    } else {
+        RangeAsk::Whole
+    };
+    let (status, range) = match ranged {
+        RangeAsk::Whole => (StatusCode::OK, None),
+        RangeAsk::Part(r) => {
+            let value = format!("bytes {}-{}/{size}", r.start, r.end - 1);
+            headers.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&value).expect("ASCII"),
+            );
+            (StatusCode::PARTIAL_CONTENT, Some(r))
+        }
+        RangeAsk::Unsatisfiable => {
+            let mut p = error(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                format!("the image has {size} bytes"),
+            );
+            p.headers.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{size}")).expect("ASCII"),
+            );
+            p.headers
+                .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+            p.source = source;
+            return p;
+        }
+    };
+    let len = range.map_or(size, |r| r.len());
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    Plan {
+        status,
+        headers,
+        body: if head { PlanBody::Empty } else { body(range) },
+        source,
+    }
+}
+
+/// A short text response.
+pub(crate) fn error(status: StatusCode, message: String) -> Plan {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    let body = Bytes::from(format!("{message}\n"));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    Plan {
+        status,
+        headers,
+        body: PlanBody::Bytes(body),
+        source: "error",
+    }
+}
+
+/// The response to a failed lookup or fill: what the client should see.
+pub(crate) fn failed(e: &Error) -> Plan {
+    let status = status_of(e);
+    if status.is_server_error() {
+        tracing::warn!(error = %e, status = status.as_u16(), "request failed");
+    }
+    error(status, e.to_string())
+}
+
+/// The status for an error: the client's fault (`400`), the origin's
+/// (`404`, `502`), the store's (`503`), or ours (`500`).
+pub fn status_of(e: &Error) -> StatusCode {
+    match e {
+        Error::InvalidId { .. } => StatusCode::BAD_REQUEST,
+        Error::OriginNotFound { .. } => StatusCode::NOT_FOUND,
+        Error::Origin { .. }
+        | Error::Source { .. }
+        | Error::FillFailed { .. }
+        | Error::ChecksumMismatch { .. }
+        | Error::InvalidChecksum { .. } => StatusCode::BAD_GATEWAY,
+        Error::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}

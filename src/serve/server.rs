@@ -1,0 +1,379 @@
+//! [`Server`]: an HTTP/1.1 server that owns its connections, so that it
+//! can write the response head itself and `sendfile` the body.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::body::Chunks;
+use super::plan::{self, Plan, PlanBody};
+use super::ImageService;
+use crate::aio::send_file_async;
+
+/// The largest request head accepted (`431` beyond).
+const MAX_HEAD: usize = 16 * 1024;
+/// The most header lines accepted.
+const MAX_HEADERS: usize = 64;
+
+/// A request head, parsed.
+#[derive(Debug)]
+pub struct RequestHead {
+    /// The method.
+    pub method: Method,
+    /// The request target as sent.
+    pub target: String,
+    /// HTTP/1.1 (`true`) or HTTP/1.0.
+    pub http11: bool,
+    /// The headers.
+    pub headers: HeaderMap,
+    /// The head's length in bytes, up to and including the blank line.
+    pub len: usize,
+}
+
+/// Why a request head was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    /// Not yet a whole head: read more.
+    #[error("incomplete request head")]
+    Partial,
+    /// Longer than the server accepts.
+    #[error("request head over {MAX_HEAD} bytes")]
+    TooLarge,
+    /// Not HTTP/1.x.
+    #[error("malformed request head: {0}")]
+    Malformed(String),
+}
+
+/// Parses the request head at the start of `buf` (httparse; header names
+/// and values checked as `http` does). Never panics, whatever `buf` holds.
+pub fn parse_head(buf: &[u8]) -> Result<RequestHead, HeadError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut slots);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Err(HeadError::Partial),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(e) => return Err(HeadError::Malformed(e.to_string())),
+    };
+    if len > MAX_HEAD {
+        return Err(HeadError::TooLarge);
+    }
+    let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
+        .map_err(|e| HeadError::Malformed(e.to_string()))?;
+    let target = req.path.unwrap_or("").to_owned();
+    let http11 = req.version == Some(1);
+    let mut headers = HeaderMap::new();
+    for h in req.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|e| HeadError::Malformed(format!("header {:?}: {e}", h.name)))?;
+        let value = HeaderValue::from_bytes(h.value)
+            .map_err(|e| HeadError::Malformed(format!("header {name}: {e}")))?;
+        headers.append(name, value);
+    }
+    Ok(RequestHead {
+        method,
+        target,
+        http11,
+        headers,
+        len,
+    })
+}
+
+/// Whether the connection stays open after this request.
+fn keep_alive(head: &RequestHead) -> bool {
+    let tokens = head
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect::<Vec<_>>();
+    if head.http11 {
+        !tokens.iter().any(|t| t == "close")
+    } else {
+        tokens.iter().any(|t| t == "keep-alive")
+    }
+}
+
+/// The zero-copy HTTP/1.1 server of `imgcache serve`: the planner of
+/// [`ImageService`], with bodies sent by `sendfile` from the cached or
+/// filling file (see the [module docs](super)).
+///
+/// Requests with a body (`Content-Length` above 0, `Transfer-Encoding`)
+/// are refused with `400` and the connection closed: the data path has no
+/// use for one. Idle connections close after
+/// [`super::ServeOptions::header_timeout`].
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    service: ImageService,
+}
+
+impl Server {
+    /// A server for `service` on `listener`.
+    pub fn new(listener: TcpListener, service: ImageService) -> Self {
+        Server { listener, service }
+    }
+
+    /// Binds `addr`.
+    pub async fn bind(addr: SocketAddr, service: ImageService) -> io::Result<Self> {
+        Ok(Server::new(TcpListener::bind(addr).await?, service))
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until the listener fails; a task per connection.
+    pub async fn run(self) -> io::Result<()> {
+        let service = Arc::new(self.service);
+        loop {
+            let (stream, peer) = self.listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            let service = service.clone();
+            tokio::spawn(async move {
+                if let Err(e) = connection(&service, stream).await {
+                    tracing::debug!(%peer, error = %e, "connection ended");
+                }
+            });
+        }
+    }
+}
+
+/// One connection: requests one after another (pipelined ones too).
+async fn connection(service: &ImageService, mut stream: TcpStream) -> io::Result<()> {
+    let timeout = service.options().header_timeout;
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        let head = loop {
+            match parse_head(&buf) {
+                Ok(head) => break head,
+                Err(HeadError::Partial) => {}
+                Err(e) => {
+                    let status = if e == HeadError::TooLarge {
+                        http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+                    } else {
+                        http::StatusCode::BAD_REQUEST
+                    };
+                    let plan = plan::error(status, e.to_string());
+                    return write_plan(&mut stream, plan, false, true).await;
+                }
+            }
+            let read = tokio::time::timeout(timeout, stream.read_buf(&mut buf)).await;
+            match read {
+                Ok(Ok(0)) | Err(_) => return Ok(()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e),
+            }
+        };
+        let _ = buf.split_to(head.len);
+        let has_body = head.headers.contains_key(http::header::TRANSFER_ENCODING)
+            || head
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() != b"0");
+        if has_body {
+            let plan = plan::error(
+                http::StatusCode::BAD_REQUEST,
+                "a request body is not accepted here".into(),
+            );
+            return write_plan(&mut stream, plan, false, true).await;
+        }
+        let keep = keep_alive(&head);
+        let path = head.target.clone();
+        let plan = plan::plan(
+            &service.inner.cache,
+            &service.inner.origin,
+            &service.inner.options,
+            plan::Ask {
+                method: &head.method,
+                path: &path,
+                headers: &head.headers,
+            },
+        )
+        .await;
+        tracing::debug!(
+            method = %head.method,
+            path = %path,
+            status = plan.status.as_u16(),
+            source = plan.source,
+            "request"
+        );
+        write_plan(&mut stream, plan, head.method == Method::HEAD, !keep).await?;
+        if !keep {
+            return Ok(());
+        }
+    }
+}
+
+/// Writes a planned response: the head, then the body (sent by `sendfile`
+/// where it is a file's). An error after the head leaves the response cut
+/// short; the caller drops the connection.
+async fn write_plan(
+    stream: &mut TcpStream,
+    plan: Plan,
+    head_only: bool,
+    close: bool,
+) -> io::Result<()> {
+    let chunked = !plan.headers.contains_key(http::header::CONTENT_LENGTH)
+        && !head_only
+        && plan.status != http::StatusCode::NOT_MODIFIED
+        && !matches!(plan.body, PlanBody::Empty);
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(plan.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(plan.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &plan.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"x-imgcache: ");
+    out.extend_from_slice(plan.source.as_bytes());
+    out.extend_from_slice(b"\r\ndate: ");
+    out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+    if chunked {
+        out.extend_from_slice(b"\r\ntransfer-encoding: chunked");
+    }
+    if close {
+        out.extend_from_slice(b"\r\nconnection: close");
+    }
+    out.extend_from_slice(b"\r\n\r\n");
+    let body = if head_only {
+        PlanBody::Empty
+    } else {
+        plan.body
+    };
+    match body {
+        PlanBody::Empty => stream.write_all(&out).await,
+        PlanBody::Bytes(b) => {
+            out.extend_from_slice(&b);
+            stream.write_all(&out).await
+        }
+        PlanBody::Cached(image, range) => {
+            send_head(stream, &out).await?;
+            send_file_async(image.file(), stream, range.start, range.end)
+                .await
+                .map(drop)
+        }
+        PlanBody::Follow(follower, start, end) => {
+            send_head(stream, &out).await?;
+            let mut pos = start;
+            loop {
+                let n = match follower.ready(pos, end).await {
+                    Ok(Some(n)) => n,
+                    Ok(None) => break,
+                    Err(e) => return Err(e.into_io()),
+                };
+                if chunked {
+                    stream.write_all(format!("{n:x}\r\n").as_bytes()).await?;
+                }
+                send_file_async(follower.file(), stream, pos, pos + n).await?;
+                if chunked {
+                    stream.write_all(b"\r\n").await?;
+                }
+                pos += n;
+            }
+            if chunked {
+                stream.write_all(b"0\r\n\r\n").await?;
+            }
+            Ok(())
+        }
+        body @ PlanBody::Uncached(_) => {
+            stream.write_all(&out).await?;
+            let mut chunks = Chunks::new(body);
+            while let Some(chunk) = chunks.next().await {
+                let chunk = chunk?;
+                if chunked {
+                    stream
+                        .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                        .await?;
+                    stream.write_all(&chunk).await?;
+                    stream.write_all(b"\r\n").await?;
+                } else {
+                    stream.write_all(&chunk).await?;
+                }
+            }
+            if chunked {
+                stream.write_all(b"0\r\n\r\n").await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Writes a response head that a body follows, with `MSG_MORE` where the
+/// kernel has it, so that the head and the first body bytes share packets.
+async fn send_head(stream: &TcpStream, mut head: &[u8]) -> io::Result<()> {
+    while !head.is_empty() {
+        stream.writable().await?;
+        match stream.try_io(Interest::WRITABLE, || more(stream, head)) {
+            Ok(n) => head = &head[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(target_os = "linux")]
+fn more(stream: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    use nix::sys::socket::{send, MsgFlags};
+    use std::os::fd::AsRawFd;
+    send(
+        stream.as_fd().as_raw_fd(),
+        buf,
+        MsgFlags::from_bits_retain(nix::libc::MSG_MORE),
+    )
+    .map_err(io::Error::from)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn more(stream: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    nix::unistd::write(stream.as_fd(), buf).map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_parse_or_are_refused() {
+        let h =
+            parse_head(b"GET /v2/images/a/file HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1\r\n\r\nGET")
+                .unwrap();
+        assert_eq!(h.method, Method::GET);
+        assert_eq!(h.target, "/v2/images/a/file");
+        assert!(h.http11 && keep_alive(&h));
+        assert_eq!(h.headers["range"], "bytes=0-1");
+        assert_eq!(h.len, 61);
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1
+Host").unwrap_err(),
+            HeadError::Partial
+        );
+        assert!(matches!(
+            parse_head(b"\x00\x01 nonsense\r\n\r\n"),
+            Err(HeadError::Malformed(_))
+        ));
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_HEAD));
+        assert_eq!(parse_head(big.as_bytes()).unwrap_err(), HeadError::TooLarge);
+        let h10 = parse_head(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        assert!(!keep_alive(&h10));
+        let close = parse_head(b"GET / HTTP/1.1\r\nConnection: Close\r\n\r\n").unwrap();
+        assert!(!keep_alive(&close));
+    }
+}
