@@ -41,8 +41,8 @@ impl Filling {
         if let Err(e) = self.writer.abort(reason) {
             log::error!("imgcache: cannot invalidate a failed fill: {e}");
         }
-        self.fill.finish(Err(reason.to_owned()));
         self.fills.remove(&self.fill);
+        self.fill.finish(Err(reason.to_owned()));
     }
 }
 
@@ -204,7 +204,12 @@ impl<R: Read + Send + 'static> TeeReader<R> {
             fills,
         }) = self.filling.take()
         {
-            match writer.commit() {
+            // Out of the registry before the followers hear of the end, so
+            // that a request that comes after a follower's end finds the
+            // cached file (a hit), not a finished fill.
+            let committed = writer.commit();
+            fills.remove(&fill);
+            match committed {
                 Ok(info) => {
                     self.stats.cached = true;
                     fill.finish(Ok(info.size));
@@ -216,7 +221,6 @@ impl<R: Read + Send + 'static> TeeReader<R> {
                     fill.finish(Err(reason));
                 }
             }
-            fills.remove(&fill);
         }
         Ok(0)
     }

@@ -104,7 +104,7 @@ pub struct CentralizedDbDriver {
 }
 
 /// The store's handle: dropping the last one stops the flusher and writes
-/// the hits held, on the dropping thread.
+/// the hits held.
 struct Handle(Arc<Inner>);
 
 impl std::ops::Deref for Handle {
@@ -118,8 +118,22 @@ impl Drop for Handle {
     fn drop(&mut self) {
         self.0.hits.lock().stop = true;
         self.0.wake.notify_all();
-        if let Err(e) = self.0.flush_hits() {
-            log::warn!("imgcache: {}: hits not written: {e}", self.0.pool.location);
+        // On a thread of its own, waited for: the sync client runs an async
+        // runtime inside, which cannot start on a thread that is already
+        // driving one (an async server dropping its last handle there).
+        let inner = self.0.clone();
+        let last = std::thread::Builder::new()
+            .name("imgcache-pg-close".into())
+            .spawn(move || {
+                if let Err(e) = inner.flush_hits() {
+                    log::warn!("imgcache: {}: hits not written: {e}", inner.pool.location);
+                }
+                drop(std::mem::take(&mut *inner.pool.idle.lock()));
+            });
+        match last.map(std::thread::JoinHandle::join) {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => log::error!("imgcache: {}: closing panicked", self.0.pool.location),
+            Err(e) => log::error!("imgcache: {}: cannot close: {e}", self.0.pool.location),
         }
     }
 }

@@ -196,6 +196,13 @@ pub(crate) async fn plan(
                 Ok(size) => size,
                 Err(e) => return failed(&e),
             };
+            // An empty body has no last byte to hold back: answer once the
+            // fill has committed, so that a failure is still a status.
+            if size == Some(0) {
+                if let Err(e) = follower.ready(0, Some(0)).await {
+                    return failed(&e);
+                }
+            }
             let checksum = follower.checksum();
             let tag = checksum.as_ref().and_then(|c| etag(Some(&stored(c)), None));
             let md5 = checksum

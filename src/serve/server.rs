@@ -361,8 +361,11 @@ mod tests {
         assert_eq!(h.headers["range"], "bytes=0-1");
         assert_eq!(h.len, 61);
         assert_eq!(
-            parse_head(b"GET / HTTP/1.1
-Host").unwrap_err(),
+            parse_head(
+                b"GET / HTTP/1.1
+Host"
+            )
+            .unwrap_err(),
             HeadError::Partial
         );
         assert!(matches!(

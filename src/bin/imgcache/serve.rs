@@ -52,10 +52,16 @@ pub fn run(cache: ImageCache, args: ServeArgs) -> Result<u8, Failure> {
     let runtime = runtime
         .build()
         .map_err(|e| Failure::input(format!("cannot start the runtime: {e}")))?;
-    runtime.block_on(serve(cache, args))
+    // The last handle on the cache drops here, off the runtime: a store's
+    // close may block (PostgreSQL's client).
+    let cache = Arc::new(cache);
+    let code = runtime.block_on(serve(cache.clone(), args));
+    drop(runtime);
+    drop(cache);
+    code
 }
 
-async fn serve(cache: ImageCache, args: ServeArgs) -> Result<u8, Failure> {
+async fn serve(cache: Arc<ImageCache>, args: ServeArgs) -> Result<u8, Failure> {
     let origin: Arc<dyn Origin> =
         if args.origin.starts_with("http://") || args.origin.starts_with("https://") {
             Arc::new(AsyncHttpOrigin::new(&args.origin)?)
@@ -73,7 +79,7 @@ async fn serve(cache: ImageCache, args: ServeArgs) -> Result<u8, Failure> {
     let options = ServeOptions::default()
         .prefix(&args.prefix)
         .forward_auth_token(args.forward_auth_token);
-    let service = ImageService::new(Arc::new(cache), origin.clone(), options);
+    let service = ImageService::new(cache, origin.clone(), options);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| Failure::input(format!("cannot listen on {}: {e}", args.listen)))?;

@@ -1,0 +1,719 @@
+//! The HTTP data path, with real sockets: a real origin server on
+//! loopback (hyper), the cache's server (both transports: the zero-copy
+//! `Server` and hyper's `serve_hyper`), and a real client (reqwest).
+
+mod common;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use common::bytes;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use imgcache::serve::{serve_hyper, ImageService, ServeOptions, Server};
+use imgcache::testing::Store;
+use imgcache::{AsyncHttpOrigin, CacheOptions, ImageCache, ImageId, ManualClock};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
+
+/// How the test origin answers for one image.
+#[derive(Clone, Default)]
+struct Served {
+    data: Bytes,
+    /// Fail after this many bytes (the connection aborted).
+    fail_after: Option<usize>,
+    /// Announce this MD5 (hex) instead of the right one.
+    md5: Option<String>,
+    /// Answer with this status and no body.
+    status: Option<u16>,
+    /// Send this many bytes, then wait for the gate before the rest.
+    gate_after: Option<usize>,
+    /// Bytes per chunk (default 64 KiB).
+    chunk: Option<usize>,
+}
+
+/// A real HTTP origin on loopback, counting the requests it gets.
+struct Origin {
+    addr: SocketAddr,
+    images: Arc<parking_lot::Mutex<HashMap<String, Served>>>,
+    requests: Arc<AtomicUsize>,
+    gate: Arc<Semaphore>,
+    tokens: Arc<parking_lot::Mutex<Vec<Option<String>>>>,
+}
+
+impl Origin {
+    async fn start() -> Origin {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let images: Arc<parking_lot::Mutex<HashMap<String, Served>>> = Default::default();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(Semaphore::new(0));
+        let tokens: Arc<parking_lot::Mutex<Vec<Option<String>>>> = Default::default();
+        let (i, r, g, t) = (
+            images.clone(),
+            requests.clone(),
+            gate.clone(),
+            tokens.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (i, r, g, t) = (i.clone(), r.clone(), g.clone(), t.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let (i, r, g, t) = (i.clone(), r.clone(), g.clone(), t.clone());
+                            async move {
+                                r.fetch_add(1, Ordering::SeqCst);
+                                t.lock().push(
+                                    req.headers()
+                                        .get("x-auth-token")
+                                        .map(|v| v.to_str().unwrap().to_owned()),
+                                );
+                                let name =
+                                    req.uri().path().trim_start_matches("/images/").to_owned();
+                                Ok::<_, Infallible>(answer(i.lock().get(&name).cloned(), g))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Origin {
+            addr,
+            images,
+            requests,
+            gate,
+            tokens,
+        }
+    }
+
+    fn put(&self, id: &str, served: Served) {
+        self.images.lock().insert(id.to_owned(), served);
+    }
+
+    fn template(&self) -> String {
+        format!("http://{}/images/{{id}}", self.addr)
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+type OriginBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+fn answer(served: Option<Served>, gate: Arc<Semaphore>) -> hyper::Response<OriginBody> {
+    let Some(s) = served else {
+        return hyper::Response::builder()
+            .status(404)
+            .body(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+            .unwrap();
+    };
+    if let Some(status) = s.status {
+        return hyper::Response::builder()
+            .status(status)
+            .body(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+            .unwrap();
+    }
+    let md5 = s.md5.clone().unwrap_or_else(|| md5_hex(&s.data));
+    let len = s.data.len();
+    let chunk = s.chunk.unwrap_or(64 * 1024);
+    let stream = futures_util::stream::unfold((s, 0usize, false), move |(s, pos, waited)| {
+        let gate = gate.clone();
+        async move {
+            if let Some(g) = s.gate_after {
+                if pos >= g && !waited {
+                    gate.acquire().await.unwrap().forget();
+                    return Some((Ok(Frame::data(Bytes::new())), (s, pos, true)));
+                }
+            }
+            if let Some(f) = s.fail_after {
+                if pos >= f {
+                    return Some((
+                        Err(std::io::Error::other("origin failed")),
+                        (s, usize::MAX, waited),
+                    ));
+                }
+            }
+            if pos >= s.data.len() {
+                return None;
+            }
+            let mut end = (pos + chunk).min(s.data.len());
+            if let Some(g) = s.gate_after.filter(|g| pos < *g && !waited) {
+                end = end.min(g);
+            }
+            if let Some(f) = s.fail_after.filter(|f| pos < *f) {
+                end = end.min(f);
+            }
+            let b = s.data.slice(pos..end);
+            Some((Ok(Frame::data(b)), (s, end, waited)))
+        }
+    });
+    hyper::Response::builder()
+        .header("content-length", len)
+        .header("content-md5", md5)
+        .body(StreamBody::new(stream).boxed())
+        .unwrap()
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    Sendfile,
+    Hyper,
+}
+
+const TRANSPORTS: [Transport; 2] = [Transport::Sendfile, Transport::Hyper];
+
+/// The cache's server on loopback.
+struct Front {
+    _dir: tempfile::TempDir,
+    cache: Arc<ImageCache>,
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Front {
+    async fn start(store: Store, origin: &Origin, transport: Transport) -> Front {
+        Self::start_with(store, origin, transport, ServeOptions::default()).await
+    }
+
+    async fn start_with(
+        store: Store,
+        origin: &Origin,
+        transport: Transport,
+        options: ServeOptions,
+    ) -> Front {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(SystemTime::now());
+        let cache_options = CacheOptions::new(dir.path()).clock(Arc::new(clock));
+        // Opened off the runtime: a store may block (PostgreSQL's client
+        // runs a runtime of its own).
+        let cache = Arc::new(
+            tokio::task::spawn_blocking(move || store.open(cache_options).unwrap())
+                .await
+                .unwrap(),
+        );
+        let http = AsyncHttpOrigin::new(origin.template()).unwrap();
+        let service = ImageService::new(cache.clone(), Arc::new(http), options);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        match transport {
+            Transport::Sendfile => {
+                tokio::spawn(Server::new(listener, service).run());
+            }
+            Transport::Hyper => {
+                tokio::spawn(serve_hyper(listener, service));
+            }
+        }
+        Front {
+            _dir: dir,
+            cache,
+            base: format!("http://{addr}/v2/images"),
+            client: reqwest::Client::builder().no_proxy().build().unwrap(),
+        }
+    }
+
+    fn url(&self, id: &str) -> String {
+        format!("{}/{id}/file", self.base)
+    }
+
+    async fn get(&self, id: &str) -> reqwest::Response {
+        self.client.get(self.url(id)).send().await.unwrap()
+    }
+}
+
+fn md5_hex(data: &[u8]) -> String {
+    let mut h = imgcache::Hasher::new(imgcache::Algorithm::Md5);
+    h.update(data);
+    h.finish().hex().to_owned()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn image(seed: u64, len: usize) -> Served {
+    Served {
+        data: Bytes::from(bytes(seed, len)),
+        ..Served::default()
+    }
+}
+
+for_each_driver!(hits_and_misses_are_byte_exact);
+
+fn hits_and_misses_are_byte_exact(store: Store) {
+    runtime().block_on(async {
+        let origin = Origin::start().await;
+        let served = image(1, 3 * 1024 * 1024 + 17);
+        origin.put("img", served.clone());
+        origin.put("empty", image(2, 0));
+        for transport in TRANSPORTS {
+            let front = Front::start(store, &origin, transport).await;
+            let before = origin.requests();
+            let miss = front.get("img").await;
+            assert_eq!(miss.status(), 200, "{transport:?}");
+            assert_eq!(miss.headers()["x-imgcache"], "follow");
+            assert_eq!(
+                miss.headers()["content-length"],
+                served.data.len().to_string().as_str()
+            );
+            assert_eq!(
+                miss.bytes().await.unwrap(),
+                served.data,
+                "{transport:?} miss"
+            );
+            let hit = front.get("img").await;
+            assert_eq!(hit.headers()["x-imgcache"], "hit", "{transport:?}");
+            let md5 = md5_hex(&served.data);
+            assert_eq!(hit.headers()["etag"], format!("\"{md5}\"").as_str());
+            assert_eq!(hit.headers()["content-md5"], md5.as_str());
+            assert_eq!(hit.headers()["accept-ranges"], "bytes");
+            assert_eq!(hit.bytes().await.unwrap(), served.data, "{transport:?} hit");
+            let empty = front.get("empty").await;
+            assert_eq!(empty.status(), 200);
+            assert!(empty.bytes().await.unwrap().is_empty());
+            assert_eq!(front.get("empty").await.headers()["x-imgcache"], "hit");
+            assert_eq!(
+                origin.requests() - before,
+                2,
+                "{transport:?}: one origin request per image"
+            );
+            // The blocking API, off the runtime (a store may block).
+            let cache = front.cache.clone();
+            let hits = tokio::task::spawn_blocking(move || {
+                cache.hit_count(&ImageId::new("img").unwrap()).unwrap()
+            });
+            assert_eq!(hits.await.unwrap(), 1);
+        }
+    });
+}
+
+#[test]
+fn ranges_heads_and_conditional_requests() {
+    runtime().block_on(async {
+        let origin = Origin::start().await;
+        let served = image(3, 1_000_000);
+        origin.put("img", served.clone());
+        origin.put("cold", served.clone());
+        origin.put("coldhead", served.clone());
+        for transport in TRANSPORTS {
+            let front = Front::start(Store::SQLITE, &origin, transport).await;
+            let c = &front.client;
+            let url = front.url("img");
+            // A range on a miss: served from the filling file.
+            let r = c
+                .get(front.url("cold"))
+                .header("range", "bytes=500000-500099")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 206, "{transport:?}");
+            assert_eq!(r.headers()["content-range"], "bytes 500000-500099/1000000");
+            assert_eq!(
+                r.bytes().await.unwrap(),
+                served.data.slice(500_000..500_100)
+            );
+            // HEAD on a miss: the headers, no body, and the fill starts.
+            let h = c.head(front.url("coldhead")).send().await.unwrap();
+            assert_eq!(h.status(), 200);
+            assert_eq!(h.headers()["content-length"], "1000000");
+            assert!(h.bytes().await.unwrap().is_empty());
+            // Warm "img".
+            assert_eq!(
+                c.get(&url).send().await.unwrap().bytes().await.unwrap(),
+                served.data
+            );
+            let etag = c.head(&url).send().await.unwrap().headers()["etag"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let cases: &[(&[(&str, &str)], u16, Option<std::ops::Range<usize>>)] = &[
+                (&[("range", "bytes=0-0")], 206, Some(0..1)),
+                (&[("range", "bytes=999990-")], 206, Some(999_990..1_000_000)),
+                (&[("range", "bytes=-10")], 206, Some(999_990..1_000_000)),
+                (
+                    &[("range", "bytes=999990-2000000")],
+                    206,
+                    Some(999_990..1_000_000),
+                ),
+                (&[("range", "bytes=1000000-")], 416, None),
+                (&[("range", "bytes=0-1,5-6")], 200, Some(0..1_000_000)),
+                (&[("range", "lines=1-2")], 200, Some(0..1_000_000)),
+                (&[("if-none-match", etag.as_str())], 304, None),
+                (&[("if-none-match", "\"other\", *")], 304, None),
+                (&[("if-none-match", "\"other\"")], 200, Some(0..1_000_000)),
+                (
+                    &[("range", "bytes=0-9"), ("if-range", etag.as_str())],
+                    206,
+                    Some(0..10),
+                ),
+                (
+                    &[("range", "bytes=0-9"), ("if-range", "\"stale\"")],
+                    200,
+                    Some(0..1_000_000),
+                ),
+            ];
+            for (headers, status, body) in cases {
+                let mut req = c.get(&url);
+                for (k, v) in *headers {
+                    req = req.header(*k, *v);
+                }
+                let r = req.send().await.unwrap();
+                assert_eq!(r.status().as_u16(), *status, "{transport:?} {headers:?}");
+                if *status == 416 {
+                    assert_eq!(r.headers()["content-range"], "bytes */1000000");
+                }
+                if *status == 206 {
+                    let want = body.clone().unwrap();
+                    assert_eq!(
+                        r.headers()["content-range"],
+                        format!("bytes {}-{}/1000000", want.start, want.end - 1).as_str()
+                    );
+                }
+                let got = r.bytes().await.unwrap();
+                match body {
+                    Some(range) => assert_eq!(
+                        got,
+                        served.data.slice(range.clone()),
+                        "{transport:?} {headers:?}"
+                    ),
+                    None if *status == 304 => assert!(got.is_empty()),
+                    None => {}
+                }
+            }
+            let head = c.head(&url).send().await.unwrap();
+            assert_eq!(head.status(), 200);
+            assert_eq!(head.headers()["content-length"], "1000000");
+            assert!(head.bytes().await.unwrap().is_empty());
+        }
+    });
+}
+
+#[test]
+fn statuses_for_what_is_not_an_image() {
+    runtime().block_on(async {
+        let origin = Origin::start().await;
+        origin.put(
+            "broken",
+            Served {
+                status: Some(500),
+                ..Served::default()
+            },
+        );
+        origin.put(
+            "forbidden",
+            Served {
+                status: Some(403),
+                ..Served::default()
+            },
+        );
+        for transport in TRANSPORTS {
+            let front = Front::start(Store::SQLITE, &origin, transport).await;
+            let c = &front.client;
+            assert_eq!(front.get("nowhere").await.status(), 404, "{transport:?}");
+            assert_eq!(front.get("broken").await.status(), 502, "{transport:?}");
+            assert_eq!(front.get("forbidden").await.status(), 502, "{transport:?}");
+            assert_eq!(front.get("a%2Fb").await.status(), 400, "{transport:?}");
+            assert_eq!(front.get("a%00b").await.status(), 400, "{transport:?}");
+            assert_eq!(front.get("%ff").await.status(), 400, "{transport:?}");
+            let other = c
+                .get(format!("{}/x/other", front.base))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(other.status(), 404);
+            let post = c.post(front.url("x")).send().await.unwrap();
+            assert_eq!(post.status(), 405);
+            assert_eq!(post.headers()["allow"], "GET, HEAD");
+            assert!(front.cache.cached_images().unwrap().is_empty());
+        }
+    });
+}
+
+#[test]
+fn a_hundred_cold_requests_make_one_origin_request() {
+    runtime().block_on(async {
+        let origin = Origin::start().await;
+        let served = image(4, 8 * 1024 * 1024);
+        for transport in TRANSPORTS {
+            let name = format!("hot-{transport:?}");
+            // Held at the origin until every client has asked.
+            origin.put(
+                &name,
+                Served {
+                    gate_after: Some(1024 * 1024),
+                    ..served.clone()
+                },
+            );
+            let front = Front::start(Store::SQLITE, &origin, transport).await;
+            let before = origin.requests();
+            let (told, mut heard) = tokio::sync::mpsc::unbounded_channel();
+            let mut tasks = Vec::new();
+            for _ in 0..100 {
+                let (c, url, told) = (front.client.clone(), front.url(&name), told.clone());
+                tasks.push(tokio::spawn(async move {
+                    let r = c.get(url).send().await.unwrap();
+                    told.send(()).unwrap();
+                    (
+                        r.headers()["x-imgcache"].to_str().unwrap().to_owned(),
+                        r.bytes().await.unwrap(),
+                    )
+                }));
+            }
+            // Every client has its headers (the origin answered) while the
+            // origin holds the rest of the body: all follow one fill.
+            for _ in 0..100 {
+                heard.recv().await.unwrap();
+            }
+            origin.gate.add_permits(1);
+            for t in tasks {
+                let (source, body) = t.await.unwrap();
+                assert_eq!(body, served.data, "{transport:?}");
+                assert_eq!(source, "follow");
+            }
+            assert_eq!(
+                origin.requests() - before,
+                1,
+                "{transport:?}: single flight"
+            );
+        }
+    });
+}
+
+#[test]
+fn a_stalled_client_does_not_hold_back_the_others() {
+    runtime().block_on(async {
+        let origin = Origin::start().await;
+        let served = image(5, 24 * 1024 * 1024);
+        for transport in TRANSPORTS {
+            let name = format!("big-{transport:?}");
+            origin.put(&name, served.clone());
+            let front = Front::start(Store::SQLITE, &origin, transport).await;
+            // A client that asks and never reads: its socket buffers fill up.
+            let addr = front
+                .base
+                .trim_start_matches("http://")
+                .split('/')
+                .next()
+                .unwrap()
+                .to_owned();
+            let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            stalled
+                .write_all(
+                    format!("GET /v2/images/{name}/file HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+                )
+                .await
+                .unwrap();
+            let mut first = [0u8; 1];
+            stalled.read_exact(&mut first).await.unwrap();
+            let mut tasks = Vec::new();
+            for _ in 0..10 {
+                let (c, url) = (front.client.clone(), front.url(&name));
+                tasks.push(tokio::spawn(async move {
+                    c.get(url).send().await.unwrap().bytes().await.unwrap()
+                }));
+            }
+            for t in tasks {
+                assert_eq!(t.await.unwrap(), served.data, "{transport:?}");
+            }
+            // The fill finished without the stalled client.
+            assert!(front
+                .cache
+                .is_cached(&ImageId::new(&name).unwrap())
+                .unwrap());
+            assert_eq!(front.get(&name).await.headers()["x-imgcache"], "hit");
+            drop(stalled);
+        }
+    });
+}
+
+#[test]
+fn a_client_that_leaves_mid_fill_does_not_stop_it() {
+    runtime().block_on(async {
+        let origin = Origin::start().await;
+        let served = image(6, 4 * 1024 * 1024);
+        for transport in TRANSPORTS {
+            let name = format!("left-{transport:?}");
+            origin.put(
+                &name,
+                Served {
+                    gate_after: Some(1024 * 1024),
+                    ..served.clone()
+                },
+            );
+            let front = Front::start(Store::SQLITE, &origin, transport).await;
+            let before = origin.requests();
+            let mut r = front.get(&name).await;
+            let chunk = r.chunk().await.unwrap().unwrap();
+            assert!(!chunk.is_empty());
+            drop(r);
+            origin.gate.add_permits(1);
+            // The next client follows the same fill (or hits its result).
+            let again = front.get(&name).await;
+            assert_eq!(again.bytes().await.unwrap(), served.data, "{transport:?}");
+            assert_eq!(front.get(&name).await.headers()["x-imgcache"], "hit");
+            assert_eq!(origin.requests() - before, 1, "{transport:?}");
+        }
+    });
+}
+
+#[test]
+fn a_failed_fill_cuts_every_body_and_caches_nothing() {
+    runtime().block_on(async {
+        let origin = Origin::start().await;
+        let served = image(7, 2 * 1024 * 1024);
+        for transport in TRANSPORTS {
+            let failing = format!("failing-{transport:?}");
+            let wrong = format!("wrong-{transport:?}");
+            let short = format!("short-{transport:?}");
+            origin.put(
+                &failing,
+                Served {
+                    fail_after: Some(1024 * 1024),
+                    gate_after: Some(512 * 1024),
+                    ..served.clone()
+                },
+            );
+            origin.put(
+                &wrong,
+                Served {
+                    md5: Some("0".repeat(32)),
+                    gate_after: Some(512 * 1024),
+                    ..served.clone()
+                },
+            );
+            origin.put(
+                &short,
+                Served {
+                    fail_after: Some(2 * 1024 * 1024 - 1),
+                    ..served.clone()
+                },
+            );
+            let front = Front::start(Store::SQLITE, &origin, transport).await;
+            for name in [&failing, &wrong] {
+                let (told, mut heard) = tokio::sync::mpsc::unbounded_channel();
+                let mut tasks = Vec::new();
+                for _ in 0..5 {
+                    let (c, url, told) = (front.client.clone(), front.url(name), told.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let r = c.get(url).send().await.unwrap();
+                        assert_eq!(r.status(), 200);
+                        told.send(()).unwrap();
+                        r.bytes().await
+                    }));
+                }
+                for _ in 0..5 {
+                    heard.recv().await.unwrap();
+                }
+                origin.gate.add_permits(1);
+                for t in tasks {
+                    let got = t.await.unwrap();
+                    assert!(
+                        got.is_err(),
+                        "{transport:?} {name}: a clean body of {:?} bytes",
+                        got.map(|b| b.len())
+                    );
+                }
+            }
+            // Cut one byte short by the origin: the client's body is cut too.
+            assert!(
+                front.get(&short).await.bytes().await.is_err(),
+                "{transport:?}"
+            );
+            assert!(
+                front.cache.cached_images().unwrap().is_empty(),
+                "{transport:?}"
+            );
+        }
+    });
+}
+
+#[test]
+fn the_fill_forwards_the_clients_token_when_asked() {
+    runtime().block_on(async {
+        let origin = Origin::start().await;
+        origin.put("a", image(8, 1000));
+        origin.put("b", image(9, 1000));
+        let plain = Front::start(Store::SQLITE, &origin, Transport::Sendfile).await;
+        let r = plain
+            .client
+            .get(plain.url("a"))
+            .header("x-auth-token", "secret")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.bytes().await.unwrap().len(), 1000);
+        let forwarding = Front::start_with(
+            Store::SQLITE,
+            &origin,
+            Transport::Hyper,
+            ServeOptions::default().forward_auth_token(true),
+        )
+        .await;
+        let r = forwarding
+            .client
+            .get(forwarding.url("b"))
+            .header("x-auth-token", "secret")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.bytes().await.unwrap().len(), 1000);
+        assert_eq!(*origin.tokens.lock(), vec![None, Some("secret".to_owned())]);
+    });
+}
+
+#[test]
+fn the_service_mounts_in_an_axum_router() {
+    runtime().block_on(async {
+        let origin = Origin::start().await;
+        let served = image(10, 100_000);
+        origin.put("img", served.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ImageCache::builder(dir.path()).open().unwrap());
+        let service = ImageService::new(
+            cache,
+            Arc::new(AsyncHttpOrigin::new(origin.template()).unwrap()),
+            ServeOptions::default(),
+        );
+        let app = axum::Router::new()
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
+            .route_service("/v2/images/{id}/file", service);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let c = reqwest::Client::builder().no_proxy().build().unwrap();
+        let url = format!("http://{addr}/v2/images/img/file");
+        assert_eq!(
+            c.get(&url).send().await.unwrap().bytes().await.unwrap(),
+            served.data
+        );
+        let hit = c
+            .get(&url)
+            .header("range", "bytes=10-19")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(hit.status(), 206);
+        assert_eq!(hit.headers()["x-imgcache"], "hit");
+        assert_eq!(hit.bytes().await.unwrap(), served.data.slice(10..20));
+        let ok = c
+            .get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok.text().await.unwrap(), "ok");
+    });
+}
