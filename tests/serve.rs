@@ -301,6 +301,9 @@ fn hits_and_misses_are_byte_exact(store: Store) {
     });
 }
 
+/// Request headers, the status wanted, and the bytes wanted.
+type Case<'a> = (&'a [(&'a str, &'a str)], u16, Option<std::ops::Range<usize>>);
+
 #[test]
 fn ranges_heads_and_conditional_requests() {
     runtime().block_on(async {
@@ -340,7 +343,7 @@ fn ranges_heads_and_conditional_requests() {
                 .to_str()
                 .unwrap()
                 .to_owned();
-            let cases: &[(&[(&str, &str)], u16, Option<std::ops::Range<usize>>)] = &[
+            let cases: &[Case] = &[
                 (&[("range", "bytes=0-0")], 206, Some(0..1)),
                 (&[("range", "bytes=999990-")], 206, Some(999_990..1_000_000)),
                 (&[("range", "bytes=-10")], 206, Some(999_990..1_000_000)),
