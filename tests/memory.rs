@@ -153,3 +153,107 @@ fn one_gib_paths_stay_under_32_mib() {
     }
     eprintln!("1 GiB streamed; {}", report.join("; "));
 }
+
+/// `imgcache serve` (a real process) fills a 1 GiB image for 8 clients at
+/// once, then serves it to 8 more as hits, on each transport: the server's
+/// peak RSS stays under 64 MiB. The size comes from
+/// `IMGCACHE_SERVE_BYTES` (default 1 GiB).
+#[test]
+#[ignore = "writes 2 GiB; run by .ci/run"]
+fn serving_one_gib_to_eight_clients_stays_under_64_mib() {
+    const SERVE_LIMIT_KIB: u64 = 64 * 1024;
+    let size: u64 = std::env::var("IMGCACHE_SERVE_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(GIB);
+    let origin = tempfile::tempdir().unwrap();
+    // A sparse file: the origin costs no disk; its MD5 sits beside it.
+    let file = std::fs::File::create(origin.path().join("big")).unwrap();
+    file.set_len(size).unwrap();
+    let mut h = imgcache::Hasher::new(imgcache::Algorithm::Md5);
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        h.update(&zeros[..n]);
+        left -= n as u64;
+    }
+    std::fs::write(origin.path().join("big.md5"), h.finish().hex()).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut report = Vec::new();
+    for transport in ["sendfile", "hyper"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_imgcache"))
+            .arg("--dir")
+            .arg(dir.path())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--transport",
+                transport,
+                "--origin",
+            ])
+            .arg(origin.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        let base = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .expect("address line")
+            .replace("{id}", "big");
+        let pid = child.id();
+        runtime.block_on(async {
+            let client = reqwest::Client::builder().no_proxy().build().unwrap();
+            for round in ["miss", "hit"] {
+                let mut tasks = Vec::new();
+                for _ in 0..8 {
+                    let (client, url) = (client.clone(), base.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let mut r = client.get(url).send().await.unwrap();
+                        assert_eq!(r.status(), 200);
+                        let mut n = 0u64;
+                        while let Some(chunk) = r.chunk().await.unwrap() {
+                            assert!(chunk.iter().all(|&b| b == 0), "wrong bytes");
+                            n += chunk.len() as u64;
+                        }
+                        n
+                    }));
+                }
+                for t in tasks {
+                    assert_eq!(t.await.unwrap(), size, "{transport} {round}");
+                }
+            }
+        });
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let peak: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        report.push(format!(
+            "{transport}: peak RSS {:.1} MiB",
+            peak as f64 / 1024.0
+        ));
+        assert!(
+            peak < SERVE_LIMIT_KIB,
+            "{transport}: server peak RSS {peak} KiB over {SERVE_LIMIT_KIB} KiB"
+        );
+    }
+    eprintln!(
+        "served {} MiB to 8 followers and 8 hits; {}",
+        size >> 20,
+        report.join("; ")
+    );
+}

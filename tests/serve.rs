@@ -302,7 +302,11 @@ fn hits_and_misses_are_byte_exact(store: Store) {
 }
 
 /// Request headers, the status wanted, and the bytes wanted.
-type Case<'a> = (&'a [(&'a str, &'a str)], u16, Option<std::ops::Range<usize>>);
+type Case<'a> = (
+    &'a [(&'a str, &'a str)],
+    u16,
+    Option<std::ops::Range<usize>>,
+);
 
 #[test]
 fn ranges_heads_and_conditional_requests() {
