@@ -109,6 +109,11 @@ impl ImageCache {
     where
         F: FnOnce() -> Result<OriginObject> + Send + 'static,
     {
+        // A fill in progress here is joined at once, off the pool: the
+        // many clients of a cold image do not queue for its threads.
+        if let Some(follower) = self.follow(id)? {
+            return Ok(Fetched::Following(follower));
+        }
         let cache = self.clone();
         let id = id.clone();
         blocking(self, move || cache.fetch_detached(&id, open)).await

@@ -1072,6 +1072,17 @@ impl ImageCache {
         })
     }
 
+    /// A follower of the fill of `id` in progress in this process, if one
+    /// runs: no disk or store access, so an async caller may ask on a
+    /// runtime thread before it goes to [`ImageCache::fetch_detached`].
+    pub fn follow(&self, id: &ImageId) -> Result<Option<FollowReader>> {
+        self.layout.admit(id)?;
+        Ok(self
+            .fills
+            .with(|map| map.get(id).cloned())
+            .map(FollowReader::new))
+    }
+
     /// Reads `id` from wherever it is, as [`ImageCache::fetch`] does, but
     /// with a fill that belongs to no caller: on a miss, `open` runs on a
     /// thread of its own, which reads the origin into the cache at the

@@ -604,7 +604,15 @@ impl CacheDriver for SqliteDriver {
     }
 
     fn remove_if_missing(&self, ids: &[ImageId], missing: &dyn Fn(&ImageId) -> bool) -> Result<()> {
-        if ids.is_empty() {
+        // Most misses have no row at all: a read, no write transaction.
+        let mut any = false;
+        for id in ids {
+            if self.row(id)?.is_some() {
+                any = true;
+                break;
+            }
+        }
+        if !any {
             return Ok(());
         }
         self.inner.flush_hits()?;

@@ -16,7 +16,7 @@ use crate::checksum::{Checksum, Hasher};
 
 /// A body chunk read on the blocking pool: large enough that a read costs
 /// little per byte, small enough that many clients stay within memory.
-pub(crate) const CHUNK: usize = 512 * 1024;
+pub(crate) const CHUNK: usize = 256 * 1024;
 
 /// The body of a response from [`super::ImageService`]: bytes read from
 /// the cached (or filling) file on tokio's blocking pool, a chunk at a

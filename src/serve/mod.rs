@@ -7,7 +7,7 @@
 //! - [`ImageService`]: a tower `Service` (hyper 1.x), to mount in an axum
 //!   `Router` or any hyper server, HTTP/1.1 or HTTP/2. hyper writes bodies
 //!   from user space, so this path reads the file on tokio's blocking pool
-//!   in 512 KiB chunks and hands hyper those bytes: one copy, no runtime
+//!   in 256 KiB chunks and hands hyper those bytes: one copy, no runtime
 //!   thread blocked on the disk. [`serve_hyper`] runs it on a listener.
 //! - [`Server`]: what `imgcache serve` runs — it owns its connections,
 //!   speaks plain HTTP/1.1 (keep-alive, pipelining) and writes the headers

@@ -14,7 +14,7 @@ use crate::Failure;
 pub enum Transport {
     /// Its own HTTP/1.1 connections, bodies sent with sendfile (zero-copy).
     Sendfile,
-    /// hyper (HTTP/1.1 and HTTP/2 without TLS), bodies read in 512 KiB chunks.
+    /// hyper (HTTP/1.1 and HTTP/2 without TLS), bodies read in 256 KiB chunks.
     Hyper,
 }
 
