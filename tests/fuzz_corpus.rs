@@ -60,3 +60,11 @@ fn ops_corpus() {
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
 }
+
+#[test]
+fn http_request_corpus() {
+    for (path, data) in corpus("http_request") {
+        imgcache::testing::http_request(&data)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+}

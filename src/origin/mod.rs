@@ -18,7 +18,7 @@ mod dir;
 #[cfg(feature = "http")]
 mod http;
 #[cfg(any(feature = "http", feature = "serve"))]
-mod template;
+pub(crate) mod template;
 
 #[cfg(feature = "serve")]
 pub use async_http::{AsyncHttpOrigin, AsyncOriginObject};

@@ -26,7 +26,7 @@ pub(crate) fn url_of(template: &str, id: &ImageId) -> String {
 
 /// Percent-encodes everything but RFC 3986's unreserved characters, so that
 /// an id is one path segment.
-fn percent_encode(s: &str) -> String {
+pub(crate) fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {

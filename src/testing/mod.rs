@@ -307,3 +307,59 @@ pub fn urls(data: &[u8]) -> Result<(), String> {
     let _ = crate::drivers::centralized_db::redact(url);
     Ok(())
 }
+
+/// HTTP requests as the data path reads them: the request head (httparse),
+/// the image path and its percent-encoded id, and the `Range` header, on
+/// anything a client may send. Nothing panics; a head parsed is within the
+/// input and the size limit; an id routed is valid and routes back to
+/// itself once encoded again; a range granted lies inside the image.
+#[cfg(feature = "serve")]
+pub fn http_request(data: &[u8]) -> Result<(), String> {
+    use crate::serve::{parse_head, range_ask, route, RangeAsk};
+    let prefix = "/v2/images/";
+    if let Ok(head) = parse_head(data) {
+        if head.len > data.len() || head.len > 16 * 1024 {
+            return Err(format!(
+                "head of {} bytes from {} bytes",
+                head.len,
+                data.len()
+            ));
+        }
+        check_route(prefix, &head.target)?;
+        for value in head.headers.get_all("range") {
+            if let Ok(v) = value.to_str() {
+                check_range(v)?;
+            }
+        }
+    }
+    // The bytes as a path, and as a Range value, whatever they are.
+    if let Ok(text) = std::str::from_utf8(data) {
+        check_route(prefix, text)?;
+        check_route(prefix, &format!("{prefix}{text}/file"))?;
+        check_range(text)?;
+    }
+    fn check_route(prefix: &str, path: &str) -> Result<(), String> {
+        if let Some(Ok(id)) = route(prefix, path) {
+            let again = format!(
+                "{prefix}{}/file",
+                crate::origin::template::percent_encode(id.as_str())
+            );
+            match route(prefix, &again) {
+                Some(Ok(back)) if back == id => {}
+                other => return Err(format!("{path:?} routed to {id}, {again:?} to {other:?}")),
+            }
+        }
+        Ok(())
+    }
+    fn check_range(value: &str) -> Result<(), String> {
+        for size in [0, 1, 100, u64::MAX] {
+            if let RangeAsk::Part(r) = range_ask(Some(value), size) {
+                if !(r.start < r.end && r.end <= size) {
+                    return Err(format!("{value:?} on {size} bytes granted {r}"));
+                }
+            }
+        }
+        Ok(())
+    }
+    Ok(())
+}
