@@ -66,6 +66,13 @@
 //! - [`ImageCache::fetch`]: single flight — one backend open however many
 //!   callers want a cold image; the others follow the fill
 //!   ([`FollowReader`]) or wait for another process's writer.
+//! - [`ImageCache::fetch_detached`]: the same, with a fill that belongs to
+//!   no caller (a thread of its own reads the origin); every caller
+//!   follows it at its own pace. Its async face (feature `tokio`):
+//!   `fetch_async`, `open_for_read_async`, `send_file_async`.
+//! - `serve` (feature `serve`): Glance's image-file path over HTTP — a
+//!   tower `Service` for any hyper or axum app, and the zero-copy HTTP/1.1
+//!   `Server` that `imgcache serve` runs.
 //!
 //! # Layers: one file layer, a narrow metadata store
 //!

@@ -42,7 +42,7 @@ pub struct ServeArgs {
     workers: Option<usize>,
 }
 
-/// Runs the server until SIGINT.
+/// Runs the server until SIGINT or SIGTERM.
 pub fn run(cache: ImageCache, args: ServeArgs) -> Result<u8, Failure> {
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all().thread_name("imgcache-serve");
@@ -56,7 +56,8 @@ pub fn run(cache: ImageCache, args: ServeArgs) -> Result<u8, Failure> {
     // close may block (PostgreSQL's client).
     let cache = Arc::new(cache);
     let code = runtime.block_on(serve(cache.clone(), args));
-    drop(runtime);
+    // Blocking work in flight (a hit's metadata update) gets a moment.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     drop(cache);
     code
 }
@@ -100,10 +101,18 @@ async fn serve(cache: Arc<ImageCache>, args: ServeArgs) -> Result<u8, Failure> {
             Transport::Hyper => serve_hyper(listener, service).await,
         }
     };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Failure::input(format!("cannot wait for SIGTERM: {e}")))?;
+    // On SIGINT or SIGTERM: stop, and let the cache's last handle go (the
+    // hits held in memory are written). Responses in flight are cut.
     tokio::select! {
         r = served => r.map(|()| 0).map_err(|e| Failure::input(format!("listener failed: {e}"))),
         _ = tokio::signal::ctrl_c() => {
             tracing::info!("interrupted: stopping");
+            Ok(0)
+        }
+        _ = term.recv() => {
+            tracing::info!("terminated: stopping");
             Ok(0)
         }
     }
