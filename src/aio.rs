@@ -9,7 +9,9 @@
 //!
 //! One exception is the kernel's own: `sendfile` of a page that is not in
 //! the page cache reads it from the disk inside the call, as nginx's
-//! `sendfile on` does. For images that are mostly cold, serve through the
+//! `sendfile on` does; so does the `pread` of the fallback, where the
+//! kernel refuses `sendfile` (other systems, some file systems). For images
+//! that are mostly cold, serve through the
 //! [`crate::serve::ImageService`] body instead, which reads on the blocking
 //! pool.
 

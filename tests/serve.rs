@@ -245,6 +245,17 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// Runs a test's body on a fresh runtime; a failure is reported at once,
+/// not after the runtime waits out work a failed test left behind.
+fn block(body: impl std::future::Future<Output = ()>) {
+    let rt = runtime();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(body)));
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
 fn image(seed: u64, len: usize) -> Served {
     Served {
         data: Bytes::from(bytes(seed, len)),
@@ -255,7 +266,7 @@ fn image(seed: u64, len: usize) -> Served {
 for_each_driver!(hits_and_misses_are_byte_exact);
 
 fn hits_and_misses_are_byte_exact(store: Store) {
-    runtime().block_on(async {
+    block(async {
         let origin = Origin::start().await;
         let served = image(1, 3 * 1024 * 1024 + 17);
         origin.put("img", served.clone());
@@ -310,7 +321,7 @@ type Case<'a> = (
 
 #[test]
 fn ranges_heads_and_conditional_requests() {
-    runtime().block_on(async {
+    block(async {
         let origin = Origin::start().await;
         let served = image(3, 1_000_000);
         origin.put("img", served.clone());
@@ -411,7 +422,7 @@ fn ranges_heads_and_conditional_requests() {
 
 #[test]
 fn statuses_for_what_is_not_an_image() {
-    runtime().block_on(async {
+    block(async {
         let origin = Origin::start().await;
         origin.put(
             "broken",
@@ -452,7 +463,7 @@ fn statuses_for_what_is_not_an_image() {
 
 #[test]
 fn a_hundred_cold_requests_make_one_origin_request() {
-    runtime().block_on(async {
+    block(async {
         let origin = Origin::start().await;
         let served = image(4, 8 * 1024 * 1024);
         for transport in TRANSPORTS {
@@ -502,7 +513,7 @@ fn a_hundred_cold_requests_make_one_origin_request() {
 
 #[test]
 fn a_stalled_client_does_not_hold_back_the_others() {
-    runtime().block_on(async {
+    block(async {
         let origin = Origin::start().await;
         let served = image(5, 24 * 1024 * 1024);
         for transport in TRANSPORTS {
@@ -549,7 +560,7 @@ fn a_stalled_client_does_not_hold_back_the_others() {
 
 #[test]
 fn a_client_that_leaves_mid_fill_does_not_stop_it() {
-    runtime().block_on(async {
+    block(async {
         let origin = Origin::start().await;
         let served = image(6, 4 * 1024 * 1024);
         for transport in TRANSPORTS {
@@ -579,7 +590,7 @@ fn a_client_that_leaves_mid_fill_does_not_stop_it() {
 
 #[test]
 fn a_failed_fill_cuts_every_body_and_caches_nothing() {
-    runtime().block_on(async {
+    block(async {
         let origin = Origin::start().await;
         let served = image(7, 2 * 1024 * 1024);
         for transport in TRANSPORTS {
@@ -650,7 +661,7 @@ fn a_failed_fill_cuts_every_body_and_caches_nothing() {
 
 #[test]
 fn the_fill_forwards_the_clients_token_when_asked() {
-    runtime().block_on(async {
+    block(async {
         let origin = Origin::start().await;
         origin.put("a", image(8, 1000));
         origin.put("b", image(9, 1000));
@@ -684,7 +695,7 @@ fn the_fill_forwards_the_clients_token_when_asked() {
 
 #[test]
 fn the_service_mounts_in_an_axum_router() {
-    runtime().block_on(async {
+    block(async {
         let origin = Origin::start().await;
         let served = image(10, 100_000);
         origin.put("img", served.clone());
@@ -723,4 +734,104 @@ fn the_service_mounts_in_an_axum_router() {
             .unwrap();
         assert_eq!(ok.text().await.unwrap(), "ok");
     });
+}
+
+/// Writes `request` on a fresh connection and reads until the server
+/// closes it; the whole answer as text (bodies here are short).
+async fn raw(addr: &str, request: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn the_zero_copy_server_speaks_http_1_0_and_1_1() {
+    block(async {
+        let origin = Origin::start().await;
+        origin.put("img", image(11, 5000));
+        let front = Front::start(Store::SQLITE, &origin, Transport::Sendfile).await;
+        assert_eq!(front.get("img").await.bytes().await.unwrap().len(), 5000);
+        let addr = front
+            .base
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        // HTTP/1.0: a length, and the connection closed after the answer.
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"GET /v2/images/img/file HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut bytes = Vec::new();
+        s.read_to_end(&mut bytes).await.unwrap();
+        let end = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert_eq!(bytes.len() - end, 5000);
+        let old = String::from_utf8_lossy(&bytes[..end]).into_owned();
+        assert!(old.starts_with("HTTP/1.1 200 OK\r\n"), "{old}");
+        assert!(old.contains("content-length: 5000\r\n") && old.contains("connection: close\r\n"));
+        // HTTP/1.0 keep-alive is echoed; two pipelined HTTP/1.1 requests,
+        // the second closing; a HEAD with a Range gets the whole length.
+        let many = raw(
+            &addr,
+            "HEAD /v2/images/img/file HTTP/1.0\r\nConnection: keep-alive\r\n\r\n\
+             HEAD http://cache/v2/images/img/file HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\n\r\n\
+             GET /v2/images/img/file HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let answers: Vec<&str> = many.split("HTTP/1.1 ").skip(1).collect();
+        assert_eq!(answers.len(), 3, "{many}");
+        assert!(answers[0].starts_with("200") && answers[0].contains("connection: keep-alive"));
+        assert!(
+            answers[1].starts_with("200") && answers[1].contains("content-length: 5000"),
+            "{}",
+            answers[1]
+        );
+        assert!(
+            answers[2].starts_with("206") && answers[2].contains("content-range: bytes 0-9/5000")
+        );
+        // Refused before any planning: no Host, two lengths, a body.
+        for bad in [
+            "GET /v2/images/img/file HTTP/1.1\r\n\r\n",
+            "GET /v2/images/img/file HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\nabcde",
+            "GET /v2/images/img/file HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "\x01\x02 garbage\r\n\r\n",
+        ] {
+            let answer = raw(&addr, bad).await;
+            assert!(answer.starts_with("HTTP/1.1 400 "), "{bad:?}: {answer}");
+        }
+    });
+}
+
+/// An origin whose `open` panics: the fill's followers get an error, not
+/// a wait for ever, and the next request fills afresh.
+#[test]
+fn a_panicking_origin_ends_the_fill() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ImageCache::builder(dir.path()).open().unwrap();
+    let id = ImageId::new("boom").unwrap();
+    let first = cache
+        .fetch_detached(&id, || panic!("the origin panics"))
+        .unwrap();
+    let imgcache::Fetched::Following(follower) = first else {
+        panic!("a miss is followed");
+    };
+    assert!(follower.wait_started().is_err());
+    let again = cache
+        .fetch_detached(&id, || {
+            Ok(imgcache::OriginObject {
+                reader: Box::new(&b"fine"[..]),
+                size: Some(4),
+                checksum: None,
+            })
+        })
+        .unwrap();
+    let imgcache::Fetched::Following(mut follower) = again else {
+        panic!("a new fill");
+    };
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut follower, &mut got).unwrap();
+    assert_eq!(got, b"fine");
 }

@@ -140,6 +140,25 @@ impl Fill {
         });
     }
 
+    /// Whether the fill has ended (committed or failed).
+    pub(crate) fn is_finished(&self) -> bool {
+        self.state.lock().outcome.is_some()
+    }
+
+    fn poll_committed(&self, cx: &mut Context<'_>) -> Poll<Result<u64>> {
+        let mut state = self.state.lock();
+        match &state.outcome {
+            Some(Ok(size)) => Poll::Ready(Ok(*size)),
+            Some(Err(failure)) => Poll::Ready(Err(failure.error(&self.id))),
+            None => {
+                if !state.wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    state.wakers.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+
     /// How many readers follow this fill now.
     pub(crate) fn followers(&self) -> usize {
         self.followers.load(Ordering::SeqCst)
@@ -157,7 +176,7 @@ impl Fill {
         match &state.outcome {
             Some(Err(failure)) => return Err(failure.error(&self.id)),
             Some(Ok(size)) => {
-                let end = end.map_or(*size, |e| e.min(*size));
+                let end = end.unwrap_or(*size);
                 if end.max(pos) > state.written || end.max(pos) > *size {
                     return Err(Error::FillFailed {
                         id: self.id.clone(),
@@ -253,6 +272,13 @@ impl Fills {
         f(&mut self.0.lock())
     }
 
+    /// The fill of `id`, if the registry can be had without waiting:
+    /// `None` when it is busy (a fill is being registered, which touches
+    /// the disk), so that an async caller never waits on it.
+    pub(crate) fn try_get(&self, id: &ImageId) -> Option<Option<Arc<Fill>>> {
+        self.0.try_lock().map(|map| map.get(id).cloned())
+    }
+
     /// Removes `fill` from the registry (if it is still the one
     /// registered for its id).
     pub(crate) fn remove(&self, fill: &Arc<Fill>) {
@@ -311,6 +337,13 @@ impl FollowReader {
     /// [`FollowReader::started`] returned.
     pub fn checksum(&self) -> Option<Checksum> {
         self.fill.state.lock().checksum.clone()
+    }
+
+    /// Waits until the fill has committed; its size. For a response that
+    /// cannot be cut short visibly (HTTP/1.0 with no announced size), which
+    /// must know the size before it starts.
+    pub async fn committed(&self) -> Result<u64> {
+        std::future::poll_fn(|cx| self.fill.poll_committed(cx)).await
     }
 
     /// [`FollowReader::started`], blocking.

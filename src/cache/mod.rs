@@ -202,6 +202,25 @@ enum Found {
     StoreDown(Error),
 }
 
+/// The read size of a fill's own thread.
+const FILL_BUFFER: usize = 256 * 1024;
+
+/// Ends a fill whose thread ends without ending it (a panic).
+struct FillGuard {
+    fill: Arc<Fill>,
+    fills: Arc<Fills>,
+}
+
+impl Drop for FillGuard {
+    fn drop(&mut self) {
+        if !self.fill.is_finished() {
+            self.fills.remove(&self.fill);
+            self.fill
+                .finish(Err("the fill's thread ended before the fill".into()));
+        }
+    }
+}
+
 /// An origin's stream that must end at the size the origin announced: a
 /// shorter or longer one is an error, so that the fill fails rather than
 /// commit what the origin did not mean.
@@ -1073,14 +1092,13 @@ impl ImageCache {
     }
 
     /// A follower of the fill of `id` in progress in this process, if one
-    /// runs: no disk or store access, so an async caller may ask on a
-    /// runtime thread before it goes to [`ImageCache::fetch_detached`].
+    /// runs: no disk or store access and no waiting (`None` also when the
+    /// registry is busy), so an async caller may ask on a runtime thread
+    /// before it goes to [`ImageCache::fetch_detached`].
     pub fn follow(&self, id: &ImageId) -> Result<Option<FollowReader>> {
         self.layout.admit(id)?;
-        Ok(self
-            .fills
-            .with(|map| map.get(id).cloned())
-            .map(FollowReader::new))
+        // Never waits: a busy registry (a fill being registered) is a "no".
+        Ok(self.fills.try_get(id).flatten().map(FollowReader::new))
     }
 
     /// Reads `id` from wherever it is, as [`ImageCache::fetch`] does, but
@@ -1126,6 +1144,12 @@ impl ImageCache {
             .name(format!("imgcache-fill-{id}"))
             .spawn(move || {
                 let fill = thread_fill;
+                // However this thread ends (a panic in `open` included),
+                // the fill ends: its followers never wait for ever.
+                let _guard = FillGuard {
+                    fill: fill.clone(),
+                    fills: fills.clone(),
+                };
                 let object = match open() {
                     Ok(object) => object,
                     Err(e) => {
@@ -1149,8 +1173,21 @@ impl ImageCache {
                     seen: 0,
                 };
                 let mut tee =
-                    TeeReader::filling(writer, fill, fills, source, object.checksum, false);
-                match io::copy(&mut tee, &mut io::sink()) {
+                    TeeReader::filling(writer, fill, fills, source, object.checksum, false)
+                        .on_own_thread();
+                // Large reads (each one wakes the followers), and no more of
+                // them once caching failed: the next request fills afresh.
+                let mut buf = vec![0u8; FILL_BUFFER];
+                let drained = loop {
+                    match tee.read(&mut buf) {
+                        Ok(0) => break Ok(tee.stats().bytes),
+                        Ok(_) if !tee.is_caching() => break Ok(tee.stats().bytes),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => break Err(e),
+                    }
+                };
+                match drained {
                     Ok(n) if tee.stats().cached => log::info!("imgcache: {id2}: filled, {n} bytes"),
                     Ok(_) => log::warn!(
                         "imgcache: {id2}: fill not cached: {}",

@@ -124,6 +124,13 @@ impl<R: Read + Send + 'static> TeeReader<R> {
         }
     }
 
+    /// Marks a tee that runs on a fill's own thread: dropped early, it
+    /// fails the fill rather than hand it to yet another thread.
+    pub(crate) fn on_own_thread(mut self) -> Self {
+        self.background = true;
+        self
+    }
+
     pub(crate) fn pass_through(id: ImageId, source: R, expected: Option<Checksum>) -> Self {
         TeeReader {
             id,

@@ -180,6 +180,7 @@ fn write_all_waiting(w: &mut File, out: BorrowedFd<'_>, mut buf: &[u8]) -> io::R
 /// one `write` where the kernel refuses and on other systems. Returns how
 /// many bytes went (0 at the end of the file); `WouldBlock` when `out` is
 /// full, for the caller to wait on readiness.
+#[cfg(feature = "tokio")]
 pub(crate) fn send_once(
     file: &File,
     out: BorrowedFd<'_>,

@@ -26,7 +26,7 @@
 //! | several ranges | the whole image, `200` (HTTP lets a server ignore `Range`) |
 //! | `If-None-Match` matching | `304` |
 //! | `If-Range` not matching the `ETag` | the whole image, `200` |
-//! | miss | one fill per image, however many clients ask; every client streams the filling file at its own pace; `Range` served as soon as those bytes landed |
+//! | miss | one fill per image, however many clients ask; every client streams the filling file at its own pace; a `Range` starts as soon as its first bytes landed, and its last byte waits for the commit (as every response streamed from a fill does) |
 //! | origin `404` | `404` |
 //! | origin failure, wrong size or checksum | `502` if before the headers; after them, the body is cut (the connection closed early) |
 //! | invalid id | `400`; other paths `404`; other methods `405` |
@@ -178,6 +178,7 @@ impl ImageService {
                 method: &parts.method,
                 path: parts.uri.path(),
                 headers: &parts.headers,
+                http10: parts.version <= http::Version::HTTP_10,
             },
         )
         .await;
@@ -218,6 +219,36 @@ impl<B: Send + 'static> tower_service::Service<Request<B>> for ImageService {
     }
 }
 
+/// Accepts a connection; `None` after an error that concerns one
+/// connection or a passing shortage (descriptors, memory), after a pause
+/// for the latter; `Err` only for errors of the listener itself.
+pub(crate) async fn accept(
+    listener: &tokio::net::TcpListener,
+) -> std::io::Result<Option<(tokio::net::TcpStream, std::net::SocketAddr)>> {
+    use std::io::ErrorKind;
+    match listener.accept().await {
+        Ok(pair) => Ok(Some(pair)),
+        Err(e) => match e.kind() {
+            ErrorKind::ConnectionAborted
+            | ErrorKind::ConnectionReset
+            | ErrorKind::Interrupted
+            | ErrorKind::WouldBlock => Ok(None),
+            // EMFILE, ENFILE, ENOBUFS, ENOMEM: wait for descriptors to close.
+            _ if e.raw_os_error().is_some_and(|n| {
+                use nix::errno::Errno;
+                [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM]
+                    .contains(&Errno::from_raw(n))
+            }) =>
+            {
+                tracing::warn!(error = %e, "accept failed; pausing");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Ok(None)
+            }
+            _ => Err(e),
+        },
+    }
+}
+
 /// Runs `service` on `listener` with hyper (HTTP/1.1 and HTTP/2 without
 /// TLS), a task per connection, until the listener fails.
 pub async fn serve_hyper(
@@ -225,7 +256,9 @@ pub async fn serve_hyper(
     service: ImageService,
 ) -> std::io::Result<()> {
     loop {
-        let (stream, peer) = listener.accept().await?;
+        let Some((stream, peer)) = accept(&listener).await? else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let service = service.clone();
         tokio::spawn(async move {

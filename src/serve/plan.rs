@@ -59,6 +59,8 @@ pub(crate) struct Ask<'a> {
     pub method: &'a Method,
     pub path: &'a str,
     pub headers: &'a HeaderMap,
+    /// An HTTP/1.0 request: no chunked responses.
+    pub http10: bool,
 }
 
 /// The image id in `path` (`{prefix}{id}/file`, the id percent-encoded):
@@ -192,10 +194,19 @@ pub(crate) async fn plan(
             )
         }
         Fetched::Following(follower) => {
-            let size = match follower.started().await {
+            let mut size = match follower.started().await {
                 Ok(size) => size,
                 Err(e) => return failed(&e),
             };
+            // HTTP/1.0 has no chunks: a body of unknown size would end by
+            // closing the connection, which a failure looks like too. Such
+            // a client waits for the commit, and gets the size.
+            if size.is_none() && ask.http10 {
+                match follower.committed().await {
+                    Ok(n) => size = Some(n),
+                    Err(e) => return failed(&e),
+                }
+            }
             // An empty body has no last byte to hold back: answer once the
             // fill has committed, so that a failure is still a status.
             if size == Some(0) {
@@ -217,6 +228,12 @@ pub(crate) async fn plan(
         }
         Fetched::Uncached(object) => {
             let size = object.size;
+            if size.is_none() && ask.http10 {
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    "the origin announced no size, which HTTP/1.0 needs".into(),
+                );
+            }
             let tag = object
                 .checksum
                 .as_ref()
@@ -290,7 +307,8 @@ fn respond(
         None => true,
         Some(v) => tag_str.is_some_and(|t| v.trim() == t && !t.starts_with("W/")),
     };
-    let ranged = if honour_range {
+    // Range is defined for GET only (RFC 9110 §14.2).
+    let ranged = if honour_range && !head {
         range_ask(text(header::RANGE), size)
     } else {
         RangeAsk::Whole

@@ -86,6 +86,45 @@ pub fn parse_head(buf: &[u8]) -> Result<RequestHead, HeadError> {
     })
 }
 
+/// Why a request is refused before it is planned (`400`), if it is: a
+/// body (the data path takes none), several or unreadable
+/// `Content-Length`s (RFC 9112 §6.3), no `Host` on HTTP/1.1 (§3.2).
+fn refuse(head: &RequestHead) -> Option<&'static str> {
+    if head.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        return Some("a request body is not accepted here");
+    }
+    let lengths: Vec<_> = head
+        .headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter()
+        .collect();
+    match lengths.as_slice() {
+        [] => {}
+        [one] if one.as_bytes() == b"0" => {}
+        [_] => return Some("a request body is not accepted here"),
+        _ => return Some("several Content-Length headers"),
+    }
+    if head.http11 && !head.headers.contains_key(http::header::HOST) {
+        return Some("an HTTP/1.1 request needs a Host header");
+    }
+    None
+}
+
+/// The path of a request target: absolute-form (`http://host/path`, as
+/// proxies send) reduced to its path (RFC 9112 §3.2.2).
+fn origin_form(target: &str) -> &str {
+    for scheme in ["http://", "https://"] {
+        if target
+            .get(..scheme.len())
+            .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+        {
+            let after = &target[scheme.len()..];
+            return after.find('/').map_or("/", |i| &after[i..]);
+        }
+    }
+    target
+}
+
 /// Whether the connection stays open after this request.
 fn keep_alive(head: &RequestHead) -> bool {
     let tokens = head
@@ -137,7 +176,9 @@ impl Server {
     pub async fn run(self) -> io::Result<()> {
         let service = Arc::new(self.service);
         loop {
-            let (stream, peer) = self.listener.accept().await?;
+            let Some((stream, peer)) = super::accept(&self.listener).await? else {
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let service = service.clone();
             tokio::spawn(async move {
@@ -154,6 +195,8 @@ async fn connection(service: &ImageService, mut stream: TcpStream) -> io::Result
     let timeout = service.options().header_timeout;
     let mut buf = BytesMut::with_capacity(4096);
     loop {
+        // One deadline for the whole head, however it trickles in.
+        let deadline = tokio::time::Instant::now() + timeout;
         let head = loop {
             match parse_head(&buf) {
                 Ok(head) => break head,
@@ -165,10 +208,10 @@ async fn connection(service: &ImageService, mut stream: TcpStream) -> io::Result
                         http::StatusCode::BAD_REQUEST
                     };
                     let plan = plan::error(status, e.to_string());
-                    return write_plan(&mut stream, plan, false, true).await;
+                    return write_plan(&mut stream, plan, false, true, true).await;
                 }
             }
-            let read = tokio::time::timeout(timeout, stream.read_buf(&mut buf)).await;
+            let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await;
             match read {
                 Ok(Ok(0)) | Err(_) => return Ok(()),
                 Ok(Ok(_)) => {}
@@ -176,20 +219,12 @@ async fn connection(service: &ImageService, mut stream: TcpStream) -> io::Result
             }
         };
         let _ = buf.split_to(head.len);
-        let has_body = head.headers.contains_key(http::header::TRANSFER_ENCODING)
-            || head
-                .headers
-                .get(http::header::CONTENT_LENGTH)
-                .is_some_and(|v| v.as_bytes() != b"0");
-        if has_body {
-            let plan = plan::error(
-                http::StatusCode::BAD_REQUEST,
-                "a request body is not accepted here".into(),
-            );
-            return write_plan(&mut stream, plan, false, true).await;
+        if let Some(refusal) = refuse(&head) {
+            let plan = plan::error(http::StatusCode::BAD_REQUEST, refusal.into());
+            return write_plan(&mut stream, plan, false, true, head.http11).await;
         }
         let keep = keep_alive(&head);
-        let path = head.target.clone();
+        let path = origin_form(&head.target).to_owned();
         let plan = plan::plan(
             &service.inner.cache,
             &service.inner.origin,
@@ -198,6 +233,7 @@ async fn connection(service: &ImageService, mut stream: TcpStream) -> io::Result
                 method: &head.method,
                 path: &path,
                 headers: &head.headers,
+                http10: !head.http11,
             },
         )
         .await;
@@ -208,7 +244,14 @@ async fn connection(service: &ImageService, mut stream: TcpStream) -> io::Result
             source = plan.source,
             "request"
         );
-        write_plan(&mut stream, plan, head.method == Method::HEAD, !keep).await?;
+        write_plan(
+            &mut stream,
+            plan,
+            head.method == Method::HEAD,
+            !keep,
+            head.http11,
+        )
+        .await?;
         if !keep {
             return Ok(());
         }
@@ -223,6 +266,7 @@ async fn write_plan(
     plan: Plan,
     head_only: bool,
     close: bool,
+    http11: bool,
 ) -> io::Result<()> {
     let chunked = !plan.headers.contains_key(http::header::CONTENT_LENGTH)
         && !head_only
@@ -249,6 +293,8 @@ async fn write_plan(
     }
     if close {
         out.extend_from_slice(b"\r\nconnection: close");
+    } else if !http11 {
+        out.extend_from_slice(b"\r\nconnection: keep-alive");
     }
     out.extend_from_slice(b"\r\n\r\n");
     let body = if head_only {
@@ -262,14 +308,17 @@ async fn write_plan(
             out.extend_from_slice(&b);
             stream.write_all(&out).await
         }
+        PlanBody::Cached(_, range) if range.is_empty() => stream.write_all(&out).await,
         PlanBody::Cached(image, range) => {
+            // The body follows at once: the head may wait for it (MSG_MORE).
             send_head(stream, &out).await?;
             send_file_async(image.file(), stream, range.start, range.end)
                 .await
                 .map(drop)
         }
         PlanBody::Follow(follower, start, end) => {
-            send_head(stream, &out).await?;
+            // The body may wait for the origin: the head goes out now.
+            stream.write_all(&out).await?;
             let mut pos = start;
             loop {
                 let n = match follower.ready(pos, end).await {
@@ -378,5 +427,21 @@ Host"
         assert!(!keep_alive(&h10));
         let close = parse_head(b"GET / HTTP/1.1\r\nConnection: Close\r\n\r\n").unwrap();
         assert!(!keep_alive(&close));
+        assert_eq!(
+            refuse(&close),
+            Some("an HTTP/1.1 request needs a Host header")
+        );
+        let two = parse_head(
+            b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(refuse(&two), Some("several Content-Length headers"));
+        assert_eq!(refuse(&h), None);
+        assert_eq!(
+            origin_form("http://cache:9292/v2/images/a/file"),
+            "/v2/images/a/file"
+        );
+        assert_eq!(origin_form("HTTPS://cache"), "/");
+        assert_eq!(origin_form("/v2/images/a/file"), "/v2/images/a/file");
     }
 }
