@@ -130,6 +130,16 @@ impl Checksum {
         &self.hex
     }
 
+    /// The checksum as a cache entry records it, in Glance's `checksum`
+    /// column: an MD5 as its plain hex digest (what Glance writes), any
+    /// other as `algorithm:hex`.
+    pub fn stored_form(&self) -> String {
+        match self.algorithm {
+            Algorithm::Md5 => self.hex.clone(),
+            _ => self.to_string(),
+        }
+    }
+
     /// A hasher for this checksum's algorithm.
     pub fn hasher(&self) -> Hasher {
         Hasher::new(self.algorithm)

@@ -156,8 +156,6 @@
 #![warn(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
-#[cfg(feature = "tokio")]
-mod aio;
 mod cache;
 mod checksum;
 mod clock;
@@ -174,8 +172,6 @@ pub mod serve;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
-#[cfg(feature = "tokio")]
-pub use aio::send_file_async;
 pub use cache::fill::FollowReader;
 pub use cache::prefetch::{PrefetchEvent, PrefetchOutcome, PrefetchReport, PrefetchResult};
 pub use cache::tee::{TeeReader, TeeStats};
@@ -194,6 +190,8 @@ pub use entry::{
     Scanned,
 };
 pub use error::{Error, Result, StoreError, StoreErrorKind};
+#[cfg(feature = "tokio")]
+pub use files::zero_copy::send_file_async;
 pub use files::{Admitted, CachedImage, CleanReport, Layout, RangeReader, RemovedFile};
 pub use id::{IdError, ImageId, DEFAULT_SQLITE_DB, MAX_ID_LEN};
 pub use options::{redact_url, CacheOptions, DriverKind, DEFAULT_MAX_SIZE, DEFAULT_STALL_TIME};

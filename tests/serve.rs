@@ -312,6 +312,22 @@ fn hits_and_misses_are_byte_exact(store: Store) {
     });
 }
 
+/// Sends `n` requests for `name` at once; their responses once every one
+/// has its headers (bodies unread).
+async fn all_asking(front: &Front, name: &str, n: usize) -> Vec<reqwest::Response> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (c, url) = (front.client.clone(), front.url(name));
+            tokio::spawn(async move { c.get(url).send().await.unwrap() })
+        })
+        .collect();
+    let mut responses = Vec::with_capacity(n);
+    for t in tasks {
+        responses.push(t.await.unwrap());
+    }
+    responses
+}
+
 /// Request headers, the status wanted, and the bytes wanted.
 type Case<'a> = (
     &'a [(&'a str, &'a str)],
@@ -478,25 +494,16 @@ fn a_hundred_cold_requests_make_one_origin_request() {
             );
             let front = Front::start(Store::SQLITE, &origin, transport).await;
             let before = origin.requests();
-            let (told, mut heard) = tokio::sync::mpsc::unbounded_channel();
-            let mut tasks = Vec::new();
-            for _ in 0..100 {
-                let (c, url, told) = (front.client.clone(), front.url(&name), told.clone());
-                tasks.push(tokio::spawn(async move {
-                    let r = c.get(url).send().await.unwrap();
-                    told.send(()).unwrap();
-                    (
-                        r.headers()["x-imgcache"].to_str().unwrap().to_owned(),
-                        r.bytes().await.unwrap(),
-                    )
-                }));
-            }
             // Every client has its headers (the origin answered) while the
             // origin holds the rest of the body: all follow one fill.
-            for _ in 0..100 {
-                heard.recv().await.unwrap();
-            }
+            let responses = all_asking(&front, &name, 100).await;
             origin.gate.add_permits(1);
+            let tasks = responses.into_iter().map(|r| {
+                tokio::spawn(async move {
+                    let source = r.headers()["x-imgcache"].to_str().unwrap().to_owned();
+                    (source, r.bytes().await.unwrap())
+                })
+            });
             for t in tasks {
                 let (source, body) = t.await.unwrap();
                 assert_eq!(body, served.data, "{transport:?}");
@@ -622,21 +629,12 @@ fn a_failed_fill_cuts_every_body_and_caches_nothing() {
             );
             let front = Front::start(Store::SQLITE, &origin, transport).await;
             for name in [&failing, &wrong] {
-                let (told, mut heard) = tokio::sync::mpsc::unbounded_channel();
-                let mut tasks = Vec::new();
-                for _ in 0..5 {
-                    let (c, url, told) = (front.client.clone(), front.url(name), told.clone());
-                    tasks.push(tokio::spawn(async move {
-                        let r = c.get(url).send().await.unwrap();
-                        assert_eq!(r.status(), 200);
-                        told.send(()).unwrap();
-                        r.bytes().await
-                    }));
-                }
-                for _ in 0..5 {
-                    heard.recv().await.unwrap();
-                }
+                let responses = all_asking(&front, name, 5).await;
                 origin.gate.add_permits(1);
+                let tasks = responses.into_iter().map(|r| {
+                    assert_eq!(r.status(), 200);
+                    tokio::spawn(r.bytes())
+                });
                 for t in tasks {
                     let got = t.await.unwrap();
                     assert!(

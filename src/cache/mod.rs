@@ -20,6 +20,8 @@ use crate::id::ImageId;
 use crate::options::{CacheOptions, DriverKind};
 use crate::origin::{Origin, OriginObject};
 
+#[cfg(feature = "tokio")]
+mod aio;
 pub(crate) mod fill;
 pub(crate) mod prefetch;
 mod recover;
@@ -187,8 +189,9 @@ pub enum Fetched {
     /// land.
     Following(FollowReader),
     /// The metadata store cannot be reached: the origin's bytes, to pass
-    /// through uncached (check [`OriginObject::checksum`] and the size on
-    /// the way, as [`ImageCache::caching_reader`] would).
+    /// through uncached. Its reader checks them as a fill would: the
+    /// announced size and checksum are verified, and a mismatch is the
+    /// error of its last read (as [`ImageCache::caching_reader`]'s).
     Uncached(OriginObject),
 }
 
@@ -1132,7 +1135,17 @@ impl ImageCache {
             Found::Follow(fill) => return Ok(Fetched::Following(FollowReader::new(fill))),
             Found::StoreDown(e) => {
                 log::warn!("imgcache: {id}: {e}; serving it from the origin, uncached");
-                return open().map(Fetched::Uncached);
+                let object = open()?;
+                let source = SizeChecked {
+                    inner: object.reader,
+                    announced: object.size,
+                    seen: 0,
+                };
+                let checked = TeeReader::pass_through(id.clone(), source, object.checksum.clone());
+                return Ok(Fetched::Uncached(OriginObject {
+                    reader: Box::new(checked),
+                    ..object
+                }));
             }
             Found::Fill(writer, fill) => (writer, fill),
         };

@@ -99,11 +99,7 @@ impl<R: Read + Send + 'static> TeeReader<R> {
         finish_abandoned: bool,
     ) -> Self {
         if let Some(c) = &expected {
-            // Glance's `checksum` column holds a plain MD5 hex digest.
-            writer.set_checksum(match c.algorithm() {
-                crate::checksum::Algorithm::Md5 => c.hex().to_owned(),
-                _ => c.to_string(),
-            });
+            writer.set_checksum(c.stored_form());
         }
         TeeReader {
             id: writer.id().clone(),

@@ -216,3 +216,21 @@ impl Seek for CachedImage {
         self.file.seek(pos)
     }
 }
+
+#[cfg(feature = "tokio")]
+impl CachedImage {
+    /// [`CachedImage::send_to`] into a tokio `TcpStream`: bytes of `range`
+    /// (or all) by `sendfile`, driven by the socket's readiness.
+    pub async fn send_to_async(
+        &self,
+        stream: &tokio::net::TcpStream,
+        range: Option<ByteRange>,
+    ) -> Result<u64> {
+        let r = range
+            .unwrap_or(ByteRange::full(self.len()))
+            .within(self.id(), self.len())?;
+        super::zero_copy::send_file_async(self.file(), stream, r.start, r.end)
+            .await
+            .map_err(|e| Error::io("send", self.path(), e))
+    }
+}

@@ -212,3 +212,39 @@ pub(crate) fn send_once(
     // again on the next call.
     nix::unistd::write(out, &buffer[..got]).map_err(io::Error::from)
 }
+
+#[cfg(feature = "tokio")]
+/// Sends bytes `start..end` of `file` to `stream` without copying them
+/// through user space (`sendfile` on Linux; a `pread`/`write` loop where
+/// the kernel refuses and on other systems), waiting on the socket's
+/// readiness between transfers. Returns how many bytes were sent; a file
+/// that ends before `end` is `UnexpectedEof`.
+pub async fn send_file_async(
+    file: &File,
+    stream: &tokio::net::TcpStream,
+    start: u64,
+    end: u64,
+) -> io::Result<u64> {
+    use std::os::fd::AsFd;
+    use tokio::io::Interest;
+    let mut off = start;
+    let mut kernel = true;
+    while off < end {
+        stream.writable().await?;
+        match stream.try_io(Interest::WRITABLE, || {
+            send_once(file, stream.as_fd(), off, end - off, &mut kernel)
+        }) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the file ended at byte {off}, before {end}"),
+                ))
+            }
+            Ok(n) => off += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(off - start)
+}

@@ -12,7 +12,6 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 
 use super::plan::PlanBody;
-use crate::checksum::{Checksum, Hasher};
 
 /// A body chunk read on the blocking pool: large enough that a read costs
 /// little per byte, small enough that many clients stay within memory.
@@ -104,29 +103,22 @@ impl<B: Body + Unpin> Body for Sized<B> {
 pub(crate) struct Chunks {
     body: Option<PlanBody>,
     pos: u64,
-    /// For a pass-through: its checks, and the chunk held back until the
-    /// next read proves it is not the last (or the end is verified).
-    check: Option<Hasher>,
-    expected: Option<Checksum>,
+    /// For a pass-through: the chunk held back until the next read proves
+    /// it is not the last (the reader verifies the end).
     held: Option<Bytes>,
-    seen: u64,
 }
 
 impl Chunks {
     pub(crate) fn new(body: PlanBody) -> Self {
-        let (pos, expected) = match &body {
-            PlanBody::Cached(_, r) => (r.start, None),
-            PlanBody::Follow(_, start, _) => (*start, None),
-            PlanBody::Uncached(o) => (0, o.checksum.clone()),
-            _ => (0, None),
+        let pos = match &body {
+            PlanBody::Cached(_, r) => r.start,
+            PlanBody::Follow(_, start, _) => *start,
+            _ => 0,
         };
         Chunks {
-            check: expected.as_ref().map(Checksum::hasher),
-            expected,
             body: Some(body),
             pos,
             held: None,
-            seen: 0,
         }
     }
 
@@ -187,13 +179,13 @@ impl Chunks {
     }
 
     /// Passes the origin's bytes on, one chunk behind, so that the last
-    /// one goes only once the end is verified.
+    /// one goes only once the reader has verified the end (its size and
+    /// checksum, checked by [`crate::ImageCache::fetch_detached`]'s reader).
     async fn pass_through(&mut self) -> Option<io::Result<Bytes>> {
         loop {
-            let Some(PlanBody::Uncached(object)) = self.body.take() else {
+            let Some(PlanBody::Uncached(mut object)) = self.body.take() else {
                 return self.held.take().map(Ok);
             };
-            let mut object = object;
             let (object, read) = match tokio::task::spawn_blocking(move || {
                 let mut buf = BytesMut::zeroed(CHUNK);
                 let r = object.reader.read(&mut buf).map(|n| {
@@ -207,7 +199,6 @@ impl Chunks {
                 Ok(pair) => pair,
                 Err(e) => return Some(Err(io::Error::other(e.to_string()))),
             };
-            let size = object.size;
             let chunk = match read {
                 Ok(c) => c,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {
@@ -217,35 +208,8 @@ impl Chunks {
                 Err(e) => return Some(Err(e)),
             };
             if chunk.is_empty() {
-                // The end: verify, then release the held chunk.
-                if let Some(size) = size {
-                    if self.seen != size {
-                        return Some(Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            format!("the origin announced {size} bytes and sent {}", self.seen),
-                        )));
-                    }
-                }
-                if let (Some(h), Some(expected)) = (self.check.take(), self.expected.take()) {
-                    let actual = h.finish();
-                    if actual != expected {
-                        return Some(Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!("checksum mismatch: expected {expected}, got {actual}"),
-                        )));
-                    }
-                }
+                // A clean end: verified, so the held chunk may go.
                 return self.held.take().map(Ok);
-            }
-            self.seen += chunk.len() as u64;
-            if let Some(h) = self.check.as_mut() {
-                h.update(&chunk);
-            }
-            if size.is_some_and(|s| self.seen > s) {
-                return Some(Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "the origin sent more than it announced",
-                )));
             }
             self.body = Some(PlanBody::Uncached(object));
             if let Some(previous) = self.held.replace(chunk) {

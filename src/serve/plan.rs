@@ -119,13 +119,6 @@ pub(crate) fn etag(checksum: Option<&str>, crc: Option<(u32, u64)>) -> Option<He
     HeaderValue::from_str(&tag).ok()
 }
 
-fn stored(c: &Checksum) -> String {
-    match c.algorithm() {
-        Algorithm::Md5 => c.hex().to_owned(),
-        _ => c.to_string(),
-    }
-}
-
 /// Whether an `If-None-Match` value matches `tag` (weak comparison).
 pub(crate) fn none_match(value: &str, tag: &str) -> bool {
     let tag = tag.trim_start_matches("W/");
@@ -215,7 +208,9 @@ pub(crate) async fn plan(
                 }
             }
             let checksum = follower.checksum();
-            let tag = checksum.as_ref().and_then(|c| etag(Some(&stored(c)), None));
+            let tag = checksum
+                .as_ref()
+                .and_then(|c| etag(Some(&c.stored_form()), None));
             let md5 = checksum
                 .as_ref()
                 .filter(|c| c.algorithm() == Algorithm::Md5)
@@ -237,7 +232,7 @@ pub(crate) async fn plan(
             let tag = object
                 .checksum
                 .as_ref()
-                .and_then(|c| etag(Some(&stored(c)), None));
+                .and_then(|c| etag(Some(&c.stored_form()), None));
             let md5 = object
                 .checksum
                 .as_ref()

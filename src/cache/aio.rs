@@ -12,70 +12,17 @@
 //! `sendfile on` does; so does the `pread` of the fallback, where the
 //! kernel refuses `sendfile` (other systems, some file systems). For images
 //! that are mostly cold, serve through the
-//! [`crate::serve::ImageService`] body instead, which reads on the blocking
+//! `crate::serve::ImageService` body instead, which reads on the blocking
 //! pool.
 
-use std::fs::File;
 use std::io;
-use std::os::fd::AsFd;
 use std::sync::Arc;
-
-use tokio::io::Interest;
-use tokio::net::TcpStream;
 
 use crate::cache::{Fetched, ImageCache};
 use crate::error::{Error, Result};
-use crate::files::zero_copy::send_once;
 use crate::files::CachedImage;
 use crate::id::ImageId;
 use crate::origin::OriginObject;
-use crate::range::ByteRange;
-
-/// Sends bytes `start..end` of `file` to `stream` without copying them
-/// through user space (`sendfile` on Linux; a `pread`/`write` loop where
-/// the kernel refuses and on other systems), waiting on the socket's
-/// readiness between transfers. Returns how many bytes were sent; a file
-/// that ends before `end` is `UnexpectedEof`.
-pub async fn send_file_async(
-    file: &File,
-    stream: &TcpStream,
-    start: u64,
-    end: u64,
-) -> io::Result<u64> {
-    let mut off = start;
-    let mut kernel = true;
-    while off < end {
-        stream.writable().await?;
-        match stream.try_io(Interest::WRITABLE, || {
-            send_once(file, stream.as_fd(), off, end - off, &mut kernel)
-        }) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("the file ended at byte {off}, before {end}"),
-                ))
-            }
-            Ok(n) => off += n as u64,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(off - start)
-}
-
-impl CachedImage {
-    /// [`CachedImage::send_to`] into a tokio `TcpStream`: bytes of `range`
-    /// (or all) by `sendfile`, driven by the socket's readiness.
-    pub async fn send_to_async(&self, stream: &TcpStream, range: Option<ByteRange>) -> Result<u64> {
-        let r = range
-            .unwrap_or(ByteRange::full(self.len()))
-            .within(self.id(), self.len())?;
-        send_file_async(self.file(), stream, r.start, r.end)
-            .await
-            .map_err(|e| Error::io("send", self.path(), e))
-    }
-}
 
 /// Runs blocking `f` on tokio's blocking pool.
 async fn blocking<T: Send + 'static>(
