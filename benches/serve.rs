@@ -184,7 +184,10 @@ fn start_imgcache(dir: &Path, origin: u16, transport: &str) -> (Child, u16) {
         .arg(dir)
         .args([
             "serve",
+            "--public",
             "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
             "127.0.0.1:0",
             "--transport",
             transport,

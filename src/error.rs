@@ -157,6 +157,18 @@ pub enum Error {
         reason: String,
     },
 
+    /// Admission refused to cache the image: it would not fit under the
+    /// hard limit, or would leave the file system with less free space
+    /// than asked for, even with the least recently used images evicted.
+    /// Serve it from the origin, uncached.
+    #[error("image {id}: no room in the cache: {detail}")]
+    NoRoom {
+        /// The image.
+        id: ImageId,
+        /// Which limit, and by how much.
+        detail: String,
+    },
+
     /// A byte range outside the image.
     #[error("image {id}: range {start}..{end} is not within its {size} bytes")]
     RangeNotSatisfiable {

@@ -172,7 +172,7 @@ pub mod serve;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
-pub use cache::fill::FollowReader;
+pub use cache::fill::{FillProgress, FollowReader};
 pub use cache::prefetch::{PrefetchEvent, PrefetchOutcome, PrefetchReport, PrefetchResult};
 pub use cache::tee::{TeeReader, TeeStats};
 pub use cache::writer::CacheWriter;
@@ -194,12 +194,14 @@ pub use error::{Error, Result, StoreError, StoreErrorKind};
 pub use files::zero_copy::send_file_async;
 pub use files::{Admitted, CachedImage, CleanReport, Layout, RangeReader, RemovedFile};
 pub use id::{IdError, ImageId, DEFAULT_SQLITE_DB, MAX_ID_LEN};
-pub use options::{redact_url, CacheOptions, DriverKind, DEFAULT_MAX_SIZE, DEFAULT_STALL_TIME};
+pub use options::{
+    parse_size, redact_url, CacheOptions, DriverKind, MinFree, DEFAULT_MAX_SIZE, DEFAULT_STALL_TIME,
+};
 #[cfg(feature = "http")]
 pub use origin::HttpOrigin;
+pub use origin::{Access, DirOrigin, Origin, OriginObject, OriginRequest};
 #[cfg(feature = "serve")]
 pub use origin::{AsyncHttpOrigin, AsyncOriginObject};
-pub use origin::{DirOrigin, Origin, OriginObject, OriginRequest};
 pub use range::ByteRange;
 
 /// The README's examples, compiled as doctests so that they cannot drift.

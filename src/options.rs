@@ -89,6 +89,8 @@ pub struct CacheOptions {
     database_url: Option<String>,
     node_url: Option<String>,
     migrate_sqlite: bool,
+    hard_limit: Option<u64>,
+    min_free: Option<MinFree>,
     clock: Arc<dyn Clock>,
 }
 
@@ -105,6 +107,8 @@ impl fmt::Debug for CacheOptions {
             .field("database_url", &self.database_url_redacted())
             .field("worker_self_reference_url", &self.node_url)
             .field("migrate_sqlite", &self.migrate_sqlite)
+            .field("hard_limit", &self.hard_limit)
+            .field("min_free", &self.min_free)
             .field("clock", &self.clock)
             .finish()
     }
@@ -126,6 +130,8 @@ impl CacheOptions {
             database_url: None,
             node_url: None,
             migrate_sqlite: false,
+            hard_limit: None,
+            min_free: None,
             clock: Arc::new(SystemClock),
         }
     }
@@ -275,6 +281,118 @@ impl CacheOptions {
     pub fn migrates_sqlite(&self) -> bool {
         self.migrate_sqlite
     }
+
+    /// Sets a hard limit on the cache's bytes, fills in progress counted at
+    /// the size their origins announced: a fill that would go past it, even
+    /// with every other image evicted, is refused ([`crate::Error::NoRoom`])
+    /// and served uncached. Default none: `image_cache_max_size` alone,
+    /// which the pruner enforces after the fact, as Glance does.
+    pub fn hard_limit(mut self, bytes: Option<u64>) -> Self {
+        self.hard_limit = bytes;
+        self
+    }
+
+    /// The hard limit, if any.
+    pub fn hard_limit_bytes(&self) -> Option<u64> {
+        self.hard_limit
+    }
+
+    /// Sets the free space to keep on the cache's file system (nginx's
+    /// `min_free`): before a fill starts, least recently used images are
+    /// evicted until the fill fits above it; a fill that cannot is refused
+    /// ([`crate::Error::NoRoom`]) and served uncached. Default none.
+    pub fn min_free(mut self, min_free: Option<MinFree>) -> Self {
+        self.min_free = min_free;
+        self
+    }
+
+    /// The free space kept, if any.
+    pub fn min_free_space(&self) -> Option<MinFree> {
+        self.min_free
+    }
+}
+
+/// Free space to keep on a file system: a share of its size, or bytes.
+/// Parses from `5%` or a size (`2GiB`, `500MB`, `1048576`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MinFree {
+    /// Per cent of the file system's size (0 to 100).
+    Percent(f64),
+    /// Bytes.
+    Bytes(u64),
+}
+
+impl MinFree {
+    /// The bytes to keep free on a file system of `total` bytes.
+    pub fn bytes_of(self, total: u64) -> u64 {
+        match self {
+            MinFree::Bytes(b) => b,
+            MinFree::Percent(p) => ((total as f64) * p / 100.0).ceil() as u64,
+        }
+    }
+}
+
+impl fmt::Display for MinFree {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MinFree::Percent(p) => write!(f, "{p}%"),
+            MinFree::Bytes(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+impl std::str::FromStr for MinFree {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> crate::Result<Self> {
+        let t = s.trim();
+        if let Some(p) = t.strip_suffix('%') {
+            let v: f64 = p
+                .trim()
+                .parse()
+                .map_err(|_| crate::Error::Config(format!("{s:?} is not a percentage")))?;
+            if !(0.0..=100.0).contains(&v) {
+                return Err(crate::Error::Config(format!(
+                    "{s:?}: a percentage is between 0 and 100"
+                )));
+            }
+            return Ok(MinFree::Percent(v));
+        }
+        parse_size(t)
+            .map(MinFree::Bytes)
+            .map_err(crate::Error::Config)
+    }
+}
+
+/// Parses a size: bytes, or a number with a unit (K/KB/M/MB/G/GB/T/TB in
+/// powers of 1000, KiB/MiB/GiB/TiB in powers of 1024; case-insensitive).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let unit = unit.trim().to_ascii_lowercase();
+    let factor: u64 = match unit.as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "t" | "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => return Err(format!("{s:?} is not a size (try 10GiB or 500MB)")),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (try 10GiB or 500MB)"))?;
+    let bytes = n * factor as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(bytes.round() as u64)
 }
 
 /// `url` with any password replaced by `***` (`scheme://user:***@host…`).
@@ -338,6 +456,20 @@ mod tests {
             redact_url("postgres://u:p:q@a@db/x"),
             "postgres://u:***@db/x"
         );
+    }
+
+    #[test]
+    fn min_free_values() {
+        assert_eq!("5%".parse::<MinFree>().unwrap(), MinFree::Percent(5.0));
+        assert_eq!("2KiB".parse::<MinFree>().unwrap(), MinFree::Bytes(2048));
+        assert!("101%".parse::<MinFree>().is_err());
+        assert!("-1%".parse::<MinFree>().is_err());
+        assert!("lots".parse::<MinFree>().is_err());
+        assert_eq!(MinFree::Percent(5.0).bytes_of(1000), 50);
+        assert_eq!(MinFree::Bytes(7).bytes_of(1000), 7);
+        assert_eq!(parse_size("10GiB").unwrap(), 10 << 30);
+        assert_eq!(parse_size("1.5KiB").unwrap(), 1536);
+        assert!(parse_size("").is_err());
     }
 
     #[test]

@@ -194,6 +194,8 @@ fn serving_one_gib_to_eight_clients_stays_under_64_mib() {
                 "serve",
                 "--listen",
                 "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
                 "--transport",
                 transport,
                 "--origin",

@@ -183,7 +183,13 @@ struct Front {
 
 impl Front {
     async fn start(store: Store, origin: &Origin, transport: Transport) -> Front {
-        Self::start_with(store, origin, transport, ServeOptions::default()).await
+        Self::start_with(
+            store,
+            origin,
+            transport,
+            ServeOptions::default().public(true),
+        )
+        .await
     }
 
     async fn start_with(
@@ -276,7 +282,7 @@ fn hits_and_misses_are_byte_exact(store: Store) {
             let before = origin.requests();
             let miss = front.get("img").await;
             assert_eq!(miss.status(), 200, "{transport:?}");
-            assert_eq!(miss.headers()["x-imgcache"], "follow");
+            assert_eq!(miss.headers()["x-imgcache"], "miss");
             assert_eq!(
                 miss.headers()["content-length"],
                 served.data.len().to_string().as_str()
@@ -504,11 +510,14 @@ fn a_hundred_cold_requests_make_one_origin_request() {
                     (source, r.bytes().await.unwrap())
                 })
             });
+            let mut misses = 0;
             for t in tasks {
                 let (source, body) = t.await.unwrap();
                 assert_eq!(body, served.data, "{transport:?}");
-                assert_eq!(source, "follow");
+                assert!(source == "follow" || source == "miss", "{source}");
+                misses += usize::from(source == "miss");
             }
+            assert_eq!(misses, 1, "{transport:?}: one request started the fill");
             assert_eq!(
                 origin.requests() - before,
                 1,
@@ -676,7 +685,9 @@ fn the_fill_forwards_the_clients_token_when_asked() {
             Store::SQLITE,
             &origin,
             Transport::Hyper,
-            ServeOptions::default().forward_auth_token(true),
+            ServeOptions::default()
+                .public(true)
+                .forward_auth_token(true),
         )
         .await;
         let r = forwarding
@@ -702,7 +713,7 @@ fn the_service_mounts_in_an_axum_router() {
         let service = ImageService::new(
             cache,
             Arc::new(AsyncHttpOrigin::new(origin.template()).unwrap()),
-            ServeOptions::default(),
+            ServeOptions::default().public(true),
         );
         let app = axum::Router::new()
             .route("/healthz", axum::routing::get(|| async { "ok" }))

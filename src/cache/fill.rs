@@ -32,18 +32,32 @@ pub(crate) struct Fill {
 #[derive(Debug, Clone)]
 pub(crate) struct Failure {
     reason: String,
-    /// `Some(origin)` when the origin had no such image.
-    not_found_at: Option<String>,
+    kind: FailureKind,
+}
+
+/// The failures a follower tells apart.
+#[derive(Debug, Clone)]
+pub(crate) enum FailureKind {
+    /// Anything else: [`Error::FillFailed`].
+    Other,
+    /// The origin had no such image (at this origin).
+    NotFound(String),
+    /// Admission refused the fill: [`Error::NoRoom`].
+    NoRoom,
 }
 
 impl Failure {
     fn error(&self, id: &ImageId) -> Error {
-        match &self.not_found_at {
-            Some(origin) => Error::OriginNotFound {
+        match &self.kind {
+            FailureKind::NotFound(origin) => Error::OriginNotFound {
                 id: id.clone(),
                 origin: origin.clone(),
             },
-            None => Error::FillFailed {
+            FailureKind::NoRoom => Error::NoRoom {
+                id: id.clone(),
+                detail: self.reason.clone(),
+            },
+            FailureKind::Other => Error::FillFailed {
                 id: id.clone(),
                 reason: self.reason.clone(),
             },
@@ -125,22 +139,25 @@ impl Fill {
         self.update(|s| {
             s.outcome = Some(outcome.map_err(|reason| Failure {
                 reason,
-                not_found_at: None,
+                kind: FailureKind::Other,
             }))
         });
     }
 
-    /// Publishes that the origin has no such image (before any byte).
-    pub(crate) fn not_found(&self, reason: String, origin: String) {
-        self.update(|s| {
-            s.outcome = Some(Err(Failure {
-                reason,
-                not_found_at: Some(origin),
-            }))
-        });
+    /// Publishes a failure its followers tell apart (before any byte).
+    pub(crate) fn fail_as(&self, reason: String, kind: FailureKind) {
+        self.update(|s| s.outcome = Some(Err(Failure { reason, kind })));
     }
 
     /// Whether the fill has ended (committed or failed).
+    pub(crate) fn id(&self) -> &ImageId {
+        &self.id
+    }
+
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
     pub(crate) fn is_finished(&self) -> bool {
         self.state.lock().outcome.is_some()
     }
@@ -234,6 +251,17 @@ impl Fill {
 
     /// Blocks until the origin answered or the fill ended; the announced
     /// size.
+    fn wait_committed(&self) -> Result<u64> {
+        let mut state = self.state.lock();
+        loop {
+            match &state.outcome {
+                Some(Ok(size)) => return Ok(*size),
+                Some(Err(failure)) => return Err(failure.error(&self.id)),
+                None => self.changed.wait(&mut state),
+            }
+        }
+    }
+
     fn wait_started(&self) -> Result<Option<u64>> {
         let mut state = self.state.lock();
         loop {
@@ -264,25 +292,122 @@ impl Fill {
 
 /// The fills in progress in this process, by image.
 #[derive(Debug, Default)]
-pub(crate) struct Fills(Mutex<HashMap<ImageId, Arc<Fill>>>);
+pub(crate) struct Fills {
+    map: Mutex<HashMap<ImageId, Arc<Fill>>>,
+    /// Commits so far, and bytes committed so far, by this process's fills.
+    commits: Mutex<(u64, u64)>,
+    committed: Condvar,
+    /// Set when the cache is shutting down: fills stop at their next read.
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+/// A fill in progress, as [`crate::ImageCache::fills_in_progress`] shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct FillProgress {
+    /// The image.
+    pub image_id: ImageId,
+    /// The size the origin announced, once it answered.
+    pub size: Option<u64>,
+    /// Bytes in the cache so far.
+    pub bytes_written: u64,
+    /// Readers following it now.
+    pub followers: usize,
+}
 
 impl Fills {
     /// Runs `f` with the registry locked.
     pub(crate) fn with<T>(&self, f: impl FnOnce(&mut HashMap<ImageId, Arc<Fill>>) -> T) -> T {
-        f(&mut self.0.lock())
+        f(&mut self.map.lock())
     }
 
     /// The fill of `id`, if the registry can be had without waiting:
     /// `None` when it is busy (a fill is being registered, which touches
     /// the disk), so that an async caller never waits on it.
     pub(crate) fn try_get(&self, id: &ImageId) -> Option<Option<Arc<Fill>>> {
-        self.0.try_lock().map(|map| map.get(id).cloned())
+        self.map.try_lock().map(|map| map.get(id).cloned())
+    }
+
+    /// The fills in progress, by id.
+    pub(crate) fn progress(&self) -> Vec<FillProgress> {
+        let fills: Vec<Arc<Fill>> = self.map.lock().values().cloned().collect();
+        let mut out: Vec<FillProgress> = fills
+            .iter()
+            .map(|f| {
+                let s = f.state.lock();
+                FillProgress {
+                    image_id: f.id.clone(),
+                    size: s.size,
+                    bytes_written: s.written,
+                    followers: f.followers(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.image_id.cmp(&b.image_id));
+        out
+    }
+
+    /// Bytes the fills in progress (other than `except`) are still to
+    /// write, as far as their origins announced them.
+    pub(crate) fn reserved(&self, except: &ImageId) -> u64 {
+        self.progress()
+            .iter()
+            .filter(|p| &p.image_id != except)
+            .map(|p| p.size.unwrap_or(0).saturating_sub(p.bytes_written))
+            .sum()
+    }
+
+    /// Records a commit of `size` bytes.
+    pub(crate) fn note_commit(&self, size: u64) {
+        let mut c = self.commits.lock();
+        c.0 += 1;
+        c.1 += size;
+        drop(c);
+        self.committed.notify_all();
+    }
+
+    /// Waits until the commit count passes `seen`, at most `timeout`;
+    /// returns the count.
+    pub(crate) fn wait_commit(&self, seen: u64, timeout: std::time::Duration) -> u64 {
+        let mut c = self.commits.lock();
+        if c.0 == seen && !self.is_stopping() {
+            self.committed.wait_for(&mut c, timeout);
+        }
+        c.0
+    }
+
+    /// Wakes the waiters of [`Fills::wait_commit`] early.
+    pub(crate) fn wake(&self) {
+        let _c = self.commits.lock();
+        self.committed.notify_all();
+    }
+
+    /// Commits so far, and their bytes.
+    pub(crate) fn commits(&self) -> (u64, u64) {
+        *self.commits.lock()
+    }
+
+    /// Asks every fill to stop at its next read.
+    pub(crate) fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _c = self.commits.lock();
+        self.committed.notify_all();
+    }
+
+    /// Whether [`Fills::stop`] was called.
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Whether no fill is in progress.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.map.lock().is_empty()
     }
 
     /// Removes `fill` from the registry (if it is still the one
     /// registered for its id).
     pub(crate) fn remove(&self, fill: &Arc<Fill>) {
-        let mut map = self.0.lock();
+        let mut map = self.map.lock();
         if map.get(&fill.id).is_some_and(|f| Arc::ptr_eq(f, fill)) {
             map.remove(&fill.id);
         }
@@ -308,12 +433,35 @@ impl Fills {
 pub struct FollowReader {
     fill: Arc<Fill>,
     pos: u64,
+    leader: bool,
 }
 
 impl FollowReader {
     pub(crate) fn new(fill: Arc<Fill>) -> Self {
         fill.followers.fetch_add(1, Ordering::SeqCst);
-        FollowReader { fill, pos: 0 }
+        FollowReader {
+            fill,
+            pos: 0,
+            leader: false,
+        }
+    }
+
+    /// Blocks until the fill has committed (its size) or failed. For a
+    /// caller that wants the image cached, not its bytes (a prefetcher).
+    pub fn wait_committed(&self) -> Result<u64> {
+        self.fill.wait_committed()
+    }
+
+    /// This follower, as the one whose call started the fill.
+    pub(crate) fn leading(mut self) -> Self {
+        self.leader = true;
+        self
+    }
+
+    /// Whether the call that returned this follower started the fill (a
+    /// miss), rather than joining one in progress (a coalesced request).
+    pub fn started_fill(&self) -> bool {
+        self.leader
     }
 
     /// The image followed.

@@ -28,7 +28,7 @@ mod recover;
 pub(crate) mod tee;
 pub(crate) mod writer;
 
-use fill::{Fill, Fills, FollowReader};
+use fill::{FailureKind, Fill, FillProgress, Fills, FollowReader};
 pub use recover::RecoveryReport;
 use tee::TeeReader;
 use writer::CacheWriter;
@@ -131,6 +131,8 @@ pub struct ImageCache {
     recovery: RecoveryReport,
     migration: Option<MigrationReport>,
     fills: Arc<Fills>,
+    /// One admission decision at a time ([`ImageCache::make_room`]).
+    admission: parking_lot::Mutex<()>,
 }
 
 /// [`ImageCache::migrate_from_sqlite`], on a store alone.
@@ -250,6 +252,22 @@ impl Read for SizeChecked {
             }
             _ => Ok(n),
         }
+    }
+}
+
+/// An origin's object to pass through uncached, checked as a fill would
+/// be: its announced size and checksum verified, a mismatch the error of
+/// its last read.
+pub(crate) fn checked_object(id: &ImageId, object: OriginObject) -> OriginObject {
+    let source = SizeChecked {
+        inner: object.reader,
+        announced: object.size,
+        seen: 0,
+    };
+    let checked = TeeReader::pass_through(id.clone(), source, object.checksum.clone());
+    OriginObject {
+        reader: Box::new(checked),
+        ..object
     }
 }
 
@@ -417,6 +435,7 @@ impl ImageCache {
             recovery: RecoveryReport::default(),
             migration,
             fills: Arc::default(),
+            admission: parking_lot::Mutex::new(()),
         };
         cache.recovery = cache.recover()?;
         if !cache.recovery.is_clean() {
@@ -1135,21 +1154,11 @@ impl ImageCache {
             Found::Follow(fill) => return Ok(Fetched::Following(FollowReader::new(fill))),
             Found::StoreDown(e) => {
                 log::warn!("imgcache: {id}: {e}; serving it from the origin, uncached");
-                let object = open()?;
-                let source = SizeChecked {
-                    inner: object.reader,
-                    announced: object.size,
-                    seen: 0,
-                };
-                let checked = TeeReader::pass_through(id.clone(), source, object.checksum.clone());
-                return Ok(Fetched::Uncached(OriginObject {
-                    reader: Box::new(checked),
-                    ..object
-                }));
+                return Ok(Fetched::Uncached(checked_object(id, open()?)));
             }
             Found::Fill(writer, fill) => (writer, fill),
         };
-        let follower = FollowReader::new(fill.clone());
+        let follower = FollowReader::new(fill.clone()).leading();
         let fills = self.fills.clone();
         let thread_fill = fill.clone();
         let id2 = id.clone();
@@ -1170,8 +1179,12 @@ impl ImageCache {
                             log::error!("imgcache: {id2}: {discard}");
                         }
                         match e {
-                            Error::OriginNotFound { origin, .. } => {
-                                fill.not_found(format!("not found at {origin}"), origin)
+                            Error::OriginNotFound { origin, .. } => fill.fail_as(
+                                format!("not found at {origin}"),
+                                FailureKind::NotFound(origin),
+                            ),
+                            Error::NoRoom { detail, .. } => {
+                                fill.fail_as(detail, FailureKind::NoRoom)
                             }
                             e => fill.finish(Err(format!("cannot open the origin: {e}"))),
                         }
@@ -1186,12 +1199,17 @@ impl ImageCache {
                     seen: 0,
                 };
                 let mut tee =
-                    TeeReader::filling(writer, fill, fills, source, object.checksum, false)
+                    TeeReader::filling(writer, fill, fills.clone(), source, object.checksum, false)
                         .on_own_thread();
                 // Large reads (each one wakes the followers), and no more of
                 // them once caching failed: the next request fills afresh.
                 let mut buf = vec![0u8; FILL_BUFFER];
                 let drained = loop {
+                    if fills.is_stopping() {
+                        // Shutting down: the tee's drop moves what was
+                        // written aside, and the followers see a failure.
+                        break Err(io::Error::other("the cache is shutting down"));
+                    }
                     match tee.read(&mut buf) {
                         Ok(0) => break Ok(tee.stats().bytes),
                         Ok(_) if !tee.is_caching() => break Ok(tee.stats().bytes),
@@ -1219,6 +1237,147 @@ impl ImageCache {
             });
         }
         Ok(Fetched::Following(follower))
+    }
+
+    /// The fills in progress in this process, by id: what each origin
+    /// announced and how far each got.
+    pub fn fills_in_progress(&self) -> Vec<FillProgress> {
+        self.fills.progress()
+    }
+
+    /// Commits this process's fills made so far, and their bytes (fills
+    /// through [`ImageCache::fetch`], [`ImageCache::fetch_detached`] and
+    /// the caching tee).
+    pub fn commits(&self) -> (u64, u64) {
+        self.fills.commits()
+    }
+
+    /// Waits until this process commits a fill after the `seen`-th
+    /// commit, at most `timeout` (or until [`ImageCache::stop_fills`]);
+    /// returns the count of commits. A pruner waits here.
+    pub fn wait_for_commit(&self, seen: u64, timeout: Duration) -> u64 {
+        self.fills.wait_commit(seen, timeout)
+    }
+
+    /// Wakes the callers of [`ImageCache::wait_for_commit`] early (a job
+    /// that is stopping).
+    pub fn wake_commit_waiters(&self) {
+        self.fills.wake();
+    }
+
+    /// Asks every fill of [`ImageCache::fetch_detached`] in progress, and
+    /// every later one, to stop at its next read: what each wrote goes to
+    /// `invalid/` and its followers get an error. For a process that is
+    /// shutting down and will not wait for its fills.
+    pub fn stop_fills(&self) {
+        self.fills.stop();
+    }
+
+    /// Moves the file of every fill still in progress to `invalid/` with
+    /// `reason`, and ends those fills with an error: for a process that
+    /// stopped its fills ([`ImageCache::stop_fills`]) and will exit before
+    /// the ones blocked on a slow origin notice, so that it leaves nothing
+    /// in `incomplete/`. Returns how many it moved. A fill thread that
+    /// wakes afterwards fails to commit (its file is gone) and caches
+    /// nothing.
+    pub fn invalidate_fills(&self, reason: &str) -> usize {
+        let fills: Vec<Arc<Fill>> = self.fills.with(|map| map.values().cloned().collect());
+        let mut moved = 0;
+        for fill in fills {
+            let id = fill.id().clone();
+            let key = Admitted::again(&id);
+            match self.layout.invalidate(key) {
+                Ok(()) => {
+                    moved += 1;
+                    let path = self.layout.invalid(key);
+                    let file = fill.file();
+                    if let Ok(meta) = file.metadata() {
+                        let why = Invalidation::new(
+                            id.clone(),
+                            meta.len(),
+                            reason,
+                            round_trip(self.options.clock_ref().now()),
+                        );
+                        if let Err(e) = self
+                            .store
+                            .invalidate(&why, OnDisk::new(&path, Some(file), &meta))
+                        {
+                            log::warn!("imgcache: cannot record why {id} failed: {e}");
+                        }
+                    }
+                }
+                Err(e) => log::warn!("imgcache: cannot invalidate the fill of {id}: {e}"),
+            }
+            self.fills.remove(&fill);
+            fill.finish(Err(reason.to_owned()));
+        }
+        moved
+    }
+
+    /// Whether this process has no fill in progress.
+    pub fn is_idle(&self) -> bool {
+        self.fills.is_empty()
+    }
+
+    /// Admission: makes room for a fill of `id` of `size` bytes (as its
+    /// origin announced; `None` if it did not) under
+    /// [`CacheOptions::max_size`], [`CacheOptions::hard_limit`] and
+    /// [`CacheOptions::min_free`], evicting least recently used images.
+    /// The fills in progress count at the size they announced.
+    ///
+    /// `Err(`[`Error::NoRoom`]`)` when it cannot fit under the hard limit
+    /// or above the free space kept, even with every image evicted (then
+    /// nothing is evicted). Over `max_size` alone it is admitted: that
+    /// limit is the pruner's, as in Glance. Returns what was evicted.
+    // statvfs's counts are u64 on Linux, narrower elsewhere.
+    #[allow(clippy::unnecessary_cast)]
+    pub fn make_room(&self, id: &ImageId, size: Option<u64>) -> Result<PruneReport> {
+        let hard = self.options.hard_limit_bytes();
+        let min_free = self.options.min_free_space();
+        let _one = self.admission.lock();
+        let need = size.unwrap_or(0);
+        let reserved = self.fills.reserved(id);
+        let cache = self.cache_size()?;
+        let wanted = need.saturating_add(reserved);
+        // The committed bytes the fill leaves room for.
+        let mut target = self.options.image_cache_max_size().saturating_sub(wanted);
+        if let Some(hard) = hard {
+            if wanted > hard {
+                return Err(Error::NoRoom {
+                    id: id.clone(),
+                    detail: format!(
+                        "{need} bytes, with {reserved} more being filled, exceed the hard limit of {hard}"
+                    ),
+                });
+            }
+            target = target.min(hard - wanted);
+        }
+        if let Some(min_free) = min_free {
+            let dir = self.layout.base();
+            let fs =
+                nix::sys::statvfs::statvfs(dir).map_err(|e| Error::io("statvfs", dir, e.into()))?;
+            let block = fs.fragment_size() as u64;
+            let free = (fs.blocks_available() as u64).saturating_mul(block);
+            let keep = min_free.bytes_of((fs.blocks() as u64).saturating_mul(block));
+            let shortfall = keep.saturating_add(wanted).saturating_sub(free);
+            if shortfall > cache {
+                return Err(Error::NoRoom {
+                    id: id.clone(),
+                    detail: format!(
+                        "{need} bytes, with {reserved} more being filled, would leave less than {keep} bytes free ({free} free, {cache} in the cache)"
+                    ),
+                });
+            }
+            target = target.min(cache - shortfall);
+        }
+        if cache <= target {
+            return Ok(PruneReport {
+                removed: Vec::new(),
+                bytes: 0,
+                remaining: cache,
+            });
+        }
+        self.prune_to(target)
     }
 
     /// Caches `id` from `source`: `Ok(true)` if it was cached now, `Ok(false)`

@@ -215,6 +215,7 @@ impl<R: Read + Send + 'static> TeeReader<R> {
             match committed {
                 Ok(info) => {
                     self.stats.cached = true;
+                    fills.note_commit(info.size);
                     fill.finish(Ok(info.size));
                 }
                 Err(e) => {

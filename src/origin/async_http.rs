@@ -151,6 +151,30 @@ impl AsyncHttpOrigin {
     }
 }
 
+impl AsyncHttpOrigin {
+    /// Asks the origin whether the client making `request` may read image
+    /// `id`: a `HEAD` of its URL with the client's `X-Auth-Token`. `2xx`
+    /// allows; `401`, `403` and `404` deny with that status; anything
+    /// else (and no answer) is an error, which a server answers with `502`.
+    pub async fn authorize_async(
+        &self,
+        id: &ImageId,
+        request: &OriginRequest,
+    ) -> Result<super::Access> {
+        let url = self.url(id);
+        let mut head = self.client.head(&url);
+        if let Some(token) = &request.auth_token {
+            head = head.header("X-Auth-Token", token);
+        }
+        let response = head.send().await.map_err(|e| Error::Origin {
+            id: id.clone(),
+            origin: url.clone(),
+            detail: format!("authorizing: {}", error_chain(&e)),
+        })?;
+        super::access_of(response.status().as_u16(), id, &url)
+    }
+}
+
 /// An error with its causes, as one line (reqwest's top-level message
 /// alone says little: "error sending request").
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -179,6 +203,10 @@ impl Origin for AsyncHttpOrigin {
             size: object.size,
             checksum: object.checksum,
         })
+    }
+
+    fn authorize(&self, id: &ImageId, request: &OriginRequest) -> Result<super::Access> {
+        self.handle.block_on(self.authorize_async(id, request))
     }
 
     fn describe(&self) -> String {

@@ -104,6 +104,20 @@ impl Origin for HttpOrigin {
         })
     }
 
+    fn authorize(&self, id: &ImageId, request: &OriginRequest) -> Result<super::Access> {
+        let url = self.url(id);
+        let mut head = self.agent.head(&url);
+        if let Some(token) = &request.auth_token {
+            head = head.header("X-Auth-Token", token);
+        }
+        let response = head.call().map_err(|e| Error::Origin {
+            id: id.clone(),
+            origin: url.clone(),
+            detail: format!("authorizing: {e}"),
+        })?;
+        super::access_of(response.status().as_u16(), id, &url)
+    }
+
     fn describe(&self) -> String {
         self.template.clone()
     }

@@ -73,6 +73,31 @@ impl fmt::Debug for OriginRequest {
     }
 }
 
+/// What an origin says of a client's access to an image
+/// ([`Origin::authorize`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The client may read it.
+    Allowed,
+    /// The client may not: the origin's status (`401`, `403`, or `404`
+    /// for an image the client may not even see), to answer with.
+    Denied(u16),
+}
+
+/// The answer of an HTTP origin to an authorization `HEAD`.
+#[cfg(any(feature = "http", feature = "serve"))]
+pub(crate) fn access_of(status: u16, id: &ImageId, url: &str) -> Result<Access> {
+    match status {
+        200..=299 => Ok(Access::Allowed),
+        401 | 403 | 404 => Ok(Access::Denied(status)),
+        other => Err(crate::Error::Origin {
+            id: id.clone(),
+            origin: url.to_owned(),
+            detail: format!("authorizing: HTTP {other}"),
+        }),
+    }
+}
+
 /// A backend a cache fills from.
 ///
 /// `open` blocks; a fill calls it on a thread of its own (see
@@ -89,6 +114,17 @@ pub trait Origin: Send + Sync + fmt::Debug {
     fn open_for(&self, id: &ImageId, request: &OriginRequest) -> Result<OriginObject> {
         let _ = request;
         self.open(id)
+    }
+
+    /// Whether the client making `request` may read image `id`, as the
+    /// origin decides it: a server asks before it serves a hit, so that a
+    /// cached image is never served to a client the origin would refuse.
+    /// An HTTP origin sends a `HEAD` carrying the client's token. By
+    /// default (an origin with no notion of clients, such as a directory)
+    /// every client may. Blocks, as [`Origin::open`] does.
+    fn authorize(&self, id: &ImageId, request: &OriginRequest) -> Result<Access> {
+        let _ = (id, request);
+        Ok(Access::Allowed)
     }
 
     /// Where the origin is, for messages (a path, a URL template).

@@ -10,6 +10,7 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use prometheus_client::metrics::counter::Counter;
 
 use super::plan::PlanBody;
 
@@ -33,12 +34,13 @@ impl std::fmt::Debug for ImageBody {
 }
 
 impl ImageBody {
-    pub(crate) fn new(body: PlanBody, len: Option<u64>) -> Self {
+    pub(crate) fn new(body: PlanBody, len: Option<u64>, served: Option<Counter>) -> Self {
         match body {
             PlanBody::Empty => ImageBody(Empty::new().map_err(|e| match e {}).boxed_unsync()),
             PlanBody::Bytes(b) => ImageBody(Full::new(b).map_err(|e| match e {}).boxed_unsync()),
             other => {
-                let chunks = Chunks::new(other);
+                let mut chunks = Chunks::new(other);
+                chunks.served = served;
                 let stream = futures_util::stream::unfold(chunks, |mut c| async move {
                     c.next().await.map(|r| (r.map(Frame::data), c))
                 });
@@ -106,6 +108,8 @@ pub(crate) struct Chunks {
     /// For a pass-through: the chunk held back until the next read proves
     /// it is not the last (the reader verifies the end).
     held: Option<Bytes>,
+    /// Counts the bytes handed out.
+    pub(crate) served: Option<Counter>,
 }
 
 impl Chunks {
@@ -119,14 +123,19 @@ impl Chunks {
             body: Some(body),
             pos,
             held: None,
+            served: None,
         }
     }
 
     /// The next chunk; `None` at a clean end.
     pub(crate) async fn next(&mut self) -> Option<io::Result<Bytes>> {
         let r = self.step().await;
-        if matches!(r, Some(Err(_)) | None) {
-            self.body = None;
+        match (&r, &self.served) {
+            (Some(Ok(b)), Some(c)) => {
+                c.inc_by(b.len() as u64);
+            }
+            (Some(Err(_)) | None, _) => self.body = None,
+            _ => {}
         }
         r
     }

@@ -53,14 +53,21 @@ use std::time::Duration;
 
 use http::{Request, Response};
 
+use crate::id::ImageId;
 use crate::origin::Origin;
 use crate::ImageCache;
 
+#[cfg(feature = "admin")]
+pub mod admin;
 mod body;
+#[cfg(feature = "admin")]
+pub mod jobs;
+mod metrics;
 mod plan;
 mod server;
 
 pub use body::ImageBody;
+pub use metrics::{Metrics, Outcome};
 pub use plan::{range_ask, route, status_of, RangeAsk};
 pub use server::{parse_head, HeadError, RequestHead, Server};
 
@@ -70,6 +77,8 @@ pub struct ServeOptions {
     prefix: String,
     forward_auth_token: bool,
     header_timeout: Duration,
+    public: bool,
+    authorization_ttl: Duration,
 }
 
 impl Default for ServeOptions {
@@ -78,6 +87,8 @@ impl Default for ServeOptions {
             prefix: "/v2/images/".into(),
             forward_auth_token: false,
             header_timeout: Duration::from_secs(60),
+            public: false,
+            authorization_ttl: Duration::ZERO,
         }
     }
 }
@@ -111,9 +122,91 @@ impl ServeOptions {
         self
     }
 
+    /// Whether every client may read every image (default no). When not
+    /// public, each request is first authorized with the origin
+    /// ([`Origin::authorize`]: an HTTP origin gets a `HEAD` carrying the
+    /// client's `X-Auth-Token`), and a client the origin refuses gets the
+    /// origin's `401`, `403` or `404`, cached image or not; the token is
+    /// then always passed on with the fill a client starts. An origin with
+    /// no notion of clients (a directory) allows everyone.
+    pub fn public(mut self, yes: bool) -> Self {
+        self.public = yes;
+        self
+    }
+
+    /// How long the origin's yes for a token and an image is remembered
+    /// (default zero: every request asks). A positive cache only: a no is
+    /// never remembered, and a token revoked at the origin is still served
+    /// until its entries expire — keep this short.
+    pub fn authorization_ttl(mut self, ttl: Duration) -> Self {
+        self.authorization_ttl = ttl;
+        self
+    }
+
     /// The path prefix.
     pub fn path_prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// Whether every client may read every image.
+    pub fn is_public(&self) -> bool {
+        self.public
+    }
+
+    /// How long an authorization is remembered.
+    pub fn authorization_ttl_value(&self) -> Duration {
+        self.authorization_ttl
+    }
+}
+
+/// The origin's recent yeses, by token (hashed) and image.
+#[derive(Debug)]
+pub(crate) struct Grants {
+    ttl: Duration,
+    map: parking_lot::Mutex<std::collections::HashMap<([u8; 32], ImageId), std::time::Instant>>,
+}
+
+/// The most grants remembered; past it, the oldest half is forgotten.
+const MAX_GRANTS: usize = 65_536;
+
+impl Grants {
+    fn new(ttl: Duration) -> Self {
+        Grants {
+            ttl,
+            map: parking_lot::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// The key of `token` and `id` (the token itself is not kept).
+    pub(crate) fn key(&self, token: Option<&str>, id: &ImageId) -> ([u8; 32], ImageId) {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(token.unwrap_or("").as_bytes());
+        (digest.into(), id.clone())
+    }
+
+    /// Whether `key` was granted within the TTL.
+    pub(crate) fn holds(&self, key: &([u8; 32], ImageId)) -> bool {
+        if self.ttl.is_zero() {
+            return false;
+        }
+        let map = self.map.lock();
+        map.get(key).is_some_and(|at| at.elapsed() < self.ttl)
+    }
+
+    /// Remembers a yes for `key`.
+    pub(crate) fn grant(&self, key: ([u8; 32], ImageId)) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut map = self.map.lock();
+        if map.len() >= MAX_GRANTS {
+            let ttl = self.ttl;
+            map.retain(|_, at| at.elapsed() < ttl);
+            if map.len() >= MAX_GRANTS {
+                map.clear();
+            }
+        }
+        map.insert(key, std::time::Instant::now());
     }
 }
 
@@ -139,22 +232,80 @@ pub struct ImageService {
 }
 
 #[derive(Debug)]
-struct Inner {
-    cache: Arc<ImageCache>,
-    origin: Arc<dyn Origin>,
-    options: ServeOptions,
+pub(crate) struct Inner {
+    pub(crate) cache: Arc<ImageCache>,
+    pub(crate) origin: Arc<dyn Origin>,
+    pub(crate) options: ServeOptions,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) grants: Grants,
+    requests: std::sync::atomic::AtomicU64,
+}
+
+impl Inner {
+    /// Counts a planned response, and gives it the counter of its bytes.
+    pub(crate) fn account(&self, plan: &mut plan::Plan) {
+        let outcome = match plan.source {
+            "hit" => Outcome::Hit,
+            "miss" => Outcome::Miss,
+            "follow" => Outcome::Follow,
+            "bypass" => Outcome::Bypass,
+            "denied" => Outcome::Denied,
+            _ => Outcome::Error,
+        };
+        self.metrics.request(outcome);
+        plan.served = match outcome {
+            Outcome::Hit => Some(self.metrics.served_counter("cache")),
+            Outcome::Miss | Outcome::Follow | Outcome::Bypass => {
+                Some(self.metrics.served_counter("origin"))
+            }
+            _ => None,
+        };
+    }
+
+    /// A new request id, as OpenStack's services send them.
+    pub(crate) fn request_id(&self) -> String {
+        let n = self
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("req-{:08x}-{n:08x}", std::process::id())
+    }
 }
 
 impl ImageService {
-    /// Serves `cache`, filling it from `origin`.
+    /// Serves `cache`, filling it from `origin`, with counters of its own.
     pub fn new(cache: Arc<ImageCache>, origin: Arc<dyn Origin>, options: ServeOptions) -> Self {
+        Self::with_metrics(cache, origin, options, Arc::new(Metrics::new()))
+    }
+
+    /// Serves `cache`, filling it from `origin`, counting into `metrics`
+    /// (shared with a management API and the jobs).
+    pub fn with_metrics(
+        cache: Arc<ImageCache>,
+        origin: Arc<dyn Origin>,
+        options: ServeOptions,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let grants = Grants::new(options.authorization_ttl);
         ImageService {
             inner: Arc::new(Inner {
                 cache,
                 origin,
                 options,
+                metrics,
+                grants,
+                requests: std::sync::atomic::AtomicU64::new(0),
             }),
         }
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// The origin.
+    pub fn origin(&self) -> &Arc<dyn Origin> {
+        &self.inner.origin
     }
 
     /// The cache served.
@@ -170,10 +321,9 @@ impl ImageService {
     /// Answers one request.
     pub async fn respond<B>(&self, request: Request<B>) -> Response<ImageBody> {
         let (parts, _body) = request.into_parts();
-        let plan = plan::plan(
-            &self.inner.cache,
-            &self.inner.origin,
-            &self.inner.options,
+        let request_id = self.inner.request_id();
+        let mut plan = plan::plan(
+            &self.inner,
             plan::Ask {
                 method: &parts.method,
                 path: parts.uri.path(),
@@ -182,11 +332,13 @@ impl ImageService {
             },
         )
         .await;
-        tracing::debug!(
+        self.inner.account(&mut plan);
+        tracing::info!(
+            request_id = %request_id,
             method = %parts.method,
             path = parts.uri.path(),
             status = plan.status.as_u16(),
-            source = plan.source,
+            result = plan.source,
             "request"
         );
         let len = plan
@@ -194,12 +346,15 @@ impl ImageService {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        let mut response = Response::new(ImageBody::new(plan.body, len));
+        let mut response = Response::new(ImageBody::new(plan.body, len, plan.served));
         *response.status_mut() = plan.status;
         *response.headers_mut() = plan.headers;
         response
             .headers_mut()
             .insert("x-imgcache", http::HeaderValue::from_static(plan.source));
+        if let Ok(v) = http::HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert("x-openstack-request-id", v);
+        }
         response
     }
 }
@@ -255,23 +410,71 @@ pub async fn serve_hyper(
     listener: tokio::net::TcpListener,
     service: ImageService,
 ) -> std::io::Result<()> {
+    serve_hyper_until(listener, service, std::future::pending(), Duration::ZERO)
+        .await
+        .map(drop)
+}
+
+/// [`serve_hyper`] until `shutdown` resolves: then no connection is
+/// accepted, idle ones close, and responses in flight get up to `grace` to
+/// finish. `Ok(true)` if they all did.
+pub async fn serve_hyper_until(
+    listener: tokio::net::TcpListener,
+    service: ImageService,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) -> std::io::Result<bool> {
+    let svc = hyper::service::service_fn(move |req| {
+        let service = service.clone();
+        async move { Ok::<_, Infallible>(service.respond(req).await) }
+    });
+    run_hyper(listener, svc, shutdown, grace).await
+}
+
+/// Serves `svc` with hyper until `shutdown`, then drains for `grace`.
+pub(crate) async fn run_hyper<S, B>(
+    listener: tokio::net::TcpListener,
+    svc: S,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) -> std::io::Result<bool>
+where
+    S: hyper::service::Service<
+            Request<hyper::body::Incoming>,
+            Response = Response<B>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let Some((stream, peer)) = accept(&listener).await? else {
+        let accepted = tokio::select! {
+            a = accept(&listener) => a?,
+            () = &mut shutdown => break,
+        };
+        let Some((stream, peer)) = accepted else {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = service.clone();
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let conn = builder.serve_connection(io, svc.clone()).into_owned();
+        let conn = graceful.watch(conn);
         tokio::spawn(async move {
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let svc = hyper::service::service_fn(move |req| {
-                let service = service.clone();
-                async move { Ok::<_, Infallible>(service.respond(req).await) }
-            });
-            let builder =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            if let Err(e) = builder.serve_connection(io, svc).await {
+            if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
         });
     }
+    drop(listener);
+    Ok(tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_ok())
 }

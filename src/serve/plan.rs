@@ -8,14 +8,15 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode};
 
-use super::ServeOptions;
+use super::Inner;
+use crate::cache::checked_object;
 use crate::checksum::{Algorithm, Checksum};
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::files::CachedImage;
 use crate::id::ImageId;
-use crate::origin::{Origin, OriginObject, OriginRequest};
+use crate::origin::{Access, OriginObject, OriginRequest};
 use crate::range::ByteRange;
-use crate::{Fetched, FollowReader, ImageCache};
+use crate::{Fetched, FollowReader};
 
 /// A response, before a transport writes it.
 #[derive(Debug)]
@@ -23,8 +24,11 @@ pub(crate) struct Plan {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: PlanBody,
-    /// Where the bytes came from, for the `x-imgcache` header and logs.
+    /// Where the bytes came from, for the `x-imgcache` header, logs and
+    /// metrics: `hit`, `miss`, `follow`, `bypass`, `denied`, `error`.
     pub source: &'static str,
+    /// Counts the body's bytes as they are sent.
+    pub served: Option<prometheus_client::metrics::counter::Counter>,
 }
 
 /// A response's body.
@@ -129,12 +133,8 @@ pub(crate) fn none_match(value: &str, tag: &str) -> bool {
 }
 
 /// Plans the response to `ask`.
-pub(crate) async fn plan(
-    cache: &Arc<ImageCache>,
-    origin: &Arc<dyn Origin>,
-    options: &ServeOptions,
-    ask: Ask<'_>,
-) -> Plan {
+pub(crate) async fn plan(inner: &Inner, ask: Ask<'_>) -> Plan {
+    let options = &inner.options;
     let id = match route(&options.prefix, ask.path) {
         None => return error(StatusCode::NOT_FOUND, "no such resource".into()),
         Some(Err(e)) => return error(StatusCode::BAD_REQUEST, e),
@@ -151,17 +151,44 @@ pub(crate) async fn plan(
         }
     };
     let mut request = OriginRequest::default();
-    if options.forward_auth_token {
+    if options.forward_auth_token || !options.public {
         request.auth_token = ask
             .headers
             .get("x-auth-token")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
     }
-    let open_origin = origin.clone();
+    if !options.public {
+        match authorize(inner, &id, &request).await {
+            Ok(Access::Allowed) => {}
+            Ok(Access::Denied(status)) => {
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
+                let mut p = error(
+                    status,
+                    format!("the origin refuses image {id} to this client ({status})"),
+                );
+                p.source = "denied";
+                return p;
+            }
+            Err(e) => return failed(&e),
+        }
+    }
+    let open_origin = inner.origin.clone();
+    let open_cache = inner.cache.clone();
+    let open_metrics = inner.metrics.clone();
+    let open_request = request.clone();
     let open_id = id.clone();
-    let fetched = cache
-        .fetch_async(&id, move || open_origin.open_for(&open_id, &request))
+    let fetched = inner
+        .cache
+        .fetch_async(&id, move || {
+            open_metrics.origin_request("fill");
+            let object = open_origin.open_for(&open_id, &open_request)?;
+            // Admission, before a byte is written: room made under the
+            // limits, or the fill refused (its clients pass it through).
+            let evicted = open_cache.make_room(&open_id, object.size)?;
+            open_metrics.evicted(&evicted);
+            Ok(object)
+        })
         .await;
     let fetched = match fetched {
         Ok(f) => f,
@@ -187,8 +214,33 @@ pub(crate) async fn plan(
             )
         }
         Fetched::Following(follower) => {
+            let source = if follower.started_fill() {
+                "miss"
+            } else {
+                inner.metrics.coalesced();
+                "follow"
+            };
             let mut size = match follower.started().await {
                 Ok(size) => size,
+                // No room to cache it: this client gets the origin's bytes.
+                Err(Error::NoRoom { detail, .. }) => {
+                    tracing::info!(image = %id, %detail, "no room: passing it through");
+                    let origin = inner.origin.clone();
+                    let metrics = inner.metrics.clone();
+                    let bypass_id = id.clone();
+                    let opened = tokio::task::spawn_blocking(move || {
+                        metrics.origin_request("bypass");
+                        origin
+                            .open_for(&bypass_id, &request)
+                            .map(|o| checked_object(&bypass_id, o))
+                    })
+                    .await;
+                    return match opened {
+                        Ok(Ok(object)) => pass_through(ask, head, object),
+                        Ok(Err(e)) => failed(&e),
+                        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                    };
+                }
                 Err(e) => return failed(&e),
             };
             // HTTP/1.0 has no chunks: a body of unknown size would end by
@@ -216,39 +268,68 @@ pub(crate) async fn plan(
                 .filter(|c| c.algorithm() == Algorithm::Md5)
                 .map(|c| c.hex().to_owned());
             let follower = Arc::new(follower);
-            respond(ask, head, size, tag, md5, "follow", |r| match r {
+            respond(ask, head, size, tag, md5, source, |r| match r {
                 Some(r) => PlanBody::Follow(follower, r.start, Some(r.end)),
                 None => PlanBody::Follow(follower, 0, size),
             })
         }
-        Fetched::Uncached(object) => {
-            let size = object.size;
-            if size.is_none() && ask.http10 {
-                return error(
-                    StatusCode::BAD_GATEWAY,
-                    "the origin announced no size, which HTTP/1.0 needs".into(),
-                );
-            }
-            let tag = object
-                .checksum
-                .as_ref()
-                .and_then(|c| etag(Some(&c.stored_form()), None));
-            let md5 = object
-                .checksum
-                .as_ref()
-                .filter(|c| c.algorithm() == Algorithm::Md5)
-                .map(|c| c.hex().to_owned());
-            // Passed through whole: a range of it would need the origin's
-            // own range support.
-            let ask = Ask {
-                headers: &HeaderMap::new(),
-                ..ask
-            };
-            respond(ask, head, size, tag, md5, "uncached", |_| {
-                PlanBody::Uncached(Box::new(object))
-            })
-        }
+        Fetched::Uncached(object) => pass_through(ask, head, object),
     }
+}
+
+/// Asks the origin whether the client of `request` may read `id`, unless
+/// the positive cache of [`super::ServeOptions::authorization_ttl`] remembers a
+/// recent yes for this token and image.
+async fn authorize(inner: &Inner, id: &ImageId, request: &OriginRequest) -> Result<Access> {
+    let key = inner.grants.key(request.auth_token.as_deref(), id);
+    if inner.grants.holds(&key) {
+        return Ok(Access::Allowed);
+    }
+    let origin = inner.origin.clone();
+    let metrics = inner.metrics.clone();
+    let (id2, request) = (id.clone(), request.clone());
+    let access = tokio::task::spawn_blocking(move || {
+        metrics.origin_request("authorize");
+        origin.authorize(&id2, &request)
+    })
+    .await
+    .map_err(|e| Error::Origin {
+        id: id.clone(),
+        origin: inner.origin.describe(),
+        detail: format!("authorizing: {e}"),
+    })??;
+    if access == Access::Allowed {
+        inner.grants.grant(key);
+    }
+    Ok(access)
+}
+
+/// The origin's bytes passed through whole, uncached (a range of them
+/// would need the origin's own range support).
+fn pass_through(ask: Ask<'_>, head: bool, object: OriginObject) -> Plan {
+    let size = object.size;
+    if size.is_none() && ask.http10 {
+        return error(
+            StatusCode::BAD_GATEWAY,
+            "the origin announced no size, which HTTP/1.0 needs".into(),
+        );
+    }
+    let tag = object
+        .checksum
+        .as_ref()
+        .and_then(|c| etag(Some(&c.stored_form()), None));
+    let md5 = object
+        .checksum
+        .as_ref()
+        .filter(|c| c.algorithm() == Algorithm::Md5)
+        .map(|c| c.hex().to_owned());
+    let ask = Ask {
+        headers: &HeaderMap::new(),
+        ..ask
+    };
+    respond(ask, head, size, tag, md5, "bypass", |_| {
+        PlanBody::Uncached(Box::new(object))
+    })
 }
 
 /// The response for an image of `size` bytes (unknown: streamed chunked,
@@ -284,6 +365,7 @@ fn respond(
                 headers,
                 body: PlanBody::Empty,
                 source,
+                served: None,
             };
         }
     }
@@ -294,6 +376,7 @@ fn respond(
             headers,
             body: if head { PlanBody::Empty } else { body(None) },
             source,
+            served: None,
         };
     };
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
@@ -340,6 +423,7 @@ fn respond(
         headers,
         body: if head { PlanBody::Empty } else { body(range) },
         source,
+        served: None,
     }
 }
 
@@ -357,6 +441,7 @@ pub(crate) fn error(status: StatusCode, message: String) -> Plan {
         headers,
         body: PlanBody::Bytes(body),
         source: "error",
+        served: None,
     }
 }
 
@@ -375,6 +460,7 @@ pub fn status_of(e: &Error) -> StatusCode {
     match e {
         Error::InvalidId { .. } => StatusCode::BAD_REQUEST,
         Error::OriginNotFound { .. } => StatusCode::NOT_FOUND,
+        Error::NoRoom { .. } => StatusCode::INSUFFICIENT_STORAGE,
         Error::Origin { .. }
         | Error::Source { .. }
         | Error::FillFailed { .. }

@@ -5,6 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
@@ -174,24 +175,54 @@ impl Server {
 
     /// Serves until the listener fails; a task per connection.
     pub async fn run(self) -> io::Result<()> {
+        self.run_until(std::future::pending(), Duration::ZERO)
+            .await
+            .map(drop)
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting: idle
+    /// connections close, each response in flight finishes (its connection
+    /// closing after it) within `grace`, and what is left is cut (dropped
+    /// with the runtime). `Ok(true)` if every response finished.
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+        grace: Duration,
+    ) -> io::Result<bool> {
         let service = Arc::new(self.service);
+        let tracker = tokio_util::task::TaskTracker::new();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut shutdown = std::pin::pin!(shutdown);
         loop {
-            let Some((stream, peer)) = super::accept(&self.listener).await? else {
+            let accepted = tokio::select! {
+                a = super::accept(&self.listener) => a?,
+                () = &mut shutdown => break,
+            };
+            let Some((stream, peer)) = accepted else {
                 continue;
             };
             let _ = stream.set_nodelay(true);
             let service = service.clone();
-            tokio::spawn(async move {
-                if let Err(e) = connection(&service, stream).await {
+            let stop = stop.clone();
+            tracker.spawn(async move {
+                if let Err(e) = connection(&service, stream, &stop).await {
                     tracing::debug!(%peer, error = %e, "connection ended");
                 }
             });
         }
+        drop(self.listener);
+        stop.cancel();
+        tracker.close();
+        Ok(tokio::time::timeout(grace, tracker.wait()).await.is_ok())
     }
 }
 
 /// One connection: requests one after another (pipelined ones too).
-async fn connection(service: &ImageService, mut stream: TcpStream) -> io::Result<()> {
+async fn connection(
+    service: &ImageService,
+    mut stream: TcpStream,
+    stop: &tokio_util::sync::CancellationToken,
+) -> io::Result<()> {
     let timeout = service.options().header_timeout;
     let mut buf = BytesMut::with_capacity(4096);
     loop {
@@ -211,7 +242,11 @@ async fn connection(service: &ImageService, mut stream: TcpStream) -> io::Result
                     return write_plan(&mut stream, plan, false, true, true).await;
                 }
             }
-            let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await;
+            // Between requests, a stop closes the connection.
+            let read = tokio::select! {
+                r = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)) => r,
+                () = stop.cancelled(), if buf.is_empty() => return Ok(()),
+            };
             match read {
                 Ok(Ok(0)) | Err(_) => return Ok(()),
                 Ok(Ok(_)) => {}
@@ -223,12 +258,12 @@ async fn connection(service: &ImageService, mut stream: TcpStream) -> io::Result
             let plan = plan::error(http::StatusCode::BAD_REQUEST, refusal.into());
             return write_plan(&mut stream, plan, false, true, head.http11).await;
         }
-        let keep = keep_alive(&head);
+        // Once stopping, this response is the connection's last.
+        let keep = keep_alive(&head) && !stop.is_cancelled();
         let path = origin_form(&head.target).to_owned();
-        let plan = plan::plan(
-            &service.inner.cache,
-            &service.inner.origin,
-            &service.inner.options,
+        let request_id = service.inner.request_id();
+        let mut plan = plan::plan(
+            &service.inner,
             plan::Ask {
                 method: &head.method,
                 path: &path,
@@ -237,12 +272,18 @@ async fn connection(service: &ImageService, mut stream: TcpStream) -> io::Result
             },
         )
         .await;
-        tracing::debug!(
+        service.inner.account(&mut plan);
+        tracing::info!(
+            request_id = %request_id,
             method = %head.method,
             path = %path,
             status = plan.status.as_u16(),
-            source = plan.source,
+            result = plan.source,
             "request"
+        );
+        plan.headers.insert(
+            "x-openstack-request-id",
+            http::HeaderValue::from_str(&request_id).expect("ASCII"),
         );
         write_plan(
             &mut stream,
@@ -302,6 +343,11 @@ async fn write_plan(
     } else {
         plan.body
     };
+    let count = |n: u64| {
+        if let Some(c) = &plan.served {
+            c.inc_by(n);
+        }
+    };
     match body {
         PlanBody::Empty => stream.write_all(&out).await,
         PlanBody::Bytes(b) => {
@@ -312,9 +358,9 @@ async fn write_plan(
         PlanBody::Cached(image, range) => {
             // The body follows at once: the head may wait for it (MSG_MORE).
             send_head(stream, &out).await?;
-            send_file_async(image.file(), stream, range.start, range.end)
-                .await
-                .map(drop)
+            let sent = send_file_async(image.file(), stream, range.start, range.end).await?;
+            count(sent);
+            Ok(())
         }
         PlanBody::Follow(follower, start, end) => {
             // The body may wait for the origin: the head goes out now.
@@ -330,6 +376,7 @@ async fn write_plan(
                     stream.write_all(format!("{n:x}\r\n").as_bytes()).await?;
                 }
                 send_file_async(follower.file(), stream, pos, pos + n).await?;
+                count(n);
                 if chunked {
                     stream.write_all(b"\r\n").await?;
                 }
@@ -343,6 +390,7 @@ async fn write_plan(
         body @ PlanBody::Uncached(_) => {
             stream.write_all(&out).await?;
             let mut chunks = Chunks::new(body);
+            chunks.served = plan.served.clone();
             while let Some(chunk) = chunks.next().await {
                 let chunk = chunk?;
                 if chunked {

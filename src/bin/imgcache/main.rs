@@ -148,7 +148,7 @@ enum Command {
     /// Serve images over HTTP: GET/HEAD {prefix}{id}/file from the cache,
     /// one fill per miss from the origin, zero-copy bodies. Logs go to
     /// stderr (RUST_LOG or -v sets the level).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
 }
 
 /// A failure to report: a one-line message and an exit code.
@@ -203,6 +203,9 @@ fn origin(spec: &str) -> Result<Box<dyn Origin>, Failure> {
 
 fn run(cli: Cli) -> Result<u8, Failure> {
     let mut options = cli.settings.options()?;
+    if let Command::Serve(args) = cli.command {
+        return serve::run(options, &cli.settings, *args);
+    }
     if let Command::Migrate { file, .. } = &cli.command {
         // Glance's order: the rows move before the cache is opened (whose
         // recovery walk would adopt the files without their hits).
@@ -221,7 +224,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
     let cache = options.open()?;
     let as_json = cli.json;
     match cli.command {
-        Command::Serve(args) => return serve::run(cache, args),
+        Command::Serve(_) => unreachable!("served above"),
         Command::ListCached { all_nodes: true } => {
             let Some(images) = cache.cached_images_all_nodes()? else {
                 return Err(Failure::input(format!(
@@ -820,6 +823,7 @@ fn main() -> ExitCode {
         tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
             .init();
     } else {
         env_logger::Builder::new()

@@ -70,7 +70,9 @@ pub struct Settings {
 
 /// The `[DEFAULT]` values of a Glance config file that matter here.
 #[derive(Debug, Default)]
-struct GlanceConf {
+pub struct GlanceConf {
+    /// Every value, by (section, key), sections in lower case.
+    all: std::collections::HashMap<(String, String), String>,
     dir: Option<String>,
     max_size: Option<String>,
     stall_time: Option<String>,
@@ -100,6 +102,10 @@ fn read_conf(path: &Path) -> Result<GlanceConf, Failure> {
             continue;
         };
         let value = Some(value.trim().to_owned()).filter(|v| !v.is_empty());
+        if let Some(v) = &value {
+            conf.all
+                .insert((section.clone(), key.trim().to_owned()), v.clone());
+        }
         match (section.as_str(), key.trim()) {
             ("default", "image_cache_dir") => conf.dir = value,
             ("default", "image_cache_max_size") => conf.max_size = value,
@@ -124,36 +130,7 @@ fn postgres_url(url: &str) -> Option<String> {
     matches!(dialect, "postgresql" | "postgres").then(|| format!("postgres://{rest}"))
 }
 
-/// Parses a size: bytes, or a number with a unit (K/KB/M/MB/G/GB/T/TB in
-/// powers of 1000, KiB/MiB/GiB/TiB in powers of 1024; case-insensitive).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let unit = unit.trim().to_ascii_lowercase();
-    let factor: u64 = match unit.as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "m" | "mb" => 1_000_000,
-        "g" | "gb" => 1_000_000_000,
-        "t" | "tb" => 1_000_000_000_000,
-        "kib" => 1 << 10,
-        "mib" => 1 << 20,
-        "gib" => 1 << 30,
-        "tib" => 1 << 40,
-        _ => return Err(format!("{s:?} is not a size (try 10GiB or 500MB)")),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (try 10GiB or 500MB)"))?;
-    let bytes = n * factor as f64;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err(format!("{s:?} is out of range"));
-    }
-    Ok(bytes.round() as u64)
-}
+pub use imgcache::parse_size;
 
 /// Parses a duration: seconds, or humantime's forms (2h, 1day, 90min).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -164,13 +141,27 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(t).map_err(|e| format!("{s:?} is not a duration: {e}"))
 }
 
+impl GlanceConf {
+    /// The value of `key` in `section` (`default` for `[DEFAULT]`).
+    pub fn get(&self, section: &str, key: &str) -> Option<&str> {
+        self.all
+            .get(&(section.to_owned(), key.to_owned()))
+            .map(String::as_str)
+    }
+}
+
 impl Settings {
+    /// The config file's values (none without `--config`).
+    pub fn conf(&self) -> Result<GlanceConf, Failure> {
+        match &self.config {
+            Some(path) => read_conf(path),
+            None => Ok(GlanceConf::default()),
+        }
+    }
+
     /// The cache options these settings describe.
     pub fn options(&self) -> Result<CacheOptions, Failure> {
-        let conf = match &self.config {
-            Some(path) => read_conf(path)?,
-            None => GlanceConf::default(),
-        };
+        let conf = self.conf()?;
         let dir = self
             .dir
             .clone()
