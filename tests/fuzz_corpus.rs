@@ -68,3 +68,11 @@ fn http_request_corpus() {
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
 }
+
+#[test]
+fn admin_request_corpus() {
+    for (path, data) in corpus("admin_request") {
+        imgcache::testing::admin_request(&data)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+}

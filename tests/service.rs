@@ -728,6 +728,40 @@ fn min_free_evicts_first_and_bypasses_what_cannot_fit() {
     });
 }
 
+#[test]
+fn nodes_are_listed_with_the_shared_store() {
+    let Some(store) = imgcache::testing::Store::centralized_db() else {
+        return;
+    };
+    let cache_dir = tempfile::tempdir().unwrap();
+    let img = data(10_000, 7);
+    let (_o, origin) = dir_origin(&[("shared1", &img)]);
+    let node_url = imgcache::testing::postgres::node_for(cache_dir.path());
+    let options = imgcache::CacheOptions::new(cache_dir.path()).node_url(node_url.clone());
+    let cache = store.open(options).unwrap();
+    block(async {
+        let node = Node::start(
+            cache,
+            origin,
+            ServeOptions::default(),
+            AdminOptions::default(),
+        )
+        .await;
+        use reqwest::Method as M;
+        assert_eq!(node.json(M::GET, "/v2/cache/nodes/shared1").await.0, 404);
+        assert_eq!(node.get("shared1").await.1, "miss");
+        let (status, nodes) = node.json(M::GET, "/v2/cache/nodes/shared1").await;
+        assert_eq!(status, 200);
+        assert_eq!(nodes, serde_json::json!([node_url]));
+        assert_eq!(node.json(M::GET, "/v2/cache/nodes/%2F").await.0, 400);
+        let jobs = node.jobs.clone();
+        tokio::task::spawn_blocking(move || jobs.stop())
+            .await
+            .unwrap();
+        drop(node);
+    });
+}
+
 /// `imgcache serve` as a process.
 fn imgcache() -> Command {
     Command::new(env!("CARGO_BIN_EXE_imgcache"))
@@ -883,6 +917,35 @@ fn sigterm_lets_downloads_finish_or_cuts_them_and_the_restart_is_consistent() {
                 panic!("{name}: {} {}", r.status(), r.text().await.unwrap());
             }
             started.push((name.clone(), r));
+        }
+        // The fills in flight show in the management API, with how far
+        // each got.
+        let admin = line
+            .split("management API on http://")
+            .nth(1)
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        let text = client
+            .get(format!("http://{admin}/v2/cache"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let state: Value = serde_json::from_str(&text).unwrap();
+        let caching = state["caching_images"].as_array().unwrap();
+        let slow: Vec<_> = caching
+            .iter()
+            .filter(|c| c["image_id"].as_str().unwrap().starts_with("slow"))
+            .collect();
+        assert_eq!(slow.len(), n / 2, "{state}");
+        for c in slow {
+            assert!(c["bytes_written"].as_u64().unwrap() >= 64 * 1024, "{c}");
+            assert!(c["size"].as_u64().unwrap() >= 1_000_000, "{c}");
         }
         let pid = child.id().unwrap().to_string();
         assert!(Command::new("kill")

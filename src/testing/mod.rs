@@ -363,3 +363,69 @@ pub fn http_request(data: &[u8]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Management requests as the admin listener reads them (feature `admin`):
+/// the method and path router, the token headers, and the size and
+/// free-space values of its configuration, on anything. Nothing panics;
+/// an id routed routes back to itself once encoded again; a free space
+/// read as a share lies within 0–100 %.
+#[cfg(feature = "admin")]
+pub fn admin_request(data: &[u8]) -> Result<(), String> {
+    use crate::serve::admin::{presented_token, route, AdminRoute};
+    use http::Method;
+    let Some((&selector, rest)) = data.split_first() else {
+        return Ok(());
+    };
+    let methods = [
+        Method::GET,
+        Method::PUT,
+        Method::DELETE,
+        Method::POST,
+        Method::HEAD,
+        Method::PATCH,
+    ];
+    let method = &methods[usize::from(selector) % methods.len()];
+    if let Ok(path) = std::str::from_utf8(rest) {
+        let id_of = |r: &AdminRoute| match r {
+            AdminRoute::Queue(id)
+            | AdminRoute::Delete(id)
+            | AdminRoute::Nodes(id)
+            | AdminRoute::LegacyDeleteCached(id)
+            | AdminRoute::LegacyQueue(id)
+            | AdminRoute::LegacyDeleteQueued(id) => Some(id.clone()),
+            _ => None,
+        };
+        let routed = route(method, path);
+        if let Some(id) = id_of(&routed) {
+            let encoded = crate::origin::template::percent_encode(id.as_str());
+            let raw = path.split(['?', '#']).next().unwrap_or("");
+            let raw = raw.strip_suffix('/').unwrap_or(raw);
+            let base = &raw[..raw.rfind('/').unwrap_or(0)];
+            let again = route(method, &format!("{base}/{encoded}"));
+            if id_of(&again).as_ref() != Some(&id) {
+                return Err(format!("{path:?} routed to {routed:?}, again to {again:?}"));
+            }
+        }
+        for text in [path, path.trim()] {
+            if let Ok(crate::MinFree::Percent(p)) = text.parse::<crate::MinFree>() {
+                if !(0.0..=100.0).contains(&p) {
+                    return Err(format!("{text:?} read as {p}%"));
+                }
+            }
+            let _ = crate::parse_size(text);
+        }
+    }
+    if let Ok(head) = crate::serve::parse_head(rest) {
+        if let Some(token) = presented_token(&head.headers) {
+            if token.len() > rest.len() {
+                return Err(format!(
+                    "a token of {} bytes from {}",
+                    token.len(),
+                    rest.len()
+                ));
+            }
+        }
+        let _ = route(&head.method, &head.target);
+    }
+    Ok(())
+}
