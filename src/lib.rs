@@ -72,7 +72,13 @@
 //!   `fetch_async`, `open_for_read_async`, `send_file_async`.
 //! - `serve` (feature `serve`): Glance's image-file path over HTTP — a
 //!   tower `Service` for any hyper or axum app, and the zero-copy HTTP/1.1
-//!   `Server` that `imgcache serve` runs.
+//!   `Server` that `imgcache serve` runs; every request authorized with
+//!   the origin unless public, counted in Prometheus `Metrics`.
+//! - `serve::admin` and `serve::jobs` (feature `admin`): Glance's cache
+//!   management API (`/v2/cache`) on a listener of its own, and the
+//!   prefetcher, pruner and cleaner inside the serving process.
+//! - [`ImageCache::make_room`]: admission under a hard limit and a minimum
+//!   of free space ([`CacheOptions::hard_limit`], [`CacheOptions::min_free`]).
 //!
 //! # Layers: one file layer, a narrow metadata store
 //!
