@@ -980,7 +980,7 @@ impl ImageCache {
         map: &mut std::collections::HashMap<ImageId, Arc<Fill>>,
     ) -> Result<(CacheWriter, Arc<Fill>)> {
         let writer = self.writer(key)?;
-        let fill = Arc::new(Fill::new(key.id().clone(), writer.try_clone_file()?));
+        let fill = Arc::new(Fill::new(key.id().clone(), writer.reopen_file()?));
         map.insert(key.id().clone(), fill.clone());
         Ok((writer, fill))
     }

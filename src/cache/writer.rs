@@ -103,17 +103,34 @@ impl CacheWriter {
         self.len
     }
 
-    /// Another handle on the file being written (for readers that follow
-    /// the fill with `pread`).
-    pub(crate) fn try_clone_file(&self) -> Result<File> {
-        match self.out.as_ref() {
-            Some(out) => out.get_ref().try_clone().ctx("dup", &self.path),
-            None => Err(Error::io(
-                "dup",
+    /// Another handle on the file being written, for readers that follow
+    /// the fill with `pread`: opened afresh, not `dup`ed, so that it does
+    /// not share the writer's lock — a follower that outlives the writer
+    /// (a failed fill it is still reading) must not keep the file looking
+    /// written-to, or a waiter on the lock ([`crate::files`]'s
+    /// `wait_for_writer`) would wait for the follower instead.
+    pub(crate) fn reopen_file(&self) -> Result<File> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(out) = self.out.as_ref() else {
+            return Err(Error::io(
+                "open",
                 &self.path,
                 io::Error::other("writer already finished"),
-            )),
+            ));
+        };
+        let file = File::open(&self.path).ctx("open", &self.path)?;
+        let (ours, theirs) = (
+            out.get_ref().metadata().ctx("stat", &self.path)?,
+            file.metadata().ctx("stat", &self.path)?,
+        );
+        if (ours.dev(), ours.ino()) != (theirs.dev(), theirs.ino()) {
+            return Err(Error::io(
+                "open",
+                &self.path,
+                io::Error::other("the incomplete file was replaced under its writer"),
+            ));
         }
+        Ok(file)
     }
 
     /// The id as the layout admitted it at create.
