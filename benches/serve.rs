@@ -178,13 +178,13 @@ http {{
     Nginx { child }
 }
 
-fn start_imgcache(dir: &Path, origin: u16, transport: &str) -> (Child, u16) {
+fn start_imgcache(dir: &Path, origin: u16, transport: &str, extra: &[&str]) -> (Child, u16) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_imgcache"))
         .arg("--dir")
         .arg(dir)
+        .args(["serve"])
+        .args(extra)
         .args([
-            "serve",
-            "--public",
             "--listen",
             "127.0.0.1:0",
             "--admin-listen",
@@ -408,7 +408,7 @@ fn main() {
             (None, front_port, master)
         } else {
             let transport = server.split(' ').nth(1).unwrap();
-            let (child, port) = start_imgcache(&cache, origin_port, transport);
+            let (child, port) = start_imgcache(&cache, origin_port, transport, &["--public"]);
             let pid = child.id();
             (Some(child), port, pid)
         };
@@ -444,6 +444,27 @@ fn main() {
             let _ = c.wait();
         }
     }
+    // What authorizing every request with the origin costs (a HEAD to
+    // nginx per hit), and what a positive cache of the origin's yes buys
+    // back: the same hits, the same run.
+    let mut authz = Vec::new();
+    for (label, extra) in [
+        ("--public", &["--public"][..]),
+        ("authorized each request", &[][..]),
+        (
+            "--authorization-ttl 60s",
+            &["--authorization-ttl", "60s"][..],
+        ),
+    ] {
+        let cache = work.path().join(format!("cache-authz-{}", authz.len()));
+        std::fs::create_dir(&cache).unwrap();
+        let (mut child, port) = start_imgcache(&cache, origin_port, "sendfile", extra);
+        assert_eq!(get(port, "hit-small"), sizes.small);
+        let rate = wrk(&wrk_bin, port, "hit-small", 64, sizes.secs);
+        let _ = child.kill();
+        let _ = child.wait();
+        authz.push((label, rate));
+    }
     drop(proxy);
     println!(
         "\nimgcache serve vs nginx proxy_cache ({}; same run, loopback, {} cores)",
@@ -470,6 +491,17 @@ fn main() {
             r[4] / r[3].max(1e-6),
             n[4] / n[3].max(1e-6),
             r[2]
+        );
+    }
+    let public = authz[0].1;
+    println!(
+        "\nauthorization of {} MiB hits, 64 conns (sendfile; same run):",
+        sizes.small >> 20
+    );
+    for (label, rate) in &authz {
+        println!(
+            "  {label:<28} {rate:>8.0} req/s  {:.2} x --public",
+            rate / public
         );
     }
 }
