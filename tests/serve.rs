@@ -882,3 +882,109 @@ fn a_follower_does_not_hold_the_writers_lock() {
         .expect("the lock went with the writer, though a follower lives");
     drop(follower);
 }
+
+/// An origin's bytes, held at `at` until `go` says, telling `dropped`
+/// when the fill lets go of them (after its commit, or its failure).
+struct HeldReader {
+    data: Vec<u8>,
+    pos: usize,
+    at: usize,
+    go: Option<std::sync::mpsc::Receiver<()>>,
+    dropped: std::sync::mpsc::Sender<()>,
+}
+
+impl std::io::Read for HeldReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos == self.at {
+            if let Some(go) = self.go.take() {
+                let _ = go.recv();
+            }
+        }
+        let end = if self.pos < self.at {
+            self.at
+        } else {
+            self.data.len()
+        };
+        let n = (end - self.pos).min(buf.len());
+        buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl Drop for HeldReader {
+    fn drop(&mut self) {
+        let _ = self.dropped.send(());
+    }
+}
+
+/// A fill invalidated under its thread (a shutdown) never publishes
+/// anything when its thread wakes and reaches its end — above all not the
+/// file of a newer fill of the same image, half written.
+#[test]
+fn an_invalidated_fill_never_publishes_another_fills_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ImageCache::builder(dir.path()).open().unwrap();
+    let id = ImageId::new("twice").unwrap();
+    let (old_bytes, new_bytes) = (vec![1u8; 300_000], vec![2u8; 300_000]);
+    let held = |data: Vec<u8>| {
+        let (go_tx, go_rx) = std::sync::mpsc::channel();
+        let (drop_tx, drop_rx) = std::sync::mpsc::channel();
+        let reader = HeldReader {
+            data,
+            pos: 0,
+            at: 100_000,
+            go: Some(go_rx),
+            dropped: drop_tx,
+        };
+        (reader, go_tx, drop_rx)
+    };
+    let (old_reader, old_go, old_dropped) = held(old_bytes.clone());
+    let old = cache
+        .fetch_detached(&id, move || {
+            Ok(imgcache::OriginObject {
+                reader: Box::new(old_reader),
+                size: Some(300_000),
+                checksum: None,
+            })
+        })
+        .unwrap();
+    let imgcache::Fetched::Following(old) = old else {
+        panic!("a miss is followed");
+    };
+    // The old fill has written its first 100 000 bytes, and waits.
+    assert!(old.wait_ready(0, None).unwrap().is_some());
+    assert_eq!(cache.invalidate_fills("test: stopped"), 1);
+    assert!(old.wait_ready(0, None).is_err(), "its followers hear of it");
+    // A newer fill of the same image, held half way too.
+    let (new_reader, new_go, _new_dropped) = held(new_bytes.clone());
+    let new = cache
+        .fetch_detached(&id, move || {
+            Ok(imgcache::OriginObject {
+                reader: Box::new(new_reader),
+                size: Some(300_000),
+                checksum: None,
+            })
+        })
+        .unwrap();
+    let imgcache::Fetched::Following(mut new) = new else {
+        panic!("a new fill");
+    };
+    assert!(new.wait_ready(0, None).unwrap().is_some());
+    // The old thread wakes, reads to its end and tries to commit.
+    old_go.send(()).unwrap();
+    old_dropped.recv().unwrap();
+    assert!(
+        !cache.is_cached(&id).unwrap(),
+        "the old fill published the new fill's half-written file"
+    );
+    new_go.send(()).unwrap();
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut new, &mut got).unwrap();
+    assert_eq!(got, new_bytes);
+    let mut hit = cache.open_for_read(&id).unwrap().expect("cached");
+    let mut cached = Vec::new();
+    std::io::Read::read_to_end(&mut hit, &mut cached).unwrap();
+    assert_eq!(cached, new_bytes);
+    drop(old_bytes);
+}

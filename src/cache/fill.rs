@@ -129,24 +129,41 @@ impl Fill {
         });
     }
 
+    /// Records the size the origin announced before the fill starts, so
+    /// that admission counts it at once ([`Fills::reserved`]).
+    pub(crate) fn reserve(&self, size: Option<u64>) {
+        let mut state = self.state.lock();
+        if !state.started {
+            state.size = size;
+        }
+    }
+
     /// Publishes that `written` bytes are in the file.
     pub(crate) fn progress(&self, written: u64) {
         self.update(|s| s.written = written);
     }
 
     /// Publishes the end of the fill.
+    /// Publishes the end of the fill; the first end stands (a late
+    /// failure never overrides a commit its followers may have seen).
     pub(crate) fn finish(&self, outcome: Result<u64, String>) {
         self.update(|s| {
-            s.outcome = Some(outcome.map_err(|reason| Failure {
-                reason,
-                kind: FailureKind::Other,
-            }))
+            if s.outcome.is_none() {
+                s.outcome = Some(outcome.map_err(|reason| Failure {
+                    reason,
+                    kind: FailureKind::Other,
+                }))
+            }
         });
     }
 
     /// Publishes a failure its followers tell apart (before any byte).
     pub(crate) fn fail_as(&self, reason: String, kind: FailureKind) {
-        self.update(|s| s.outcome = Some(Err(Failure { reason, kind })));
+        self.update(|s| {
+            if s.outcome.is_none() {
+                s.outcome = Some(Err(Failure { reason, kind }))
+            }
+        });
     }
 
     /// Whether the fill has ended (committed or failed).
@@ -370,7 +387,7 @@ impl Fills {
     /// returns the count.
     pub(crate) fn wait_commit(&self, seen: u64, timeout: std::time::Duration) -> u64 {
         let mut c = self.commits.lock();
-        if c.0 == seen && !self.is_stopping() {
+        if c.0 == seen {
             self.committed.wait_for(&mut c, timeout);
         }
         c.0

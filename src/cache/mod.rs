@@ -979,6 +979,12 @@ impl ImageCache {
         key: Admitted<'_>,
         map: &mut std::collections::HashMap<ImageId, Arc<Fill>>,
     ) -> Result<(CacheWriter, Arc<Fill>)> {
+        if self.fills.is_stopping() {
+            return Err(Error::FillFailed {
+                id: key.id().clone(),
+                reason: "the cache is shutting down".into(),
+            });
+        }
         let writer = self.writer(key)?;
         let fill = Arc::new(Fill::new(key.id().clone(), writer.reopen_file()?));
         map.insert(key.id().clone(), fill.clone());
@@ -1369,6 +1375,10 @@ impl ImageCache {
                 });
             }
             target = target.min(cache - shortfall);
+        }
+        // Counted at once, before the lock goes: the next admission sees it.
+        if let Some(fill) = self.fills.with(|map| map.get(id).cloned()) {
+            fill.reserve(size);
         }
         if cache <= target {
             return Ok(PruneReport {

@@ -184,6 +184,18 @@ impl CacheWriter {
             return Err(err);
         }
         let key = self.key();
+        if !self.still_ours(&file) {
+            // Moved away under us (invalidated at a shutdown, or removed):
+            // nothing of ours to publish, nor to move.
+            return Err(Error::io(
+                "publish",
+                &path,
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "no longer this writer's file (moved to invalid/ or removed before the commit)",
+                ),
+            ));
+        }
         match self.layout.publish(key) {
             Ok(true) => {}
             Ok(false) => {
@@ -223,10 +235,26 @@ impl CacheWriter {
     pub(crate) fn discard(mut self) -> Result<()> {
         if let Some(out) = self.out.take() {
             let (file, _) = out.into_parts();
+            let ours = self.still_ours(&file);
             drop(file);
-            remove_if_exists(&self.path)?;
+            if ours {
+                remove_if_exists(&self.path)?;
+            }
         }
         Ok(())
+    }
+
+    /// Whether `incomplete/<id>` is still this writer's file: not moved
+    /// away under it ([`crate::ImageCache::invalidate_fills`]) and replaced
+    /// by another writer's. Every rename or removal by path checks it
+    /// first, so that a writer never publishes, moves or deletes a file
+    /// that is not its own.
+    fn still_ours(&self, file: &File) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (file.metadata(), std::fs::metadata(&self.path)) {
+            (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+            _ => false,
+        }
     }
 
     /// Abandons the write: what was written moves to `invalid/<id>` with
@@ -262,6 +290,10 @@ impl CacheWriter {
         // The move first, the reason second: failing to record why (a full
         // disk refusing the metadata write, a crash) loses only the reason.
         let key = self.key();
+        if !self.still_ours(&file) {
+            // Moved away already (invalidated under us); nothing to move.
+            return Ok(());
+        }
         self.layout.invalidate(key)?;
         let moved = self.layout.invalid(key);
         let recorded = file.metadata().ctx("stat", &moved).and_then(|meta| {

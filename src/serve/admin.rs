@@ -13,7 +13,7 @@
 //! | `POST /v2/cache/clean` | `200` `{"total_files_cleaned", "total_bytes_cleaned", "invalid_files_cleaned", "stalled_files_cleaned"}` |
 //! | `GET /v2/cache/nodes/{id}` | `200` the URLs of the nodes holding it (centralized_db); `404` if none does; `409` with another driver |
 //! | `GET /cached_images`, `DELETE /cached_images[/{id}]`, `GET /queued_images`, `PUT`/`DELETE /queued_images/{id}`, `DELETE /queued_images` | Glance's v1 middleware shapes (`{"cached_images": …}`, `{"num_deleted": n}`); a `PUT` there only queues, for the prefetcher's next pass over the queue; also under `/v1` and with `-` for `_` |
-//! | `GET /metrics` | `200`, Prometheus' text format |
+//! | `GET /metrics` | `200`, OpenMetrics text (which Prometheus scrapes) |
 //! | `GET /healthz` | `200` `ok` when the metadata store answers, else `503` (no token needed) |
 //!
 //! Errors are JSON, `{"code": 404, "title": "Not Found", "message": "…"}`:
@@ -353,7 +353,10 @@ impl AdminService {
                     let mut r = Response::new(Full::new(Bytes::from(self.inner.metrics.encode())));
                     r.headers_mut().insert(
                         header::CONTENT_TYPE,
-                        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                        // prometheus-client writes OpenMetrics text.
+                        HeaderValue::from_static(
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        ),
                     );
                     r
                 }

@@ -207,6 +207,16 @@ impl Jobs {
     /// with its fill (see [`ImageCache::stop_fills`] to cut it short).
     /// Waits for the threads.
     pub fn stop(&self) {
+        self.signal_stop();
+        for t in self.threads.lock().drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    /// Tells the jobs to stop, without waiting for them: a prefetch in
+    /// progress ends with its fill (stop the fills to end it sooner, then
+    /// [`Jobs::stop`] to wait).
+    pub fn signal_stop(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         {
             let _w = self.shared.work.lock();
@@ -218,9 +228,6 @@ impl Jobs {
         }
         // The pruner waits for commits: wake it too.
         self.shared.cache.wake_commit_waiters();
-        for t in self.threads.lock().drain(..) {
-            let _ = t.join();
-        }
     }
 }
 

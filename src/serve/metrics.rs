@@ -254,8 +254,8 @@ impl Metrics {
         }
     }
 
-    /// The counters in Prometheus' text format (version 0.0.4's content
-    /// type, OpenMetrics' syntax).
+    /// The counters as OpenMetrics text (`application/openmetrics-text`),
+    /// which Prometheus scrapes.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.

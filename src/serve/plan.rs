@@ -162,7 +162,13 @@ pub(crate) async fn plan(inner: &Inner, ask: Ask<'_>) -> Plan {
         match authorize(inner, &id, &request).await {
             Ok(Access::Allowed) => {}
             Ok(Access::Denied(status)) => {
-                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
+                // Only a refusal: an origin's odd answer is a 403.
+                let status = match status {
+                    401 | 403 | 404 => {
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN)
+                    }
+                    _ => StatusCode::FORBIDDEN,
+                };
                 let mut p = error(
                     status,
                     format!("the origin refuses image {id} to this client ({status})"),
@@ -217,7 +223,6 @@ pub(crate) async fn plan(inner: &Inner, ask: Ask<'_>) -> Plan {
             let source = if follower.started_fill() {
                 "miss"
             } else {
-                inner.metrics.coalesced();
                 "follow"
             };
             let mut size = match follower.started().await {
@@ -243,6 +248,9 @@ pub(crate) async fn plan(inner: &Inner, ask: Ask<'_>) -> Plan {
                 }
                 Err(e) => return failed(&e),
             };
+            if source == "follow" {
+                inner.metrics.coalesced();
+            }
             // HTTP/1.0 has no chunks: a body of unknown size would end by
             // closing the connection, which a failure looks like too. Such
             // a client waits for the commit, and gets the size.

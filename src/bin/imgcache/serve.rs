@@ -43,7 +43,7 @@ pub struct ServeArgs {
     #[arg(long, env = "IMGCACHE_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
     /// A file holding the bearer token the management API requires; it
-    /// must not be readable by others (chmod 600).
+    /// must be readable by its owner alone (chmod 600).
     #[arg(long, env = "IMGCACHE_ADMIN_TOKEN_FILE", value_name = "FILE")]
     admin_token_file: Option<PathBuf>,
     /// Serve every image to every client, without asking the origin
@@ -156,15 +156,21 @@ fn address(
 /// Reads the admin token, refusing a file others may read.
 fn read_token(path: &PathBuf) -> Result<String, Failure> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path)
+    let mut file = std::fs::File::open(path)
         .map_err(|e| Failure::input(format!("admin token file {}: {e}", path.display())))?;
-    if meta.permissions().mode() & 0o004 != 0 {
+    // The file opened, not the path again: what is read is what was checked.
+    let meta = file
+        .metadata()
+        .map_err(|e| Failure::input(format!("admin token file {}: {e}", path.display())))?;
+    if meta.permissions().mode() & 0o077 != 0 {
         return Err(Failure::input(format!(
-            "admin token file {} is readable by every user: chmod o-r it (600 is best)",
-            path.display()
+            "admin token file {} is readable or writable by its group or others (mode {:o}): chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
         )));
     }
-    let token = std::fs::read_to_string(path)
+    let mut token = String::new();
+    std::io::Read::read_to_string(&mut file, &mut token)
         .map_err(|e| Failure::input(format!("admin token file {}: {e}", path.display())))?;
     let token = token.trim().to_owned();
     if token.is_empty() {
@@ -276,7 +282,7 @@ fn print_config(c: &Config, args: &Extra) {
         "min_free = {}",
         opt(o.min_free_space().map(|m| m.to_string()))
     );
-    println!("origin = {}", c.origin);
+    println!("origin = {}", imgcache::redact_url(&c.origin));
     println!("listen = {}", c.listen);
     println!("transport = {:?}", args.transport);
     println!("prefix = {}", args.prefix);
@@ -417,7 +423,7 @@ async fn serve(
     println!(
         "imgcache: serving {dir} on http://{addr}{}{{id}}/file from {} ({:?}); management API on http://{admin_addr}/v2/cache",
         service.options().path_prefix(),
-        origin.describe(),
+        imgcache::redact_url(&origin.describe()),
         extra.transport
     );
     use std::io::Write;
@@ -473,10 +479,10 @@ async fn serve(
             seen = cache2.wait_for_commit(seen, Duration::from_millis(50).min(left));
         }
         let idle = cache2.is_idle();
-        if !idle {
-            cache2.stop_fills();
-        }
-        jobs2.stop();
+        // No new fill from here (a prefetch, a late request), and the ones
+        // left end at their next read.
+        jobs2.signal_stop();
+        cache2.stop_fills();
         // The stopped fills end at their next read; those blocked on the
         // origin are invalidated under them.
         let deadline = Instant::now() + Duration::from_secs(1);
@@ -487,6 +493,8 @@ async fn serve(
         if moved > 0 {
             tracing::info!(fills = moved, "fills in flight invalidated");
         }
+        // The prefetch workers' fills have ended (committed or invalidated).
+        jobs2.stop();
         (idle, moved)
     })
     .await
