@@ -1334,7 +1334,9 @@ impl ImageCache {
     /// `Err(`[`Error::NoRoom`]`)` when it cannot fit under the hard limit
     /// or above the free space kept, even with every image evicted (then
     /// nothing is evicted). Over `max_size` alone it is admitted: that
-    /// limit is the pruner's, as in Glance. Returns what was evicted.
+    /// limit is the pruner's, as in Glance. A fill whose origin announced
+    /// no size counts as zero bytes until it commits (the pruner, and the
+    /// next admission, see it then). Returns what was evicted.
     // statvfs's counts are u64 on Linux, narrower elsewhere.
     #[allow(clippy::unnecessary_cast)]
     pub fn make_room(&self, id: &ImageId, size: Option<u64>) -> Result<PruneReport> {
