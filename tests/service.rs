@@ -60,18 +60,27 @@ impl Node {
         serve: ServeOptions,
         admin: AdminOptions,
     ) -> Node {
+        let jobs = JobOptions::default().clean_interval(None);
+        Self::start_with_jobs(cache, origin, serve, admin, jobs).await
+    }
+
+    async fn start_with_jobs(
+        cache: ImageCache,
+        origin: Arc<dyn Origin>,
+        serve: ServeOptions,
+        admin: AdminOptions,
+        job_options: JobOptions,
+    ) -> Node {
         let cache = Arc::new(cache);
         let metrics = Arc::new(Metrics::new());
         let service =
             ImageService::with_metrics(cache.clone(), origin.clone(), serve, metrics.clone());
         let (c, o, m) = (cache.clone(), origin.clone(), metrics.clone());
         let jobs = Arc::new(
-            tokio::task::spawn_blocking(move || {
-                Jobs::start(c, o, m, JobOptions::default().clean_interval(None))
-            })
-            .await
-            .unwrap()
-            .unwrap(),
+            tokio::task::spawn_blocking(move || Jobs::start(c, o, m, job_options))
+                .await
+                .unwrap()
+                .unwrap(),
         );
         let data_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -564,6 +573,36 @@ fn a_client_the_origin_refuses_never_gets_a_cached_image() {
             assert_eq!(r.send().await.unwrap().status(), 403);
         }
         assert_eq!(origin.heads.load(Ordering::SeqCst) - heads, 1 + 3);
+        node.jobs.stop();
+    });
+}
+
+#[test]
+fn the_prefetcher_sends_its_own_token() {
+    let cache_dir = tempfile::tempdir().unwrap();
+    let img = data(200_000, 9);
+    block(async {
+        let images = HashMap::from([("tokened".to_owned(), img.clone())]);
+        let origin = auth_origin(images, Arc::new(Semaphore::new(0))).await;
+        let http: Arc<dyn Origin> = Arc::new(
+            AsyncHttpOrigin::new(format!("http://{}/images/{{id}}", origin.addr)).unwrap(),
+        );
+        let cache = ImageCache::builder(cache_dir.path()).open().unwrap();
+        let node = Node::start_with_jobs(
+            cache,
+            http,
+            ServeOptions::default(),
+            AdminOptions::default(),
+            JobOptions::default()
+                .clean_interval(None)
+                .origin_token(Some("good".into())),
+        )
+        .await;
+        let r = node.call(reqwest::Method::PUT, "/v2/cache/tokened").await;
+        assert_eq!(r.status(), 202);
+        node.wait_cached("tokened").await;
+        assert_eq!(origin.gets.load(Ordering::SeqCst), 1);
+        assert_eq!(node.metrics.job_runs("prefetch", true), 1);
         node.jobs.stop();
     });
 }

@@ -393,6 +393,23 @@ impl Fills {
         c.0
     }
 
+    /// [`Fills::wait_commit`], unless `stop` is set: checked under the
+    /// lock that [`Fills::wake`] takes, so that a stop signalled (then
+    /// woken) just before the wait is never missed.
+    #[cfg(feature = "admin")]
+    pub(crate) fn wait_commit_unless(
+        &self,
+        seen: u64,
+        timeout: std::time::Duration,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> u64 {
+        let mut c = self.commits.lock();
+        if c.0 == seen && !stop.load(Ordering::SeqCst) {
+            self.committed.wait_for(&mut c, timeout);
+        }
+        c.0
+    }
+
     /// Wakes the waiters of [`Fills::wait_commit`] early.
     pub(crate) fn wake(&self) {
         let _c = self.commits.lock();

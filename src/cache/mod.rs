@@ -1265,6 +1265,19 @@ impl ImageCache {
         self.fills.wait_commit(seen, timeout)
     }
 
+    /// [`ImageCache::wait_for_commit`] that does not wait once `stop` is
+    /// set (the flag is read under the lock [`ImageCache::wake_commit_waiters`]
+    /// takes: set it, then wake, and no waiter misses it).
+    #[cfg(feature = "admin")]
+    pub(crate) fn wait_for_commit_unless(
+        &self,
+        seen: u64,
+        timeout: Duration,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> u64 {
+        self.fills.wait_commit_unless(seen, timeout, stop)
+    }
+
     /// Wakes the callers of [`ImageCache::wait_for_commit`] early (a job
     /// that is stopping).
     pub fn wake_commit_waiters(&self) {

@@ -23,18 +23,32 @@ use crate::origin::{Origin, OriginRequest};
 use crate::{Fetched, ImageCache};
 
 /// How the jobs run.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct JobOptions {
     prefetch_workers: usize,
+    origin_token: Option<String>,
     queue_interval: Option<Duration>,
     prune_interval: Option<Duration>,
     clean_interval: Option<Duration>,
+}
+
+impl std::fmt::Debug for JobOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobOptions")
+            .field("prefetch_workers", &self.prefetch_workers)
+            .field("origin_token", &self.origin_token.as_ref().map(|_| "***"))
+            .field("queue_interval", &self.queue_interval)
+            .field("prune_interval", &self.prune_interval)
+            .field("clean_interval", &self.clean_interval)
+            .finish()
+    }
 }
 
 impl Default for JobOptions {
     fn default() -> Self {
         JobOptions {
             prefetch_workers: 2,
+            origin_token: None,
             queue_interval: Some(Duration::from_secs(60)),
             prune_interval: Some(Duration::from_secs(60)),
             clean_interval: Some(Duration::from_secs(600)),
@@ -46,6 +60,13 @@ impl JobOptions {
     /// Images fetched at once by the prefetcher (default 2; at least 1).
     pub fn prefetch_workers(mut self, n: usize) -> Self {
         self.prefetch_workers = n.max(1);
+        self
+    }
+
+    /// The `X-Auth-Token` the prefetcher sends to the origin (a service
+    /// token: its fetches belong to no client). Default none.
+    pub fn origin_token(mut self, token: Option<String>) -> Self {
+        self.origin_token = token;
         self
     }
 
@@ -86,6 +107,8 @@ struct Shared {
     cache: Arc<ImageCache>,
     origin: Arc<dyn Origin>,
     metrics: Arc<Metrics>,
+    /// What the prefetcher's origin requests carry.
+    request: OriginRequest,
     /// Images waiting for a prefetch worker, and those being fetched.
     work: Mutex<Work>,
     more: Condvar,
@@ -117,6 +140,10 @@ impl Jobs {
             cache,
             origin,
             metrics,
+            request: match &options.origin_token {
+                Some(t) => OriginRequest::with_auth_token(t.clone()),
+                None => OriginRequest::default(),
+            },
             work: Mutex::new(Work::default()),
             more: Condvar::new(),
             stopping: AtomicBool::new(false),
@@ -311,9 +338,10 @@ impl Shared {
             self.metrics.clone(),
         );
         let open_id = id.clone();
+        let request = self.request.clone();
         let fetched = self.cache.fetch_detached(id, move || {
             metrics.origin_request("fill");
-            let object = origin.open_for(&open_id, &OriginRequest::default())?;
+            let object = origin.open_for(&open_id, &request)?;
             let evicted = cache.make_room(&open_id, object.size)?;
             metrics.evicted(&evicted);
             Ok(object)
@@ -354,7 +382,9 @@ impl Shared {
         let mut first = true;
         loop {
             if !first {
-                seen = self.cache.wait_for_commit(seen, every);
+                seen = self
+                    .cache
+                    .wait_for_commit_unless(seen, every, &self.stopping);
             }
             first = false;
             if self.stopping() {

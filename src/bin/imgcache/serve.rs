@@ -27,7 +27,8 @@ pub enum Transport {
 /// environment variable, and the addresses from the config file: the data
 /// port from `[DEFAULT] bind_host`/`bind_port`, the rest from an
 /// `[imgcache]` section (`admin_bind_host`, `admin_bind_port`,
-/// `admin_token_file`, `min_free`, `hard_limit`, `public`).
+/// `admin_token_file`, `prefetch_token_file`, `min_free`, `hard_limit`,
+/// `public`, `origin`).
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// Where to fetch misses from: a directory (one file per id), or a URL
@@ -46,6 +47,10 @@ pub struct ServeArgs {
     /// must be readable by its owner alone (chmod 600).
     #[arg(long, env = "IMGCACHE_ADMIN_TOKEN_FILE", value_name = "FILE")]
     admin_token_file: Option<PathBuf>,
+    /// A file holding the X-Auth-Token the prefetcher sends to the origin
+    /// (a service token); it must be readable by its owner alone.
+    #[arg(long, env = "IMGCACHE_PREFETCH_TOKEN_FILE", value_name = "FILE")]
+    prefetch_token_file: Option<PathBuf>,
     /// Serve every image to every client, without asking the origin
     /// whether the client may read it.
     #[arg(long, env = "IMGCACHE_PUBLIC")]
@@ -117,6 +122,7 @@ struct Config {
     admin_listen: SocketAddr,
     admin_token: Option<String>,
     admin_token_file: Option<PathBuf>,
+    prefetch_token: Option<String>,
     public: bool,
     authorization_ttl: Duration,
     prune_interval: Option<Duration>,
@@ -155,27 +161,28 @@ fn address(
 
 /// Reads the admin token, refusing a file others may read.
 fn read_token(path: &PathBuf) -> Result<String, Failure> {
+    // Both token files (admin, prefetch) pass the same checks.
     use std::os::unix::fs::PermissionsExt;
     let mut file = std::fs::File::open(path)
-        .map_err(|e| Failure::input(format!("admin token file {}: {e}", path.display())))?;
+        .map_err(|e| Failure::input(format!("token file {}: {e}", path.display())))?;
     // The file opened, not the path again: what is read is what was checked.
     let meta = file
         .metadata()
-        .map_err(|e| Failure::input(format!("admin token file {}: {e}", path.display())))?;
+        .map_err(|e| Failure::input(format!("token file {}: {e}", path.display())))?;
     if meta.permissions().mode() & 0o077 != 0 {
         return Err(Failure::input(format!(
-            "admin token file {} is readable or writable by its group or others (mode {:o}): chmod 600 it",
+            "token file {} is readable or writable by its group or others (mode {:o}): chmod 600 it",
             path.display(),
             meta.permissions().mode() & 0o777
         )));
     }
     let mut token = String::new();
     std::io::Read::read_to_string(&mut file, &mut token)
-        .map_err(|e| Failure::input(format!("admin token file {}: {e}", path.display())))?;
+        .map_err(|e| Failure::input(format!("token file {}: {e}", path.display())))?;
     let token = token.trim().to_owned();
     if token.is_empty() {
         return Err(Failure::input(format!(
-            "admin token file {} is empty",
+            "token file {} is empty",
             path.display()
         )));
     }
@@ -211,6 +218,12 @@ impl ServeArgs {
             .admin_token_file
             .or_else(|| section("admin_token_file").map(PathBuf::from));
         let admin_token = admin_token_file.as_ref().map(read_token).transpose()?;
+        let prefetch_token = self
+            .prefetch_token_file
+            .or_else(|| section("prefetch_token_file").map(PathBuf::from))
+            .as_ref()
+            .map(read_token)
+            .transpose()?;
         if admin_token.is_none() && !admin_listen.ip().is_loopback() {
             return Err(Failure::input(format!(
                 "the management API on {admin_listen} (not loopback) needs --admin-token-file"
@@ -242,6 +255,7 @@ impl ServeArgs {
             admin_listen,
             admin_token,
             admin_token_file,
+            prefetch_token,
             public,
             authorization_ttl: match &self.authorization_ttl {
                 Some(v) => duration("authorization ttl", v)?,
@@ -292,6 +306,14 @@ fn print_config(c: &Config, args: &Extra) {
         match &c.admin_token_file {
             Some(f) => format!("required (from {})", f.display()),
             None => "none (loopback only)".into(),
+        }
+    );
+    println!(
+        "prefetch_token = {}",
+        if c.prefetch_token.is_some() {
+            "set"
+        } else {
+            "none"
         }
     );
     println!("public = {}", c.public);
@@ -406,6 +428,7 @@ async fn serve(
         let (cache, origin, metrics) = (cache.clone(), origin.clone(), metrics.clone());
         let job_options = JobOptions::default()
             .prefetch_workers(extra.prefetch_workers)
+            .origin_token(config.prefetch_token.clone())
             .prune_interval(config.prune_interval)
             .clean_interval(config.clean_interval);
         tokio::task::spawn_blocking(move || Jobs::start(cache, origin, metrics, job_options))
