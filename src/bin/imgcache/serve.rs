@@ -486,9 +486,24 @@ async fn serve(
             stop.cancel();
         }
     };
-    let started = Instant::now();
-    let (served, ()) = tokio::join!(data, signalled);
-    let drained = served.map_err(|e| Failure::input(format!("listener failed: {e}")))?;
+    let mut data = std::pin::pin!(data);
+    // A signal starts the drain; a listener that fails first ends it all.
+    // The grace counts from the stop.
+    let (served, started) = tokio::select! {
+        r = &mut data => {
+            stop.cancel();
+            (r, Instant::now())
+        }
+        () = signalled => {
+            let at = Instant::now();
+            (data.await, at)
+        }
+    };
+    // A failed listener still gets the fills and jobs ended below.
+    let (drained, failure) = match served {
+        Ok(drained) => (drained, None),
+        Err(e) => (false, Some(Failure::input(format!("listener failed: {e}")))),
+    };
     let _ = admin_task.await;
     // Fills in flight: finished within what is left of the grace, or
     // stopped (their files moved to invalid/, cleaned later).
@@ -541,7 +556,10 @@ async fn serve(
             "fills in flight were stopped"
         }
     );
-    Ok((0, abandoned))
+    match failure {
+        Some(f) => Err(f),
+        None => Ok((0, abandoned)),
+    }
 }
 
 /// A stop signal shared by the listeners.
