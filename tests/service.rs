@@ -290,6 +290,12 @@ fn the_management_api_answers_as_glance_does() {
         assert_eq!(m.served_bytes("cache"), 300_000 + 200_000);
         assert_eq!(m.served_bytes("origin"), 3 * 300_000);
         assert_eq!(m.origin_requests("authorize"), 5);
+        // The prefetch worker counts its run after the commit: its join
+        // waits for it (the API still answers without the jobs).
+        let jobs = node.jobs.clone();
+        tokio::task::spawn_blocking(move || jobs.stop())
+            .await
+            .unwrap();
         let text = node.call(M::GET, "/metrics").await.text().await.unwrap();
         assert!(
             text.contains("imgcache_requests_total{result=\"hit\"} 2"),
@@ -602,8 +608,12 @@ fn the_prefetcher_sends_its_own_token() {
         assert_eq!(r.status(), 202);
         node.wait_cached("tokened").await;
         assert_eq!(origin.gets.load(Ordering::SeqCst), 1);
+        // The worker counts its run after the commit: the join waits for it.
+        let jobs = node.jobs.clone();
+        tokio::task::spawn_blocking(move || jobs.stop())
+            .await
+            .unwrap();
         assert_eq!(node.metrics.job_runs("prefetch", true), 1);
-        node.jobs.stop();
     });
 }
 
