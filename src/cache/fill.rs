@@ -396,7 +396,6 @@ impl Fills {
     /// [`Fills::wait_commit`], unless `stop` is set: checked under the
     /// lock that [`Fills::wake`] takes, so that a stop signalled (then
     /// woken) just before the wait is never missed.
-    #[cfg(feature = "admin")]
     pub(crate) fn wait_commit_unless(
         &self,
         seen: u64,

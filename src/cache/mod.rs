@@ -258,7 +258,7 @@ impl Read for SizeChecked {
 /// An origin's object to pass through uncached, checked as a fill would
 /// be: its announced size and checksum verified, a mismatch the error of
 /// its last read.
-pub(crate) fn checked_object(id: &ImageId, object: OriginObject) -> OriginObject {
+fn checked_object(id: &ImageId, object: OriginObject) -> OriginObject {
     let source = SizeChecked {
         inner: object.reader,
         announced: object.size,
@@ -1267,9 +1267,9 @@ impl ImageCache {
 
     /// [`ImageCache::wait_for_commit`] that does not wait once `stop` is
     /// set (the flag is read under the lock [`ImageCache::wake_commit_waiters`]
-    /// takes: set it, then wake, and no waiter misses it).
-    #[cfg(feature = "admin")]
-    pub(crate) fn wait_for_commit_unless(
+    /// takes: set it, then wake, and no waiter misses it). A job that
+    /// waits for commits and must stop promptly waits here.
+    pub fn wait_for_commit_unless(
         &self,
         seen: u64,
         timeout: Duration,
@@ -1338,6 +1338,29 @@ impl ImageCache {
         self.fills.is_empty()
     }
 
+    /// The cache's file system: bytes free for unprivileged users, and its
+    /// size (`statvfs`).
+    // statvfs's counts are u64 on Linux, narrower elsewhere.
+    #[allow(clippy::unnecessary_cast)]
+    pub fn file_system_space(&self) -> Result<(u64, u64)> {
+        let dir = self.layout.base();
+        let fs =
+            nix::sys::statvfs::statvfs(dir).map_err(|e| Error::io("statvfs", dir, e.into()))?;
+        let block = fs.fragment_size() as u64;
+        Ok((
+            (fs.blocks_available() as u64).saturating_mul(block),
+            (fs.blocks() as u64).saturating_mul(block),
+        ))
+    }
+
+    /// An origin's object to pass through uncached, checked as a fill
+    /// would be: its announced size and checksum verified, a mismatch the
+    /// error of its last read. For a server that cannot cache an image
+    /// ([`Error::NoRoom`]) yet must never pass on a wrong byte cleanly.
+    pub fn pass_through(&self, id: &ImageId, object: OriginObject) -> OriginObject {
+        checked_object(id, object)
+    }
+
     /// Admission: makes room for a fill of `id` of `size` bytes (as its
     /// origin announced; `None` if it did not) under
     /// [`CacheOptions::max_size`], [`CacheOptions::hard_limit`] and
@@ -1350,8 +1373,6 @@ impl ImageCache {
     /// limit is the pruner's, as in Glance. A fill whose origin announced
     /// no size counts as zero bytes until it commits (the pruner, and the
     /// next admission, see it then). Returns what was evicted.
-    // statvfs's counts are u64 on Linux, narrower elsewhere.
-    #[allow(clippy::unnecessary_cast)]
     pub fn make_room(&self, id: &ImageId, size: Option<u64>) -> Result<PruneReport> {
         let hard = self.options.hard_limit_bytes();
         let min_free = self.options.min_free_space();
@@ -1374,12 +1395,8 @@ impl ImageCache {
             target = target.min(hard - wanted);
         }
         if let Some(min_free) = min_free {
-            let dir = self.layout.base();
-            let fs =
-                nix::sys::statvfs::statvfs(dir).map_err(|e| Error::io("statvfs", dir, e.into()))?;
-            let block = fs.fragment_size() as u64;
-            let free = (fs.blocks_available() as u64).saturating_mul(block);
-            let keep = min_free.bytes_of((fs.blocks() as u64).saturating_mul(block));
+            let (free, total) = self.file_system_space()?;
+            let keep = min_free.bytes_of(total);
             let shortfall = keep.saturating_add(wanted).saturating_sub(free);
             if shortfall > cache {
                 return Err(Error::NoRoom {

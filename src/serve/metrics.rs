@@ -230,8 +230,6 @@ impl Metrics {
 
     /// Reads the gauges off `cache` (the store and the file system: call
     /// it off an async runtime's threads).
-    // statvfs's counts are u64 on Linux, narrower elsewhere.
-    #[allow(clippy::unnecessary_cast)]
     pub fn observe(&self, cache: &ImageCache) {
         self.fills_in_flight
             .set(cache.fills_in_progress().len() as i64);
@@ -248,8 +246,7 @@ impl Metrics {
         if let Ok(queued) = cache.queued_images() {
             self.queued_images.set(queued.len() as i64);
         }
-        if let Ok(fs) = nix::sys::statvfs::statvfs(cache.layout().base()) {
-            let free = (fs.blocks_available() as u64).saturating_mul(fs.fragment_size() as u64);
+        if let Ok((free, _)) = cache.file_system_space() {
             self.free_bytes.set(free.min(i64::MAX as u64) as i64);
         }
     }

@@ -9,7 +9,6 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode};
 
 use super::Inner;
-use crate::cache::checked_object;
 use crate::checksum::{Algorithm, Checksum};
 use crate::error::{Error, Result};
 use crate::files::CachedImage;
@@ -232,12 +231,13 @@ pub(crate) async fn plan(inner: &Inner, ask: Ask<'_>) -> Plan {
                     tracing::info!(image = %id, %detail, "no room: passing it through");
                     let origin = inner.origin.clone();
                     let metrics = inner.metrics.clone();
+                    let cache = inner.cache.clone();
                     let bypass_id = id.clone();
                     let opened = tokio::task::spawn_blocking(move || {
                         metrics.origin_request("bypass");
                         origin
                             .open_for(&bypass_id, &request)
-                            .map(|o| checked_object(&bypass_id, o))
+                            .map(|o| cache.pass_through(&bypass_id, o))
                     })
                     .await;
                     return match opened {

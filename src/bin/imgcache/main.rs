@@ -189,16 +189,26 @@ fn id(s: &str) -> Result<ImageId, Failure> {
 }
 
 fn origin(spec: &str) -> Result<Box<dyn Origin>, Failure> {
-    if spec.starts_with("http://") || spec.starts_with("https://") {
+    if is_url(spec) {
         return Ok(Box::new(HttpOrigin::new(spec)?));
     }
+    Ok(Box::new(dir_origin(spec)?))
+}
+
+/// Whether an origin spec is a URL template (else a directory).
+fn is_url(spec: &str) -> bool {
+    spec.starts_with("http://") || spec.starts_with("https://")
+}
+
+/// The directory origin a spec names (`DIR` or `dir:DIR`).
+fn dir_origin(spec: &str) -> Result<DirOrigin, Failure> {
     let dir = PathBuf::from(spec.strip_prefix("dir:").unwrap_or(spec));
     if !dir.is_dir() {
         return Err(Failure::input(format!(
             "origin {spec:?} is neither a directory nor an http(s) URL template"
         )));
     }
-    Ok(Box::new(DirOrigin::new(dir)))
+    Ok(DirOrigin::new(dir))
 }
 
 fn run(cli: Cli) -> Result<u8, Failure> {

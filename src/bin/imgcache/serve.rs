@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use imgcache::serve::admin::{serve_admin, AdminOptions, AdminService};
 use imgcache::serve::jobs::{JobOptions, Jobs};
 use imgcache::serve::{serve_hyper_until, ImageService, Metrics, ServeOptions, Server};
-use imgcache::{AsyncHttpOrigin, CacheOptions, DirOrigin, ImageCache, MinFree, Origin};
+use imgcache::{AsyncHttpOrigin, CacheOptions, ImageCache, MinFree, Origin};
 
 use crate::settings::{parse_duration, parse_size, Settings};
 use crate::Failure;
@@ -384,16 +384,10 @@ pub fn run(options: CacheOptions, settings: &Settings, args: ServeArgs) -> Resul
 }
 
 fn origin_of(spec: &str) -> Result<Arc<dyn Origin>, Failure> {
-    if spec.starts_with("http://") || spec.starts_with("https://") {
+    if crate::is_url(spec) {
         return Ok(Arc::new(AsyncHttpOrigin::new(spec)?));
     }
-    let dir = PathBuf::from(spec.strip_prefix("dir:").unwrap_or(spec));
-    if !dir.is_dir() {
-        return Err(Failure::input(format!(
-            "origin {spec:?} is neither a directory nor an http(s) URL template"
-        )));
-    }
-    Ok(Arc::new(DirOrigin::new(dir)))
+    Ok(Arc::new(crate::dir_origin(spec)?))
 }
 
 /// Serves until a signal; the exit code, and whether fills were left
