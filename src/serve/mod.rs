@@ -177,6 +177,11 @@ impl Grants {
         }
     }
 
+    /// Whether yeses are remembered at all (a TTL above zero).
+    pub(crate) fn enabled(&self) -> bool {
+        !self.ttl.is_zero()
+    }
+
     /// The key of `token` and `id` (the token itself is not kept).
     pub(crate) fn key(&self, token: Option<&str>, id: &ImageId) -> ([u8; 32], ImageId) {
         use sha2::Digest;

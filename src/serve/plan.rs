@@ -289,8 +289,12 @@ pub(crate) async fn plan(inner: &Inner, ask: Ask<'_>) -> Plan {
 /// the positive cache of [`super::ServeOptions::authorization_ttl`] remembers a
 /// recent yes for this token and image.
 async fn authorize(inner: &Inner, id: &ImageId, request: &OriginRequest) -> Result<Access> {
-    let key = inner.grants.key(request.auth_token.as_deref(), id);
-    if inner.grants.holds(&key) {
+    // No hashing when there is no positive cache (the default).
+    let key = inner
+        .grants
+        .enabled()
+        .then(|| inner.grants.key(request.auth_token.as_deref(), id));
+    if key.as_ref().is_some_and(|k| inner.grants.holds(k)) {
         return Ok(Access::Allowed);
     }
     let origin = inner.origin.clone();
@@ -306,7 +310,7 @@ async fn authorize(inner: &Inner, id: &ImageId, request: &OriginRequest) -> Resu
         origin: inner.origin.describe(),
         detail: format!("authorizing: {e}"),
     })??;
-    if access == Access::Allowed {
+    if let (Access::Allowed, Some(key)) = (access, key) {
         inner.grants.grant(key);
     }
     Ok(access)
