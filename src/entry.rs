@@ -277,3 +277,49 @@ mod tests {
         assert!(serde_json::from_str::<ImageId>("\"cache.db\"").is_err());
     }
 }
+
+/// How far a cache directory is known to be durable: what a checkpoint
+/// (`syncfs` of the cache's file system, then this record, itself durable)
+/// vouches for. See the crate docs' *Durability* section.
+///
+/// Entries committed at or after [`committed_before`](Self::committed_before)
+/// are not trusted after an unclean shutdown: the next open reads them
+/// whole and checks their CRC-32 before anything is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watermark {
+    /// Every entry whose commit time (`last_modified`, the cache's clock,
+    /// taken after its last data write) is strictly earlier was on disk
+    /// before this watermark was recorded.
+    pub committed_before: SystemTime,
+    /// The file system's own clock at the same moment (the change time of
+    /// the cache's watermark file, touched before the sync): a cached file
+    /// without metadata whose change time (its rename into place) is
+    /// strictly earlier was on disk too, and may be adopted; a later one
+    /// is moved to `invalid/`.
+    pub changed_before: SystemTime,
+}
+
+impl Watermark {
+    /// The pair as whole microseconds since the epoch (before the epoch is
+    /// 0), as the stores keep it.
+    pub(crate) fn to_micros(self) -> (i64, i64) {
+        (micros(self.committed_before), micros(self.changed_before))
+    }
+
+    /// The inverse of [`Watermark::to_micros`].
+    pub(crate) fn from_micros(committed: i64, changed: i64) -> Self {
+        let at = |m: i64| {
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(u64::try_from(m).unwrap_or(0))
+        };
+        Watermark {
+            committed_before: at(committed),
+            changed_before: at(changed),
+        }
+    }
+}
+
+fn micros(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

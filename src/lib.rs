@@ -16,7 +16,7 @@
 //! let dir = tempfile::tempdir()?;
 //! let cache = ImageCache::builder(dir.path()).max_size(1 << 20).open()?;
 //!
-//! // Cache an image: written to incomplete/, then fsync'ed and renamed.
+//! // Cache an image: written to incomplete/, then renamed into place.
 //! let id = ImageId::new("8f2f6b4e-7cba-4d41-9c6f-2a4e6d0b1c55")?;
 //! let mut writer = cache.open_for_write(&id)?;
 //! writer.write_all(&vec![7u8; 300_000])?;
@@ -115,8 +115,9 @@
 //! # Guarantees
 //!
 //! - A cached image is complete: a writer's bytes become visible only by an
-//!   atomic rename after an `fsync`, and a reader is refused a file whose
-//!   size differs from what was committed.
+//!   atomic rename, a reader is refused a file whose size differs from what
+//!   was committed, and after an unclean shutdown nothing a checkpoint did
+//!   not cover is served before it is checked (see *Durability*).
 //! - One writer per image: `incomplete/<id>` is created exclusively, and a
 //!   commit never replaces a cached file.
 //! - A live writer holds a lock on its file, so `clean` never deletes a file
@@ -124,37 +125,82 @@
 //! - A read costs at most one metadata update and never an `fsync`: the
 //!   xattr driver updates the file's attributes; the SQLite driver batches
 //!   hits (one transaction per 256 hits or second; [`ImageCache::flush`]).
-//!   Writers of different images share no lock on the data path; commits
-//!   that land together share one `fsync` of the directory.
+//!   Writers of different images share no lock on the data path; with
+//!   group durability a commit makes no `fsync` at all, and with
+//!   `Immediate` commits that land together share one of the directory.
 //! - Errors are values ([`Error`]), each naming the id or path involved.
 //!
 //! # Durability
 //!
-//! A commit is, in this order (`tests/syscalls.rs` records it with strace):
-//! data `write`s → `fsync` of the file → `renameat2(RENAME_NOREPLACE)` into
-//! the base directory → `fsync` of the directory → metadata. Reads never
-//! `fsync`. (A store that keeps metadata on the file writes it before the
-//! data `fsync`, so that both are published together.)
+//! A cache does not need every entry to survive a power cut: a lost entry
+//! is fetched again. It needs no entry ever to be *served wrong* after one.
+//! So there are two modes ([`Durability`], [`CacheOptions::durability`]),
+//! and both keep that promise; they differ in what a power cut may lose and
+//! in what a commit costs.
+//!
+//! - **[`Durability::Immediate`]**: a commit is, in this order (recorded
+//!   with strace in `tests/syscalls.rs`): data `write`s → `fsync` of the
+//!   file → `renameat2(RENAME_NOREPLACE)` into the base directory → `fsync`
+//!   of the directory → metadata. It is durable when `commit` returns.
+//! - **[`Durability::Group`]** (the default): the same steps without the
+//!   two `fsync`s. A background checkpoint makes everything committed so
+//!   far durable at once — one `syncfs(2)` of the cache's file system
+//!   (`sync(2)` where there is none) at most 1 s after a commit, or after
+//!   256 MiB — and then records a [`Watermark`] in the store, durably: the
+//!   cache's clock and the file system's, as they were just before that
+//!   sync. Each entry is stamped (`last_modified`) after its last data
+//!   write, so an entry stamped before the watermark was on disk before
+//!   the watermark was recorded.
+//!
+//! When a cache is opened, in either mode, entries stamped at or after the
+//! last watermark (a crash came before their checkpoint, or their writer
+//! is still running) are read whole and checked against the size and
+//! CRC-32 they were committed with, *before* the cache is returned: a torn
+//! one is moved to `invalid/` with the reason (that move is synced at
+//! once) and is fetched again. A file without metadata is adopted only if
+//! it was renamed into place before the watermark (its change time, on the
+//! file system's clock, says so); a later one could be a torn commit whose
+//! row was lost, and with nothing to check it by, it goes to `invalid/`
+//! too ([`RecoveryReport::torn`]). A clean close makes a last checkpoint,
+//! so the next open checks nothing.
+//!
+//! **Why group is the default.** It is what a cache needs and no more: the
+//! promise that matters (no wrong byte, ever) holds as firmly as with
+//! `Immediate`, because nothing is trusted that a checkpoint did not
+//! cover. What a power cut can cost is the entries of the last second,
+//! fetched again; the price of `Immediate` is two `fsync`s on every commit,
+//! which is what bounded small fills on every disk measured here (see
+//! `benches/compare.rs`). Verifying rather than discarding the uncovered
+//! entries keeps a *process* crash (far more common than a power cut, and
+//! which leaves the page cache whole) from costing anything at all, and it
+//! reads at most one checkpoint interval of commits. Choose `Immediate`
+//! where an entry must survive the instant `commit` returns (the origin is
+//! gone once a fill is done, or refetching is dearer than a sync), or over
+//! a store that records no watermark (then it is used whatever is asked).
+//!
+//! The argument assumes the clocks do not run backwards across a
+//! checkpoint: a wall clock stepped back by more than the interval could
+//! make a newer commit look covered.
 //!
 //! After a *process* crash (SIGKILL at any instant, `tests/crash.rs`) nothing
-//! is lost that was committed, and reopening reconciles the rest: a file
-//! renamed but not yet recorded is adopted (unverified, CRC recomputed by
-//! [`ImageCache::scrub`]), an `incomplete/` file is stalled and `clean`
-//! removes it.
+//! is lost that was committed, and reopening reconciles the rest: an entry
+//! whose file is gone is dropped, an `incomplete/` file is stalled and
+//! `clean` removes it. Reads never `fsync`.
 //!
-//! After a *power loss*:
+//! After a *power loss* (simulated in `tests/power_cut.rs`: files truncated,
+//! zeroed or left unrenamed, rows rolled back to the watermark):
 //!
-//! - **sqlite**: an image committed less than one directory sync ago may be
-//!   missing, never half-present. Rows are durable at the next WAL
-//!   checkpoint (the database runs `synchronous = NORMAL`), so the rows of
-//!   the latest commits, and the latest hit counts and access times, may be
-//!   lost; the files survive and are adopted at the next open, unverified
-//!   until scrubbed. A write-ahead log is never applied half-way: SQLite
-//!   keeps the database consistent.
-//! - **xattr**: the attributes (size, CRC, commit time) are set on the file
-//!   before its data `fsync`, so an image appears with its metadata or not
-//!   at all. Hit counts and access times updated since the file system last
-//!   wrote its inode back may be lost.
+//! - **both modes**: everything committed before the watermark (with
+//!   `Immediate`, before `commit` returned) is there with its bytes; later
+//!   entries are there and intact, or gone.
+//! - **sqlite**: rows are durable at the next WAL checkpoint or watermark
+//!   (the database runs `synchronous = NORMAL`), so the latest hit counts
+//!   and access times may be lost. A write-ahead log is never applied
+//!   half-way: SQLite keeps the database consistent.
+//! - **xattr**: the attributes (commit time and size first, CRC and hit
+//!   count last) are set on the file before its rename, so an image appears
+//!   with its metadata or without any. Hit counts and access times updated
+//!   since the file system last wrote its inode back may be lost.
 //! - **both**: `invalid/` and `incomplete/` files, and queue markers, are not
 //!   synced: they may vanish or reappear; `clean` takes care of either.
 
@@ -193,7 +239,7 @@ pub use drivers::CentralizedDbDriver;
 pub use drivers::{CacheDriver, MetadataStore, SqliteDriver, XattrDriver, LOCAL_NODE};
 pub use entry::{
     CachedFiles, CachedImageInfo, InvalidImageInfo, Invalidation, LruEntry, NodeImage, OnDisk,
-    Scanned,
+    Scanned, Watermark,
 };
 pub use error::{Error, Result, StoreError, StoreErrorKind};
 #[cfg(feature = "tokio")]
@@ -201,7 +247,8 @@ pub use files::zero_copy::send_file_async;
 pub use files::{Admitted, CachedImage, CleanReport, Layout, RangeReader, RemovedFile};
 pub use id::{IdError, ImageId, DEFAULT_SQLITE_DB, MAX_ID_LEN};
 pub use options::{
-    parse_size, redact_url, CacheOptions, DriverKind, MinFree, DEFAULT_MAX_SIZE, DEFAULT_STALL_TIME,
+    parse_size, redact_url, CacheOptions, DriverKind, Durability, MinFree, DEFAULT_MAX_SIZE,
+    DEFAULT_STALL_TIME,
 };
 #[cfg(feature = "http")]
 pub use origin::HttpOrigin;

@@ -91,6 +91,7 @@ pub struct CacheOptions {
     migrate_sqlite: bool,
     hard_limit: Option<u64>,
     min_free: Option<MinFree>,
+    durability: Durability,
     clock: Arc<dyn Clock>,
 }
 
@@ -109,6 +110,7 @@ impl fmt::Debug for CacheOptions {
             .field("migrate_sqlite", &self.migrate_sqlite)
             .field("hard_limit", &self.hard_limit)
             .field("min_free", &self.min_free)
+            .field("durability", &self.durability)
             .field("clock", &self.clock)
             .finish()
     }
@@ -132,6 +134,7 @@ impl CacheOptions {
             migrate_sqlite: false,
             hard_limit: None,
             min_free: None,
+            durability: Durability::default(),
             clock: Arc::new(SystemClock),
         }
     }
@@ -309,6 +312,64 @@ impl CacheOptions {
     /// The free space kept, if any.
     pub fn min_free_space(&self) -> Option<MinFree> {
         self.min_free
+    }
+
+    /// Sets how commits are made durable (default [`Durability::group`]:
+    /// see the crate docs' *Durability* section).
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// How commits are made durable.
+    pub fn durability_mode(&self) -> Durability {
+        self.durability
+    }
+}
+
+/// How a commit is made durable. Either way, no entry is ever served with
+/// bytes other than those committed, after a crash of the process or of
+/// the machine; the modes differ in what a power cut may lose (entries
+/// that are then fetched again) and in what a commit costs. See the crate
+/// docs' *Durability* section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Durability {
+    /// Each commit is durable when it returns: the file is `fsync`ed
+    /// before its rename, the directory after it.
+    Immediate,
+    /// Commits do not sync one by one. A background checkpoint makes
+    /// everything committed so far durable at once (one `syncfs(2)` of
+    /// the cache's file system; `sync(2)` where there is none) at most
+    /// `interval` after a commit, or as soon as `bytes` have been
+    /// committed since the last one, and records that watermark in the
+    /// store. After an unclean shutdown, entries committed after the last
+    /// watermark are read whole and checked against their CRC-32 when the
+    /// cache is next opened, before anything is served; a torn one is
+    /// moved to `invalid/`.
+    Group {
+        /// Longest time between a commit and the checkpoint that covers it.
+        interval: std::time::Duration,
+        /// Committed bytes that bring the checkpoint forward.
+        bytes: u64,
+    },
+}
+
+impl Durability {
+    /// Group durability with the defaults: a checkpoint at most 1 s after a
+    /// commit, or after 256 MiB committed.
+    pub const fn group() -> Self {
+        Durability::Group {
+            interval: std::time::Duration::from_secs(1),
+            bytes: 256 << 20,
+        }
+    }
+}
+
+impl Default for Durability {
+    /// [`Durability::group`].
+    fn default() -> Self {
+        Durability::group()
     }
 }
 

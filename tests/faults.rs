@@ -17,6 +17,7 @@ use imgcache::{CacheOptions, Error, ImageCache, Verification};
 for_each_driver!(
     recovery_of_a_clean_cache_is_clean,
     recovery_adopts_files_without_metadata,
+    files_without_metadata_after_the_last_checkpoint_are_not_adopted,
     recovery_reports_stalled_but_not_live_writers,
     scrub_detects_a_file_overwritten_in_place,
     scrub_verifies_adopted_files,
@@ -41,6 +42,8 @@ fn recovery_adopts_files_without_metadata(kind: Store) {
     // A file that appeared without metadata: for sqlite, a crash between
     // the rename and the row insert; for both, another tool's file.
     fs::write(f.path().join("orphan"), bytes(3, 5000)).unwrap();
+    // A checkpoint after it (any clean close makes one) vouches for it.
+    f.cache.checkpoint().unwrap();
     let again = f.reopen();
     assert_eq!(again.recovery().adopted, vec![id("orphan")]);
     let info = again.cached_image(&id("orphan")).unwrap().unwrap();
@@ -58,6 +61,40 @@ fn recovery_adopts_files_without_metadata(kind: Store) {
     );
     // Adoption happens once.
     assert!(f.reopen().recovery().adopted.is_empty());
+}
+
+fn files_without_metadata_after_the_last_checkpoint_are_not_adopted(kind: Store) {
+    let f = Fixture::new(kind);
+    f.put("known", b"k");
+    f.cache.checkpoint().unwrap();
+    // Renamed into place after the checkpoint, with no metadata: after an
+    // unclean shutdown this may be a torn commit, with nothing to check it
+    // by. (The first cache is still open: to the second, it looks crashed.)
+    fs::write(f.path().join("late"), bytes(5, 4000)).unwrap();
+    let again = f.reopen();
+    let r = again.recovery();
+    assert_eq!(r.torn, vec![id("late")], "{r:?}");
+    assert!(r.adopted.is_empty(), "{r:?}");
+    assert!(again.open_for_read(&id("late")).unwrap().is_none());
+    assert!(f.path().join("invalid/late").exists());
+    let invalid = again.invalid_images().unwrap();
+    assert!(
+        invalid[0]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("after the last checkpoint")),
+        "{invalid:?}"
+    );
+    // What the checkpoint covered is kept as it was.
+    assert_eq!(
+        again
+            .open_for_read(&id("known"))
+            .unwrap()
+            .unwrap()
+            .read_all()
+            .unwrap(),
+        b"k"
+    );
 }
 
 fn recovery_reports_stalled_but_not_live_writers(kind: Store) {
@@ -101,6 +138,7 @@ fn scrub_detects_a_file_overwritten_in_place(kind: Store) {
 fn scrub_verifies_adopted_files(kind: Store) {
     let f = Fixture::new(kind);
     fs::write(f.path().join("foreign"), bytes(4, 3000)).unwrap();
+    f.cache.checkpoint().unwrap();
     let again = f.reopen();
     let foreign = id("foreign");
     assert_eq!(

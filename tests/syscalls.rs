@@ -61,7 +61,13 @@ fn have_strace() -> bool {
 }
 
 /// Runs the child under strace, tracing `calls`; returns the trace lines.
-fn trace(f: &Fixture, cmd: &str, env: &[(&str, &Path)], calls: &str, out: &Path) -> Vec<String> {
+fn trace(
+    f: &Fixture,
+    cmd: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+    calls: &str,
+    out: &Path,
+) -> Vec<String> {
     let status = Command::new("strace")
         .envs(env.iter().copied())
         .args(["-f", "-qq", "-y", "-e", &format!("trace={calls}"), "-o"])
@@ -100,7 +106,7 @@ fn reads_never_fsync_on_the_reading_thread() {
         let lines = trace(
             &f,
             "read 3000",
-            &[("IMGCACHE_TID_FILE", tid_file.path())],
+            &[("IMGCACHE_TID_FILE", tid_file.path().as_os_str())],
             "fsync,fdatasync,sync_file_range,syncfs,sync,msync",
             out.path(),
         );
@@ -124,11 +130,11 @@ fn reads_never_fsync_on_the_reading_thread() {
     }
 }
 
-/// The durability order of one commit, as the kernel sees it: the data is
-/// written and `fsync`ed, then renamed into place (never replacing), then
-/// the directory is `fsync`ed, and only then is metadata written (SQLite's
-/// log). The xattr driver's attributes are set before the data `fsync`, so
-/// they are durable with the bytes.
+/// The durability order of one commit with `Durability::Immediate`, as the
+/// kernel sees it: the data is written and `fsync`ed, then renamed into
+/// place (never replacing), then the directory is `fsync`ed, and only then
+/// is metadata written (SQLite's log). The xattr driver's attributes are
+/// set before the data `fsync`, so they are durable with the bytes.
 #[test]
 fn commit_syncs_data_then_renames_then_syncs_dir_then_records() {
     if !have_strace() {
@@ -140,7 +146,7 @@ fn commit_syncs_data_then_renames_then_syncs_dir_then_records() {
         let lines = trace(
             &f,
             "commit",
-            &[],
+            &[("IMGCACHE_DURABILITY", "immediate".as_ref())],
             "openat,write,pwrite64,sendto,sendmsg,fsetxattr,fsync,fdatasync,rename,renameat,renameat2,linkat",
             out.path(),
         );
@@ -241,6 +247,70 @@ fn commit_syncs_data_then_renames_then_syncs_dir_then_records() {
             }
         }
         eprintln!("{kind}: write@{last_write} < fsync(file)@{fsync_file} < rename@{rename} < fsync(dir)@{fsync_dir}");
+        assert_eq!(f.get(&id("x")).unwrap(), bytes(7, 1 << 20));
+    }
+}
+
+/// The same commit with group durability (the default): no `fsync` of the
+/// file or the directory on the committing path; the checkpoint (here the
+/// last one, as the cache closes) makes it durable with one `syncfs` after
+/// the rename, and only then records the watermark, itself durably.
+#[test]
+fn group_commit_syncs_once_per_checkpoint_then_records_the_watermark() {
+    if !have_strace() {
+        return;
+    }
+    for &kind in Store::all() {
+        let f = Fixture::new(kind);
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let lines = trace(
+            &f,
+            "commit",
+            &[("IMGCACHE_DURABILITY", "group".as_ref())],
+            "fsync,fdatasync,syncfs,sync,rename,renameat,renameat2,fsetxattr,pwrite64,sendto,sendmsg,write",
+            out.path(),
+        );
+        let base = f.path().display().to_string();
+        let incomplete = format!("{base}/incomplete/x");
+        let find = |from: usize, what: &dyn Fn(&str) -> bool| -> Option<usize> {
+            lines
+                .iter()
+                .skip(from)
+                .position(|l| what(l))
+                .map(|i| i + from)
+        };
+        let rename = find(0, &|l| {
+            l.contains("rename")
+                && l.contains(&format!("\"{incomplete}\""))
+                && l.contains(&format!("\"{base}/x\""))
+        })
+        .unwrap_or_else(|| panic!("{kind}: never published: {lines:#?}"));
+        let synced_one = lines.iter().filter(|l| {
+            (l.contains(" fsync(") || l.contains(" fdatasync("))
+                && (l.contains(&format!("<{incomplete}>")) || l.contains(&format!("<{base}/x>")))
+        });
+        assert_eq!(synced_one.count(), 0, "{kind}: the commit synced its file");
+        let syncfs = find(rename, &|l| l.contains(" syncfs("))
+            .unwrap_or_else(|| panic!("{kind}: no syncfs after the rename: {lines:#?}"));
+        let recorded = match kind.name() {
+            "sqlite" => find(syncfs, &|l| {
+                l.contains(" fsync(") && l.contains("cache.db-wal>")
+            }),
+            "centralized_db" => find(syncfs, &|l| {
+                (l.contains(" sendto(") || l.contains(" write(") || l.contains(" sendmsg("))
+                    && l.contains("socket:[")
+            }),
+            _ => find(syncfs, &|l| {
+                l.contains(" fsetxattr(") && l.contains("user.imgcache.watermark")
+            })
+            .and_then(|set| {
+                find(set, &|l| {
+                    l.contains(" fsync(") && l.contains(&format!("<{base}>)"))
+                })
+            }),
+        }
+        .unwrap_or_else(|| panic!("{kind}: no durable watermark after the syncfs: {lines:#?}"));
+        eprintln!("{kind}: rename@{rename} < syncfs@{syncfs} < watermark recorded@{recorded}, no fsync of the image");
         assert_eq!(f.get(&id("x")).unwrap(), bytes(7, 1 << 20));
     }
 }

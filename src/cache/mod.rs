@@ -13,15 +13,18 @@ use std::time::{Duration, SystemTime};
 use crate::checksum::Checksum;
 use crate::clock::{round_trip, to_epoch_secs};
 use crate::drivers::{CacheDriver, SqliteDriver, XattrDriver};
-use crate::entry::{CachedImageInfo, InvalidImageInfo, Invalidation, LruEntry, NodeImage, OnDisk};
+use crate::entry::{
+    CachedImageInfo, InvalidImageInfo, Invalidation, LruEntry, NodeImage, OnDisk, Watermark,
+};
 use crate::error::{Error, Result};
 use crate::files::{self, queue, Admitted, CachedImage, CleanReport, Layout};
 use crate::id::ImageId;
-use crate::options::{CacheOptions, DriverKind};
+use crate::options::{CacheOptions, DriverKind, Durability};
 use crate::origin::{Origin, OriginObject};
 
 #[cfg(feature = "tokio")]
 mod aio;
+pub(crate) mod durability;
 pub(crate) mod fill;
 pub(crate) mod prefetch;
 mod recover;
@@ -133,6 +136,10 @@ pub struct ImageCache {
     fills: Arc<Fills>,
     /// One admission decision at a time ([`ImageCache::make_room`]).
     admission: parking_lot::Mutex<()>,
+    /// Group durability: the checkpointer's state, and its thread (last,
+    /// so that it stops, after a last checkpoint, when the cache goes).
+    durable: Arc<durability::Durable>,
+    checkpointer: Option<durability::CheckpointThread>,
 }
 
 /// [`ImageCache::migrate_from_sqlite`], on a store alone.
@@ -427,6 +434,12 @@ impl ImageCache {
                 migration = Some(report);
             }
         }
+        let durable = Arc::new(durability::Durable::new(
+            options.durability_mode(),
+            layout.clone(),
+            store.clone(),
+            options.clock_ref().clone(),
+        ));
         let mut cache = ImageCache {
             layout,
             store,
@@ -436,8 +449,27 @@ impl ImageCache {
             migration,
             fills: Arc::default(),
             admission: parking_lot::Mutex::new(()),
+            durable,
+            checkpointer: None,
         };
         cache.recovery = cache.recover()?;
+        if cache.durable.keeps_watermark() {
+            // Before this process commits anything, the store holds a
+            // watermark, so that "none" means no group commit was ever made
+            // here (once in the life of a cache directory).
+            let r = &cache.recovery;
+            if r.watermark.is_none() {
+                cache.durable.checkpoint()?;
+            }
+            // What the walk checked is covered by the checkpointer's first
+            // pass, off the opening thread, so that the next open need not
+            // read it again.
+            let soon = !r.verified.is_empty() || !r.torn.is_empty();
+            cache.checkpointer = Some(durability::CheckpointThread::spawn(
+                cache.durable.clone(),
+                soon,
+            )?);
+        }
         if !cache.recovery.is_clean() {
             log::warn!(
                 "imgcache: recovered {}: dropped {} entries without files, adopted {} files \
@@ -513,6 +545,39 @@ impl ImageCache {
     /// The cache's clock, now, as stored (rounded to what a store keeps).
     fn now(&self) -> SystemTime {
         round_trip(self.options.clock_ref().now())
+    }
+
+    /// How this cache's commits are made durable: as configured
+    /// ([`CacheOptions::durability`]), or [`Durability::Immediate`] over a
+    /// store that records no watermark.
+    pub fn durability(&self) -> Durability {
+        self.durable.mode()
+    }
+
+    /// Makes everything committed so far (by any process on this file
+    /// system) durable now, and records the new [`Watermark`]; `None` over
+    /// a store that records none. The background checkpointer does this on
+    /// its own ([`Durability::Group`]); call it before a planned power-off,
+    /// or to bound what the next open after a crash must check.
+    pub fn checkpoint(&self) -> Result<Option<Watermark>> {
+        if !self.durable.keeps_watermark() {
+            return Ok(None);
+        }
+        self.durable.checkpoint().map(Some)
+    }
+
+    /// The last durability [`Watermark`] recorded in the store; `None` if
+    /// it records none.
+    pub fn durable_watermark(&self) -> Result<Option<Watermark>> {
+        if !self.durable.keeps_watermark() {
+            return Ok(None);
+        }
+        self.durable.watermark()
+    }
+
+    /// Checkpoints this cache has completed since it was opened.
+    pub fn checkpoints(&self) -> u64 {
+        self.durable.checkpoints()
     }
 
     /// Writes metadata held in memory (the SQLite driver's batched hit
@@ -707,6 +772,7 @@ impl ImageCache {
             key,
             self.store.clone(),
             self.options.clock_ref().clone(),
+            self.durable.clone(),
         )
     }
 
@@ -768,6 +834,9 @@ impl ImageCache {
         // the recovery walk drops.
         let moved = self.layout.quarantine(key)?;
         if moved {
+            // Durable at once, whatever the mode: a torn file that came
+            // back after a power cut would be served.
+            self.layout.sync_base()?;
             let why = Invalidation::new(key.id().clone(), meta.len(), reason, self.now());
             let path = self.layout.invalid(key);
             if let Err(e) = self

@@ -4,9 +4,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::durability::ctime_of;
 use super::ImageCache;
+use super::Verification;
 use crate::clock::round_trip;
-use crate::entry::{CachedImageInfo, OnDisk, Scanned};
+use crate::entry::{CachedImageInfo, OnDisk, Scanned, Watermark};
 use crate::error::Result;
 use crate::files::Admitted;
 use crate::id::ImageId;
@@ -28,12 +30,28 @@ pub struct RecoveryReport {
     /// Incomplete files whose writer is gone (no process holds their lock):
     /// stalled, for `clean` to remove.
     pub stalled: Vec<ImageId>,
+    /// Entries committed at or after the durability watermark (not yet
+    /// covered by a checkpoint: a crash, or another process still running),
+    /// read whole and found intact.
+    pub verified: Vec<ImageId>,
+    /// What an unclean shutdown left torn, moved to `invalid/` before
+    /// anything was served: entries after the watermark whose size or
+    /// CRC-32 is not what was committed, and files without metadata renamed
+    /// into place after the watermark (nothing to check them against).
+    pub torn: Vec<ImageId>,
+    /// The durability watermark found at open; `None` if the store records
+    /// none, or none was ever recorded.
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub watermark: Option<Watermark>,
 }
 
 impl RecoveryReport {
     /// Whether recovery found nothing to mend.
     pub fn is_clean(&self) -> bool {
-        self.dropped.is_empty() && self.adopted.is_empty() && self.quarantined.is_empty()
+        self.dropped.is_empty()
+            && self.adopted.is_empty()
+            && self.quarantined.is_empty()
+            && self.torn.is_empty()
     }
 }
 
@@ -49,6 +67,10 @@ impl ImageCache {
     pub(crate) fn recover(&self) -> Result<RecoveryReport> {
         let layout = &self.layout;
         let mut report = RecoveryReport::default();
+        if self.durable.keeps_watermark() {
+            report.watermark = self.durable.watermark()?;
+        }
+        let mut untrusted = Vec::new();
         let scanned = self.store.scan(layout)?;
         let files: BTreeMap<ImageId, std::fs::Metadata> =
             layout.list(layout.base())?.into_iter().collect();
@@ -59,6 +81,16 @@ impl ImageCache {
                 Scanned::Entry(info) => {
                     if !files.contains_key(&info.id) {
                         dropped.push(info.id.clone());
+                    } else if let Some(w) = report.watermark {
+                        // Committed after the checkpoint; or with nothing to
+                        // check it by (no CRC), changed after it.
+                        let changed = files.get(&info.id).map(ctime_of);
+                        if info.last_modified >= w.committed_before
+                            || (info.crc32.is_none()
+                                && changed.is_some_and(|c| c >= w.changed_before))
+                        {
+                            untrusted.push(info.id.clone());
+                        }
                     }
                     known.insert(info.id);
                 }
@@ -86,14 +118,61 @@ impl ImageCache {
         self.store
             .remove_if_missing(&dropped, &|id| !in_place(id))?;
         report.dropped = dropped;
-        let orphans: Vec<(ImageId, std::path::PathBuf, std::fs::Metadata)> = files
-            .into_iter()
-            .filter(|(id, _)| !known.contains(id))
-            .map(|(id, meta)| {
-                let path = layout.cached(Admitted::again(&id));
-                (id, path, meta)
-            })
-            .collect();
+        let changed_before = report.watermark.map(|w| w.changed_before);
+        // Entries a checkpoint does not cover yet: read whole before
+        // anything is served.
+        for id in untrusted {
+            let key = Admitted::again(&id);
+            match self.verify_key(key)? {
+                Some((Verification::Intact, _)) => report.verified.push(id),
+                Some((Verification::Corrupt { detail }, _)) => {
+                    self.quarantine(
+                        key,
+                        &format!("torn by an unclean shutdown (committed after the last checkpoint): {detail}"),
+                    )?;
+                    report.torn.push(id);
+                }
+                // No CRC to check it against, and changed after the
+                // checkpoint: as a file without metadata.
+                Some((Verification::Unverified { .. }, (_, _, meta)))
+                    if changed_before.is_some_and(|w| ctime_of(&meta) >= w) =>
+                {
+                    let reason = "no CRC-32, and changed after the last checkpoint: \
+                                  cannot be verified after an unclean shutdown";
+                    if self.quarantine(key, reason)? {
+                        report.torn.push(id);
+                    }
+                }
+                Some(_) | None => {}
+            }
+        }
+        let mut orphans: Vec<(ImageId, std::path::PathBuf, std::fs::Metadata)> = Vec::new();
+        for (id, meta) in files.into_iter().filter(|(id, _)| !known.contains(id)) {
+            let key = Admitted::again(&id);
+            if changed_before.is_some_and(|w| ctime_of(&meta) >= w) {
+                // Renamed into place after the last checkpoint, without
+                // metadata: its bytes may be torn, and there is nothing to
+                // check them against. A committer that recorded its entry
+                // (with its CRC) meanwhile keeps it.
+                let path = layout.cached(key);
+                let recorded = self
+                    .store
+                    .get(&id, OnDisk::new(&path, None, &meta))?
+                    .is_some_and(|info| info.crc32.is_some());
+                if !recorded
+                    && self.quarantine(
+                        key,
+                        "no metadata, and renamed into place after the last checkpoint: \
+                         cannot be verified after an unclean shutdown",
+                    )?
+                {
+                    report.torn.push(id);
+                }
+                continue;
+            }
+            let path = layout.cached(key);
+            orphans.push((id, path, meta));
+        }
         let entries: Vec<(CachedImageInfo, OnDisk<'_>)> = orphans
             .iter()
             .map(|(id, path, meta)| {

@@ -10,6 +10,7 @@ use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::durability::Durable;
 use crate::clock::{round_trip, Clock};
 use crate::drivers::CacheDriver;
 use crate::entry::{CachedImageInfo, Invalidation, OnDisk};
@@ -41,6 +42,7 @@ pub struct CacheWriter {
     checksum: Option<String>,
     store: Arc<dyn CacheDriver>,
     clock: Arc<dyn Clock>,
+    durable: Arc<Durable>,
 }
 
 impl fmt::Debug for CacheWriter {
@@ -61,6 +63,7 @@ impl CacheWriter {
         id: crate::files::Admitted<'_>,
         store: Arc<dyn CacheDriver>,
         clock: Arc<dyn Clock>,
+        durable: Arc<Durable>,
     ) -> Result<Self> {
         let cached = layout.cached(id);
         if cached.exists() {
@@ -90,6 +93,7 @@ impl CacheWriter {
             checksum: None,
             store,
             clock,
+            durable,
         })
     }
 
@@ -144,9 +148,13 @@ impl CacheWriter {
         self.checksum = Some(checksum.into());
     }
 
-    /// Makes the image cached: flushes and `fsync`s the file, renames it to
-    /// `<id>` in the base directory, `fsync`s the directory, records the
-    /// metadata and takes the id off the queue.
+    /// Makes the image cached: flushes the file, renames it to `<id>` in
+    /// the base directory, records the metadata and takes the id off the
+    /// queue. With [`crate::Durability::Immediate`] the file is `fsync`ed
+    /// before the rename and the directory after it; with group durability
+    /// the next checkpoint makes the commit durable (the entry is stamped
+    /// after its last write, so that the watermark tells whether it is
+    /// covered).
     ///
     /// On failure the bytes go to `invalid/<id>` and the error is returned.
     /// If a concurrent writer committed the same id first, this one's file
@@ -171,6 +179,7 @@ impl CacheWriter {
             .with_checksum(self.checksum.take());
         // A store on the file writes its metadata now, so that it is synced
         // and published with the bytes.
+        let sync = self.durable.syncs_each_commit();
         let staged = file
             .metadata()
             .ctx("stat", &path)
@@ -178,7 +187,13 @@ impl CacheWriter {
                 self.store
                     .prepare(&info, OnDisk::new(&path, Some(&file), &meta))
             })
-            .and_then(|()| file.sync_all().map_err(|e| Error::io("fsync", &path, e)));
+            .and_then(|()| {
+                if sync {
+                    file.sync_all().map_err(|e| Error::io("fsync", &path, e))
+                } else {
+                    Ok(())
+                }
+            });
         if let Err(err) = staged {
             self.invalidate(file, &format!("commit failed: {err}"));
             return Err(err);
@@ -196,7 +211,7 @@ impl CacheWriter {
                 ),
             ));
         }
-        match self.layout.publish(key) {
+        match self.layout.publish(key, sync) {
             Ok(true) => {}
             Ok(false) => {
                 // Someone else committed this id between our open and now.
@@ -227,6 +242,7 @@ impl CacheWriter {
             log::warn!("imgcache: {} cached but still queued: {e}", self.id);
         }
         drop(file);
+        self.durable.committed(self.len);
         Ok(info)
     }
 

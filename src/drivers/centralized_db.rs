@@ -79,7 +79,7 @@ use super::sqlite::{HIT_BATCH, HIT_DELAY};
 use super::CacheDriver;
 use crate::clock::round_trip;
 use crate::entry::{
-    CachedFiles, CachedImageInfo, Invalidation, LruEntry, NodeImage, OnDisk, Scanned,
+    CachedFiles, CachedImageInfo, Invalidation, LruEntry, NodeImage, OnDisk, Scanned, Watermark,
 };
 use crate::error::{Error, Result, StoreError, StoreErrorKind};
 use crate::id::ImageId;
@@ -1153,6 +1153,53 @@ impl CacheDriver for CentralizedDbDriver {
             path: self.inner.pool.location.clone().into(),
             detail: format!("queue counter is negative ({v})"),
         })
+    }
+
+    fn records_watermark(&self) -> bool {
+        true
+    }
+
+    fn durable_watermark(&self, _base: OnDisk<'_>) -> Result<Option<Watermark>> {
+        let node = self.inner.node_id;
+        let rows = self.with(|c| {
+            c.rows(
+                "SELECT key, value FROM imgcache_state
+                 WHERE node_reference_id = $1
+                   AND key IN ('watermark_committed', 'watermark_changed')",
+                &[&node],
+            )
+        })?;
+        let mut committed = None;
+        let mut changed = None;
+        for row in rows {
+            let key: String = row.get(0);
+            let value: i64 = row.get(1);
+            match key.as_str() {
+                "watermark_committed" => committed = Some(value),
+                _ => changed = Some(value),
+            }
+        }
+        Ok(match (committed, changed) {
+            (Some(a), Some(b)) => Some(Watermark::from_micros(a, b)),
+            _ => None,
+        })
+    }
+
+    fn record_watermark(&self, mark: Watermark, _base: OnDisk<'_>) -> Result<()> {
+        // PostgreSQL's commit is durable: nothing more to sync. Each half
+        // only moves forwards: each is a claim of its own.
+        let node = self.inner.node_id;
+        let (committed, changed) = mark.to_micros();
+        self.with(|c| {
+            c.exec(
+                "INSERT INTO imgcache_state (node_reference_id, key, value)
+                 VALUES ($1, 'watermark_committed', $2), ($1, 'watermark_changed', $3)
+                 ON CONFLICT (node_reference_id, key)
+                 DO UPDATE SET value = GREATEST(imgcache_state.value, excluded.value)",
+                &[&node, &committed, &changed],
+            )
+        })?;
+        Ok(())
     }
 
     fn flush(&self) -> Result<()> {

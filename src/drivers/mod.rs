@@ -42,7 +42,7 @@ use std::fmt;
 use std::time::SystemTime;
 
 use crate::entry::{
-    CachedFiles, CachedImageInfo, Invalidation, LruEntry, NodeImage, OnDisk, Scanned,
+    CachedFiles, CachedImageInfo, Invalidation, LruEntry, NodeImage, OnDisk, Scanned, Watermark,
 };
 use crate::error::Result;
 use crate::id::ImageId;
@@ -168,6 +168,29 @@ pub trait CacheDriver: Send + Sync + fmt::Debug {
     /// The next number of the queue's order, from a counter every process
     /// on the cache shares; `queue` is the queue folder.
     fn next_queue_seq(&self, queue: OnDisk<'_>) -> Result<u64>;
+
+    /// Whether this store records a durability [`Watermark`]. A cache
+    /// over a store that does not commits with
+    /// [`crate::Durability::Immediate`] whatever it was asked, since
+    /// nothing could tell it, after an unclean shutdown, which entries to
+    /// check.
+    fn records_watermark(&self) -> bool {
+        false
+    }
+
+    /// The last [`Watermark`] recorded for this node's cache; `None` if
+    /// none ever was. `base` is the cache's base directory.
+    fn durable_watermark(&self, _base: OnDisk<'_>) -> Result<Option<Watermark>> {
+        Ok(None)
+    }
+
+    /// Records `mark`, durably (it is on disk when this returns): each of
+    /// its two times replaces the recorded one if later (each is a claim of
+    /// its own, so the later of each holds). `base` is the cache's base
+    /// directory.
+    fn record_watermark(&self, _mark: Watermark, _base: OnDisk<'_>) -> Result<()> {
+        Ok(())
+    }
 
     /// Writes metadata held in memory (batched hits) now.
     fn flush(&self) -> Result<()> {

@@ -47,7 +47,9 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use super::checkpoint::Checkpointer;
 use super::CacheDriver;
 use crate::clock::{from_epoch_secs, to_epoch_secs};
-use crate::entry::{CachedFiles, CachedImageInfo, Invalidation, LruEntry, OnDisk, Scanned};
+use crate::entry::{
+    CachedFiles, CachedImageInfo, Invalidation, LruEntry, OnDisk, Scanned, Watermark,
+};
 use crate::error::{Error, Result, StoreError};
 use crate::id::ImageId;
 
@@ -765,6 +767,49 @@ impl CacheDriver for SqliteDriver {
         u64::try_from(v).map_err(|_| Error::CorruptMetadata {
             path: self.inner.db_path.clone(),
             detail: format!("queue counter is negative ({v})"),
+        })
+    }
+
+    fn records_watermark(&self) -> bool {
+        true
+    }
+
+    fn durable_watermark(&self, _base: OnDisk<'_>) -> Result<Option<Watermark>> {
+        let get = |c: &Connection, key: &str| -> rusqlite::Result<Option<i64>> {
+            c.prepare_cached("SELECT value FROM imgcache_state WHERE key = ?1")?
+                .query_row([key], |r| r.get(0))
+                .optional()
+        };
+        let (committed, changed) = self
+            .inner
+            .with_conn(|c| Ok((get(c, "watermark_committed")?, get(c, "watermark_changed")?)))?;
+        Ok(match (committed, changed) {
+            (Some(a), Some(b)) => Some(Watermark::from_micros(a, b)),
+            _ => None,
+        })
+    }
+
+    fn record_watermark(&self, mark: Watermark, _base: OnDisk<'_>) -> Result<()> {
+        let (committed, changed) = mark.to_micros();
+        self.inner.with_write(|c| {
+            // This one transaction is synced when it commits (the WAL is
+            // `fsync`ed): the watermark must be on disk when it returns.
+            c.pragma_update(None, "synchronous", "FULL")?;
+            let done = (|| {
+                // Each half only moves forwards: each is a claim of its own.
+                let tx = c.transaction()?;
+                {
+                    let mut put = tx.prepare_cached(
+                        "INSERT INTO imgcache_state (key, value) VALUES (?1, ?2)
+                         ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
+                    )?;
+                    put.execute(params!["watermark_committed", committed])?;
+                    put.execute(params!["watermark_changed", changed])?;
+                }
+                tx.commit()
+            })();
+            c.pragma_update(None, "synchronous", "NORMAL")?;
+            done
         })
     }
 

@@ -12,6 +12,7 @@
 //! | `user.imgcache.crc32` | imgcache | CRC-32 of the bytes, 8 hex digits |
 //! | `user.imgcache.checksum` | imgcache | the checksum the writer declared |
 //! | `user.imgcache.queue_seq` | imgcache | on `queue/`: the queue counter |
+//! | `user.imgcache.watermark` | imgcache | on the base directory: the durability watermark, two decimal microsecond counts |
 //!
 //! Glance takes the last access time from the file's atime, which
 //! `relatime` and `noatime` mounts make wrong; imgcache keeps its own, and
@@ -43,7 +44,9 @@ use xattr::FileExt;
 
 use super::CacheDriver;
 use crate::clock::from_epoch_secs;
-use crate::entry::{CachedFiles, CachedImageInfo, Invalidation, LruEntry, OnDisk, Scanned};
+use crate::entry::{
+    CachedFiles, CachedImageInfo, Invalidation, LruEntry, OnDisk, Scanned, Watermark,
+};
 use crate::error::{Error, IoContext, Result};
 use crate::id::ImageId;
 
@@ -65,6 +68,9 @@ pub const CHECKSUM: &str = "user.imgcache.checksum";
 pub const INVALIDATED: &str = "user.imgcache.invalidated";
 /// Queue counter, on the `queue/` folder.
 pub const QUEUE_SEQ: &str = "user.imgcache.queue_seq";
+/// On the base directory: the durability [`Watermark`], as
+/// `<committed_before> <changed_before>` in microseconds since the epoch.
+pub const WATERMARK: &str = "user.imgcache.watermark";
 
 /// Encodings of the attribute values. Decoders never panic; they say what
 /// was wrong.
@@ -142,6 +148,20 @@ pub mod encoding {
         }
         let total = whole.checked_mul(1_000_000)?.checked_add(micros)?;
         Some(if negative { -total } else { total })
+    }
+
+    /// Decodes the durability watermark: two decimal microsecond counts,
+    /// separated by a space.
+    pub fn decode_watermark(v: &[u8]) -> std::result::Result<Watermark, String> {
+        let s = std::str::from_utf8(v).map_err(|_| "not UTF-8".to_string())?;
+        let bad = || format!("{s:?} is not two whole numbers of microseconds");
+        let (a, b) = s.trim().split_once(' ').ok_or_else(bad)?;
+        let a: i64 = a.parse().map_err(|_| bad())?;
+        let b: i64 = b.parse().map_err(|_| bad())?;
+        if a < 0 || b < 0 {
+            return Err(bad());
+        }
+        Ok(Watermark::from_micros(a, b))
     }
 
     /// A CRC-32 as 8 lowercase hex digits.
@@ -311,17 +331,20 @@ impl CacheDriver for XattrDriver {
     }
 
     fn prepare(&self, entry: &CachedImageInfo, file: OnDisk<'_>) -> Result<()> {
-        set(file, HITS, &encode_u64(entry.hits))?;
-        set(file, ACCESSED, &encode_time(entry.last_accessed))?;
+        // The commit time first and the markers of a known file (CRC,
+        // hits) last: a journaling file system persists metadata changes
+        // in order, so a file that lost some of its attributes to a power
+        // cut either still looks unknown, or has its commit time and size.
         set(file, MODIFIED, &encode_time(entry.last_modified))?;
         set(file, SIZE, &encode_u64(entry.size))?;
-        if let Some(crc) = entry.crc32 {
-            set(file, CRC32, &encode_crc(crc))?;
-        }
         if let Some(c) = &entry.checksum {
             set(file, CHECKSUM, c.as_bytes())?;
         }
-        Ok(())
+        set(file, ACCESSED, &encode_time(entry.last_accessed))?;
+        if let Some(crc) = entry.crc32 {
+            set(file, CRC32, &encode_crc(crc))?;
+        }
+        set(file, HITS, &encode_u64(entry.hits))
     }
 
     fn insert(&self, _entry: &CachedImageInfo) -> Result<()> {
@@ -436,6 +459,41 @@ impl CacheDriver for XattrDriver {
         let reason = get(file, ERROR)?.map(|v| String::from_utf8_lossy(&v).into_owned());
         let at = get(file, INVALIDATED)?.and_then(|v| decode_time(&v).ok());
         Ok((reason, at))
+    }
+
+    fn records_watermark(&self) -> bool {
+        true
+    }
+
+    fn durable_watermark(&self, base: OnDisk<'_>) -> Result<Option<Watermark>> {
+        decode(
+            get(base, WATERMARK)?,
+            base.path(),
+            WATERMARK,
+            decode_watermark,
+        )
+    }
+
+    fn record_watermark(&self, mark: Watermark, base: OnDisk<'_>) -> Result<()> {
+        let path = base.path();
+        locked(base, || {
+            let cur = decode(get(base, WATERMARK)?, path, WATERMARK, decode_watermark)?;
+            // Each half only moves forwards: each is a claim of its own.
+            let (mut a, mut b) = mark.to_micros();
+            if let Some(c) = cur {
+                let (ca, cb) = c.to_micros();
+                a = a.max(ca);
+                b = b.max(cb);
+            }
+            set(base, WATERMARK, format!("{a} {b}").as_bytes())
+        })?;
+        // The attribute is the directory's inode: its `fsync` makes it
+        // durable.
+        match base.file() {
+            Some(f) => f.sync_all(),
+            None => File::open(path).and_then(|f| f.sync_all()),
+        }
+        .ctx("fsync directory", path)
     }
 
     fn next_queue_seq(&self, queue: OnDisk<'_>) -> Result<u64> {

@@ -326,11 +326,12 @@ impl Layout {
         Ok(file)
     }
 
-    /// Renames `incomplete/<id>` to `<id>` unless `<id>` exists, then syncs
-    /// the base directory (one `fsync` shared by the commits of this cache
-    /// that rename at about the same time: group commit). Returns `false` (and leaves the incomplete file
-    /// where it is) when the image was already cached.
-    pub(crate) fn publish(&self, id: Admitted<'_>) -> Result<bool> {
+    /// Renames `incomplete/<id>` to `<id>` unless `<id>` exists, then, if
+    /// `sync`, syncs the base directory (one `fsync` shared by the commits
+    /// of this cache that rename at about the same time). Returns `false`
+    /// (and leaves the incomplete file where it is) when the image was
+    /// already cached.
+    pub(crate) fn publish(&self, id: Admitted<'_>, sync: bool) -> Result<bool> {
         let from = self.incomplete(id);
         let to = self.cached(id);
         match rename_noreplace(&from, &to) {
@@ -338,8 +339,16 @@ impl Layout {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
             Err(e) => return Err(Error::io("rename", &from, e)),
         }
-        self.base_sync.sync_after_rename(&self.base)?;
+        if sync {
+            self.base_sync.sync_after_rename(&self.base)?;
+        }
         Ok(true)
+    }
+
+    /// Makes the renames just done in the base directory durable (one
+    /// `fsync` of it, shared with concurrent callers).
+    pub(crate) fn sync_base(&self) -> Result<()> {
+        self.base_sync.sync_after_rename(&self.base)
     }
 
     /// Moves `incomplete/<id>` to `invalid/<id>` (replacing an older one).
@@ -578,11 +587,11 @@ mod tests {
         fs::write(l.cached(i), b"old").unwrap();
         drop(l.create_incomplete(i).unwrap());
         fs::write(l.incomplete(i), b"new").unwrap();
-        assert!(!l.publish(i).unwrap());
+        assert!(!l.publish(i, true).unwrap());
         assert_eq!(fs::read(l.cached(i)).unwrap(), b"old");
         assert!(l.incomplete(i).exists());
         fs::remove_file(l.cached(i)).unwrap();
-        assert!(l.publish(i).unwrap());
+        assert!(l.publish(i, true).unwrap());
         assert_eq!(fs::read(l.cached(i)).unwrap(), b"new");
         assert!(!l.incomplete(i).exists());
     }

@@ -75,9 +75,19 @@ pub fn child_cache() -> Option<(String, ImageCache)> {
     let cmd = std::env::var("IMGCACHE_CHILD").ok()?;
     let dir = std::env::var("IMGCACHE_DIR").expect("IMGCACHE_DIR");
     let cache = child_store()
-        .open(CacheOptions::new(dir))
+        .open(CacheOptions::new(dir).durability(child_durability()))
         .expect("open cache in child");
     Some((cmd, cache))
+}
+
+/// The durability named by `IMGCACHE_DURABILITY` (`immediate`, or the
+/// default), in a child process.
+pub fn child_durability() -> imgcache::Durability {
+    match std::env::var("IMGCACHE_DURABILITY").as_deref() {
+        Ok("immediate") => imgcache::Durability::Immediate,
+        Ok("group") | Err(_) => imgcache::Durability::default(),
+        Ok(other) => panic!("IMGCACHE_DURABILITY={other:?}: immediate or group"),
+    }
 }
 
 /// The store named by `IMGCACHE_DRIVER`, in a child process.

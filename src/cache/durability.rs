@@ -1,0 +1,340 @@
+//! Group durability: the checkpointer that makes many commits durable at
+//! once and records the [`Watermark`] that the recovery walk trusts.
+//!
+//! A checkpoint is, in this order:
+//!
+//! 1. note how many commits this process has made so far;
+//! 2. `committed_before` = the cache's clock, now;
+//! 3. touch the watermark file in the base directory and read its change
+//!    time back: `changed_before`, on the file system's own clock (the
+//!    clock its renames stamp inodes with);
+//! 4. `syncfs(2)` of the cache's file system (`sync(2)` where there is
+//!    none): every write, rename and metadata row issued before it — by any
+//!    process — is on disk when it returns;
+//! 5. record the pair in the store, durably.
+//!
+//! A commit stamps its entry (`last_modified`) after its last data write,
+//! so an entry stamped before step 2 had all its bytes written before
+//! step 4 began: on disk, whatever became of its rename. An entry stamped
+//! at or after it is checked by the next open. A file renamed into place
+//! before step 3 has a change time before `changed_before` (a rename
+//! stamps the inode it moves): its bytes, written before its rename, are
+//! on disk too. The clocks are assumed not to run backwards across a
+//! checkpoint (a clock stepped back by more than the checkpoint interval
+//! could make a later commit look covered).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::clock::{round_trip, Clock};
+use crate::drivers::CacheDriver;
+use crate::entry::{OnDisk, Watermark};
+use crate::error::{Error, IoContext, Result};
+use crate::files::Layout;
+use crate::options::Durability;
+
+/// The file whose change time is the file system's half of the watermark
+/// (a name no image id can take).
+pub(crate) const WATERMARK_FILE: &str = ".imgcache-watermark";
+
+/// The checkpointer of one open cache.
+#[derive(Debug)]
+pub(crate) struct Durable {
+    /// The mode in effect: [`Durability::Immediate`] when the store cannot
+    /// record a watermark, whatever was asked.
+    mode: Durability,
+    layout: Layout,
+    store: Arc<dyn CacheDriver>,
+    clock: Arc<dyn Clock>,
+    marker: PathBuf,
+    state: Mutex<State>,
+    wake: Condvar,
+    /// One checkpoint at a time.
+    running: Mutex<()>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Commits of this process so far, and how many a checkpoint covered.
+    commits: u64,
+    covered: u64,
+    /// Bytes committed since the last checkpoint began.
+    bytes: u64,
+    checkpoints: u64,
+    stop: bool,
+}
+
+impl Durable {
+    pub(crate) fn new(
+        mode: Durability,
+        layout: Layout,
+        store: Arc<dyn CacheDriver>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let mode = match mode {
+            Durability::Group { .. } if !store.records_watermark() => {
+                log::info!(
+                    "imgcache: the {} store records no durability watermark: commits are synced \
+                     one by one",
+                    store.name()
+                );
+                Durability::Immediate
+            }
+            m => m,
+        };
+        let marker = layout.base().join(WATERMARK_FILE);
+        Durable {
+            mode,
+            layout,
+            store,
+            clock,
+            marker,
+            state: Mutex::default(),
+            wake: Condvar::new(),
+            running: Mutex::new(()),
+        }
+    }
+
+    /// The mode in effect.
+    pub(crate) fn mode(&self) -> Durability {
+        self.mode
+    }
+
+    /// Whether each commit must sync its own file and directory.
+    pub(crate) fn syncs_each_commit(&self) -> bool {
+        matches!(self.mode, Durability::Immediate)
+    }
+
+    /// Whether checkpoints (and watermarks) are kept at all.
+    pub(crate) fn keeps_watermark(&self) -> bool {
+        self.store.records_watermark()
+    }
+
+    /// Counts a commit of `bytes`; wakes the checkpointer when enough
+    /// bytes are waiting.
+    pub(crate) fn committed(&self, bytes: u64) {
+        let mut st = self.state.lock();
+        st.commits += 1;
+        st.bytes = st.bytes.saturating_add(bytes);
+        let limit = match self.mode {
+            Durability::Group { bytes, .. } => bytes,
+            _ => u64::MAX,
+        };
+        // The first commit left uncovered starts the interval; enough
+        // bytes end it.
+        if st.commits == st.covered + 1 || st.bytes >= limit {
+            self.wake.notify_all();
+        }
+    }
+
+    /// Checkpoints completed by this cache so far.
+    pub(crate) fn checkpoints(&self) -> u64 {
+        self.state.lock().checkpoints
+    }
+
+    /// The watermark the store holds.
+    pub(crate) fn watermark(&self) -> Result<Option<Watermark>> {
+        let base = self.layout.base();
+        let dir = std::fs::File::open(base).ctx("open", base)?;
+        let meta = dir.metadata().ctx("stat", base)?;
+        self.store
+            .durable_watermark(OnDisk::new(base, Some(&dir), &meta))
+    }
+
+    /// Makes everything committed so far durable and records the watermark
+    /// (see the module docs for the order and why it holds).
+    pub(crate) fn checkpoint(&self) -> Result<Watermark> {
+        let _one = self.running.lock();
+        let seen = {
+            let mut st = self.state.lock();
+            st.bytes = 0;
+            st.commits
+        };
+        let committed_before = round_trip(self.clock.now());
+        let changed_before = self.touch_marker()?;
+        let base = self.layout.base();
+        let dir = std::fs::File::open(base).ctx("open", base)?;
+        sync_file_system(&dir).ctx("syncfs", base)?;
+        let mark = Watermark {
+            committed_before,
+            changed_before,
+        };
+        let meta = dir.metadata().ctx("stat", base)?;
+        self.store
+            .record_watermark(mark, OnDisk::new(base, Some(&dir), &meta))?;
+        let mut st = self.state.lock();
+        st.covered = st.covered.max(seen);
+        st.checkpoints += 1;
+        Ok(mark)
+    }
+
+    /// Touches the watermark file and returns its change time, as the file
+    /// system stamped it: a file renamed with an earlier change time was
+    /// renamed before this touch.
+    ///
+    /// The file system stamps from a coarse clock (a tick of 1–10 ms), so a
+    /// rename just before the touch may share its stamp and look later. So
+    /// it touches again until the stamp moves on (for at most 50 ms): a
+    /// rename made before the first touch then has a stamp strictly before
+    /// the one returned, and is trusted.
+    fn touch_marker(&self) -> Result<SystemTime> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&self.marker)
+            .ctx("open", &self.marker)?;
+        let touch = || -> Result<SystemTime> {
+            file.set_modified(SystemTime::now())
+                .ctx("touch", &self.marker)?;
+            Ok(ctime_of(&file.metadata().ctx("stat", &self.marker)?))
+        };
+        let first = touch()?;
+        let give_up = std::time::Instant::now() + Duration::from_millis(50);
+        loop {
+            // As the stores keep it: whole microseconds, rounded down.
+            let t = Watermark::from_micros(0, micros_of(touch()?)).changed_before;
+            if t > first || std::time::Instant::now() >= give_up {
+                return Ok(t);
+            }
+            thread::yield_now();
+        }
+    }
+
+    /// The checkpointer's loop: a checkpoint `interval` after the first
+    /// commit it does not cover, sooner when enough bytes wait; a last one
+    /// at stop if needed.
+    fn run(&self) {
+        let (interval, limit) = match self.mode {
+            Durability::Group { interval, bytes } => (interval, bytes),
+            // Commits are durable on their own; the watermark still moves
+            // on, so that the next open has little to check.
+            _ => (Duration::from_secs(10), u64::MAX),
+        };
+        loop {
+            {
+                let mut st = self.state.lock();
+                while !st.stop && st.commits == st.covered {
+                    self.wake.wait(&mut st);
+                }
+                if st.stop {
+                    break;
+                }
+                let due = std::time::Instant::now() + interval;
+                while !st.stop && st.bytes < limit {
+                    if self.wake.wait_until(&mut st, due).timed_out() {
+                        break;
+                    }
+                }
+                if st.stop {
+                    break;
+                }
+            }
+            if let Err(e) = self.checkpoint() {
+                log::warn!(
+                    "imgcache: checkpoint of {}: {e}",
+                    self.layout.base().display()
+                );
+                // Do not spin on a failing disk.
+                let mut st = self.state.lock();
+                if !st.stop {
+                    self.wake.wait_for(&mut st, interval);
+                }
+            }
+        }
+        // A clean close: everything so far is covered, commits and files
+        // other tools put in place alike (those are adopted at the next
+        // open only if a checkpoint came after them).
+        if let Err(e) = self.checkpoint() {
+            log::warn!(
+                "imgcache: last checkpoint of {}: {e}",
+                self.layout.base().display()
+            );
+        }
+    }
+}
+
+/// The checkpointer's thread; dropping it stops the thread after a last
+/// checkpoint of what is left.
+#[derive(Debug)]
+pub(crate) struct CheckpointThread {
+    durable: Arc<Durable>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl CheckpointThread {
+    /// Starts the thread; `soon`: with a checkpoint at once.
+    pub(crate) fn spawn(durable: Arc<Durable>, soon: bool) -> Result<Self> {
+        let runner = durable.clone();
+        let thread = thread::Builder::new()
+            .name("imgcache-durable".into())
+            .spawn(move || {
+                if soon {
+                    if let Err(e) = runner.checkpoint() {
+                        log::warn!(
+                            "imgcache: checkpoint of {}: {e}",
+                            runner.layout.base().display()
+                        );
+                    }
+                }
+                runner.run()
+            })
+            .map_err(|e| Error::io("spawn", durable.layout.base(), e))?;
+        Ok(CheckpointThread {
+            durable,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for CheckpointThread {
+    fn drop(&mut self) {
+        self.durable.state.lock().stop = true;
+        self.durable.wake.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn change_time(secs: i64, nsecs: i64) -> SystemTime {
+    let d = Duration::new(secs.unsigned_abs(), nsecs.clamp(0, 999_999_999) as u32);
+    if secs >= 0 {
+        SystemTime::UNIX_EPOCH + d
+    } else {
+        SystemTime::UNIX_EPOCH
+            .checked_sub(d)
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+}
+
+fn micros_of(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The change time of a file, as the file system stamped it.
+pub(crate) fn ctime_of(meta: &std::fs::Metadata) -> SystemTime {
+    use std::os::unix::fs::MetadataExt;
+    change_time(meta.ctime(), meta.ctime_nsec())
+}
+
+/// Flushes the whole file system holding `dir`: `syncfs(2)` on Linux,
+/// `sync(2)` (every file system) elsewhere.
+fn sync_file_system(dir: &std::fs::File) -> std::io::Result<()> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        nix::unistd::syncfs(dir).map_err(std::io::Error::from)
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let _ = dir;
+        nix::unistd::sync();
+        Ok(())
+    }
+}
