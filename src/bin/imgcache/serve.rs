@@ -296,6 +296,17 @@ fn print_config(c: &Config, args: &Extra) {
         "min_free = {}",
         opt(o.min_free_space().map(|m| m.to_string()))
     );
+    println!(
+        "durability = {}",
+        match o.durability_mode() {
+            imgcache::Durability::Immediate => "immediate".to_owned(),
+            imgcache::Durability::Group { interval, bytes } => format!(
+                "group (checkpoint within {} or {bytes} bytes)",
+                humantime::format_duration(interval)
+            ),
+            _ => "other".to_owned(),
+        }
+    );
     println!("origin = {}", imgcache::redact_url(&c.origin));
     println!("listen = {}", c.listen);
     println!("transport = {:?}", args.transport);

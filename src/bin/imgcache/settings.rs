@@ -66,6 +66,22 @@ pub struct Settings {
     /// (image_cache_sqlite_db). Default cache.db.
     #[arg(long, env = "IMGCACHE_SQLITE_DB", global = true, value_name = "FILE")]
     pub sqlite_db: Option<PathBuf>,
+
+    /// How commits are made durable: group (default: no fsync per commit;
+    /// a checkpoint syncs the file system at most 1 s later, and entries
+    /// it did not cover are checked before they are served after a crash)
+    /// or immediate (each commit fsynced when it returns).
+    #[arg(long, env = "IMGCACHE_DURABILITY", global = true, value_name = "MODE")]
+    pub durability: Option<DurabilityArg>,
+}
+
+/// `--durability`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DurabilityArg {
+    /// `Durability::Group` with its defaults.
+    Group,
+    /// `Durability::Immediate`.
+    Immediate,
 }
 
 /// The `[DEFAULT]` values of a Glance config file that matter here.
@@ -195,6 +211,12 @@ impl Settings {
         }
         if let Some(v) = self.node_url.clone().or(conf.node_url) {
             options = options.node_url(v);
+        }
+        if let Some(d) = self.durability {
+            options = options.durability(match d {
+                DurabilityArg::Group => imgcache::Durability::group(),
+                DurabilityArg::Immediate => imgcache::Durability::Immediate,
+            });
         }
         Ok(options.migrate_sqlite(self.migrate_sqlite))
     }
