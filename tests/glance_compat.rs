@@ -203,6 +203,9 @@ fn xattr_opens_glance_files_and_keeps_them_glance_readable() {
     // A read increments Glance's counter, as a decimal Glance can parse,
     // and records our own access time, which now outranks the atime.
     cache.open_for_read(&id("old")).unwrap().unwrap();
+    // Hits are written in batches (as the SQLite store's): a Glance
+    // process sees them once they are flushed.
+    cache.flush().unwrap();
     let raw = xattr::get(dir.path().join("old"), "user.hits")
         .unwrap()
         .unwrap();

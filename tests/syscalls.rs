@@ -314,3 +314,38 @@ fn group_commit_syncs_once_per_checkpoint_then_records_the_watermark() {
         assert_eq!(f.get(&id("x")).unwrap(), bytes(7, 1 << 20));
     }
 }
+
+/// Hits on the xattr store are batched: 3000 reads of one image make a few
+/// dozen attribute calls and locks in all (one read of the entry, then one
+/// locked add per 256 hits), not several per read; and every hit is
+/// counted.
+#[test]
+fn xattr_hits_are_batched() {
+    if !have_strace() {
+        return;
+    }
+    let f = Fixture::new(Store::XATTR);
+    f.put("x", &bytes(1, 4096));
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let lines = trace(
+        &f,
+        "read 3000",
+        &[],
+        "fgetxattr,fsetxattr,getxattr,setxattr,lgetxattr,lsetxattr,flock",
+        out.path(),
+    );
+    let on_x = |l: &&String| l.contains(&format!("{}/x", f.path().display()));
+    let calls = lines.iter().filter(on_x).count();
+    let sets = lines
+        .iter()
+        .filter(on_x)
+        .filter(|l| l.contains("setxattr("))
+        .count();
+    eprintln!("xattr: 3000 reads made {calls} attribute calls and locks on the file, {sets} of them writes");
+    assert!(
+        sets <= 2 * (3000 / 256 + 2),
+        "{sets} attribute writes: {lines:#?}"
+    );
+    assert!(calls <= 200, "{calls} calls");
+    assert_eq!(f.cache.hit_count(&id("x")).unwrap(), 3000);
+}

@@ -35,10 +35,14 @@
 //! checks that before it opens this store, and fails with
 //! [`crate::Error::XattrUnsupported`] otherwise.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::path::Path;
-use std::time::SystemTime;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use parking_lot::Mutex;
 
 use xattr::FileExt;
 
@@ -183,9 +187,101 @@ use encoding::*;
 
 /// The metadata store Glance calls `xattr`: metadata in extended attributes
 /// of the cached files themselves.
+///
+/// Hits are batched as the SQLite store batches them: a read counts its
+/// hit in memory, and the counts are added to each file's `user.hits`
+/// (under the file's lock, so that no process's hits are lost) every
+/// [`HIT_BATCH`](super::sqlite::HIT_BATCH) hits or
+/// [`HIT_DELAY`](super::sqlite::HIT_DELAY), before anything reports or
+/// walks metadata, on [`CacheDriver::flush`] and when the store is dropped.
+/// A process killed outright loses the hits it held. What a read needs of
+/// an entry (its size, CRC, times) is remembered for as long as the file
+/// is the same ([`OnDisk::identity`]: a change of its attributes changes
+/// its change time), so a hit on a hot image reads no attribute at all.
 #[derive(Debug, Clone)]
 pub struct XattrDriver {
-    _private: (),
+    state: Arc<State>,
+}
+
+/// Entries remembered at most; past it, the memory starts afresh.
+const REMEMBERED: usize = 65_536;
+
+#[derive(Debug, Default)]
+struct State {
+    inner: Mutex<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    /// Per image: its file, the hits not yet written, the latest of them.
+    pending: HashMap<ImageId, PendingHits>,
+    count: u64,
+    oldest: Option<Instant>,
+    /// Per image: the file's identity and its entry as last read.
+    known: HashMap<ImageId, ([i64; 7], CachedImageInfo)>,
+}
+
+#[derive(Debug)]
+struct PendingHits {
+    path: PathBuf,
+    /// Device and inode: the hits belong to this file, not to one that
+    /// replaced it.
+    file: (i64, i64),
+    hits: u64,
+    last: SystemTime,
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        if let Err(e) = flush_pending(&mut self.inner.lock()) {
+            log::warn!("imgcache: xattr hits not written: {e}");
+        }
+    }
+}
+
+/// Adds the held hits to their files' `user.hits`, each under its file's
+/// lock. Files gone or replaced meanwhile take their hits with them.
+fn flush_pending(held: &mut Held) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    held.count = 0;
+    held.oldest = None;
+    let mut first_error = None;
+    for (_, p) in held.pending.drain() {
+        let file = match File::open(&p.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                first_error.get_or_insert(Error::io("open", &p.path, e));
+                continue;
+            }
+        };
+        let meta = match file.metadata() {
+            Ok(m) => m,
+            Err(e) => {
+                first_error.get_or_insert(Error::io("stat", &p.path, e));
+                continue;
+            }
+        };
+        if (meta.dev() as i64, meta.ino() as i64) != p.file {
+            continue;
+        }
+        let on = OnDisk::new(&p.path, Some(&file), &meta);
+        let written = locked(on, || {
+            let hits = decode(get(on, HITS)?, &p.path, HITS, decode_u64)?.unwrap_or(0);
+            set(on, HITS, &encode_u64(hits.saturating_add(p.hits)))?;
+            // The time of the latest hit, as the cache's clock gave it
+            // (as an unbatched hit would have written it).
+            set(on, ACCESSED, &encode_time(p.last))
+        });
+        match written {
+            Ok(()) => {}
+            Err(e) if vanished(&e) => {}
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 /// Reads an attribute; `None` if absent. By descriptor where the file is
@@ -252,7 +348,9 @@ impl XattrDriver {
             std::process::id()
         ));
         probe(dir, &scratch)?;
-        Ok(XattrDriver { _private: () })
+        Ok(XattrDriver {
+            state: Arc::default(),
+        })
     }
 
     /// Every cached file's metadata, through `keep` (which says what to do
@@ -272,6 +370,28 @@ impl XattrDriver {
             Ok(())
         })?;
         Ok(out)
+    }
+
+    /// The entry of `id`, as last read while its file is the same one.
+    fn known(&self, id: &ImageId, on: OnDisk<'_>) -> Result<CachedImageInfo> {
+        let identity = on.identity();
+        if let Some((seen, info)) = self.state.inner.lock().known.get(id) {
+            if *seen == identity {
+                return Ok(info.clone());
+            }
+        }
+        let info = self.info_of(id.clone(), on)?;
+        let mut held = self.state.inner.lock();
+        if held.known.len() >= REMEMBERED {
+            held.known.clear();
+        }
+        held.known.insert(id.clone(), (identity, info.clone()));
+        Ok(info)
+    }
+
+    /// Writes the held hits now.
+    fn flush_hits(&self) -> Result<()> {
+        flush_pending(&mut self.state.inner.lock())
     }
 
     /// Reads the metadata of a cached file.
@@ -308,11 +428,17 @@ impl CacheDriver for XattrDriver {
     }
 
     fn get(&self, id: &ImageId, file: OnDisk<'_>) -> Result<Option<CachedImageInfo>> {
-        match self.info_of(id.clone(), file) {
-            Ok(info) => Ok(Some(info)),
-            Err(e) if vanished(&e) => Ok(None),
-            Err(e) => Err(e),
+        let mut info = match self.known(id, file) {
+            Ok(info) => info,
+            Err(e) if vanished(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let held = self.state.inner.lock();
+        if let Some(p) = held.pending.get(id) {
+            info.hits += p.hits;
+            info.last_accessed = p.last;
         }
+        Ok(Some(info))
     }
 
     fn hit(
@@ -321,13 +447,36 @@ impl CacheDriver for XattrDriver {
         at: SystemTime,
         file: OnDisk<'_>,
     ) -> Result<Option<CachedImageInfo>> {
-        let path = file.path();
-        locked(file, || {
-            let hits = decode(get(file, HITS)?, path, HITS, decode_u64)?.unwrap_or(0);
-            set(file, HITS, &encode_u64(hits.saturating_add(1)))?;
-            set(file, ACCESSED, &encode_time(at))
-        })?;
-        self.info_of(id.clone(), file).map(Some)
+        // The entry as remembered (no attribute read while the file is the
+        // same); the hit counted in memory, written with others.
+        let mut info = self.known(id, file)?;
+        let [dev, ino, ..] = file.identity();
+        let mut held = self.state.inner.lock();
+        let p = match held.pending.get_mut(id) {
+            Some(p) if p.file == (dev, ino) => p,
+            _ => {
+                if held.pending.contains_key(id) {
+                    // Hits of a file that was replaced: write them first.
+                    flush_pending(&mut held)?;
+                }
+                held.pending.entry(id.clone()).or_insert(PendingHits {
+                    path: file.path().to_path_buf(),
+                    file: (dev, ino),
+                    hits: 0,
+                    last: at,
+                })
+            }
+        };
+        p.hits += 1;
+        p.last = at;
+        info.hits += p.hits;
+        info.last_accessed = at;
+        held.count += 1;
+        let oldest = *held.oldest.get_or_insert_with(Instant::now);
+        if held.count >= super::sqlite::HIT_BATCH || oldest.elapsed() >= super::sqlite::HIT_DELAY {
+            flush_pending(&mut held)?;
+        }
+        Ok(Some(info))
     }
 
     fn prepare(&self, entry: &CachedImageInfo, file: OnDisk<'_>) -> Result<()> {
@@ -363,6 +512,7 @@ impl CacheDriver for XattrDriver {
     }
 
     fn list(&self, files: &dyn CachedFiles) -> Result<Vec<CachedImageInfo>> {
+        self.flush_hits()?;
         let mut out = self.walk(files, |_, on, decoded| match decoded {
             Ok(info) => Ok(Some(info)),
             Err(e @ Error::CorruptMetadata { .. }) => {
@@ -378,6 +528,7 @@ impl CacheDriver for XattrDriver {
     fn lru(&self, files: &dyn CachedFiles) -> Result<Vec<LruEntry>> {
         // Lean: the size from the directory walk's stat, and one attribute
         // read by path per file (no open, no other attributes).
+        self.flush_hits()?;
         let mut all = Vec::new();
         files.each_cached(false, &mut |id, on| {
             let accessed = match get(on, ACCESSED) {
@@ -419,6 +570,7 @@ impl CacheDriver for XattrDriver {
         // way a database row can; what remains is files whose attributes do
         // not decode, and files no cache has seen yet (neither Glance nor
         // imgcache wrote them): those are left out, for the walk to adopt.
+        self.flush_hits()?;
         self.walk(files, |id, on, decoded| match decoded {
             Ok(info) => {
                 let known = get(on, HITS)?.is_some() || get(on, CRC32)?.is_some();
@@ -459,6 +611,10 @@ impl CacheDriver for XattrDriver {
         let reason = get(file, ERROR)?.map(|v| String::from_utf8_lossy(&v).into_owned());
         let at = get(file, INVALIDATED)?.and_then(|v| decode_time(&v).ok());
         Ok((reason, at))
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.flush_hits()
     }
 
     fn records_watermark(&self) -> bool {
