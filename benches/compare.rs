@@ -12,7 +12,7 @@
 //! (`send_to`), a write+`fsync`-per-file loop (small fills). Every figure is
 //! the median of five runs. `IMGCACHE_BENCH_DIR` picks the file system
 //! (default: the system temp dir); `IMGCACHE_BENCH_ONLY=large,small,hits,
-//! send,management` runs some sections only.
+//! send,management,maintenance` runs some sections only.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -403,6 +403,169 @@ fn group_fills(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
     });
 }
 
+/// Maintenance on a cache built the way users build it: `n` images of
+/// 4 KiB filled through the API, each read once; then prune to half, clean
+/// and list, each against the same work done by hand on the same disk in
+/// the same run.
+fn maintenance(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
+    let n = s.entries;
+    let data = vec![3u8; 4096];
+    let build = |dir: &Path| -> ImageCache {
+        let cache = open(dir, kind);
+        for i in 0..n {
+            assert!(cache
+                .cache_image_file(&id(&format!("img-{i:06}")), &data[..])
+                .expect("fill"));
+        }
+        let mut buf = Vec::new();
+        for i in 0..n {
+            buf.clear();
+            let mut img = cache
+                .open_for_read(&id(&format!("img-{i:06}")))
+                .expect("open")
+                .expect("cached");
+            img.read_to_end(&mut buf).expect("read");
+        }
+        cache.flush().expect("flush");
+        cache.checkpoint().expect("checkpoint");
+        cache
+    };
+    let dir = root.join(format!("maint-{kind}"));
+    let cache = build(&dir);
+
+    // list-cached, against readdir + stat of every file by hand.
+    let t = Instant::now();
+    assert_eq!(cache.cached_images().expect("list").len(), n);
+    let list = secs(t.elapsed());
+    // By hand: readdir and stat, and for xattr the attributes an entry is
+    // made of, by path.
+    let attrs: &[&str] = if kind == DriverKind::Xattr {
+        &[
+            "user.hits",
+            "user.imgcache.accessed",
+            "user.imgcache.modified",
+            "user.imgcache.size",
+            "user.imgcache.crc32",
+            "user.imgcache.checksum",
+        ]
+    } else {
+        &[]
+    };
+    let t = Instant::now();
+    let mut seen = 0;
+    for e in std::fs::read_dir(&dir).expect("readdir") {
+        let e = e.expect("entry");
+        if e.metadata().expect("stat").is_file() {
+            for a in attrs {
+                let _ = xattr::get(e.path(), a);
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen >= n);
+    let by_hand = secs(t.elapsed());
+    rows.push(Row {
+        bench: format!("{kind}: list {n} (built by fills and reads)"),
+        figure: format!("{:.0} entries/s", n as f64 / list),
+        yardstick: format!(
+            "readdir + stat{} by hand {:.0}/s",
+            if attrs.is_empty() {
+                ""
+            } else {
+                " + its attributes"
+            },
+            n as f64 / by_hand
+        ),
+        ratio: Some(by_hand / list),
+        target: "(yardstick)".into(),
+        met: None,
+    });
+
+    // Prune to half, against unlinking the same files by hand: the victims'
+    // twins in a second cache built the same way (files written, read and
+    // aged alike unlink alike; fresh files of the same size unlink faster
+    // than these, which is not the cache's doing).
+    let twin = root.join(format!("maint-twin-{kind}"));
+    build(&twin);
+    let victims: Vec<ImageId> = cache
+        .least_recently_accessed()
+        .expect("lru")
+        .into_iter()
+        .take(n / 2)
+        .map(|e| e.id)
+        .collect();
+    syncfs(&twin);
+    let t = Instant::now();
+    for x in &victims {
+        std::fs::remove_file(twin.join(x.as_str())).expect("unlink");
+    }
+    let unlink = secs(t.elapsed());
+    std::fs::remove_dir_all(&twin).expect("rm");
+    let t = Instant::now();
+    let r = cache.prune_to((n as u64 / 2) * 4096).expect("prune");
+    let prune = secs(t.elapsed());
+    assert_eq!(r.files(), n / 2);
+    assert_eq!(r.removed, victims);
+    rows.push(Row {
+        bench: format!("{kind}: prune {n} → {} (built by fills and reads)", n / 2),
+        figure: format!("{:.0} files/s", (n / 2) as f64 / prune),
+        yardstick: format!(
+            "unlink the same files (a twin cache's) by hand {:.0}/s",
+            (n / 2) as f64 / unlink
+        ),
+        ratio: Some(prune / unlink),
+        target: "≤ 1.5 (time ratio)".into(),
+        met: Some(prune / unlink <= 1.5),
+    });
+
+    // Clean: k invalid and k stalled, against unlinking the same files by
+    // hand with the liveness check (open + try-lock) of each incomplete one.
+    let k = n / 4;
+    let make = |tag: &str| {
+        for i in 0..k {
+            std::fs::write(dir.join(format!("invalid/bad-{tag}{i}")), &data).expect("write");
+            std::fs::write(dir.join(format!("incomplete/dead-{tag}{i}")), &data).expect("write");
+        }
+    };
+    let (mut hand, mut ours) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let tag = format!("{round}-");
+        make(&tag);
+        // A clean by hand: list both folders, unlink the invalid files,
+        // and unlink each incomplete one that no writer holds.
+        let t = Instant::now();
+        for e in std::fs::read_dir(dir.join("invalid")).expect("readdir") {
+            std::fs::remove_file(e.expect("entry").path()).expect("unlink");
+        }
+        for e in std::fs::read_dir(dir.join("incomplete")).expect("readdir") {
+            let p = e.expect("entry").path();
+            let f = File::open(&p).expect("open");
+            f.try_lock().expect("not live");
+            std::fs::remove_file(&p).expect("unlink");
+        }
+        hand.push(secs(t.elapsed()));
+        make(&tag);
+        let t = Instant::now();
+        let r = cache.clean(Some(Duration::ZERO)).expect("clean");
+        ours.push(secs(t.elapsed()));
+        assert_eq!(r.files(), 2 * k);
+    }
+    let (by_hand, clean) = (median(hand), median(ours));
+    rows.push(Row {
+        bench: format!("{kind}: clean {k} invalid + {k} stalled"),
+        figure: format!("{:.0} files/s", (2 * k) as f64 / clean),
+        yardstick: format!(
+            "readdir + unlink + liveness check by hand {:.0}/s",
+            (2 * k) as f64 / by_hand
+        ),
+        ratio: Some(clean / by_hand),
+        target: "≤ 1.2 (time ratio)".into(),
+        met: Some(clean / by_hand <= 1.2),
+    });
+    drop(cache);
+    std::fs::remove_dir_all(&dir).expect("rm");
+}
+
 /// The hit path: open_for_read + read of a 64 KiB image.
 fn hit_path(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
     let dir = root.join(format!("hits-{kind}"));
@@ -789,6 +952,9 @@ fn main() {
     for kind in [DriverKind::Sqlite, DriverKind::Xattr] {
         if run("management") {
             management(root.path(), kind, &s, &mut rows);
+        }
+        if run("maintenance") {
+            maintenance(root.path(), kind, &s, &mut rows);
         }
     }
     println!(

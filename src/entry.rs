@@ -181,6 +181,11 @@ impl<'a> OnDisk<'a> {
         self.file
     }
 
+    /// Its metadata as of the open or the walk.
+    pub fn metadata(&self) -> &'a Metadata {
+        self.meta
+    }
+
     /// Its size in bytes.
     pub fn len(&self) -> u64 {
         self.meta.len()

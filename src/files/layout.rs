@@ -399,22 +399,38 @@ impl Layout {
                 report.invalid.push(RemovedFile { path, id, size });
             }
         }
-        for (path, size) in plain_files(&self.incomplete)? {
-            let mtime = match fs::metadata(&path).and_then(|m| m.modified()) {
-                Ok(t) => t,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io("stat", &path, e)),
-            };
-            // A clock that jumped behind the file's time gives age zero.
-            let age = now.duration_since(mtime).unwrap_or_default();
-            if age <= stall_time {
+        // Each incomplete file costs what its liveness check costs by hand
+        // (open, try-lock, unlink, close) and one `fstat` of the open file
+        // for its age and size: no stat by path.
+        let entries = match fs::read_dir(&self.incomplete) {
+            Ok(e) => Some(e),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io("read directory", &self.incomplete, e)),
+        };
+        for entry in entries.into_iter().flatten() {
+            let entry = entry.ctx("read directory", &self.incomplete)?;
+            // The type from the directory entry where the file system gives
+            // it; the open below follows no symlink to a non-file either way.
+            if entry.file_type().is_ok_and(|t| !t.is_file()) {
                 continue;
             }
+            let path = entry.path();
             let file = match File::open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(Error::io("open", &path, e)),
             };
+            let meta = match file.metadata() {
+                Ok(m) if m.is_file() => m,
+                Ok(_) => continue,
+                Err(e) => return Err(Error::io("stat", &path, e)),
+            };
+            // A clock that jumped behind the file's time gives age zero.
+            let mtime = meta.modified().unwrap_or(now);
+            let age = now.duration_since(mtime).unwrap_or_default();
+            if age <= stall_time {
+                continue;
+            }
             match file.try_lock() {
                 Ok(()) => {}
                 Err(std::fs::TryLockError::WouldBlock) => {
@@ -428,6 +444,7 @@ impl Layout {
             // Holding the lock, no writer can be committing this file now.
             if remove_if_exists(&path)? {
                 let id = id_of(&path);
+                let size = meta.len();
                 report.stalled.push(RemovedFile { path, id, size });
             }
         }
