@@ -9,8 +9,10 @@
 //! - after `clean`, nothing is left in `incomplete/` or `invalid/`.
 //!
 //! The same directory lives through every kill, as a server's cache lives
-//! through restarts. `IMGCACHE_KILLS` sets the kills per driver (default
-//! 100; `.ci/run` runs 100 per driver, 200 in all).
+//! through restarts. The child commits with the default durability (group:
+//! no `fsync` per commit), or `IMGCACHE_DURABILITY=immediate`.
+//! `IMGCACHE_KILLS` sets the kills per store (default 100, as `cargo test`
+//! runs it; `.ci/run` then soaks 1000 per store, and 10 000 run on demand).
 
 mod common;
 
@@ -279,8 +281,9 @@ fn sigkill_at_random_moments_never_breaks_the_cache() {
             entries += check(&cache_dir, kind, kill);
         }
         eprintln!(
-            "{kind}: {kills} kills survived with 0 violations ({mid_write} left a write in flight; \
-             {entries} cached entries checked in all)"
+            "{kind} ({:?}): {kills} kills survived with 0 violations ({mid_write} left a write in flight; \
+             {entries} cached entries checked in all)",
+            common::child_durability()
         );
     }
 }
