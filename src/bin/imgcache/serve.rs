@@ -380,9 +380,15 @@ pub fn run(options: CacheOptions, settings: &Settings, args: ServeArgs) -> Resul
     if abandoned {
         // Fill threads still blocked on the origin (their files moved to
         // invalid/ already) would wake into a runtime shutting down: the
-        // hits held are written, and the process ends here.
+        // hits held are written, a checkpoint is made, and the process ends
+        // here.
         if let Err(e) = cache.flush() {
             tracing::warn!(error = %e, "cannot write the hits held");
+        }
+        // The last checkpoint a clean close would make: the next start then
+        // has nothing to check.
+        if let Err(e) = cache.checkpoint() {
+            tracing::warn!(error = %e, "cannot make the last checkpoint");
         }
         std::process::exit(code.as_ref().map_or(1, |c| i32::from(*c)));
     }
