@@ -490,10 +490,20 @@ impl CacheDriver for XattrDriver {
         file: OnDisk<'_>,
     ) -> Result<Option<CachedImageInfo>> {
         // The entry as remembered (no attribute read while the file is the
-        // same); the hit counted in memory, written with others.
-        let mut info = self.known(id, file)?;
-        let [dev, ino, ..] = file.identity();
+        // same); the hit counted in memory, written with others: one lock,
+        // no attribute call, on a hot image.
+        let identity = file.identity();
+        let (dev, ino) = (identity[0], identity[1]);
         let mut held = self.state.inner.lock();
+        let mut info = match held.known.get(id) {
+            Some((seen, info)) if *seen == identity => info.clone(),
+            _ => {
+                drop(held);
+                let info = self.known(id, file)?;
+                held = self.state.inner.lock();
+                info
+            }
+        };
         let p = match held.pending.get_mut(id) {
             Some(p) if p.file == (dev, ino) => p,
             _ => {
