@@ -440,14 +440,7 @@ fn maintenance(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
     // By hand: readdir and stat, and for xattr the attributes an entry is
     // made of, by path.
     let attrs: &[&str] = if kind == DriverKind::Xattr {
-        &[
-            "user.hits",
-            "user.imgcache.accessed",
-            "user.imgcache.modified",
-            "user.imgcache.size",
-            "user.imgcache.crc32",
-            "user.imgcache.checksum",
-        ]
+        &["user.hits", "user.imgcache.accessed", "user.imgcache.entry"]
     } else {
         &[]
     };

@@ -196,7 +196,8 @@ fn corrupt_metadata_is_quarantined_at_open(kind: Store) {
         }
         _ => {
             let file = fs::File::open(f.path().join("bad")).unwrap();
-            file.set_xattr("user.imgcache.crc32", b"not-hex!").unwrap();
+            file.set_xattr("user.imgcache.entry", b"1700000000.5 3 not-hex! -")
+                .unwrap();
         }
     }
     let again = f.reopen();

@@ -237,7 +237,7 @@ fn commit_syncs_data_then_renames_then_syncs_dir_then_records() {
             }
             _ => {
                 let crc = find(opened, &|l| {
-                    l.contains(" fsetxattr(") && l.contains("user.imgcache.crc32")
+                    l.contains(" fsetxattr(") && l.contains("user.imgcache.entry")
                 })
                 .unwrap_or_else(|| panic!("{kind}: no CRC attribute"));
                 assert!(

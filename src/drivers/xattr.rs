@@ -7,10 +7,9 @@
 //! | `user.hits` | Glance, imgcache | hit count, decimal |
 //! | `user.error` | Glance, imgcache | why a write failed (on `invalid/` files) |
 //! | `user.imgcache.accessed` | imgcache | last access, seconds since the epoch |
-//! | `user.imgcache.modified` | imgcache | commit time, seconds since the epoch |
-//! | `user.imgcache.size` | imgcache | committed size, decimal |
-//! | `user.imgcache.crc32` | imgcache | CRC-32 of the bytes, 8 hex digits |
+//! | `user.imgcache.entry` | imgcache | commit time, committed size, CRC-32 and whether a checksum is recorded, in one value: `<seconds> <size> <crc or -> <c or ->` |
 //! | `user.imgcache.checksum` | imgcache | the checksum the writer declared |
+//! | `user.imgcache.modified`, `.size`, `.crc32` | imgcache before 0.2 | what `user.imgcache.entry` holds now, one value each; still read |
 //! | `user.imgcache.queue_seq` | imgcache | on `queue/`: the queue counter |
 //! | `user.imgcache.watermark` | imgcache | on the base directory: the durability watermark, two decimal microsecond counts |
 //!
@@ -21,15 +20,22 @@
 //! exclusive `flock` of the file, so concurrent readers in any number of
 //! threads and processes each count.
 //!
-//! The store holds no state of its own: every call works on the file the
+//! What a commit records lies in one attribute (`user.imgcache.entry`), so
+//! that it is written, and read, in one call, and set atomically: an entry
+//! has its time, size and CRC together or none of them. Few and small
+//! attributes also fit in the inode on ext4, where a separate attribute
+//! block per file would cost every read and every unlink.
+//!
+//! The store keeps no metadata of its own: every call works on the file the
 //! file layer hands it ([`OnDisk`]), by its open descriptor where the file
 //! layer opened it and by its path where a walk only listed it. It never
 //! builds a path, and it never moves or removes a file: `remove` has
-//! nothing to forget once the file is gone.
+//! nothing to forget once the file is gone. It holds in memory only the
+//! hits not yet written and what it read of files that did not change.
 //!
 //! Durability: the attributes are written on the incomplete file before it
-//! is synced and renamed (`prepare`), so a cached file is published together
-//! with its metadata. Hit counts and access times are not synced.
+//! is renamed (`prepare`), so a cached file is published together with its
+//! metadata. Hit counts and access times are not synced.
 //!
 //! The file system must take user xattrs: [`crate::ImageCache::open`]
 //! checks that before it opens this store, and fails with
@@ -62,6 +68,9 @@ pub const ERROR: &str = "user.error";
 pub const ACCESSED: &str = "user.imgcache.accessed";
 /// Commit time.
 pub const MODIFIED: &str = "user.imgcache.modified";
+/// Commit time, size, CRC-32 and whether a checksum is recorded, in one
+/// value ([`encoding::encode_entry`]).
+pub const ENTRY: &str = "user.imgcache.entry";
 /// Committed size.
 pub const SIZE: &str = "user.imgcache.size";
 /// CRC-32 of the bytes.
@@ -152,6 +161,61 @@ pub mod encoding {
         }
         let total = whole.checked_mul(1_000_000)?.checked_add(micros)?;
         Some(if negative { -total } else { total })
+    }
+
+    /// What a commit records of an entry, as `user.imgcache.entry` holds it.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Packed {
+        /// Commit time.
+        pub modified: SystemTime,
+        /// Committed size.
+        pub size: u64,
+        /// CRC-32 of the bytes, when known.
+        pub crc32: Option<u32>,
+        /// Whether `user.imgcache.checksum` is set.
+        pub has_checksum: bool,
+    }
+
+    /// `<seconds> <size> <crc or -> <c or ->`, the time as [`encode_time`].
+    pub fn encode_entry(p: &Packed) -> Vec<u8> {
+        let mut v = encode_time(p.modified);
+        let crc = p.crc32.map_or("-".to_string(), |c| format!("{c:08x}"));
+        let c = if p.has_checksum { "c" } else { "-" };
+        v.extend_from_slice(format!(" {} {crc} {c}", p.size).as_bytes());
+        v
+    }
+
+    /// Decodes [`encode_entry`].
+    pub fn decode_entry(v: &[u8]) -> std::result::Result<Packed, String> {
+        let s = std::str::from_utf8(v).map_err(|_| "not UTF-8".to_string())?;
+        let bad = || format!("{s:?} is not <time> <size> <crc|-> <c|->");
+        let mut parts = s.split(' ');
+        let (Some(t), Some(size), Some(crc), Some(c), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(bad());
+        };
+        let modified = decode_time(t.as_bytes())?;
+        let size = decode_u64(size.as_bytes())?;
+        let crc32 = match crc {
+            "-" => None,
+            c => Some(decode_crc(c.as_bytes())?),
+        };
+        let has_checksum = match c {
+            "c" => true,
+            "-" => false,
+            _ => return Err(bad()),
+        };
+        Ok(Packed {
+            modified,
+            size,
+            crc32,
+            has_checksum,
+        })
     }
 
     /// Decodes the durability watermark: two decimal microsecond counts,
@@ -442,11 +506,26 @@ impl XattrDriver {
         let hits = decode(get(on, HITS)?, path, HITS, decode_u64)?.unwrap_or(0);
         let last_accessed =
             decode(get(on, ACCESSED)?, path, ACCESSED, decode_time)?.unwrap_or(on.accessed());
-        let last_modified =
-            decode(get(on, MODIFIED)?, path, MODIFIED, decode_time)?.unwrap_or(on.modified());
-        let size = decode(get(on, SIZE)?, path, SIZE, decode_u64)?.unwrap_or(on.len());
-        let crc32 = decode(get(on, CRC32)?, path, CRC32, decode_crc)?;
-        let checksum = get(on, CHECKSUM)?.map(|v| String::from_utf8_lossy(&v).into_owned());
+        let checksum = |on| -> Result<Option<String>> {
+            Ok(get(on, CHECKSUM)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+        };
+        let (last_modified, size, crc32, checksum) =
+            match decode(get(on, ENTRY)?, path, ENTRY, decode_entry)? {
+                Some(p) => (
+                    p.modified,
+                    p.size,
+                    p.crc32,
+                    if p.has_checksum { checksum(on)? } else { None },
+                ),
+                // Written before the packed entry, by Glance, or adopted.
+                None => (
+                    decode(get(on, MODIFIED)?, path, MODIFIED, decode_time)?
+                        .unwrap_or(on.modified()),
+                    decode(get(on, SIZE)?, path, SIZE, decode_u64)?.unwrap_or(on.len()),
+                    decode(get(on, CRC32)?, path, CRC32, decode_crc)?,
+                    checksum(on)?,
+                ),
+            };
         Ok(CachedImageInfo {
             id,
             size,
@@ -532,19 +611,25 @@ impl CacheDriver for XattrDriver {
     }
 
     fn prepare(&self, entry: &CachedImageInfo, file: OnDisk<'_>) -> Result<()> {
-        // The commit time first and the markers of a known file (CRC,
-        // hits) last: a journaling file system persists metadata changes
-        // in order, so a file that lost some of its attributes to a power
-        // cut either still looks unknown, or has its commit time and size.
-        set(file, MODIFIED, &encode_time(entry.last_modified))?;
-        set(file, SIZE, &encode_u64(entry.size))?;
+        // The entry (commit time, size, CRC: one value) before the hit
+        // count that marks a known file: a journaling file system persists
+        // metadata changes in order, so a file that lost some of its
+        // attributes to a power cut either still looks unknown, or has its
+        // whole entry.
         if let Some(c) = &entry.checksum {
             set(file, CHECKSUM, c.as_bytes())?;
         }
+        set(
+            file,
+            ENTRY,
+            &encode_entry(&Packed {
+                modified: entry.last_modified,
+                size: entry.size,
+                crc32: entry.crc32,
+                has_checksum: entry.checksum.is_some(),
+            }),
+        )?;
         set(file, ACCESSED, &encode_time(entry.last_accessed))?;
-        if let Some(crc) = entry.crc32 {
-            set(file, CRC32, &encode_crc(crc))?;
-        }
         set(file, HITS, &encode_u64(entry.hits))
     }
 
@@ -558,9 +643,18 @@ impl CacheDriver for XattrDriver {
         Ok(0)
     }
 
-    fn set_crc32(&self, _id: &ImageId, crc32: u32, file: OnDisk<'_>) -> Result<()> {
-        set(file, CRC32, &encode_crc(crc32))?;
-        set(file, SIZE, &encode_u64(file.len()))
+    fn set_crc32(&self, id: &ImageId, crc32: u32, file: OnDisk<'_>) -> Result<()> {
+        let info = self.info_of(id.clone(), file)?;
+        set(
+            file,
+            ENTRY,
+            &encode_entry(&Packed {
+                modified: info.last_modified,
+                size: file.len(),
+                crc32: Some(crc32),
+                has_checksum: info.checksum.is_some(),
+            }),
+        )
     }
 
     fn list(&self, files: &dyn CachedFiles) -> Result<Vec<CachedImageInfo>> {
@@ -626,7 +720,9 @@ impl CacheDriver for XattrDriver {
         self.flush_hits()?;
         self.walk(files, |id, on, decoded| match decoded {
             Ok(info) => {
-                let known = get(on, HITS)?.is_some() || get(on, CRC32)?.is_some();
+                let known = get(on, HITS)?.is_some()
+                    || get(on, ENTRY)?.is_some()
+                    || get(on, CRC32)?.is_some();
                 Ok(known.then_some(Scanned::Entry(info)))
             }
             Err(Error::CorruptMetadata { detail, .. }) => Ok(Some(Scanned::Corrupt {

@@ -222,6 +222,17 @@ pub fn stored_values(data: &[u8]) -> Result<(), String> {
             return Err(format!("crc {c} does not round-trip"));
         }
     }
+    if let Ok(e) = encoding::decode_entry(data) {
+        if encoding::decode_entry(&encoding::encode_entry(&e)) != Ok(e) {
+            return Err(format!("entry {e:?} does not round-trip"));
+        }
+    }
+    if let Ok(w) = encoding::decode_watermark(data) {
+        let (a, b) = w.to_micros();
+        if encoding::decode_watermark(format!("{a} {b}").as_bytes()) != Ok(w) {
+            return Err(format!("watermark {w:?} does not round-trip"));
+        }
+    }
     if let Some(seq) = crate::files::queue::decode_seq(data) {
         let again = crate::files::queue::encode_seq(seq);
         if crate::files::queue::decode_seq(again.as_bytes()) != Some(seq) {
