@@ -125,8 +125,21 @@ impl Drop for Handle {
         let last = std::thread::Builder::new()
             .name("imgcache-pg-close".into())
             .spawn(move || {
-                if let Err(e) = inner.flush_hits() {
-                    log::warn!("imgcache: {}: hits not written: {e}", inner.pool.location);
+                match inner.flush_hits() {
+                    // Every batch landed: this store's batch number is
+                    // needed no more.
+                    Ok(()) => {
+                        let (node, key) = (inner.node_id, &inner.batches.0);
+                        let _ = inner.pool.with(|c| {
+                            c.exec(
+                                "DELETE FROM imgcache_state WHERE node_reference_id = $1 AND key = $2",
+                                &[&node, key],
+                            )
+                        });
+                    }
+                    Err(e) => {
+                        log::warn!("imgcache: {}: hits not written: {e}", inner.pool.location)
+                    }
                 }
                 drop(std::mem::take(&mut *inner.pool.idle.lock()));
             });
@@ -148,11 +161,19 @@ struct Inner {
     /// Entries as last read or written, with the identity of their file.
     memo: Mutex<HashMap<ImageId, Memo>>,
     hits: Mutex<Pending>,
-    /// Held while hits are being written.
-    flushing: Mutex<()>,
+    /// Held while hits are being written; holds the batch whose write
+    /// failed, with its number (it may have been applied all the same).
+    flushing: Mutex<Option<(i64, HitBatch)>>,
+    /// This store's name for its hit batches (`imgcache_state` key), and
+    /// the number of its last batch: the database applies each number once,
+    /// so a batch sent again after a lost reply is not counted twice.
+    batches: (String, std::sync::atomic::AtomicI64),
     /// Wakes the flusher (a full batch, a stop).
     wake: Condvar,
 }
+
+/// Hits of a batch, per image: how many, and the time of the latest.
+type HitBatch = HashMap<ImageId, (u64, SystemTime)>;
 
 #[derive(Debug, Clone)]
 struct Memo {
@@ -536,7 +557,17 @@ impl CentralizedDbDriver {
             max_id,
             memo: Mutex::default(),
             hits: Mutex::default(),
-            flushing: Mutex::new(()),
+            flushing: Mutex::new(None),
+            batches: (
+                format!(
+                    "hits:{}:{}",
+                    std::process::id(),
+                    SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos())
+                ),
+                std::sync::atomic::AtomicI64::new(0),
+            ),
             wake: Condvar::new(),
         });
         let shared = inner.clone();
@@ -695,7 +726,16 @@ impl Inner {
         // One flush at a time: a flush asked for (before a query, on
         // `flush`) waits for the flusher's write in flight, so that it
         // never returns while hits are on their way.
-        let _one = self.flushing.lock();
+        let mut unsent = self.flushing.lock();
+        // A batch whose reply was lost goes again first, as it was (same
+        // number): applied once whether or not the first try landed.
+        if let Some((seq, batch)) = unsent.take() {
+            if let Err(e) = self.send(seq, &batch) {
+                *unsent = Some((seq, batch));
+                return Err(e);
+            }
+            self.applied(batch);
+        }
         let pending = {
             let mut hits = self.hits.lock();
             if hits.count == 0 {
@@ -704,44 +744,62 @@ impl Inner {
             hits.count = 0;
             std::mem::take(&mut hits.by_id)
         };
-        let mut ids = Vec::with_capacity(pending.len());
-        let mut counts = Vec::with_capacity(pending.len());
-        let mut times = Vec::with_capacity(pending.len());
-        for (id, (n, at)) in &pending {
+        let seq = self
+            .batches
+            .1
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        match self.send(seq, &pending) {
+            Ok(()) => {
+                self.applied(pending);
+                Ok(())
+            }
+            Err(e) => {
+                *unsent = Some((seq, pending));
+                Err(e)
+            }
+        }
+    }
+
+    /// Adds batch `seq` to the rows, in one statement, unless the database
+    /// has applied that batch of this store already.
+    fn send(&self, seq: i64, batch: &HitBatch) -> Result<()> {
+        let mut ids = Vec::with_capacity(batch.len());
+        let mut counts = Vec::with_capacity(batch.len());
+        let mut times = Vec::with_capacity(batch.len());
+        for (id, (n, at)) in batch {
             ids.push(id.as_str());
             counts.push(i64::try_from(*n).unwrap_or(i64::MAX));
             times.push(*at);
         }
         let node = self.node_id;
-        let written = self.pool.with(|c| {
+        let key = &self.batches.0;
+        self.pool.with(|c| {
             c.exec(
-                "UPDATE cached_images AS c
+                "WITH mark AS (
+                     INSERT INTO imgcache_state (node_reference_id, key, value) VALUES ($1, $5, $6)
+                     ON CONFLICT (node_reference_id, key) DO UPDATE SET value = excluded.value
+                     WHERE imgcache_state.value < excluded.value
+                     RETURNING 1
+                 )
+                 UPDATE cached_images AS c
                  SET hits = LEAST(c.hits::bigint + v.n, 2147483647), last_accessed = v.at
                  FROM UNNEST($2::text[], $3::bigint[], $4::timestamp[]) AS v(image_id, n, at)
-                 WHERE c.node_reference_id = $1 AND c.image_id = v.image_id",
-                &[&node, &ids, &counts, &times],
+                 WHERE c.node_reference_id = $1 AND c.image_id = v.image_id
+                   AND EXISTS (SELECT 1 FROM mark)",
+                &[&node, &ids, &counts, &times, key, &seq],
             )
-        });
-        match written {
-            Ok(_) => {
-                let mut memo = self.memo.lock();
-                for (id, (n, at)) in pending {
-                    if let Some(m) = memo.get_mut(&id) {
-                        m.info.hits += n;
-                        m.info.last_accessed = at;
-                    }
-                }
-                Ok(())
-            }
-            Err(e) => {
-                let mut hits = self.hits.lock();
-                for (id, (n, at)) in pending {
-                    let entry = hits.by_id.entry(id).or_insert((0, at));
-                    entry.0 += n;
-                    entry.1 = entry.1.max(at);
-                    hits.count += n;
-                }
-                Err(e)
+        })?;
+        Ok(())
+    }
+
+    /// Records a batch the database holds in the entries remembered.
+    fn applied(&self, batch: HitBatch) {
+        let mut memo = self.memo.lock();
+        for (id, (n, at)) in batch {
+            if let Some(m) = memo.get_mut(&id) {
+                m.info.hits += n;
+                m.info.last_accessed = at;
             }
         }
     }
