@@ -197,9 +197,9 @@
 //!   (the database runs `synchronous = NORMAL`), so the latest hit counts
 //!   and access times may be lost. A write-ahead log is never applied
 //!   half-way: SQLite keeps the database consistent.
-//! - **xattr**: the attributes (commit time and size first, CRC and hit
-//!   count last) are set on the file before its rename, so an image appears
-//!   with its metadata or without any. Hit counts and access times updated
+//! - **xattr**: the attributes (the entry — commit time, size and CRC in
+//!   one value — first, the hit count last) are set on the file before its
+//!   rename, so an image appears with its metadata or without any. Hit counts and access times updated
 //!   since the file system last wrote its inode back may be lost.
 //! - **both**: `invalid/` and `incomplete/` files, and queue markers, are not
 //!   synced: they may vanish or reappear; `clean` takes care of either.
