@@ -157,12 +157,16 @@
 //! is still running) are read whole and checked against the size and
 //! CRC-32 they were committed with, *before* the cache is returned: a torn
 //! one is moved to `invalid/` with the reason (that move is synced at
-//! once) and is fetched again. A file without metadata is adopted only if
-//! it was renamed into place before the watermark (its change time, on the
-//! file system's clock, says so); a later one could be a torn commit whose
-//! row was lost, and with nothing to check it by, it goes to `invalid/`
-//! too ([`RecoveryReport::torn`]). A clean close makes a last checkpoint,
-//! so the next open checks nothing.
+//! once) and is fetched again. A file without metadata is adopted, as
+//! before — unless the last session of processes on the cache ended
+//! uncleanly (the watermark file, marked `dirty` by the first process to
+//! open and `clean` by the last to close, tells;
+//! [`RecoveryReport::unclean_shutdown`]) and the file was renamed into
+//! place after the watermark (its change time, on the file system's clock,
+//! says so): that one could be a torn commit whose row was lost, and with
+//! nothing to check it by, it goes to `invalid/` too
+//! ([`RecoveryReport::torn`]). A clean close makes a last checkpoint, so
+//! the next open checks nothing.
 //!
 //! **Why group is the default.** It is what a cache needs and no more: the
 //! promise that matters (no wrong byte, ever) holds as firmly as with

@@ -42,8 +42,6 @@ fn recovery_adopts_files_without_metadata(kind: Store) {
     // A file that appeared without metadata: for sqlite, a crash between
     // the rename and the row insert; for both, another tool's file.
     fs::write(f.path().join("orphan"), bytes(3, 5000)).unwrap();
-    // A checkpoint after it (any clean close makes one) vouches for it.
-    f.cache.checkpoint().unwrap();
     let again = f.reopen();
     assert_eq!(again.recovery().adopted, vec![id("orphan")]);
     let info = again.cached_image(&id("orphan")).unwrap().unwrap();
@@ -64,19 +62,23 @@ fn recovery_adopts_files_without_metadata(kind: Store) {
 }
 
 fn files_without_metadata_after_the_last_checkpoint_are_not_adopted(kind: Store) {
-    let f = Fixture::new(kind);
-    f.put("known", b"k");
-    f.cache.checkpoint().unwrap();
-    // Renamed into place after the checkpoint, with no metadata: after an
-    // unclean shutdown this may be a torn commit, with nothing to check it
-    // by. (The first cache is still open: to the second, it looks crashed.)
-    fs::write(f.path().join("late"), bytes(5, 4000)).unwrap();
-    let again = f.reopen();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = kind.open(CacheOptions::new(dir.path())).unwrap();
+    assert!(cache.cache_image_file(&id("known"), &b"k"[..]).unwrap());
+    drop(cache);
+    // After the last checkpoint (the clean close's), a file without
+    // metadata appears, and the session never closes (a crash, a power
+    // cut), as the watermark file then says: this may be a torn commit,
+    // with nothing to check it by.
+    fs::write(dir.path().join("late"), bytes(5, 4000)).unwrap();
+    fs::write(dir.path().join(".imgcache-watermark"), b"dirty").unwrap();
+    let again = kind.open(CacheOptions::new(dir.path())).unwrap();
     let r = again.recovery();
+    assert!(r.unclean_shutdown, "{r:?}");
     assert_eq!(r.torn, vec![id("late")], "{r:?}");
     assert!(r.adopted.is_empty(), "{r:?}");
     assert!(again.open_for_read(&id("late")).unwrap().is_none());
-    assert!(f.path().join("invalid/late").exists());
+    assert!(dir.path().join("invalid/late").exists());
     let invalid = again.invalid_images().unwrap();
     assert!(
         invalid[0]
@@ -95,6 +97,12 @@ fn files_without_metadata_after_the_last_checkpoint_are_not_adopted(kind: Store)
             .unwrap(),
         b"k"
     );
+    drop(again);
+    // After a clean close, a file another tool puts there is adopted.
+    fs::write(dir.path().join("foreign"), bytes(6, 3000)).unwrap();
+    let third = kind.open(CacheOptions::new(dir.path())).unwrap();
+    assert!(!third.recovery().unclean_shutdown);
+    assert_eq!(third.recovery().adopted, vec![id("foreign")]);
 }
 
 fn recovery_reports_stalled_but_not_live_writers(kind: Store) {
@@ -138,7 +146,6 @@ fn scrub_detects_a_file_overwritten_in_place(kind: Store) {
 fn scrub_verifies_adopted_files(kind: Store) {
     let f = Fixture::new(kind);
     fs::write(f.path().join("foreign"), bytes(4, 3000)).unwrap();
-    f.cache.checkpoint().unwrap();
     let again = f.reopen();
     let foreign = id("foreign");
     assert_eq!(

@@ -55,7 +55,17 @@ pub(crate) struct Durable {
     wake: Condvar,
     /// One checkpoint at a time.
     running: Mutex<()>,
+    /// The watermark file, open for this cache's lifetime with a shared
+    /// lock: while any process holds it, no power cut has happened since
+    /// that process opened (see [`Durable::session_start`]).
+    session: Mutex<Option<std::fs::File>>,
 }
+
+/// What the watermark file says of the last session of processes on the
+/// cache: `clean` once the last of them closed cleanly, `dirty` while any
+/// is open (and after one that never closed).
+const CLEAN: &[u8] = b"clean";
+const DIRTY: &[u8] = b"dirty";
 
 #[derive(Debug, Default)]
 struct State {
@@ -96,6 +106,68 @@ impl Durable {
             state: Mutex::default(),
             wake: Condvar::new(),
             running: Mutex::new(()),
+            session: Mutex::new(None),
+        }
+    }
+
+    /// Joins the session of processes on this cache; returns whether the
+    /// last one ended uncleanly (a crash or a power cut before its last
+    /// process closed), which only the first process to open can tell.
+    ///
+    /// The first opener (it gets the watermark file's exclusive lock: no
+    /// other process is alive) reads what the last session left, and marks
+    /// the file `dirty`, durably, before anything is committed; every
+    /// process then holds a shared lock until it closes, and the last to
+    /// close marks it `clean` after its last checkpoint. A process that
+    /// finds others alive knows no power cut came since they opened (it
+    /// would have ended them), and each of them checked what came before.
+    pub(crate) fn session_start(&self) -> Result<bool> {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&self.marker)
+            .ctx("open", &self.marker)?;
+        let unclean = match file.try_lock() {
+            Ok(()) => {
+                let mut buf = [0u8; 8];
+                let n = file.read_at(&mut buf, 0).ctx("read", &self.marker)?;
+                // Empty: no session ever ran here (or one from before the
+                // session mark): nothing to tell.
+                let unclean = n > 0 && &buf[..n] != CLEAN;
+                file.set_len(0).ctx("truncate", &self.marker)?;
+                file.write_all_at(DIRTY, 0).ctx("write", &self.marker)?;
+                file.sync_all().ctx("fsync", &self.marker)?;
+                file.lock_shared().ctx("lock", &self.marker)?;
+                unclean
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                file.lock_shared().ctx("lock", &self.marker)?;
+                false
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &self.marker, e)),
+        };
+        *self.session.lock() = Some(file);
+        Ok(unclean)
+    }
+
+    /// Leaves the session after the last checkpoint: the last process out
+    /// marks it `clean`.
+    fn session_end(&self) {
+        use std::os::unix::fs::FileExt;
+        let Some(file) = self.session.lock().take() else {
+            return;
+        };
+        if file.try_lock().is_ok() {
+            let done = file
+                .set_len(0)
+                .and_then(|()| file.write_all_at(CLEAN, 0))
+                .and_then(|()| file.sync_all());
+            if let Err(e) = done {
+                log::warn!("imgcache: cannot mark {} clean: {e}", self.marker.display());
+            }
         }
     }
 
@@ -246,14 +318,16 @@ impl Durable {
                 }
             }
         }
-        // A clean close: everything so far is covered, commits and files
-        // other tools put in place alike (those are adopted at the next
-        // open only if a checkpoint came after them).
-        if let Err(e) = self.checkpoint() {
-            log::warn!(
-                "imgcache: last checkpoint of {}: {e}",
-                self.layout.base().display()
-            );
+        // A clean close: everything so far is covered, and the last process
+        // out marks the session clean.
+        match self.checkpoint() {
+            Ok(_) => self.session_end(),
+            Err(e) => {
+                log::warn!(
+                    "imgcache: last checkpoint of {}: {e}",
+                    self.layout.base().display()
+                )
+            }
         }
     }
 }

@@ -452,7 +452,8 @@ impl ImageCache {
             durable,
             checkpointer: None,
         };
-        cache.recovery = cache.recover()?;
+        let unclean = cache.durable.keeps_watermark() && cache.durable.session_start()?;
+        cache.recovery = cache.recover(unclean)?;
         if cache.durable.keeps_watermark() {
             // Before this process commits anything, the store holds a
             // watermark, so that "none" means no group commit was ever made

@@ -36,9 +36,14 @@ pub struct RecoveryReport {
     pub verified: Vec<ImageId>,
     /// What an unclean shutdown left torn, moved to `invalid/` before
     /// anything was served: entries after the watermark whose size or
-    /// CRC-32 is not what was committed, and files without metadata renamed
-    /// into place after the watermark (nothing to check them against).
+    /// CRC-32 is not what was committed, and, after an unclean shutdown,
+    /// files without metadata renamed into place after the watermark
+    /// (nothing to check them against).
     pub torn: Vec<ImageId>,
+    /// Whether the last session of processes on this cache ended uncleanly
+    /// (one never closed: a crash or a power cut). Only then are files
+    /// without metadata renamed in after the watermark taken for torn.
+    pub unclean_shutdown: bool,
     /// The durability watermark found at open; `None` if the store records
     /// none, or none was ever recorded.
     #[cfg_attr(feature = "serde", serde(skip))]
@@ -64,12 +69,21 @@ impl ImageCache {
     /// Entries first, files second: a commit renames its file before the
     /// store records it, so an entry seen here has a file unless someone
     /// deleted it since (and then dropping the entry is what they meant).
-    pub(crate) fn recover(&self) -> Result<RecoveryReport> {
+    pub(crate) fn recover(&self, unclean: bool) -> Result<RecoveryReport> {
         let layout = &self.layout;
-        let mut report = RecoveryReport::default();
+        let mut report = RecoveryReport {
+            unclean_shutdown: unclean,
+            ..RecoveryReport::default()
+        };
         if self.durable.keeps_watermark() {
             report.watermark = self.durable.watermark()?;
         }
+        // Files without what a commit records are suspect only after an
+        // unclean shutdown; after a clean one they are another tool's.
+        let suspect_after = report
+            .watermark
+            .filter(|_| unclean)
+            .map(|w| w.changed_before);
         let mut untrusted = Vec::new();
         let scanned = self.store.scan(layout)?;
         let files: BTreeMap<ImageId, std::fs::Metadata> =
@@ -87,6 +101,7 @@ impl ImageCache {
                         let changed = files.get(&info.id).map(ctime_of);
                         if info.last_modified >= w.committed_before
                             || (info.crc32.is_none()
+                                && suspect_after.is_some()
                                 && changed.is_some_and(|c| c >= w.changed_before))
                         {
                             untrusted.push(info.id.clone());
@@ -118,7 +133,7 @@ impl ImageCache {
         self.store
             .remove_if_missing(&dropped, &|id| !in_place(id))?;
         report.dropped = dropped;
-        let changed_before = report.watermark.map(|w| w.changed_before);
+        let changed_before = suspect_after;
         // Entries a checkpoint does not cover yet: read whole before
         // anything is served.
         for id in untrusted {
