@@ -59,6 +59,13 @@ pub(crate) struct Durable {
     /// lock: while any process holds it, no power cut has happened since
     /// that process opened (see [`Durable::session_start`]).
     session: Mutex<Option<std::fs::File>>,
+    /// The base directory, open for the cache's lifetime: `syncfs` reports
+    /// a writeback error only to descriptors opened before it happened.
+    dir: Mutex<Option<std::fs::File>>,
+    /// A sync failed: writes before it may be lost, so this process never
+    /// records a watermark again (what it commits is checked at the next
+    /// open).
+    poisoned: std::sync::atomic::AtomicBool,
 }
 
 /// What the watermark file says of the last session of processes on the
@@ -97,6 +104,7 @@ impl Durable {
             m => m,
         };
         let marker = layout.base().join(WATERMARK_FILE);
+        let layout_base_for_dir = layout.base().to_path_buf();
         Durable {
             mode,
             layout,
@@ -107,6 +115,8 @@ impl Durable {
             wake: Condvar::new(),
             running: Mutex::new(()),
             session: Mutex::new(None),
+            dir: Mutex::new(std::fs::File::open(layout_base_for_dir).ok()),
+            poisoned: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -130,27 +140,39 @@ impl Durable {
             .truncate(false)
             .open(&self.marker)
             .ctx("open", &self.marker)?;
-        let unclean = match file.try_lock() {
-            Ok(()) => {
-                let mut buf = [0u8; 8];
-                let n = file.read_at(&mut buf, 0).ctx("read", &self.marker)?;
-                // Empty: no session ever ran here (or one from before the
-                // session mark): nothing to tell.
-                let unclean = n > 0 && &buf[..n] != CLEAN;
-                file.set_len(0).ctx("truncate", &self.marker)?;
-                file.write_all_at(DIRTY, 0).ctx("write", &self.marker)?;
-                file.sync_all().ctx("fsync", &self.marker)?;
-                file.lock_shared().ctx("lock", &self.marker)?;
-                unclean
-            }
+        let first = match file.try_lock() {
+            Ok(()) => true,
+            // Others are open (or the first is still recovering, holding
+            // the exclusive lock): wait for a shared one.
             Err(std::fs::TryLockError::WouldBlock) => {
                 file.lock_shared().ctx("lock", &self.marker)?;
                 false
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &self.marker, e)),
         };
+        let mut buf = [0u8; 8];
+        let n = file.read_at(&mut buf, 0).ctx("read", &self.marker)?;
+        // Empty: no session ever ran here (or one from before the session
+        // mark): nothing to tell.
+        let unclean = first && n > 0 && &buf[..n] != CLEAN;
+        if &buf[..n] != DIRTY {
+            // In place (both marks are five bytes): never an empty file.
+            file.write_all_at(DIRTY, 0).ctx("write", &self.marker)?;
+            file.set_len(DIRTY.len() as u64)
+                .ctx("truncate", &self.marker)?;
+            file.sync_all().ctx("fsync", &self.marker)?;
+        }
         *self.session.lock() = Some(file);
         Ok(unclean)
+    }
+
+    /// After the recovery walk: the first opener lets the others in (its
+    /// exclusive lock becomes a shared one).
+    pub(crate) fn session_joined(&self) -> Result<()> {
+        if let Some(file) = self.session.lock().as_ref() {
+            file.lock_shared().ctx("lock", &self.marker)?;
+        }
+        Ok(())
     }
 
     /// Leaves the session after the last checkpoint: the last process out
@@ -162,8 +184,8 @@ impl Durable {
         };
         if file.try_lock().is_ok() {
             let done = file
-                .set_len(0)
-                .and_then(|()| file.write_all_at(CLEAN, 0))
+                .write_all_at(CLEAN, 0)
+                .and_then(|()| file.set_len(CLEAN.len() as u64))
                 .and_then(|()| file.sync_all());
             if let Err(e) = done {
                 log::warn!("imgcache: cannot mark {} clean: {e}", self.marker.display());
@@ -178,7 +200,9 @@ impl Durable {
 
     /// Whether each commit must sync its own file and directory.
     pub(crate) fn syncs_each_commit(&self) -> bool {
-        matches!(self.mode, Durability::Immediate)
+        // A fill that outlives its cache (its checkpointer stopped, the
+        // session perhaps marked clean) syncs its commit itself.
+        matches!(self.mode, Durability::Immediate) || self.state.lock().stop
     }
 
     /// Whether checkpoints (and watermarks) are kept at all.
@@ -226,18 +250,36 @@ impl Durable {
             st.bytes = 0;
             st.commits
         };
+        if self.poisoned.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::io(
+                "syncfs",
+                self.layout.base(),
+                std::io::Error::other("an earlier sync failed: no watermark is recorded again"),
+            ));
+        }
         let committed_before = round_trip(self.clock.now());
         let changed_before = self.touch_marker()?;
         let base = self.layout.base();
-        let dir = std::fs::File::open(base).ctx("open", base)?;
-        sync_file_system(&dir).ctx("syncfs", base)?;
+        let mut held = self.dir.lock();
+        if held.is_none() {
+            *held = Some(std::fs::File::open(base).ctx("open", base)?);
+        }
+        let Some(dir) = held.as_ref() else {
+            unreachable!("opened above")
+        };
+        if let Err(e) = sync_file_system(dir) {
+            self.poisoned
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            return Err(Error::io("syncfs", base, e));
+        }
         let mark = Watermark {
             committed_before,
             changed_before,
         };
         let meta = dir.metadata().ctx("stat", base)?;
         self.store
-            .record_watermark(mark, OnDisk::new(base, Some(&dir), &meta))?;
+            .record_watermark(mark, OnDisk::new(base, Some(dir), &meta))?;
+        drop(held);
         let mut st = self.state.lock();
         st.covered = st.covered.max(seen);
         st.checkpoints += 1;

@@ -454,6 +454,7 @@ impl ImageCache {
         };
         let unclean = cache.durable.keeps_watermark() && cache.durable.session_start()?;
         cache.recovery = cache.recover(unclean)?;
+        cache.durable.session_joined()?;
         if cache.durable.keeps_watermark() {
             // Before this process commits anything, the store holds a
             // watermark, so that "none" means no group commit was ever made

@@ -78,12 +78,16 @@ impl ImageCache {
         if self.durable.keeps_watermark() {
             report.watermark = self.durable.watermark()?;
         }
-        // Files without what a commit records are suspect only after an
+        // After an unclean shutdown, with no watermark to go by (a store
+        // recreated, a database moved aside), nothing is trusted unchecked.
+        let epoch = Watermark {
+            committed_before: std::time::UNIX_EPOCH,
+            changed_before: std::time::UNIX_EPOCH,
+        };
+        let mark = report.watermark.or(unclean.then_some(epoch));
+        // Files changed after the watermark are suspect only after an
         // unclean shutdown; after a clean one they are another tool's.
-        let suspect_after = report
-            .watermark
-            .filter(|_| unclean)
-            .map(|w| w.changed_before);
+        let suspect_after = mark.filter(|_| unclean).map(|w| w.changed_before);
         let mut untrusted = Vec::new();
         let scanned = self.store.scan(layout)?;
         let files: BTreeMap<ImageId, std::fs::Metadata> =
@@ -95,13 +99,14 @@ impl ImageCache {
                 Scanned::Entry(info) => {
                     if !files.contains_key(&info.id) {
                         dropped.push(info.id.clone());
-                    } else if let Some(w) = report.watermark {
-                        // Committed after the checkpoint; or with nothing to
-                        // check it by (no CRC), changed after it.
+                    } else if let Some(w) = mark {
+                        // Committed after the checkpoint; or, after an
+                        // unclean shutdown, its file changed after it (a row
+                        // rolled back to an older commit of the same image,
+                        // a CRC recorded by a scrub of unsynced bytes).
                         let changed = files.get(&info.id).map(ctime_of);
                         if info.last_modified >= w.committed_before
-                            || (info.crc32.is_none()
-                                && suspect_after.is_some()
+                            || (suspect_after.is_some()
                                 && changed.is_some_and(|c| c >= w.changed_before))
                         {
                             untrusted.push(info.id.clone());

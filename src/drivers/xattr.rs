@@ -605,7 +605,11 @@ impl CacheDriver for XattrDriver {
         held.count += 1;
         let oldest = *held.oldest.get_or_insert_with(Instant::now);
         if held.count >= super::sqlite::HIT_BATCH || oldest.elapsed() >= super::sqlite::HIT_DELAY {
-            flush_pending(&mut held)?;
+            // Another image's file failing its write must not fail this
+            // read.
+            if let Err(e) = flush_pending(&mut held) {
+                log::warn!("imgcache: xattr hits not written: {e}");
+            }
         }
         Ok(Some(info))
     }
