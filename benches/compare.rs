@@ -154,6 +154,63 @@ fn large_fill(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
 }
 
 /// Small fills: one writer, eight writers, against a write+fsync loop.
+/// A commit's file moves by hand, `n` files by `threads` threads: write into
+/// `tmp/`, rename into `dir`; with `sync_each`, as `Immediate` commits
+/// (`fsync` of the file before the rename, of the directory after it),
+/// else as group commits (one `syncfs` at the end). Returns files/s.
+fn moves_by_hand(dir: &Path, data: &[u8], n: usize, threads: usize, sync_each: bool) -> f64 {
+    std::fs::create_dir_all(dir.join("tmp")).expect("mkdir");
+    let t = Instant::now();
+    std::thread::scope(|sc| {
+        for w in 0..threads {
+            sc.spawn(move || {
+                for i in 0..n / threads {
+                    let name = format!("{w}-{i}");
+                    let tmp = dir.join("tmp").join(&name);
+                    let mut f = File::create(&tmp).expect("create");
+                    f.write_all(data).expect("write");
+                    if sync_each {
+                        f.sync_all().expect("fsync");
+                    }
+                    std::fs::rename(&tmp, dir.join(&name)).expect("rename");
+                    if sync_each {
+                        File::open(dir)
+                            .and_then(|d| d.sync_all())
+                            .expect("fsync dir");
+                    }
+                }
+            });
+        }
+    });
+    if !sync_each {
+        syncfs(dir);
+    }
+    let rate = (n / threads * threads) as f64 / secs(t.elapsed());
+    std::fs::remove_dir_all(dir).expect("rm");
+    rate
+}
+
+/// `n` fills of `data` through the cache by `threads` writers, ids tagged
+/// `tag`, until durable as the cache's mode promises (with group
+/// durability, its checkpoint after the last). Returns fills/s.
+fn fills(cache: &ImageCache, data: &[u8], n: usize, threads: usize, tag: &str) -> f64 {
+    let t = Instant::now();
+    std::thread::scope(|sc| {
+        for w in 0..threads {
+            sc.spawn(move || {
+                for i in 0..n / threads {
+                    let x = id(&format!("{tag}-{w}-{i}"));
+                    assert!(cache.cache_image_file(&x, data).expect("fill"));
+                }
+            });
+        }
+    });
+    if cache.durability() != Durability::Immediate {
+        cache.checkpoint().expect("checkpoint");
+    }
+    (n / threads * threads) as f64 / secs(t.elapsed())
+}
+
 fn small_fills(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
     let data = vec![7u8; 64 * 1024];
     let n = s.small_fills;
@@ -190,56 +247,14 @@ fn small_fills(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
         // The same durability protocol as a commit, by hand: write, fsync,
         // rename into place (across directories, as a commit does), fsync
         // the directory; by one thread and by eight.
-        let by_hand = |dir: &Path, threads: usize| -> f64 {
-            std::fs::create_dir_all(dir.join("tmp")).expect("mkdir");
-            let t = Instant::now();
-            std::thread::scope(|sc| {
-                for w in 0..threads {
-                    let data = &data;
-                    sc.spawn(move || {
-                        for i in 0..n / threads {
-                            let name = format!("{w}-{i}");
-                            let tmp = dir.join("tmp").join(&name);
-                            let mut f = File::create(&tmp).expect("create");
-                            f.write_all(data).expect("write");
-                            f.sync_all().expect("fsync");
-                            std::fs::rename(&tmp, dir.join(&name)).expect("rename");
-                            File::open(dir)
-                                .and_then(|d| d.sync_all())
-                                .expect("fsync dir");
-                        }
-                    });
-                }
-            });
-            let rate = (n / threads * threads) as f64 / secs(t.elapsed());
-            std::fs::remove_dir_all(dir).expect("rm");
-            rate
-        };
+        let by_hand = |dir: &Path, threads| moves_by_hand(dir, &data, n, threads, true);
         protocol.push(by_hand(&root.join(format!("protocol-1-{kind}-{round}")), 1));
         protocol8.push(by_hand(&root.join(format!("protocol-8-{kind}-{round}")), 8));
 
         let dir = root.join(format!("small-{kind}-{round}"));
         let cache = open_with(&dir, kind, Durability::Immediate);
-        let t = Instant::now();
-        for i in 0..n {
-            assert!(cache
-                .cache_image_file(&id(&format!("one-{i}")), &data[..])
-                .expect("fill"));
-        }
-        one.push(n as f64 / secs(t.elapsed()));
-        let t = Instant::now();
-        std::thread::scope(|sc| {
-            for w in 0..8 {
-                let (cache, data) = (&cache, &data);
-                sc.spawn(move || {
-                    for i in 0..n / 8 {
-                        let x = id(&format!("eight-{w}-{i}"));
-                        assert!(cache.cache_image_file(&x, &data[..]).expect("fill"));
-                    }
-                });
-            }
-        });
-        eight.push((n / 8 * 8) as f64 / secs(t.elapsed()));
+        one.push(fills(&cache, &data, n, 1, "one"));
+        eight.push(fills(&cache, &data, n, 8, "eight"));
         drop(cache);
         std::fs::remove_dir_all(&dir).expect("rm");
     }
@@ -297,29 +312,8 @@ fn group_fills(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
     let n = s.small_fills * 4;
     let (mut one, mut eight, mut hand, mut hand8, mut sync_cost, mut imm) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
-    let by_hand = |dir: &Path, threads: usize| -> f64 {
-        std::fs::create_dir_all(dir.join("tmp")).expect("mkdir");
-        let t = Instant::now();
-        std::thread::scope(|sc| {
-            for w in 0..threads {
-                let data = &data;
-                sc.spawn(move || {
-                    for i in 0..n / threads {
-                        let name = format!("{w}-{i}");
-                        let tmp = dir.join("tmp").join(&name);
-                        let mut f = File::create(&tmp).expect("create");
-                        f.write_all(data).expect("write");
-                        std::fs::rename(&tmp, dir.join(&name)).expect("rename");
-                    }
-                });
-            }
-        });
-        syncfs(dir);
-        let rate = (n / threads * threads) as f64 / secs(t.elapsed());
-        std::fs::remove_dir_all(dir).expect("rm");
-        rate
-    };
     for round in 0..ROUNDS {
+        let by_hand = |dir: &Path, threads| moves_by_hand(dir, &data, n, threads, false);
         hand.push(by_hand(&root.join(format!("g-hand-1-{kind}-{round}")), 1));
         hand8.push(by_hand(&root.join(format!("g-hand-8-{kind}-{round}")), 8));
         let t = Instant::now();
@@ -327,40 +321,14 @@ fn group_fills(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
         sync_cost.push(secs(t.elapsed()) * 1e3);
         let dir = root.join(format!("group-{kind}-{round}"));
         let cache = open_with(&dir, kind, Durability::default());
-        let t = Instant::now();
-        for i in 0..n {
-            assert!(cache
-                .cache_image_file(&id(&format!("one-{i}")), &data[..])
-                .expect("fill"));
-        }
-        cache.checkpoint().expect("checkpoint");
-        one.push(n as f64 / secs(t.elapsed()));
-        let t = Instant::now();
-        std::thread::scope(|sc| {
-            for w in 0..8 {
-                let (cache, data) = (&cache, &data);
-                sc.spawn(move || {
-                    for i in 0..n / 8 {
-                        let x = id(&format!("eight-{w}-{i}"));
-                        assert!(cache.cache_image_file(&x, &data[..]).expect("fill"));
-                    }
-                });
-            }
-        });
-        cache.checkpoint().expect("checkpoint");
-        eight.push((n / 8 * 8) as f64 / secs(t.elapsed()));
+        one.push(fills(&cache, &data, n, 1, "one"));
+        eight.push(fills(&cache, &data, n, 8, "eight"));
         drop(cache);
         std::fs::remove_dir_all(&dir).expect("rm");
         // The same fills, one writer, with Immediate: what group saves.
         let dir = root.join(format!("imm-{kind}-{round}"));
         let cache = open_with(&dir, kind, Durability::Immediate);
-        let t = Instant::now();
-        for i in 0..s.small_fills {
-            assert!(cache
-                .cache_image_file(&id(&format!("one-{i}")), &data[..])
-                .expect("fill"));
-        }
-        imm.push(s.small_fills as f64 / secs(t.elapsed()));
+        imm.push(fills(&cache, &data, s.small_fills, 1, "one"));
         drop(cache);
         std::fs::remove_dir_all(&dir).expect("rm");
     }

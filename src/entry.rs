@@ -323,7 +323,8 @@ impl Watermark {
     }
 }
 
-fn micros(t: SystemTime) -> i64 {
+/// Whole microseconds since the epoch, rounded down (before it: 0).
+pub(crate) fn micros(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
         .unwrap_or(0)

@@ -18,10 +18,10 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use common::{bytes, child_cache, id};
+use common::{bytes, child_cache, child_command, id, Rng};
 use imgcache::testing::Store;
 use imgcache::{CacheOptions, Error, ImageCache, ImageId, Verification};
 
@@ -47,22 +47,6 @@ fn index(id: &ImageId) -> u64 {
         .strip_prefix("img-")
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("unexpected id {id}"))
-}
-
-/// A small deterministic generator (xorshift), seeded per child.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 fn say(line: &str) {
@@ -234,18 +218,7 @@ fn sigkill_at_random_moments_never_breaks_the_cache() {
         let mut mid_write = 0;
         let mut entries = 0;
         for kill in 0..kills {
-            let mut child = Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "child",
-                    "--nocapture",
-                    "--test-threads=1",
-                    "--quiet",
-                ])
-                .env("IMGCACHE_CHILD", kill.to_string())
-                .env("IMGCACHE_DIR", &cache_dir)
-                .env("IMGCACHE_DRIVER", kind.name())
-                .envs(kind.child_env())
+            let mut child = child_command(kind, &cache_dir, &kill.to_string())
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap();

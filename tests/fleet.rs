@@ -28,18 +28,7 @@ fn node_url(dir: &Path) -> String {
 /// own node and runs `cmd` (see `child`).
 fn spawn(dir: &Path, cmd: &str) -> std::process::Child {
     let store = store().expect("store");
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child",
-            "--nocapture",
-            "--test-threads=1",
-            "--quiet",
-        ])
-        .env("IMGCACHE_CHILD", cmd)
-        .env("IMGCACHE_DIR", dir)
-        .env("IMGCACHE_DRIVER", "centralized_db")
-        .envs(store.child_env())
+    common::child_command(store, dir, cmd)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap()

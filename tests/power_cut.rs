@@ -22,10 +22,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use common::{bytes, child_store, id};
+use common::{bytes, child_command, child_store, id, Rng};
 use imgcache::testing::Store;
 use imgcache::{CacheOptions, Durability, ImageId};
 
@@ -45,22 +45,6 @@ fn content(name: &str) -> Vec<u8> {
         (seed % 200_000) as usize
     };
     bytes(seed, len)
-}
-
-/// A small deterministic generator (xorshift).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// The child's part: `cut N` commits `BEFORE` images, checkpoints, commits
@@ -183,18 +167,7 @@ fn a_power_cut_after_the_watermark_never_serves_a_wrong_byte() {
         let mut survivors: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         let (mut kept, mut torn, mut lost, mut harmed) = (0, 0, 0, 0);
         for trial in 0..cuts {
-            let mut child = Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "child",
-                    "--nocapture",
-                    "--test-threads=1",
-                    "--quiet",
-                ])
-                .env("IMGCACHE_CHILD", format!("cut {trial}"))
-                .env("IMGCACHE_DIR", &cache_dir)
-                .env("IMGCACHE_DRIVER", kind.name())
-                .envs(kind.child_env())
+            let mut child = child_command(kind, &cache_dir, &format!("cut {trial}"))
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap();

@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{BufReader, Read, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use common::{bytes, id, Fixture};
 use imgcache::testing::Store;
@@ -78,18 +78,7 @@ fn child() {
 }
 
 fn spawn(f: &Fixture, cmd: &str) -> std::process::Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child",
-            "--nocapture",
-            "--test-threads=1",
-            "--quiet",
-        ])
-        .env("IMGCACHE_CHILD", cmd)
-        .env("IMGCACHE_DIR", f.path())
-        .env("IMGCACHE_DRIVER", f.kind.name())
-        .envs(f.kind.child_env())
+    common::child_command(f.kind, f.path(), cmd)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

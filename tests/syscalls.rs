@@ -45,6 +45,15 @@ fn child() {
     }
 }
 
+/// The index of the first of `lines` from `from` on for which `what` holds.
+fn find_from(lines: &[String], from: usize, what: &dyn Fn(&str) -> bool) -> Option<usize> {
+    lines
+        .iter()
+        .skip(from)
+        .position(|l| what(l))
+        .map(|i| i + from)
+}
+
 fn have_strace() -> bool {
     let ok = Command::new("strace")
         .arg("-V")
@@ -152,13 +161,7 @@ fn commit_syncs_data_then_renames_then_syncs_dir_then_records() {
         );
         let base = f.path().display().to_string();
         let incomplete = format!("{base}/incomplete/x");
-        let find = |from: usize, what: &dyn Fn(&str) -> bool| -> Option<usize> {
-            lines
-                .iter()
-                .skip(from)
-                .position(|l| what(l))
-                .map(|i| i + from)
-        };
+        let find = |from: usize, what: &dyn Fn(&str) -> bool| find_from(&lines, from, what);
         // The writer's file is created and locked under a private name, then
         // renamed into place, never replacing.
         let opened = find(0, &|l| {
@@ -272,13 +275,7 @@ fn group_commit_syncs_once_per_checkpoint_then_records_the_watermark() {
         );
         let base = f.path().display().to_string();
         let incomplete = format!("{base}/incomplete/x");
-        let find = |from: usize, what: &dyn Fn(&str) -> bool| -> Option<usize> {
-            lines
-                .iter()
-                .skip(from)
-                .position(|l| what(l))
-                .map(|i| i + from)
-        };
+        let find = |from: usize, what: &dyn Fn(&str) -> bool| find_from(&lines, from, what);
         let rename = find(0, &|l| {
             l.contains("rename")
                 && l.contains(&format!("\"{incomplete}\""))

@@ -104,7 +104,7 @@ impl Durable {
             m => m,
         };
         let marker = layout.base().join(WATERMARK_FILE);
-        let layout_base_for_dir = layout.base().to_path_buf();
+        let base_dir = layout.base().to_path_buf();
         Durable {
             mode,
             layout,
@@ -115,7 +115,7 @@ impl Durable {
             wake: Condvar::new(),
             running: Mutex::new(()),
             session: Mutex::new(None),
-            dir: Mutex::new(std::fs::File::open(layout_base_for_dir).ok()),
+            dir: Mutex::new(std::fs::File::open(base_dir).ok()),
             poisoned: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -261,11 +261,9 @@ impl Durable {
         let changed_before = self.touch_marker()?;
         let base = self.layout.base();
         let mut held = self.dir.lock();
-        if held.is_none() {
-            *held = Some(std::fs::File::open(base).ctx("open", base)?);
-        }
-        let Some(dir) = held.as_ref() else {
-            unreachable!("opened above")
+        let dir: &std::fs::File = match &mut *held {
+            Some(d) => d,
+            slot => slot.insert(std::fs::File::open(base).ctx("open", base)?),
         };
         if let Err(e) = sync_file_system(dir) {
             self.poisoned
@@ -311,7 +309,7 @@ impl Durable {
         let give_up = std::time::Instant::now() + Duration::from_millis(50);
         loop {
             // As the stores keep it: whole microseconds, rounded down.
-            let t = Watermark::from_micros(0, micros_of(touch()?)).changed_before;
+            let t = Watermark::from_micros(0, crate::entry::micros(touch()?)).changed_before;
             if t > first || std::time::Instant::now() >= give_up {
                 return Ok(t);
             }
@@ -426,12 +424,6 @@ fn change_time(secs: i64, nsecs: i64) -> SystemTime {
             .checked_sub(d)
             .unwrap_or(SystemTime::UNIX_EPOCH)
     }
-}
-
-fn micros_of(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// The change time of a file, as the file system stamped it.

@@ -187,3 +187,37 @@ impl Drop for Mount {
             .status();
     }
 }
+
+/// A small deterministic generator (xorshift).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// This test binary, to be run as a child that opens the cache in `dir`
+/// on `kind` and runs `cmd` (its `child` test reads `IMGCACHE_CHILD`).
+pub fn child_command(kind: Store, dir: &Path, cmd: &str) -> std::process::Command {
+    let mut c = std::process::Command::new(std::env::current_exe().expect("test binary"));
+    c.args([
+        "--exact",
+        "child",
+        "--nocapture",
+        "--test-threads=1",
+        "--quiet",
+    ])
+    .env("IMGCACHE_CHILD", cmd)
+    .env("IMGCACHE_DIR", dir)
+    .env("IMGCACHE_DRIVER", kind.name())
+    .envs(kind.child_env());
+    c
+}
