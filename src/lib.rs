@@ -159,13 +159,17 @@
 //! one is moved to `invalid/` with the reason (that move is synced at
 //! once) and is fetched again. A file without metadata is adopted, as
 //! before — unless the last session of processes on the cache ended
-//! uncleanly (the watermark file, marked `dirty` by the first process to
-//! open and `clean` by the last to close, tells;
-//! [`RecoveryReport::unclean_shutdown`]) and the file was renamed into
-//! place after the watermark (its change time, on the file system's clock,
-//! says so): that one could be a torn commit whose row was lost, and with
-//! nothing to check it by, it goes to `invalid/` too
-//! ([`RecoveryReport::torn`]). A clean close makes a last checkpoint, so
+//! uncleanly (the watermark file `.imgcache/watermark`, marked `dirty` by
+//! the first process to open and `clean` by the last to close, tells;
+//! [`RecoveryReport::unclean_shutdown`]) and the file's bytes were made or
+//! written after the watermark (its birth and modification times, on the
+//! file system's clock, say so): that one could be a torn commit whose row
+//! was lost, and with nothing to check it by, it goes to `invalid/` too
+//! ([`RecoveryReport::torn`]). The same holds for an entry without a CRC-32
+//! (one Glance wrote, or one adopted). A hit count or access time written
+//! on a file is no change of its bytes: a node's hot set survives a crash.
+//! Where the file system keeps no birth time, the change time is used
+//! (which moves with hits too: safe, but more is refetched). A clean close makes a last checkpoint, so
 //! the next open checks nothing.
 //!
 //! **Why group is the default.** It is what a cache needs and no more: the

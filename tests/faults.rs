@@ -18,6 +18,8 @@ for_each_driver!(
     recovery_of_a_clean_cache_is_clean,
     recovery_adopts_files_without_metadata,
     files_without_metadata_after_the_last_checkpoint_are_not_adopted,
+    the_base_directory_holds_only_images,
+    an_earlier_watermark_file_is_moved_with_its_session_mark,
     recovery_reports_stalled_but_not_live_writers,
     scrub_detects_a_file_overwritten_in_place,
     scrub_verifies_adopted_files,
@@ -71,7 +73,7 @@ fn files_without_metadata_after_the_last_checkpoint_are_not_adopted(kind: Store)
     // cut), as the watermark file then says: this may be a torn commit,
     // with nothing to check it by.
     fs::write(dir.path().join("late"), bytes(5, 4000)).unwrap();
-    fs::write(dir.path().join(".imgcache-watermark"), b"dirty").unwrap();
+    fs::write(dir.path().join(".imgcache/watermark"), b"dirty").unwrap();
     let again = kind.open(CacheOptions::new(dir.path())).unwrap();
     let r = again.recovery();
     assert!(r.unclean_shutdown, "{r:?}");
@@ -103,6 +105,60 @@ fn files_without_metadata_after_the_last_checkpoint_are_not_adopted(kind: Store)
     let third = kind.open(CacheOptions::new(dir.path())).unwrap();
     assert!(!third.recovery().unclean_shutdown);
     assert_eq!(third.recovery().adopted, vec![id("foreign")]);
+}
+
+/// Glance's drivers take every regular file in the base directory (but
+/// their database) for an image: its size counts, its listing reads its
+/// attributes, `delete_all` deletes and counts it. So nothing of the
+/// cache's own is one, whatever it did (commits, checkpoints, a clean
+/// close, a reopen).
+fn the_base_directory_holds_only_images(kind: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = kind.open(CacheOptions::new(dir.path())).unwrap();
+    for n in 0..3 {
+        assert!(cache
+            .cache_image_file(&id(&format!("img-{n}")), &bytes(n, 1000 + n as usize)[..])
+            .unwrap());
+    }
+    cache.checkpoint().unwrap();
+    assert!(cache.open_for_read(&id("img-1")).unwrap().is_some());
+    let regular = |dir: &std::path::Path| -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_type().unwrap().is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            // Glance's own database (and SQLite's files beside it while
+            // a connection is open).
+            .filter(|n| !n.starts_with("cache.db"))
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(regular(dir.path()), ["img-0", "img-1", "img-2"]);
+    drop(cache);
+    assert_eq!(regular(dir.path()), ["img-0", "img-1", "img-2"]);
+    let again = kind.open(CacheOptions::new(dir.path())).unwrap();
+    assert!(again.recovery().is_clean(), "{:?}", again.recovery());
+    drop(again);
+    assert_eq!(regular(dir.path()), ["img-0", "img-1", "img-2"]);
+}
+
+/// A directory an earlier version opened holds `.imgcache-watermark` in
+/// the base directory: it is moved into `.imgcache/`, and what it says of
+/// the last session (here: it never closed) is kept.
+fn an_earlier_watermark_file_is_moved_with_its_session_mark(kind: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = kind.open(CacheOptions::new(dir.path())).unwrap();
+    assert!(cache.cache_image_file(&id("known"), &b"k"[..]).unwrap());
+    drop(cache);
+    fs::remove_file(dir.path().join(".imgcache/watermark")).unwrap();
+    fs::write(dir.path().join(".imgcache-watermark"), b"dirty").unwrap();
+    let again = kind.open(CacheOptions::new(dir.path())).unwrap();
+    assert!(again.recovery().unclean_shutdown, "{:?}", again.recovery());
+    assert!(!dir.path().join(".imgcache-watermark").exists());
+    assert!(dir.path().join(".imgcache/watermark").is_file());
+    assert_eq!(again.cached_images().unwrap().len(), 1);
 }
 
 fn recovery_reports_stalled_but_not_live_writers(kind: Store) {
@@ -362,13 +418,18 @@ fn garbage_database_is_refused_by_name_then_rebuilt() {
             crc32: crc32fast::hash(&bytes(5, 2000))
         })
     );
-    let aside: Vec<String> = fs::read_dir(path)
+    // Aside in the private folder, not in the base directory (where
+    // Glance would take it for an image).
+    let aside: Vec<String> = fs::read_dir(path.join(".imgcache"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(".imgcache-broken-") && n.ends_with("-cache.db"))
+        .filter(|n| n.starts_with("broken-") && n.ends_with("-cache.db"))
         .collect();
     assert_eq!(aside.len(), 1, "{aside:?}");
-    assert_eq!(fs::read(path.join(&aside[0])).unwrap(), bytes(9, 8192));
+    assert_eq!(
+        fs::read(path.join(".imgcache").join(&aside[0])).unwrap(),
+        bytes(9, 8192)
+    );
 }
 
 #[test]

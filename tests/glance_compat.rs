@@ -274,3 +274,94 @@ fn glance_lock_file_is_never_an_image() {
         assert!(imgcache::ImageId::new("image_cache_db_init").is_err());
     }
 }
+
+/// The child's part of the tests below: opens the cache named by the
+/// environment, runs `cmd`, says `done` and waits to be killed.
+#[test]
+fn child() {
+    let Some((cmd, cache)) = common::child_cache() else {
+        return;
+    };
+    match cmd.as_str() {
+        // A checkpoint, then hits on Glance's images, written to their
+        // attributes (after the watermark).
+        "hits" => {
+            cache.checkpoint().unwrap();
+            for (image, n) in [("hot-1", 3), ("hot-2", 2)] {
+                for _ in 0..n {
+                    cache.open_for_read(&id(image)).unwrap().unwrap();
+                }
+            }
+            cache.flush().unwrap();
+        }
+        other => panic!("unknown child command {other:?}"),
+    }
+    println!("done");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    std::thread::sleep(Duration::from_secs(3600));
+}
+
+/// A process that served hits on a directory Glance's xattr driver wrote
+/// (entries without a CRC-32) is killed: writing a hit count is no change
+/// of content, so reopening quarantines none of the intact images, hot or
+/// not, while one whose bytes changed after the watermark still goes.
+#[test]
+fn a_crash_after_hits_keeps_glance_written_images() {
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["queue", "incomplete", "invalid"] {
+        fs::create_dir_all(dir.path().join(sub)).unwrap();
+    }
+    // As Glance's xattr driver commits: the bytes, then user.hits = 0.
+    for image in ["hot-1", "hot-2", "cold", "late"] {
+        let path = dir.path().join(image);
+        fs::write(&path, image.repeat(100)).unwrap();
+        xattr::set(&path, "user.hits", b"0").unwrap();
+    }
+    let store = imgcache::testing::Store::XATTR;
+    let mut child = common::child_command(store, dir.path(), "hits")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    common::wait_for_line(&mut out, "done");
+    // The hits are on the files; the process dies before any clean close.
+    assert_eq!(
+        xattr::get(dir.path().join("hot-1"), "user.hits")
+            .unwrap()
+            .unwrap(),
+        b"3"
+    );
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    // Meanwhile (after the watermark) the bytes of one image changed:
+    // it could be torn, with no CRC to tell.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("late"))
+            .unwrap();
+        f.write_all_at(b"XXXX", 10).unwrap();
+    }
+    let cache = store.open(CacheOptions::new(dir.path())).unwrap();
+    let r = cache.recovery();
+    assert!(r.unclean_shutdown, "{r:?}");
+    assert_eq!(r.torn, vec![id("late")], "{r:?}");
+    assert!(r.quarantined.is_empty(), "{r:?}");
+    let listed: Vec<(String, u64)> = cache
+        .cached_images()
+        .unwrap()
+        .into_iter()
+        .map(|i| (i.id.to_string(), i.hits))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("cold".to_string(), 0),
+            ("hot-1".to_string(), 3),
+            ("hot-2".to_string(), 2)
+        ]
+    );
+}

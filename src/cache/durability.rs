@@ -37,10 +37,6 @@ use crate::error::{Error, IoContext, Result};
 use crate::files::Layout;
 use crate::options::Durability;
 
-/// The file whose change time is the file system's half of the watermark
-/// (a name no image id can take).
-pub(crate) const WATERMARK_FILE: &str = ".imgcache-watermark";
-
 /// The checkpointer of one open cache.
 #[derive(Debug)]
 pub(crate) struct Durable {
@@ -103,7 +99,7 @@ impl Durable {
             }
             m => m,
         };
-        let marker = layout.base().join(WATERMARK_FILE);
+        let marker = layout.watermark_file();
         let base_dir = layout.base().to_path_buf();
         Durable {
             mode,
@@ -133,6 +129,7 @@ impl Durable {
     /// would have ended them), and each of them checked what came before.
     pub(crate) fn session_start(&self) -> Result<bool> {
         use std::os::unix::fs::FileExt;
+        self.move_legacy_marker()?;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -164,6 +161,34 @@ impl Durable {
         }
         *self.session.lock() = Some(file);
         Ok(unclean)
+    }
+
+    /// Moves the watermark file of earlier versions (a regular file in the
+    /// base directory, which Glance's drivers took for an image) into the
+    /// private folder, with the session mark it holds.
+    fn move_legacy_marker(&self) -> Result<()> {
+        let legacy = self.layout.legacy_watermark_file();
+        if std::fs::symlink_metadata(&legacy).is_err() {
+            return Ok(());
+        }
+        let moved = if std::fs::symlink_metadata(&self.marker).is_ok() {
+            std::fs::remove_file(&legacy)
+        } else {
+            std::fs::rename(&legacy, &self.marker)
+        };
+        match moved {
+            Ok(()) => {
+                log::info!(
+                    "imgcache: moved {} into {}",
+                    legacy.display(),
+                    self.layout.private_dir().display()
+                );
+                Ok(())
+            }
+            // Another process moved it first.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("move", &legacy, e)),
+        }
     }
 
     /// After the recovery walk: the first opener lets the others in (its
@@ -430,6 +455,23 @@ fn change_time(secs: i64, nsecs: i64) -> SystemTime {
 pub(crate) fn ctime_of(meta: &std::fs::Metadata) -> SystemTime {
     use std::os::unix::fs::MetadataExt;
     change_time(meta.ctime(), meta.ctime_nsec())
+}
+
+/// When a file's *content* last changed, as the file system stamped it:
+/// the later of its birth (a new inode: a commit, a copy) and its last
+/// data write. Unlike the change time, metadata alone (an attribute, a hit
+/// count, an access time, a rename) does not move it, so a file whose
+/// hits were recorded after a checkpoint is not taken for one whose bytes
+/// may be unsynced. Where the file system keeps no birth time, the change
+/// time (which covers both, and more).
+///
+/// Both stamps come from the clock that stamps change times, the one the
+/// watermark's `changed_before` was read from.
+pub(crate) fn content_time_of(meta: &std::fs::Metadata) -> SystemTime {
+    match (meta.created(), meta.modified()) {
+        (Ok(born), Ok(written)) => born.max(written),
+        _ => ctime_of(meta),
+    }
 }
 
 /// Flushes the whole file system holding `dir`: `syncfs(2)` on Linux,

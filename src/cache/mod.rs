@@ -148,7 +148,15 @@ fn migrate_into(store: &dyn CacheDriver, db: &std::path::Path) -> Result<Migrati
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let lock_path = db.with_file_name(format!("{}-migrate-{name}", crate::id::PRIVATE_PREFIX));
+    let parent = db
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    // In the private folder beside the database: a regular file in a
+    // cache's base directory would be an image to Glance.
+    let private = crate::files::layout::private_dir_of(parent);
+    std::fs::create_dir_all(&private).map_err(|e| Error::io("create directory", &private, e))?;
+    let lock_path = private.join(format!("migrate-{name}.lock"));
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -156,6 +164,8 @@ fn migrate_into(store: &dyn CacheDriver, db: &std::path::Path) -> Result<Migrati
         .open(&lock_path)
         .map_err(|e| Error::io("create", &lock_path, e))?;
     lock.lock().map_err(|e| Error::io("lock", &lock_path, e))?;
+    // Earlier versions kept the lock beside the database.
+    let _ = std::fs::remove_file(parent.join(format!(".imgcache-migrate-{name}")));
     let local = SqliteDriver::open(db)?;
     let rows = local.entries()?;
     let present = store.import(&rows)?;
@@ -486,8 +496,8 @@ impl ImageCache {
     }
 
     /// Opens the cache after moving a broken SQLite database (see
-    /// [`Error::BadDatabase`]) aside to `.imgcache-broken-<unix time>-<name>`
-    /// beside it (a name no image can take): the
+    /// [`Error::BadDatabase`]) aside to `.imgcache/broken-<unix time>-<name>`
+    /// beside it (the cache's private folder): the
     /// metadata is recreated from the cached files, which are adopted
     /// unverified ([`ImageCache::scrub`] verifies them). Hit counts and
     /// access times are lost. Stop other processes using the directory
@@ -502,9 +512,18 @@ impl ImageCache {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
+                // Into the private folder beside it: in a cache's base
+                // directory, a regular file would be an image to Glance.
+                let private = crate::files::layout::private_dir_of(
+                    db.parent()
+                        .filter(|p| !p.as_os_str().is_empty())
+                        .unwrap_or(std::path::Path::new(".")),
+                );
+                std::fs::create_dir_all(&private)
+                    .map_err(|e| Error::io("create directory", &private, e))?;
                 for suffix in ["", "-wal", "-shm", "-journal"] {
                     let from = db.with_file_name(format!("{name}{suffix}"));
-                    let to = db.with_file_name(format!(".imgcache-broken-{stamp}-{name}{suffix}"));
+                    let to = private.join(format!("broken-{stamp}-{name}{suffix}"));
                     match std::fs::rename(&from, &to) {
                         Ok(()) => {
                             log::warn!("imgcache: moved {} to {}", from.display(), to.display())

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::durability::ctime_of;
+use super::durability::content_time_of;
 use super::ImageCache;
 use super::Verification;
 use crate::clock::round_trip;
@@ -101,10 +101,12 @@ impl ImageCache {
                         dropped.push(info.id.clone());
                     } else if let Some(w) = mark {
                         // Committed after the checkpoint; or, after an
-                        // unclean shutdown, its file changed after it (a row
-                        // rolled back to an older commit of the same image,
-                        // a CRC recorded by a scrub of unsynced bytes).
-                        let changed = files.get(&info.id).map(ctime_of);
+                        // unclean shutdown, its file's content changed after
+                        // it (a row rolled back to an older commit of the
+                        // same image, a CRC recorded by a scrub of unsynced
+                        // bytes). Hits recorded on the file (attributes)
+                        // are no change of content.
+                        let changed = files.get(&info.id).map(content_time_of);
                         if info.last_modified >= w.committed_before
                             || (suspect_after.is_some()
                                 && changed.is_some_and(|c| c >= w.changed_before))
@@ -152,10 +154,10 @@ impl ImageCache {
                     )?;
                     report.torn.push(id);
                 }
-                // No CRC to check it against, and changed after the
-                // checkpoint: as a file without metadata.
+                // No CRC to check it against, and its content changed
+                // after the checkpoint: as a file without metadata.
                 Some((Verification::Unverified { .. }, (_, _, meta)))
-                    if changed_before.is_some_and(|w| ctime_of(&meta) >= w) =>
+                    if changed_before.is_some_and(|w| content_time_of(&meta) >= w) =>
                 {
                     let reason = "no CRC-32, and changed after the last checkpoint: \
                                   cannot be verified after an unclean shutdown";
@@ -169,10 +171,11 @@ impl ImageCache {
         let mut orphans: Vec<(ImageId, std::path::PathBuf, std::fs::Metadata)> = Vec::new();
         for (id, meta) in files.into_iter().filter(|(id, _)| !known.contains(id)) {
             let key = Admitted::again(&id);
-            if changed_before.is_some_and(|w| ctime_of(&meta) >= w) {
-                // Renamed into place after the last checkpoint, without
+            if changed_before.is_some_and(|w| content_time_of(&meta) >= w) {
+                // Made or written after the last checkpoint, without
                 // metadata: its bytes may be torn, and there is nothing to
-                // check them against. A committer that recorded its entry
+                // check them against (one whose bytes were all written
+                // before it was synced, renamed in since, is whole). A committer that recorded its entry
                 // (with its CRC) meanwhile keeps it.
                 let path = layout.cached(key);
                 let recorded = self

@@ -17,6 +17,21 @@ use std::time::{Duration, SystemTime};
 use crate::error::{Error, IoContext, Result};
 use crate::id::{is_reserved, IdError, ImageId};
 
+/// The name of the cache's private folder in the base directory (and
+/// beside a database kept elsewhere): a name no image id can take.
+const PRIVATE_DIR: &str = ".imgcache";
+/// The watermark file's name in the private folder.
+const WATERMARK_FILE: &str = "watermark";
+/// The watermark file of earlier versions, in the base directory.
+const LEGACY_WATERMARK_FILE: &str = ".imgcache-watermark";
+
+/// The private folder that belongs to `dir` (a cache's base directory, or
+/// the directory of a database file): created on demand by those who
+/// write there.
+pub(crate) fn private_dir_of(dir: &Path) -> PathBuf {
+    dir.join(PRIVATE_DIR)
+}
+
 /// An id this cache has admitted: a valid [`ImageId`] that is none of the
 /// cache's own names (its folders, its database and the database's side
 /// files, Glance's lock file). Only [`Layout::admit`] and the layout's own
@@ -52,6 +67,10 @@ pub struct Layout {
     queue: PathBuf,
     incomplete: PathBuf,
     invalid: PathBuf,
+    /// The cache's own private files (the durability watermark and
+    /// session mark): a folder, because Glance takes every regular file in
+    /// the base directory for an image.
+    private: PathBuf,
     /// The names of database files that lie directly in `base` (each
     /// reserves its name and its side files' names).
     db_names: Vec<String>,
@@ -161,6 +180,7 @@ impl Layout {
             queue: base.join("queue"),
             incomplete: base.join("incomplete"),
             invalid: base.join("invalid"),
+            private: private_dir_of(&base),
             base,
             db_names: Vec::new(),
             base_sync: std::sync::Arc::default(),
@@ -189,9 +209,16 @@ impl Layout {
         }
     }
 
-    /// Creates the base directory and the three state folders if missing.
+    /// Creates the base directory, the three state folders and the cache's
+    /// private folder if missing.
     pub fn create(&self) -> Result<()> {
-        for dir in [&self.base, &self.queue, &self.incomplete, &self.invalid] {
+        for dir in [
+            &self.base,
+            &self.queue,
+            &self.incomplete,
+            &self.invalid,
+            &self.private,
+        ] {
             fs::create_dir_all(dir).ctx("create directory", dir)?;
         }
         Ok(())
@@ -215,6 +242,24 @@ impl Layout {
     /// The folder of failed writes.
     pub fn invalid_dir(&self) -> &Path {
         &self.invalid
+    }
+
+    /// The cache's private folder (`.imgcache/`): nothing of imgcache's
+    /// own is a regular file in the base directory, where Glance's drivers
+    /// would take it for an image.
+    pub fn private_dir(&self) -> &Path {
+        &self.private
+    }
+
+    /// The durability watermark and session mark.
+    pub(crate) fn watermark_file(&self) -> PathBuf {
+        self.private.join(WATERMARK_FILE)
+    }
+
+    /// Where earlier versions kept the watermark file: in the base
+    /// directory, where Glance's drivers took it for an image.
+    pub(crate) fn legacy_watermark_file(&self) -> PathBuf {
+        self.base.join(LEGACY_WATERMARK_FILE)
     }
 
     /// Where `id` lives once cached.
