@@ -94,7 +94,14 @@ fn main() {
     let url = postgres::cluster().expect("cluster").url().to_owned();
     let pg_driver = |dir: &Path| {
         let node = postgres::node_for(dir);
-        Arc::new(CentralizedDbDriver::open(&url, &node).expect("open the store"))
+        Arc::new(
+            CentralizedDbDriver::open_with(
+                &url,
+                &node,
+                imgcache::drivers::centralized_db::Tables::Create,
+            )
+            .expect("open the store"),
+        )
     };
     let root = tempfile::tempdir().expect("tempdir");
     let mut rows: Vec<[String; 5]> = Vec::new();

@@ -89,6 +89,7 @@ pub struct CacheOptions {
     database_url: Option<String>,
     node_url: Option<String>,
     migrate_sqlite: bool,
+    create_tables: bool,
     hard_limit: Option<u64>,
     min_free: Option<MinFree>,
     durability: Durability,
@@ -108,6 +109,7 @@ impl fmt::Debug for CacheOptions {
             .field("database_url", &self.database_url_redacted())
             .field("worker_self_reference_url", &self.node_url)
             .field("migrate_sqlite", &self.migrate_sqlite)
+            .field("create_tables", &self.create_tables)
             .field("hard_limit", &self.hard_limit)
             .field("min_free", &self.min_free)
             .field("durability", &self.durability)
@@ -132,6 +134,7 @@ impl CacheOptions {
             database_url: None,
             node_url: None,
             migrate_sqlite: false,
+            create_tables: false,
             hard_limit: None,
             min_free: None,
             durability: Durability::default(),
@@ -262,6 +265,21 @@ impl CacheOptions {
     pub fn migrate_sqlite(mut self, yes: bool) -> Self {
         self.migrate_sqlite = yes;
         self
+    }
+
+    /// With `centralized_db`, where the database has no Glance cache tables
+    /// (`node_reference`, `cached_images`): create them, as Glance's
+    /// migration would, for a fleet without Glance. Off by default: the
+    /// open is refused with a message naming `glance-manage db_sync`,
+    /// because Glance's own migration stops at tables someone else created.
+    pub fn create_tables(mut self, yes: bool) -> Self {
+        self.create_tables = yes;
+        self
+    }
+
+    /// Whether a missing Glance schema is created ([`CacheOptions::create_tables`]).
+    pub fn creates_tables(&self) -> bool {
+        self.create_tables
     }
 
     /// The database URL, if set (with its password: do not print it; see

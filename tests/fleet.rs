@@ -277,7 +277,9 @@ fn cli_on_a_shared_database() {
         cmd.arg("--dir")
             .arg(dir)
             .args(["--driver", "centralized_db"])
-            .env("IMGCACHE_DATABASE_URL", &url);
+            .env("IMGCACHE_DATABASE_URL", &url)
+            // A fleet without Glance: its tables are made by the first node.
+            .env("IMGCACHE_CREATE_TABLES", "1");
         if let Some(n) = node {
             cmd.args(["--node-url", n]);
         }

@@ -355,8 +355,13 @@ impl ImageCache {
                     .into(),
             )
         })?;
-        Ok(Arc::new(crate::drivers::CentralizedDbDriver::open(
-            url, node,
+        let tables = if options.creates_tables() {
+            crate::drivers::centralized_db::Tables::Create
+        } else {
+            crate::drivers::centralized_db::Tables::Require
+        };
+        Ok(Arc::new(crate::drivers::CentralizedDbDriver::open_with(
+            url, node, tables,
         )?))
     }
 

@@ -21,14 +21,35 @@
 //!     UNIQUE (image_id, node_reference_id));
 //! ```
 //!
-//! imgcache creates them when they are missing (with room for its longer
-//! ids: on a table Glance created, an id over 36 bytes is refused with a
-//! typed error), adds nullable columns that Glance's queries never name
-//! (`crc32 BIGINT`, and `imgcache_checksum TEXT` for checksums longer than
-//! Glance's 32 characters: Glance's `checksum` gets an MD5 only), and keeps
-//! what Glance has no place for in tables of its own: `imgcache_invalid`
-//! (why a write failed) and `imgcache_state` (the queue counter), both
-//! keyed by node.
+//! # Glance's tables are Glance's
+//!
+//! imgcache runs no DDL on Glance's tables: no column, index or constraint
+//! added to them, so no lock that a Glance query would wait behind, and
+//! `glance-manage db_sync` keeps running cleanly after imgcache used the
+//! database. What it keeps beyond Glance's columns lives in tables of its
+//! own, with no foreign key into Glance's (a key takes a lock on the table
+//! it points at):
+//!
+//! - `imgcache_entries (cached_image_id, crc32, checksum)`: an entry's
+//!   CRC-32, and a checksum longer than Glance's 32 characters (Glance's
+//!   `checksum` gets an MD5 only), keyed by `cached_images.id`. A row Glance
+//!   deletes and writes again gets a new id, so what imgcache knew of the
+//!   old one never attaches to it; such leftovers are swept at open.
+//! - `imgcache_invalid` (why a write failed) and `imgcache_state` (the
+//!   queue counter, the durability watermark), keyed by node.
+//!
+//! Where Glance's tables are missing, [`CentralizedDbDriver::open`] refuses
+//! with a message that names what to run: `glance-manage db_sync` where
+//! Glance uses the database (its 2024.1 migration creates them, and stops
+//! at tables someone else created), or, for a fleet without Glance,
+//! [`Tables::Create`] (`--create-tables`), which creates them as Glance's
+//! migration would, with room for imgcache's longer ids. On a table Glance
+//! created, an id over its 36 bytes is refused with a typed error.
+//!
+//! Databases an earlier version of imgcache set up keep the columns it
+//! added to `cached_images` (`crc32`, `imgcache_checksum`) and its index:
+//! their values are copied into `imgcache_entries` once, and nothing is
+//! dropped (that would be DDL on Glance's table too).
 //!
 //! Each node is named by its own URL (Glance's `worker_self_reference_url`);
 //! every query is keyed by it, and a node never reads or writes another
@@ -96,6 +117,21 @@ const POOL_IDLE: usize = 32;
 
 /// The key of the advisory lock under which schemas are created.
 const SCHEMA_LOCK: i64 = 0x696d_6763_6163_6865; // "imgcache"
+
+/// What [`CentralizedDbDriver::open_with`] does where Glance's tables
+/// (`node_reference`, `cached_images`) are missing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Tables {
+    /// Refuse, naming what to run (the default): where Glance uses the
+    /// database, `glance-manage db_sync` must create them, and it stops at
+    /// tables someone else created.
+    #[default]
+    Require,
+    /// Create them as Glance's 2024.1 migration does (with room for ids of
+    /// up to 255 bytes): for a fleet without Glance. Glance's `db_sync`
+    /// cannot run on the database afterwards.
+    Create,
+}
 
 /// The metadata store Glance calls `centralized_db`, on PostgreSQL.
 #[derive(Clone)]
@@ -427,8 +463,12 @@ impl Pool {
 }
 
 /// The columns every query of entries selects, in [`decode`]'s order.
-const COLUMNS: &str =
-    "image_id, size, hits, last_accessed, last_modified, COALESCE(imgcache_checksum, checksum), crc32";
+const COLUMNS: &str = "c.image_id, c.size, c.hits, c.last_accessed, c.last_modified, \
+     COALESCE(e.checksum, c.checksum), e.crc32";
+
+/// Glance's rows with what imgcache keeps of them: `FROM` this, then
+/// `WHERE` on `c`.
+const ENTRIES: &str = "cached_images c LEFT JOIN imgcache_entries e ON e.cached_image_id = c.id";
 
 /// Decodes one row of [`COLUMNS`]; errors say which field is wrong.
 fn decode(row: &postgres::Row) -> std::result::Result<CachedImageInfo, (String, String)> {
@@ -480,8 +520,15 @@ fn identity(on: OnDisk<'_>) -> [i64; 7] {
 impl CentralizedDbDriver {
     /// Connects to the database at `url` (`postgres://user:password@host/db`)
     /// as node `node_url` (Glance's `worker_self_reference_url`), creating
-    /// the tables if they are missing and the node's row if it has none.
+    /// imgcache's own tables if they are missing and the node's row if it
+    /// has none. Glance's tables must be there ([`Tables::Require`]).
     pub fn open(url: &str, node_url: &str) -> Result<Self> {
+        Self::open_with(url, node_url, Tables::Require)
+    }
+
+    /// [`CentralizedDbDriver::open`], with what to do where Glance's
+    /// tables are missing.
+    pub fn open_with(url: &str, node_url: &str, tables: Tables) -> Result<Self> {
         if node_url.is_empty() || node_url.len() > 255 {
             return Err(Error::Config(
                 "the centralized_db driver needs the node's URL (worker_self_reference_url, \
@@ -515,14 +562,30 @@ impl CentralizedDbDriver {
             trips: Arc::default(),
         };
         let node_id = pool.with(|c| {
-            // The schema's DDL takes strong locks even when there is nothing
-            // to create: only when something is missing.
-            let complete: bool = c.query_one(SCHEMA_COMPLETE, &[])?.get(0);
+            let (glance, ours): (bool, bool) = {
+                let r = c.query_one(SCHEMA_PRESENT, &[])?;
+                (r.get(0), r.get(1))
+            };
+            if !glance && tables == Tables::Require {
+                return Ok(Err(()));
+            }
             let mut tx = c.transaction()?;
-            if !complete {
+            // DDL only where something is missing, and never on a table of
+            // Glance's that exists: creating tables of our own takes no
+            // lock that a Glance query waits for.
+            if !glance || !ours {
                 tx.batch_execute("SET LOCAL lock_timeout = '10s'")?;
                 tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
-                tx.batch_execute(SCHEMA)?;
+                if !glance {
+                    tx.batch_execute(GLANCE_TABLES)?;
+                }
+                let fresh: bool = tx
+                    .query_one("SELECT to_regclass('imgcache_entries') IS NULL", &[])?
+                    .get(0);
+                tx.batch_execute(OWN_TABLES)?;
+                if fresh {
+                    copy_legacy_columns(&mut tx)?;
+                }
             }
             tx.execute(
                 "INSERT INTO node_reference (node_reference_url) VALUES ($1)
@@ -543,9 +606,22 @@ impl CentralizedDbDriver {
                     &[],
                 )?
                 .get(0);
+            // What imgcache knew of rows deleted since (by Glance, or by a
+            // process that died between its two statements).
+            tx.execute(SWEEP_ENTRIES, &[])?;
             tx.commit()?;
-            Ok((id, max))
+            Ok(Ok((id, max)))
         })?;
+        let Ok(node_id) = node_id else {
+            return Err(Error::Config(format!(
+                "{} has no Glance cache tables (node_reference, cached_images). Where Glance uses \
+                 this database, run `glance-manage db_sync` first (Glance 2024.1 and later create \
+                 them); for a fleet without Glance, start imgcache with --create-tables \
+                 (IMGCACHE_CREATE_TABLES=1, CacheOptions::create_tables), which creates them as \
+                 Glance would",
+                pool.location
+            )));
+        };
         let (node_id, max_id) = node_id;
         let max_id = max_id
             .and_then(|m| usize::try_from(m).ok())
@@ -610,7 +686,7 @@ impl CentralizedDbDriver {
         let rows = self.with(|c| {
             c.rows(
                 &format!(
-                    "SELECT {COLUMNS} FROM cached_images WHERE node_reference_id = $1 ORDER BY {order}"
+                    "SELECT {COLUMNS} FROM {ENTRIES} WHERE c.node_reference_id = $1 ORDER BY {order}"
                 ),
                 &[&node],
             )
@@ -633,7 +709,7 @@ impl CentralizedDbDriver {
         let row = self.with(|c| {
             c.opt(
                 &format!(
-                    "SELECT {COLUMNS} FROM cached_images WHERE node_reference_id = $1 AND image_id = $2"
+                    "SELECT {COLUMNS} FROM {ENTRIES} WHERE c.node_reference_id = $1 AND c.image_id = $2"
                 ),
                 &[&node, &id.as_str()],
             )
@@ -673,18 +749,16 @@ impl CentralizedDbDriver {
     }
 }
 
-/// Whether every table, column and index of [`SCHEMA`] is there.
-const SCHEMA_COMPLETE: &str = "
-SELECT to_regclass('node_reference') IS NOT NULL
+/// Whether Glance's tables are there, and whether imgcache's own are.
+const SCHEMA_PRESENT: &str = "
+SELECT to_regclass('node_reference') IS NOT NULL AND to_regclass('cached_images') IS NOT NULL,
+       to_regclass('imgcache_entries') IS NOT NULL
    AND to_regclass('imgcache_invalid') IS NOT NULL
-   AND to_regclass('imgcache_state') IS NOT NULL
-   AND to_regclass('imgcache_lru') IS NOT NULL
-   AND (SELECT COUNT(*) FROM information_schema.columns
-        WHERE table_name = 'cached_images' AND table_schema = current_schema()
-          AND column_name IN ('crc32', 'imgcache_checksum')) = 2";
+   AND to_regclass('imgcache_state') IS NOT NULL";
 
-/// The schema, created if missing (Glance's tables, imgcache's additions).
-const SCHEMA: &str = "
+/// Glance's tables as its 2024.1 migration creates them (`image_id` with
+/// room for imgcache's ids): only with [`Tables::Create`].
+const GLANCE_TABLES: &str = "
 CREATE TABLE IF NOT EXISTS node_reference (
     node_reference_id BIGSERIAL PRIMARY KEY,
     node_reference_url VARCHAR(255) NOT NULL,
@@ -701,23 +775,62 @@ CREATE TABLE IF NOT EXISTS cached_images (
     node_reference_id BIGINT NOT NULL REFERENCES node_reference (node_reference_id),
     CONSTRAINT ix_cached_images_image_id_node_reference_id UNIQUE (image_id, node_reference_id)
 );
-ALTER TABLE cached_images ADD COLUMN IF NOT EXISTS crc32 BIGINT;
-ALTER TABLE cached_images ADD COLUMN IF NOT EXISTS imgcache_checksum TEXT;
-CREATE INDEX IF NOT EXISTS imgcache_lru ON cached_images (node_reference_id, last_accessed, image_id);
+";
+
+/// imgcache's own tables: no foreign key into Glance's.
+const OWN_TABLES: &str = "
+CREATE TABLE IF NOT EXISTS imgcache_entries (
+    cached_image_id BIGINT PRIMARY KEY,
+    crc32 BIGINT,
+    checksum TEXT
+);
 CREATE TABLE IF NOT EXISTS imgcache_invalid (
-    node_reference_id BIGINT NOT NULL REFERENCES node_reference (node_reference_id),
+    node_reference_id BIGINT NOT NULL,
     image_id VARCHAR(255) NOT NULL,
     reason TEXT,
     invalidated_at TIMESTAMP,
     PRIMARY KEY (node_reference_id, image_id)
 );
 CREATE TABLE IF NOT EXISTS imgcache_state (
-    node_reference_id BIGINT NOT NULL REFERENCES node_reference (node_reference_id),
+    node_reference_id BIGINT NOT NULL,
     key TEXT NOT NULL,
     value BIGINT NOT NULL,
     PRIMARY KEY (node_reference_id, key)
 );
 ";
+
+/// Drops the `imgcache_entries` rows whose `cached_images` row is gone
+/// (every statement that writes both does so at once, so a row seen
+/// without its partner has lost it for good).
+const SWEEP_ENTRIES: &str = "
+DELETE FROM imgcache_entries e
+WHERE NOT EXISTS (SELECT 1 FROM cached_images c WHERE c.id = e.cached_image_id)";
+
+/// Earlier versions kept the CRC-32 and long checksums in columns they
+/// added to `cached_images`: copied into `imgcache_entries` once, when it
+/// is created (the columns stay: dropping them would be DDL on Glance's
+/// table).
+fn copy_legacy_columns(
+    tx: &mut postgres::Transaction<'_>,
+) -> std::result::Result<(), postgres::Error> {
+    let legacy: i64 = tx
+        .query_one(
+            "SELECT COUNT(*) FROM information_schema.columns
+             WHERE table_name = 'cached_images' AND table_schema = current_schema()
+               AND column_name IN ('crc32', 'imgcache_checksum')",
+            &[],
+        )?
+        .get(0);
+    if legacy == 2 {
+        tx.batch_execute(
+            "INSERT INTO imgcache_entries (cached_image_id, crc32, checksum)
+             SELECT id, crc32, imgcache_checksum FROM cached_images
+             WHERE crc32 IS NOT NULL OR imgcache_checksum IS NOT NULL
+             ON CONFLICT (cached_image_id) DO NOTHING",
+        )?;
+    }
+    Ok(())
+}
 
 impl Inner {
     /// Writes the hits held in memory, in one statement. On failure they
@@ -945,15 +1058,21 @@ impl CacheDriver for CentralizedDbDriver {
         let hits = i32::try_from(entry.hits).unwrap_or(i32::MAX);
         let crc = entry.crc32.map(i64::from);
         self.with(|c| {
+            // Glance's row and imgcache's in one statement (one round
+            // trip, one transaction).
             c.exec(
-                "INSERT INTO cached_images
-                 (image_id, last_accessed, last_modified, size, hits, checksum, node_reference_id,
-                  crc32, imgcache_checksum)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-                 ON CONFLICT (image_id, node_reference_id) DO UPDATE SET
-                 last_accessed = EXCLUDED.last_accessed, last_modified = EXCLUDED.last_modified,
-                 size = EXCLUDED.size, hits = EXCLUDED.hits, checksum = EXCLUDED.checksum,
-                 crc32 = EXCLUDED.crc32, imgcache_checksum = EXCLUDED.imgcache_checksum",
+                "WITH c AS (
+                   INSERT INTO cached_images
+                   (image_id, last_accessed, last_modified, size, hits, checksum, node_reference_id)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)
+                   ON CONFLICT (image_id, node_reference_id) DO UPDATE SET
+                   last_accessed = EXCLUDED.last_accessed, last_modified = EXCLUDED.last_modified,
+                   size = EXCLUDED.size, hits = EXCLUDED.hits, checksum = EXCLUDED.checksum
+                   RETURNING id)
+                 INSERT INTO imgcache_entries (cached_image_id, crc32, checksum)
+                 SELECT id, $8, $9 FROM c
+                 ON CONFLICT (cached_image_id) DO UPDATE SET
+                 crc32 = EXCLUDED.crc32, checksum = EXCLUDED.checksum",
                 &[
                     &entry.id.as_str(),
                     &entry.last_accessed,
@@ -977,11 +1096,16 @@ impl CacheDriver for CentralizedDbDriver {
         self.inner.forget(ids);
         let node = self.inner.node_id;
         let names: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
-        let n = self.with(|c| {
-            c.exec(
-                "DELETE FROM cached_images WHERE node_reference_id = $1 AND image_id = ANY($2)",
+        let n: i64 = self.with(|c| {
+            c.one(
+                "WITH c AS (
+                   DELETE FROM cached_images WHERE node_reference_id = $1 AND image_id = ANY($2)
+                   RETURNING id),
+                 e AS (DELETE FROM imgcache_entries WHERE cached_image_id IN (SELECT id FROM c))
+                 SELECT COUNT(*) FROM c",
                 &[&node, &names],
             )
+            .map(|r| r.get(0))
         })?;
         Ok(n as usize)
     }
@@ -1022,7 +1146,10 @@ impl CacheDriver for CentralizedDbDriver {
                 .collect();
             let gone_names: Vec<&str> = gone.iter().map(|i| i.as_str()).collect();
             tx.execute(
-                "DELETE FROM cached_images WHERE node_reference_id = $1 AND image_id = ANY($2)",
+                "WITH c AS (
+                   DELETE FROM cached_images WHERE node_reference_id = $1 AND image_id = ANY($2)
+                   RETURNING id)
+                 DELETE FROM imgcache_entries WHERE cached_image_id IN (SELECT id FROM c)",
                 &[&node, &gone_names],
             )?;
             tx.commit()?;
@@ -1037,7 +1164,9 @@ impl CacheDriver for CentralizedDbDriver {
         let node = self.inner.node_id;
         self.with(|c| {
             c.exec(
-                "UPDATE cached_images SET crc32 = $3 WHERE node_reference_id = $1 AND image_id = $2",
+                "INSERT INTO imgcache_entries (cached_image_id, crc32)
+                 SELECT id, $3 FROM cached_images WHERE node_reference_id = $1 AND image_id = $2
+                 ON CONFLICT (cached_image_id) DO UPDATE SET crc32 = EXCLUDED.crc32",
                 &[&node, &id.as_str(), &i64::from(crc32)],
             )
         })?;
@@ -1045,12 +1174,12 @@ impl CacheDriver for CentralizedDbDriver {
     }
 
     fn list(&self, _files: &dyn CachedFiles) -> Result<Vec<CachedImageInfo>> {
-        self.rows("image_id")
+        self.rows("c.image_id")
     }
 
     fn lru(&self, _files: &dyn CachedFiles) -> Result<Vec<LruEntry>> {
         Ok(self
-            .rows("last_accessed, image_id")?
+            .rows("c.last_accessed, c.image_id")?
             .into_iter()
             .map(LruEntry::from)
             .collect())
@@ -1074,7 +1203,7 @@ impl CacheDriver for CentralizedDbDriver {
         let node = self.inner.node_id;
         let rows = self.with(|c| {
             c.rows(
-                &format!("SELECT {COLUMNS}, id FROM cached_images WHERE node_reference_id = $1"),
+                &format!("SELECT {COLUMNS}, c.id FROM {ENTRIES} WHERE c.node_reference_id = $1"),
                 &[&node],
             )
         })?;
@@ -1098,7 +1227,10 @@ impl CacheDriver for CentralizedDbDriver {
         if !unusable.is_empty() {
             self.with(|c| {
                 c.exec(
-                    "DELETE FROM cached_images WHERE node_reference_id = $1 AND id = ANY($2)",
+                    "WITH c AS (
+                       DELETE FROM cached_images WHERE node_reference_id = $1 AND id = ANY($2)
+                       RETURNING id)
+                     DELETE FROM imgcache_entries WHERE cached_image_id IN (SELECT id FROM c)",
                     &[&node, &unusable],
                 )
             })?;
@@ -1281,7 +1413,7 @@ impl CacheDriver for CentralizedDbDriver {
         let rows = self.with(|c| {
             c.rows(
                 &format!(
-                    "SELECT {COLUMNS}, n.node_reference_url FROM cached_images c
+                    "SELECT {COLUMNS}, n.node_reference_url FROM {ENTRIES}
                      JOIN node_reference n ON n.node_reference_id = c.node_reference_id
                      ORDER BY n.node_reference_url, c.image_id"
                 ),
@@ -1330,15 +1462,20 @@ impl CacheDriver for CentralizedDbDriver {
             let mut tx = c.transaction()?;
             tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&(SCHEMA_LOCK as i32), &(node as i32)])?;
             tx.execute(
-                "INSERT INTO cached_images
-                 (image_id, size, hits, last_accessed, last_modified, checksum, crc32,
-                  imgcache_checksum, node_reference_id)
-                 SELECT v.image_id, v.size, v.hits, v.accessed, v.modified, v.checksum, v.crc32,
-                        v.long, $1
-                 FROM UNNEST($2::text[], $3::bigint[], $4::int[], $5::timestamp[], $6::timestamp[],
-                             $7::text[], $8::bigint[], $9::text[])
-                   AS v(image_id, size, hits, accessed, modified, checksum, crc32, long)
-                 ON CONFLICT (image_id, node_reference_id) DO NOTHING",
+                "WITH v AS (
+                   SELECT * FROM UNNEST($2::text[], $3::bigint[], $4::int[], $5::timestamp[],
+                                        $6::timestamp[], $7::text[], $8::bigint[], $9::text[])
+                     AS v(image_id, size, hits, accessed, modified, checksum, crc32, long)),
+                 c AS (
+                   INSERT INTO cached_images
+                   (image_id, size, hits, last_accessed, last_modified, checksum, node_reference_id)
+                   SELECT v.image_id, v.size, v.hits, v.accessed, v.modified, v.checksum, $1 FROM v
+                   ON CONFLICT (image_id, node_reference_id) DO NOTHING
+                   RETURNING id, image_id)
+                 INSERT INTO imgcache_entries (cached_image_id, crc32, checksum)
+                 SELECT c.id, v.crc32, v.long FROM c JOIN v ON v.image_id = c.image_id
+                 WHERE v.crc32 IS NOT NULL OR v.long IS NOT NULL
+                 ON CONFLICT (cached_image_id) DO NOTHING",
                 &[&node, &ids, &sizes, &hits, &accessed, &modified, &checksums, &crcs, &long],
             )?;
             let rows = tx.query(

@@ -90,8 +90,12 @@ impl Store {
                 Some(n) => n.to_owned(),
                 None => postgres::node_for(o.image_cache_dir()),
             };
-            Ok(Arc::new(crate::drivers::CentralizedDbDriver::open(
-                &url, &node,
+            // The tests' database holds no Glance: the store makes its
+            // tables, as a fleet without Glance does.
+            Ok(Arc::new(crate::drivers::CentralizedDbDriver::open_with(
+                &url,
+                &node,
+                crate::drivers::centralized_db::Tables::Create,
             )?))
         },
     };

@@ -62,6 +62,14 @@ pub struct Settings {
     #[arg(long, global = true)]
     pub migrate_sqlite: bool,
 
+    /// With centralized_db, on a database without Glance's cache tables:
+    /// create them (a fleet without Glance). Without it imgcache refuses,
+    /// because Glance's `glance-manage db_sync` stops at tables someone
+    /// else created: where Glance uses the database, run db_sync first.
+    #[arg(long, env = "IMGCACHE_CREATE_TABLES", global = true,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub create_tables: bool,
+
     /// The SQLite database, relative to the cache directory
     /// (image_cache_sqlite_db). Default cache.db.
     #[arg(long, env = "IMGCACHE_SQLITE_DB", global = true, value_name = "FILE")]
@@ -218,7 +226,9 @@ impl Settings {
                 DurabilityArg::Immediate => imgcache::Durability::Immediate,
             });
         }
-        Ok(options.migrate_sqlite(self.migrate_sqlite))
+        Ok(options
+            .migrate_sqlite(self.migrate_sqlite)
+            .create_tables(self.create_tables))
     }
 }
 
