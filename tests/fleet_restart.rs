@@ -19,11 +19,15 @@ use imgcache::{CacheOptions, Error, StoreErrorKind};
 /// writers run: no read of a cached image fails, no hit is lost (they wait
 /// in memory), fills during the outage fail with a typed error and leave no
 /// file behind, and the cache reopens clean.
+/// The tests of this binary stop the one server they share: one at a time.
+static SERVER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn database_restart_under_load_fails_no_hit_and_orphans_nothing() {
     let Some(store) = Store::centralized_db() else {
         return;
     };
+    let _one = SERVER.lock().unwrap_or_else(|e| e.into_inner());
     let server = cluster().unwrap();
     if !server.controlled() {
         eprintln!(
@@ -169,8 +173,118 @@ fn database_restart_under_load_fails_no_hit_and_orphans_nothing() {
         .unwrap()
         .map(|e| e.unwrap())
         .filter(|e| e.file_type().unwrap().is_file())
-        // The cache's own files (the watermark file) are no images.
-        .filter(|e| !e.file_name().to_string_lossy().starts_with(".imgcache"))
         .count();
     assert_eq!(files, again.cached_images().unwrap().len());
+}
+
+/// `imgcache serve`'s data path with the database stopped: a hit is served,
+/// and so is a miss (admission sizes the files instead of asking the
+/// store, and a fill whose row cannot be written still gives its clients
+/// every byte, verified), uncached. A prefetcher is told it was not
+/// cached, so the image stays queued. Once the server is back, misses are
+/// cached again.
+#[test]
+fn a_store_outage_fails_no_request_the_origin_answers() {
+    use imgcache::origin::DirOrigin;
+    use imgcache::serve::{ImageService, ServeOptions, Server};
+    use imgcache::Fetched;
+    let Some(store) = Store::centralized_db() else {
+        return;
+    };
+    let server = cluster().unwrap();
+    if !server.controlled() {
+        eprintln!("skipped: the server given by IMGCACHE_TEST_DATABASE_URL cannot be stopped here");
+        return;
+    }
+    let _one = SERVER.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let origin_dir = tempfile::tempdir().unwrap();
+    let images: Vec<(String, Vec<u8>)> = ["hot", "cold-1", "cold-2", "cold-3"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| (name.to_string(), bytes(40 + i as u64, 300_000 + i * 1000)))
+        .collect();
+    for (name, data) in &images {
+        std::fs::write(origin_dir.path().join(name), data).unwrap();
+    }
+    let body = |name: &str| images.iter().find(|(n, _)| n == name).unwrap().1.clone();
+    let cache = Arc::new(store.open(CacheOptions::new(dir.path())).unwrap());
+    let origin = Arc::new(DirOrigin::new(origin_dir.path()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let base = rt.block_on(async {
+        let service = ImageService::new(
+            cache.clone(),
+            origin.clone(),
+            ServeOptions::default().public(true),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(Server::new(listener, service).run());
+        format!("http://{addr}/v2/images")
+    });
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let get = |name: &str| {
+        let (client, url) = (client.clone(), format!("{base}/{name}/file"));
+        rt.block_on(async move {
+            let r = client.get(url).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.bytes().await.unwrap_or_default().to_vec())
+        })
+    };
+    assert_eq!(get("hot"), (200, body("hot")));
+    assert!(cache.cached_image(&id("hot")).unwrap().is_some());
+
+    server.stop();
+    // A hit, and a miss: both served, byte-exact.
+    assert_eq!(get("hot"), (200, body("hot")));
+    let (status, got) = get("cold-1");
+    assert_eq!(
+        status,
+        200,
+        "a miss during the outage: {}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(got == body("cold-1"), "the miss's bytes differ");
+    // Admission goes by the files while the store is down.
+    assert!(cache
+        .make_room(&id("cold-9"), Some(1000))
+        .unwrap()
+        .removed
+        .is_empty());
+    // A caller that wants it cached (a prefetcher) hears it was not.
+    let open_origin = origin.clone();
+    let fetched = cache
+        .fetch_detached(&id("cold-2"), move || {
+            use imgcache::origin::Origin;
+            open_origin.open(&id("cold-2"))
+        })
+        .unwrap();
+    match fetched {
+        Fetched::Following(follower) => {
+            let err = follower.wait_committed().unwrap_err();
+            assert!(err.to_string().contains("not cached"), "{err}");
+        }
+        Fetched::Uncached(_) => {}
+        Fetched::Cached(_) => panic!("cold-2 cached while the database is down"),
+    }
+    // Nothing was left in place that no row describes.
+    for name in ["cold-1", "cold-2"] {
+        assert!(!dir.path().join(name).exists(), "{name} left in place");
+    }
+
+    server.start();
+    assert_eq!(get("cold-3"), (200, body("cold-3")));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cache.cached_image(&id("cold-3")).ok().flatten().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "cold-3 not cached after the restart"
+        );
+        std::thread::yield_now();
+    }
+    drop(rt);
 }

@@ -77,6 +77,11 @@ struct FillState {
     written: u64,
     /// `Ok(size)` once committed; `Err(..)` once failed.
     outcome: Option<Result<u64, Failure>>,
+    /// Why a fill whose bytes are whole and checked was not cached (its
+    /// metadata could not be recorded): its followers get every byte, a
+    /// caller that wants it cached ([`FollowReader::wait_committed`]) an
+    /// error.
+    uncached: Option<String>,
     /// Async followers waiting for any of the above to change.
     wakers: Vec<Waker>,
 }
@@ -153,6 +158,19 @@ impl Fill {
                     reason,
                     kind: FailureKind::Other,
                 }))
+            }
+        });
+    }
+
+    /// Publishes the end of a fill whose `size` bytes are whole and checked
+    /// (size, checksum) but could not be cached: the metadata store is
+    /// down. Its followers are served to the end (the bytes are the
+    /// origin's, verified); nothing is cached.
+    pub(crate) fn finish_uncached(&self, size: u64, reason: String) {
+        self.update(|s| {
+            if s.outcome.is_none() {
+                s.outcome = Some(Ok(size));
+                s.uncached = Some(reason);
             }
         });
     }
@@ -271,10 +289,16 @@ impl Fill {
     fn wait_committed(&self) -> Result<u64> {
         let mut state = self.state.lock();
         loop {
-            match &state.outcome {
-                Some(Ok(size)) => return Ok(*size),
-                Some(Err(failure)) => return Err(failure.error(&self.id)),
-                None => self.changed.wait(&mut state),
+            match (&state.outcome, &state.uncached) {
+                (Some(Ok(_)), Some(why)) => {
+                    return Err(Error::FillFailed {
+                        id: self.id.clone(),
+                        reason: format!("served, but not cached: {why}"),
+                    })
+                }
+                (Some(Ok(size)), None) => return Ok(*size),
+                (Some(Err(failure)), _) => return Err(failure.error(&self.id)),
+                (None, _) => self.changed.wait(&mut state),
             }
         }
     }
@@ -480,7 +504,9 @@ impl FollowReader {
     }
 
     /// Blocks until the fill has committed (its size) or failed. For a
-    /// caller that wants the image cached, not its bytes (a prefetcher).
+    /// caller that wants the image cached, not its bytes (a prefetcher): a
+    /// fill whose bytes were served whole but could not be recorded (the
+    /// metadata store down) is an [`Error::FillFailed`] here.
     pub fn wait_committed(&self) -> Result<u64> {
         self.fill.wait_committed()
     }

@@ -1474,7 +1474,19 @@ impl ImageCache {
         let _one = self.admission.lock();
         let need = size.unwrap_or(0);
         let reserved = self.fills.reserved(id);
-        let cache = self.cache_size()?;
+        // The metadata store down never fails a fill the origin answers:
+        // the cache's size is then the files' own, and `max_size` (the
+        // pruner's limit) waits for the store to come back.
+        let mut store_down = false;
+        let cache = match self.cache_size() {
+            Ok(n) => n,
+            Err(e @ Error::Store(_)) => {
+                log::warn!("imgcache: {id}: admission without the store ({e}): sizing the files");
+                store_down = true;
+                self.files_size()?
+            }
+            Err(e) => return Err(e),
+        };
         let wanted = need.saturating_add(reserved);
         // The committed bytes the fill leaves room for.
         let mut target = self.options.image_cache_max_size().saturating_sub(wanted);
@@ -1507,14 +1519,39 @@ impl ImageCache {
         if let Some(fill) = self.fills.with(|map| map.get(id).cloned()) {
             fill.reserve(size);
         }
+        let kept = PruneReport {
+            removed: Vec::new(),
+            bytes: 0,
+            remaining: cache,
+        };
         if cache <= target {
-            return Ok(PruneReport {
-                removed: Vec::new(),
-                bytes: 0,
-                remaining: cache,
+            return Ok(kept);
+        }
+        if store_down {
+            // Nothing can be evicted without the store (the LRU order is
+            // in it). Over `max_size` alone the fill goes on; over a hard
+            // limit or the free space kept it is refused, and passed
+            // through.
+            if hard.is_none() && min_free.is_none() {
+                return Ok(kept);
+            }
+            return Err(Error::NoRoom {
+                id: id.clone(),
+                detail: "the metadata store is down: nothing can be evicted to make room".into(),
             });
         }
         self.prune_to(target)
+    }
+
+    /// The bytes of the cached files, summed from the file system (what
+    /// admission goes by while the store is down).
+    fn files_size(&self) -> Result<u64> {
+        Ok(self
+            .layout
+            .list(self.layout.base())?
+            .iter()
+            .map(|(_, meta)| meta.len())
+            .sum())
     }
 
     /// Caches `id` from `source`: `Ok(true)` if it was cached now, `Ok(false)`

@@ -218,6 +218,16 @@ impl<R: Read + Send + 'static> TeeReader<R> {
                     fills.note_commit(info.size);
                     fill.finish(Ok(info.size));
                 }
+                // Only the metadata could not be recorded: the bytes are
+                // whole and checked (size, checksum), so the followers get
+                // them all; nothing is cached. A store outage never fails
+                // a request the origin answered.
+                Err(e @ Error::Store(_)) => {
+                    let reason = format!("commit failed: {e}");
+                    log::warn!("imgcache: {}: {reason}; served uncached", self.id);
+                    self.stats.cache_error = Some(reason.clone());
+                    fill.finish_uncached(self.stats.bytes, reason);
+                }
                 Err(e) => {
                     let reason = format!("commit failed: {e}");
                     log::warn!("imgcache: {}: {reason}", self.id);
