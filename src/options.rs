@@ -90,6 +90,7 @@ pub struct CacheOptions {
     node_url: Option<String>,
     migrate_sqlite: bool,
     create_tables: bool,
+    read_only: bool,
     hard_limit: Option<u64>,
     min_free: Option<MinFree>,
     durability: Durability,
@@ -110,6 +111,7 @@ impl fmt::Debug for CacheOptions {
             .field("worker_self_reference_url", &self.node_url)
             .field("migrate_sqlite", &self.migrate_sqlite)
             .field("create_tables", &self.create_tables)
+            .field("read_only", &self.read_only)
             .field("hard_limit", &self.hard_limit)
             .field("min_free", &self.min_free)
             .field("durability", &self.durability)
@@ -135,6 +137,7 @@ impl CacheOptions {
             node_url: None,
             migrate_sqlite: false,
             create_tables: false,
+            read_only: false,
             hard_limit: None,
             min_free: None,
             durability: Durability::default(),
@@ -275,6 +278,22 @@ impl CacheOptions {
     pub fn create_tables(mut self, yes: bool) -> Self {
         self.create_tables = yes;
         self
+    }
+
+    /// Opens the cache for inspection by a user who may read it but not
+    /// write it (a monitoring account): nothing is created, recovered,
+    /// quarantined or recorded (no session mark, no checkpoint, no hit
+    /// counts; a SQLite database is opened read-only, as Glance wrote it).
+    /// Listing, sizes, the queue, the invalid files and `verify` work;
+    /// anything that writes fails with a typed error.
+    pub fn read_only(mut self, yes: bool) -> Self {
+        self.read_only = yes;
+        self
+    }
+
+    /// Whether the cache is opened for reading only ([`CacheOptions::read_only`]).
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     /// Whether a missing Glance schema is created ([`CacheOptions::create_tables`]).

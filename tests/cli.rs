@@ -587,3 +587,152 @@ fn the_configured_database_is_never_an_image() {
     assert!(c.join("meta.sqlite").is_file(), "the database was deleted");
     ok(c, &["--sqlite-db", "meta.sqlite", "stats"]);
 }
+
+/// `imgcache` as a user who may read the cache but not write it (a
+/// monitoring account: here `nobody`, through `setpriv`, as root). On a
+/// directory Glance's sqlite driver wrote (no imgcache columns or tables)
+/// and on one imgcache wrote (a WAL database, with nothing open on it):
+/// list-cached, stats and verify answer, say on stderr what they could not
+/// do, and change nothing.
+#[test]
+fn the_commands_that_read_work_on_a_directory_they_cannot_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let is_root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    if !is_root || Command::new("setpriv").arg("--version").output().is_err() {
+        assert!(std::env::var_os("IMGCACHE_REQUIRE_MOUNTS").is_none());
+        eprintln!("skipped: needs root and setpriv");
+        return;
+    }
+    let as_nobody = |dir: &Path, args: &[&str]| -> Out {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_imgcache"))
+            .arg("--dir")
+            .arg(dir)
+            .args(args)
+            .env_remove("IMGCACHE_DRIVER")
+            .env_remove("IMGCACHE_DIR")
+            .output()
+            .unwrap();
+        Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    let snapshot = |dir: &Path| -> Vec<(String, u64)> {
+        let mut all = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let e = e.unwrap();
+                let meta = e.metadata().unwrap();
+                if meta.is_dir() {
+                    stack.push(e.path());
+                }
+                all.push((e.path().display().to_string(), meta.len()));
+            }
+        }
+        all.sort();
+        all
+    };
+    let outer = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(outer.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    // Glance's own sqlite layout, as its driver writes it.
+    let glance = outer.path().join("glance");
+    for sub in ["queue", "incomplete", "invalid"] {
+        std::fs::create_dir_all(glance.join(sub)).unwrap();
+    }
+    let db = rusqlite::Connection::open(glance.join("cache.db")).unwrap();
+    db.execute_batch(
+        "CREATE TABLE cached_images (image_id TEXT PRIMARY KEY, last_accessed REAL DEFAULT 0.0,
+             last_modified REAL DEFAULT 0.0, size INTEGER DEFAULT 0, hits INTEGER DEFAULT 0,
+             checksum TEXT);
+         INSERT INTO cached_images VALUES ('aaaa', 1700000100.0, 1700000000.0, 11, 3, NULL);",
+    )
+    .unwrap();
+    drop(db);
+    std::fs::write(glance.join("aaaa"), b"first image").unwrap();
+    std::fs::File::create(glance.join("queue/bbbb")).unwrap();
+
+    // One imgcache wrote (and closed).
+    let ours = outer.path().join("ours");
+    let (src, images) = origin(&["cirros"]);
+    ok(
+        &ours,
+        &[
+            "fetch",
+            "cirros",
+            "--origin",
+            src.path().to_str().unwrap(),
+            "-o",
+            "/dev/null",
+        ],
+    );
+
+    for dir in [&glance, &ours] {
+        // Readable by all, writable by its owner (root) only.
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let e = e.unwrap();
+                let mode = if e.metadata().unwrap().is_dir() {
+                    0o755
+                } else {
+                    0o644
+                };
+                std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+                if mode == 0o755 {
+                    stack.push(e.path());
+                }
+            }
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let before = snapshot(dir);
+        let listed = as_nobody(dir, &["--json", "list-cached"]);
+        assert_eq!(listed.code, 0, "{}{}", listed.stdout, listed.stderr);
+        assert!(listed.stderr.contains("read-only"), "{}", listed.stderr);
+        let rows: serde_json::Value = serde_json::from_str(&listed.stdout).unwrap();
+        let stats = as_nobody(dir, &["--json", "stats"]);
+        assert_eq!(stats.code, 0, "{}{}", stats.stdout, stats.stderr);
+        let stats: serde_json::Value = serde_json::from_str(&stats.stdout).unwrap();
+        let verified = as_nobody(dir, &["verify"]);
+        assert_eq!(verified.code, 0, "{}{}", verified.stdout, verified.stderr);
+        assert!(
+            verified.stderr.contains("not moved aside"),
+            "{}",
+            verified.stderr
+        );
+        if dir == &glance {
+            assert_eq!(rows[0]["id"], "aaaa", "{rows}");
+            assert_eq!(rows[0]["hits"], 3, "{rows}");
+            assert_eq!(stats["entries"], 1, "{stats}");
+            assert_eq!(stats["queued"], 1, "{stats}");
+            assert!(
+                verified.stdout.contains("unverified aaaa"),
+                "{}",
+                verified.stdout
+            );
+        } else {
+            assert_eq!(rows[0]["id"], "cirros", "{rows}");
+            assert_eq!(stats["bytes"], images["cirros"].len() as u64, "{stats}");
+            assert!(
+                verified.stdout.contains("intact     cirros"),
+                "{}",
+                verified.stdout
+            );
+        }
+        assert_eq!(
+            snapshot(dir),
+            before,
+            "a read-only inspection changed {}",
+            dir.display()
+        );
+        // A command that writes is refused by the file system, not hidden.
+        let queued = as_nobody(dir, &["queue-image", "cccc"]);
+        assert_ne!(queued.code, 0, "{}", queued.stdout);
+    }
+}

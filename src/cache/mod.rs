@@ -312,12 +312,25 @@ impl ImageCache {
     /// one is in use).
     pub fn open(options: CacheOptions) -> Result<Self> {
         let layout = Self::layout_for(&options)?;
+        let read_only = options.is_read_only();
         let sqlite = || -> Result<Arc<dyn CacheDriver>> {
-            Ok(Arc::new(SqliteDriver::open(&options.sqlite_db_path())?))
+            let db = options.sqlite_db_path();
+            Ok(Arc::new(if read_only {
+                SqliteDriver::open_read_only(&db)?
+            } else {
+                SqliteDriver::open(&db)?
+            }))
+        };
+        let xattr = |dir: &std::path::Path| {
+            if read_only {
+                XattrDriver::open_read_only(dir)
+            } else {
+                XattrDriver::open(dir)
+            }
         };
         let (store, kind) = match options.image_cache_driver() {
             DriverKind::Sqlite => (sqlite()?, DriverKind::Sqlite),
-            DriverKind::Xattr => match XattrDriver::open(layout.base()) {
+            DriverKind::Xattr => match xattr(layout.base()) {
                 Ok(d) => (Arc::new(d) as Arc<dyn CacheDriver>, DriverKind::Xattr),
                 Err(e @ Error::XattrUnsupported { .. }) if options.falls_back_to_sqlite() => {
                     log::warn!("imgcache: {e}; falling back to the sqlite driver as configured");
@@ -422,7 +435,18 @@ impl ImageCache {
     /// turns the database into an image.
     fn layout_for(options: &CacheOptions) -> Result<Layout> {
         let layout = Layout::new(options.image_cache_dir(), Some(&options.sqlite_db_path()));
-        layout.create()?;
+        if options.is_read_only() {
+            let base = layout.base();
+            if !base.is_dir() {
+                return Err(Error::io(
+                    "open",
+                    base,
+                    io::Error::from(io::ErrorKind::NotFound),
+                ));
+            }
+        } else {
+            layout.create()?;
+        }
         Ok(layout)
     }
 
@@ -435,7 +459,7 @@ impl ImageCache {
         // Glance's order: the migration first, before anything else (the
         // recovery walk would adopt the files without their rows' hits).
         let mut migration = None;
-        if options.migrates_sqlite() {
+        if options.migrates_sqlite() && !options.is_read_only() {
             let db = options.sqlite_db_path();
             if db.exists() {
                 let report = migrate_into(&*store, &db)?;
@@ -467,6 +491,12 @@ impl ImageCache {
             durable,
             checkpointer: None,
         };
+        if cache.options.is_read_only() {
+            // Inspection only: what recovery would mend stays as it is (the
+            // next process that may write mends it), and nothing is
+            // checkpointed.
+            return Ok(cache);
+        }
         let unclean = cache.durable.keeps_watermark() && cache.durable.session_start()?;
         cache.recovery = cache.recover(unclean)?;
         cache.durable.session_joined()?;
@@ -850,6 +880,13 @@ impl ImageCache {
     /// drops its entry; `false` if its file was not there (its entry goes
     /// all the same).
     pub(crate) fn quarantine(&self, key: Admitted<'_>, reason: &str) -> Result<bool> {
+        if self.options.is_read_only() {
+            log::warn!(
+                "imgcache: {}: {reason} (left in place: opened read-only)",
+                key.id()
+            );
+            return Ok(false);
+        }
         let ids = std::slice::from_ref(key.id());
         let Some((file, _, meta)) = self.layout.open_cached(key)? else {
             self.store.remove(ids)?;

@@ -59,6 +59,10 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The columns every query of ours selects, in [`decode_row`]'s order.
 const COLUMNS: &str = "image_id, size, hits, last_accessed, last_modified, checksum, crc32";
 
+/// [`COLUMNS`] on a database of Glance's that imgcache never upgraded
+/// (opened read-only): no CRC-32.
+const GLANCE_COLUMNS: &str = "image_id, size, hits, last_accessed, last_modified, checksum, NULL";
+
 /// The metadata driver Glance calls `sqlite`.
 #[derive(Clone)]
 pub struct SqliteDriver {
@@ -67,6 +71,12 @@ pub struct SqliteDriver {
 
 struct Inner {
     db_path: PathBuf,
+    /// What the queries of entries select ([`COLUMNS`], or
+    /// [`GLANCE_COLUMNS`] on a database opened read-only without them).
+    columns: &'static str,
+    /// Whether imgcache's own tables are there (not on a Glance database
+    /// opened read-only).
+    own_tables: bool,
     conn: Arc<Mutex<Connection>>,
     checkpointer: Checkpointer,
     hits: Mutex<PendingHits>,
@@ -116,6 +126,31 @@ impl SqliteDriver {
         Ok(SqliteDriver {
             inner: Arc::new(Inner {
                 db_path: db_path.to_path_buf(),
+                columns: COLUMNS,
+                own_tables: true,
+                conn,
+                checkpointer,
+                hits: Mutex::default(),
+            }),
+        })
+    }
+
+    /// Opens the database at `db_path` for reading only, for a user who
+    /// may read the cache but not write it (a monitoring account): nothing
+    /// is created, upgraded or set, a database Glance wrote is read as it
+    /// is (no CRC-32s), and anything that writes fails with a typed error
+    /// ([`crate::StoreErrorKind::Unavailable`]). Where the database is in
+    /// WAL mode, no process has it open (no `-shm` file) and its folder
+    /// cannot be written, it is read as an immutable file.
+    pub fn open_read_only(db_path: &Path) -> Result<Self> {
+        let (conn, columns, own_tables) = open_db_read_only(db_path).map_err(classify)?;
+        let conn = Arc::new(Mutex::new(conn));
+        let checkpointer = Checkpointer::spawn(db_path, Arc::downgrade(&conn))?;
+        Ok(SqliteDriver {
+            inner: Arc::new(Inner {
+                db_path: db_path.to_path_buf(),
+                columns,
+                own_tables,
                 conn,
                 checkpointer,
                 hits: Mutex::default(),
@@ -248,6 +283,98 @@ fn connect(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)
         .map_err(err)?;
     Ok(conn)
+}
+
+/// Opens the database read-only and tells what it holds: the columns to
+/// select, and whether imgcache's own tables are there.
+fn open_db_read_only(path: &Path) -> Result<(Connection, &'static str, bool)> {
+    use rusqlite::OpenFlags;
+    let err = |e| sqlite_error(path, e);
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_URI;
+    let probe = |conn: Connection| -> rusqlite::Result<(Connection, Vec<String>, bool)> {
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let columns = {
+            let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('cached_images')")?;
+            let names = stmt
+                .query_map([], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            names
+        };
+        let own: bool = conn.query_row(
+            "SELECT COUNT(*) = 2 FROM sqlite_master
+             WHERE type = 'table' AND name IN ('imgcache_invalid', 'imgcache_state')",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok((conn, columns, own))
+    };
+    if !path.is_file() {
+        return Err(Error::io(
+            "open",
+            path,
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ));
+    }
+    let opened = Connection::open_with_flags(path, flags).and_then(probe);
+    let (conn, columns, own) = match opened {
+        Ok(x) => x,
+        // A WAL database no process has open, in a folder this user cannot
+        // write: SQLite cannot make the `-shm` file it reads through. With
+        // no writer (there is no `-shm`), the file alone is the database.
+        Err(e)
+            if matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::CannotOpen | rusqlite::ErrorCode::ReadOnly)
+            ) && !wal_index_exists(path) =>
+        {
+            let uri = format!("file:{}?immutable=1", uri_path(path));
+            log::info!(
+                "imgcache: {} read as an immutable file (its -shm cannot be made here)",
+                path.display()
+            );
+            Connection::open_with_flags(uri, flags)
+                .and_then(probe)
+                .map_err(err)?
+        }
+        Err(e) => return Err(err(e)),
+    };
+    if columns.is_empty() {
+        return Err(Error::BadDatabase {
+            path: path.to_path_buf(),
+            detail: "it has no table cached_images".into(),
+        });
+    }
+    let select = if columns.iter().any(|c| c == "crc32") {
+        COLUMNS
+    } else {
+        GLANCE_COLUMNS
+    };
+    Ok((conn, select, own))
+}
+
+/// Whether the database's WAL index (`-shm`) exists: some process has it
+/// open (or had, until a crash), so it is not read as an immutable file.
+fn wal_index_exists(db: &Path) -> bool {
+    let mut shm = db.as_os_str().to_owned();
+    shm.push("-shm");
+    Path::new(&shm).exists()
+}
+
+/// `path` as the path of a SQLite URI: the characters a URI gives a
+/// meaning to are escaped.
+fn uri_path(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for &b in path.as_os_str().as_bytes() {
+        match b {
+            b'%' | b'?' | b'#' => out.push_str(&format!("%{b:02X}")),
+            b if b.is_ascii_graphic() || b == b' ' => out.push(b as char),
+            b => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
 }
 
 /// Opens the database, sets it up for sharing, and creates or upgrades the
@@ -416,7 +543,8 @@ impl SqliteDriver {
     fn row(&self, id: &ImageId) -> Result<Option<CachedImageInfo>> {
         let row = self.with_conn(|c| {
             c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM cached_images WHERE image_id = ?1"
+                "SELECT {} FROM cached_images WHERE image_id = ?1",
+                self.inner.columns
             ))?
             .query_row([id.as_str()], decode_row)
             .optional()
@@ -446,7 +574,8 @@ impl SqliteDriver {
         self.inner.flush_hits()?;
         let rows = self.with_conn(|c| {
             c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM cached_images ORDER BY {order}"
+                "SELECT {} FROM cached_images ORDER BY {order}",
+                self.inner.columns
             ))?
             .query_map([], decode_row)?
             .collect::<rusqlite::Result<Vec<_>>>()
@@ -537,15 +666,18 @@ impl SqliteDriver {
     /// Every row, decoded or not, with its raw id (for recovery).
     fn all_rows(&self) -> Result<Vec<RawRow>> {
         self.with_conn(|c| {
-            c.prepare(&format!("SELECT {COLUMNS}, rowid FROM cached_images"))?
-                .query_map([], |r| {
-                    let raw = match r.get_ref(0)? {
-                        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
-                        other => format!("{other:?}"),
-                    };
-                    Ok((r.get::<_, i64>(7)?, raw, decode_row(r)?))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()
+            c.prepare(&format!(
+                "SELECT {}, rowid FROM cached_images",
+                self.inner.columns
+            ))?
+            .query_map([], |r| {
+                let raw = match r.get_ref(0)? {
+                    ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+                    other => format!("{other:?}"),
+                };
+                Ok((r.get::<_, i64>(7)?, raw, decode_row(r)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
         })
     }
 }
@@ -729,6 +861,9 @@ impl CacheDriver for SqliteDriver {
         id: &ImageId,
         _file: OnDisk<'_>,
     ) -> Result<(Option<String>, Option<SystemTime>)> {
+        if !self.inner.own_tables {
+            return Ok((None, None));
+        }
         let row = self.with_conn(|c| {
             c.prepare_cached(
                 "SELECT reason, invalidated_at FROM imgcache_invalid WHERE image_id = ?1",

@@ -417,6 +417,23 @@ impl XattrDriver {
         })
     }
 
+    /// The xattr store for reading a cache in `dir` that this user may not
+    /// write (a monitoring account): no scratch file is made to probe the
+    /// file system; one without user xattrs shows as entries without
+    /// attributes. Hits read through it are not recorded.
+    pub fn open_read_only(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::io(
+                "open",
+                dir,
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ));
+        }
+        Ok(XattrDriver {
+            state: Arc::default(),
+        })
+    }
+
     /// Every cached file's metadata, through `keep` (which says what to do
     /// with each decoded entry); files that vanish meanwhile are passed
     /// over.

@@ -200,6 +200,20 @@ fn is_url(spec: &str) -> bool {
     spec.starts_with("http://") || spec.starts_with("https://")
 }
 
+/// Whether this user may write the cache directory and its SQLite
+/// database (where they exist): if not, the commands that only read open
+/// it read-only.
+fn writable(options: &imgcache::CacheOptions) -> bool {
+    use nix::unistd::{access, AccessFlags};
+    let dir = options.image_cache_dir();
+    if dir.is_dir() && access(dir, AccessFlags::W_OK).is_err() {
+        return false;
+    }
+    let db = options.sqlite_db_path();
+    let uses_db = options.image_cache_driver() == imgcache::DriverKind::Sqlite;
+    !(uses_db && db.is_file() && access(&db, AccessFlags::W_OK).is_err())
+}
+
 /// The directory origin a spec names (`DIR` or `dir:DIR`).
 fn dir_origin(spec: &str) -> Result<DirOrigin, Failure> {
     let dir = PathBuf::from(spec.strip_prefix("dir:").unwrap_or(spec));
@@ -230,6 +244,33 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             });
         }
         options = options.migrate_sqlite(true);
+    }
+    let inspects = matches!(
+        cli.command,
+        Command::ListCached { .. }
+            | Command::ListQueued
+            | Command::Stats
+            | Command::Verify { .. }
+            | Command::Nodes { .. }
+    );
+    if inspects && (cli.settings.read_only || !writable(&options)) {
+        if !cli.settings.read_only {
+            eprintln!(
+                "imgcache: {} is read-only to this user: inspecting only (nothing recovered, \
+                 quarantined or recorded{})",
+                options.image_cache_dir().display(),
+                if matches!(cli.command, Command::Verify { .. }) {
+                    "; corrupt images are reported, not moved aside"
+                } else {
+                    ""
+                }
+            );
+        }
+        options = options.read_only(true);
+    } else if cli.settings.read_only {
+        return Err(Failure::input(
+            "--read-only: only list-cached, list-queued, stats, verify and nodes read without writing",
+        ));
     }
     let cache = options.open()?;
     let as_json = cli.json;

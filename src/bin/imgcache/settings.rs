@@ -62,6 +62,13 @@ pub struct Settings {
     #[arg(long, global = true)]
     pub migrate_sqlite: bool,
 
+    /// Open the cache for reading only (list-cached, list-queued, stats,
+    /// verify, nodes): nothing is recovered, quarantined or recorded. Taken
+    /// by itself by those commands when this user cannot write the
+    /// directory or its database.
+    #[arg(long, global = true)]
+    pub read_only: bool,
+
     /// With centralized_db, on a database without Glance's cache tables:
     /// create them (a fleet without Glance). Without it imgcache refuses,
     /// because Glance's `glance-manage db_sync` stops at tables someone
