@@ -53,6 +53,14 @@ pub enum IdError {
     /// The id names one of the cache's own files or folders.
     #[error("it names one of the cache's own files or folders")]
     Reserved,
+    /// The id is valid, but longer than the metadata store can record
+    /// (Glance's `cached_images.image_id` holds 36 bytes): such an image
+    /// is served from the origin, never cached.
+    #[error("it is longer than the {max} bytes the metadata store records")]
+    TooLongForStore {
+        /// The store's limit, in bytes.
+        max: usize,
+    },
 }
 
 /// The id of a cached image: a non-empty, valid UTF-8 string that is safe to

@@ -736,3 +736,64 @@ fn the_commands_that_read_work_on_a_directory_they_cannot_write() {
         assert_ne!(queued.code, 0, "{}", queued.stdout);
     }
 }
+
+/// Smaller breaks met beside Glance: a directory origin's checksum file is
+/// no image; a glance-api.conf whose `[database] connection` is MySQL's is
+/// told that only PostgreSQL is supported; every message shows a database
+/// URL in one form, its password as `***`.
+#[test]
+fn sidecars_other_databases_and_one_form_of_url() {
+    let (src, images) = origin(&["cirros"]);
+    let cache = tempfile::tempdir().unwrap();
+    let o = src.path().to_str().unwrap();
+    // The image is there with its MD5 beside it; the MD5 is not an image.
+    std::fs::write(
+        src.path().join("cirros.md5"),
+        format!("{}  cirros\n", md5_hex(&images["cirros"])),
+    )
+    .unwrap();
+    ok(
+        cache.path(),
+        &["fetch", "cirros", "--origin", o, "-o", "/dev/null"],
+    );
+    let sidecar = imgcache(
+        cache.path(),
+        &["fetch", "cirros.md5", "--origin", o, "-o", "/dev/null"],
+    );
+    assert_eq!(sidecar.code, 3, "{}{}", sidecar.stdout, sidecar.stderr);
+    assert_eq!(images.len(), 1);
+
+    let conf = cache.path().join("glance-api.conf");
+    std::fs::write(
+        &conf,
+        "[DEFAULT]\nimage_cache_driver = centralized_db\nworker_self_reference_url = http://a:9292\n\
+         [database]\nconnection = mysql+pymysql://glance:s3cret@db/glance\n",
+    )
+    .unwrap();
+    let mysql = imgcache(cache.path(), &["--config", conf.to_str().unwrap(), "stats"]);
+    assert_eq!(mysql.code, 2, "{}", mysql.stderr);
+    assert!(mysql.stderr.contains("mysql database"), "{}", mysql.stderr);
+    assert!(mysql.stderr.contains("PostgreSQL only"), "{}", mysql.stderr);
+    assert!(!mysql.stderr.contains("s3cret"), "{}", mysql.stderr);
+
+    let shown = ok(
+        cache.path(),
+        &[
+            "--driver",
+            "centralized_db",
+            "--node-url",
+            "http://a:9292",
+            "--database-url",
+            "postgres://glance:s3cret@db:5432/glance",
+            "serve",
+            "--origin",
+            o,
+            "--check-config",
+        ],
+    );
+    assert!(
+        shown.contains("database_url = postgres://glance:***@db:5432/glance"),
+        "{shown}"
+    );
+    assert!(!shown.contains("s3cret"), "{shown}");
+}

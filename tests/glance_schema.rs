@@ -243,3 +243,47 @@ impl imgcache::CachedFiles for NoFiles {
         Ok(())
     }
 }
+
+/// An id longer than Glance's `VARCHAR(36)`: served from the origin with a
+/// word that it was not cached, and taken off the prefetch queue with its
+/// reason instead of failing at every pass.
+#[test]
+fn an_id_longer_than_glance_takes_is_served_uncached_and_unqueued() {
+    use std::io::Read;
+    let Some((url, mut c)) = fresh_database("imgcache_glance_long_id") else {
+        return;
+    };
+    c.batch_execute(GLANCE_2024_1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let origin_dir = tempfile::tempdir().unwrap();
+    let long = format!("{}-{}", "a".repeat(36), "tail");
+    std::fs::write(origin_dir.path().join(&long), b"long id bytes").unwrap();
+    let origin = imgcache::origin::DirOrigin::new(origin_dir.path());
+    let store = std::sync::Arc::new(CentralizedDbDriver::open(&url, "http://node-a:9292").unwrap());
+    let cache =
+        imgcache::ImageCache::with_driver(store, imgcache::CacheOptions::new(dir.path())).unwrap();
+    let id = ImageId::new(&long).unwrap();
+    let err = cache.storable(&id).unwrap_err();
+    assert!(err.to_string().contains("36 bytes"), "{err}");
+
+    let mut stream = cache.fetch_from(&id, &origin).unwrap();
+    let mut got = Vec::new();
+    stream.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"long id bytes");
+    match &stream {
+        imgcache::ImageStream::Filling(tee) => {
+            let why = tee.stats().cache_error.clone().unwrap_or_default();
+            assert!(why.contains("36 bytes"), "{why:?}");
+        }
+        _ => panic!("not a miss"),
+    }
+    drop(stream);
+    assert!(!cache.is_cached(&id).unwrap());
+
+    cache.queue_image(&id).unwrap();
+    let report = cache.prefetch(&origin, 2).unwrap();
+    assert_eq!(report.results.len(), 1);
+    let outcome = report.results[0].outcome.as_ref().unwrap_err();
+    assert!(matches!(outcome, Error::InvalidId { .. }), "{outcome:?}");
+    assert!(cache.queued_images().unwrap().is_empty(), "still queued");
+}

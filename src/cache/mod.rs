@@ -221,6 +221,8 @@ enum Found {
     Hit(CachedImage),
     Follow(Arc<Fill>),
     Fill(CacheWriter, Arc<Fill>),
+    /// The store is down, or cannot record this id: the origin answers,
+    /// uncached.
     StoreDown(Error),
 }
 
@@ -1180,11 +1182,10 @@ impl ImageCache {
             Found::StoreDown(e) => {
                 log::warn!("imgcache: {id}: {e}; serving it from the origin, uncached");
                 let (source, expected) = open()?;
-                ImageStream::Filling(Box::new(TeeReader::pass_through(
-                    id.clone(),
-                    source,
-                    expected,
-                )))
+                ImageStream::Filling(Box::new(
+                    TeeReader::pass_through(id.clone(), source, expected)
+                        .uncached_because(e.to_string()),
+                ))
             }
             Found::Fill(writer, fill) => match open() {
                 Ok((source, expected)) => {
@@ -1211,6 +1212,9 @@ impl ImageCache {
     /// quarantines a corrupt cached file on the way.
     fn find(&self, key: Admitted<'_>) -> Result<Found> {
         let id = key.id();
+        if let Err(e) = self.storable(id) {
+            return Ok(Found::StoreDown(e));
+        }
         for _ in 0..FETCH_ROUNDS {
             match self.open_for_read(id) {
                 Ok(Some(image)) => return Ok(Found::Hit(image)),
@@ -1578,6 +1582,23 @@ impl ImageCache {
             });
         }
         self.prune_to(target)
+    }
+
+    /// Whether the store can record `id` (Glance's `centralized_db` table
+    /// holds ids of 36 bytes): [`IdError::TooLongForStore`] if not. Such an
+    /// image is served from the origin and never cached; a prefetch takes
+    /// it off the queue.
+    ///
+    /// [`IdError::TooLongForStore`]: crate::IdError::TooLongForStore
+    pub fn storable(&self, id: &ImageId) -> Result<()> {
+        let max = self.store.max_id_len();
+        if id.as_str().len() > max {
+            return Err(Error::InvalidId {
+                input: id.to_string(),
+                reason: crate::id::IdError::TooLongForStore { max },
+            });
+        }
+        Ok(())
     }
 
     /// The bytes of the cached files, summed from the file system (what

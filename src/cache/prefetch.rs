@@ -149,6 +149,11 @@ impl ImageCache {
             self.delete_queued_image(id)?;
             return Ok(PrefetchOutcome::AlreadyCached);
         }
+        // Never cacheable here: off the queue, with the reason.
+        if let Err(e) = self.storable(id) {
+            self.delete_queued_image(id)?;
+            return Err(e);
+        }
         let object = origin.open(id)?;
         on_event(PrefetchEvent::Started {
             id,

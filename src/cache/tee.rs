@@ -90,6 +90,13 @@ impl<R: Read + Send + 'static> fmt::Debug for TeeReader<R> {
 }
 
 impl<R: Read + Send + 'static> TeeReader<R> {
+    /// Records why this stream is not cached (it passes the origin's
+    /// bytes through), for [`TeeStats::cache_error`].
+    pub(crate) fn uncached_because(mut self, reason: String) -> Self {
+        self.stats.cache_error = Some(reason);
+        self
+    }
+
     pub(crate) fn filling(
         mut writer: CacheWriter,
         fill: Arc<Fill>,

@@ -258,9 +258,16 @@ fn describe(c: &postgres::Config) -> String {
         .map(|p| p.to_string())
         .collect::<Vec<_>>()
         .join(",");
+    // The one form every message uses ([`crate::redact_url`]'s): the
+    // password, if any, as `***`.
     format!(
-        "postgres://{}@{}{}{}/{}",
+        "postgres://{}{}@{}{}{}/{}",
         c.get_user().unwrap_or(""),
+        if c.get_password().is_some() {
+            ":***"
+        } else {
+            ""
+        },
         host,
         if port.is_empty() { "" } else { ":" },
         port,
@@ -1044,11 +1051,12 @@ impl CacheDriver for CentralizedDbDriver {
 
     fn insert(&self, entry: &CachedImageInfo) -> Result<()> {
         if entry.id.as_str().len() > self.inner.max_id {
-            return Err(Error::Config(format!(
-                "image id {} is longer than the {} bytes the database's cached_images.image_id \
-                 takes (a table Glance created)",
-                entry.id, self.inner.max_id
-            )));
+            return Err(Error::InvalidId {
+                input: entry.id.to_string(),
+                reason: crate::id::IdError::TooLongForStore {
+                    max: self.inner.max_id,
+                },
+            });
         }
         // Hits held for an earlier image of this id belonged to its file,
         // which this one replaces (with hits reset, as every store does).
@@ -1349,6 +1357,10 @@ impl CacheDriver for CentralizedDbDriver {
         true
     }
 
+    fn max_id_len(&self) -> usize {
+        self.inner.max_id
+    }
+
     fn durable_watermark(&self, _base: OnDisk<'_>) -> Result<Option<Watermark>> {
         let node = self.inner.node_id;
         let rows = self.with(|c| {
@@ -1490,5 +1502,22 @@ impl CacheDriver for CentralizedDbDriver {
             .filter_map(|r| r.try_get::<_, String>(0).ok())
             .filter_map(|s| ImageId::new(s).ok())
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    /// One form in every message, the same as [`crate::redact_url`]'s.
+    #[test]
+    fn addresses_show_no_password_in_one_form() {
+        let url = "postgres://glance:s3cret@db:5432/glance";
+        assert_eq!(redact(url), "postgres://glance:***@db:5432/glance");
+        assert_eq!(redact(url), crate::redact_url(url));
+        assert_eq!(
+            redact("postgres://glance@db:5432/glance"),
+            "postgres://glance@db:5432/glance"
+        );
     }
 }

@@ -178,6 +178,13 @@ pub trait CacheDriver: Send + Sync + fmt::Debug {
         false
     }
 
+    /// The longest id, in bytes, this store can record (Glance's
+    /// `centralized_db` table holds 36): a longer one is served from the
+    /// origin, never cached. By default any valid id.
+    fn max_id_len(&self) -> usize {
+        crate::id::MAX_ID_LEN
+    }
+
     /// The last [`Watermark`] recorded for this node's cache; `None` if
     /// none ever was. `base` is the cache's base directory.
     fn durable_watermark(&self, _base: OnDisk<'_>) -> Result<Option<Watermark>> {

@@ -9,11 +9,19 @@ use crate::checksum::{Algorithm, Checksum};
 use crate::error::{Error, Result};
 use crate::id::ImageId;
 
+/// The checksum files beside an image, in the order they are looked for.
+const SIDECARS: [(&str, Algorithm); 3] = [
+    ("md5", Algorithm::Md5),
+    ("sha256", Algorithm::Sha256),
+    ("sha512", Algorithm::Sha512),
+];
+
 /// Serves image `<id>` from the file `<dir>/<id>`.
 ///
 /// An expected checksum may sit beside it, in `md5sum`/`sha256sum` format
 /// (the digest first): `<id>.md5`, `<id>.sha256` or `<id>.sha512` (the first
-/// found, in that order).
+/// found, in that order). Those files are checksums, never images: an id
+/// that ends in one of those extensions is not found here.
 #[derive(Debug, Clone)]
 pub struct DirOrigin {
     dir: PathBuf,
@@ -31,11 +39,7 @@ impl DirOrigin {
     }
 
     fn checksum(&self, id: &ImageId) -> Result<Option<Checksum>> {
-        for (ext, algorithm) in [
-            ("md5", Algorithm::Md5),
-            ("sha256", Algorithm::Sha256),
-            ("sha512", Algorithm::Sha512),
-        ] {
+        for (ext, algorithm) in SIDECARS {
             let path = self.dir.join(format!("{id}.{ext}"));
             match fs::read_to_string(&path) {
                 Ok(text) => {
@@ -58,6 +62,16 @@ impl DirOrigin {
 
 impl Origin for DirOrigin {
     fn open(&self, id: &ImageId) -> Result<OriginObject> {
+        if SIDECARS.iter().any(|(ext, _)| {
+            id.as_str()
+                .rsplit_once('.')
+                .is_some_and(|(_, e)| e.eq_ignore_ascii_case(ext))
+        }) {
+            return Err(Error::OriginNotFound {
+                id: id.clone(),
+                origin: self.describe(),
+            });
+        }
         let path = self.dir.join(id.as_str());
         let file = match File::open(&path) {
             Ok(f) => f,

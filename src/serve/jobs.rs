@@ -332,6 +332,13 @@ impl Shared {
 
     /// Fetches one queued image into the cache; `true` if it is cached.
     fn prefetch(&self, id: &ImageId) -> bool {
+        // Never cacheable here (an id longer than the store records): off
+        // the queue, with the reason, instead of failing at every pass.
+        if let Err(e) = self.cache.storable(id) {
+            tracing::warn!(image = %id, error = %e, "prefetch impossible; unqueued");
+            let _ = self.cache.delete_queued_image(id);
+            return false;
+        }
         let (cache, origin, metrics) = (
             self.cache.clone(),
             self.origin.clone(),

@@ -737,22 +737,30 @@ fn fetch(
         ImageStream::Filling(_) => "miss",
         ImageStream::Following(_) => "joined a fill",
     };
-    let bytes = match (stream, &output) {
+    // Why a miss was not cached, if it was not (the stream is unaffected).
+    let not_cached = |stream: &ImageStream<Box<dyn std::io::Read + Send>>| match stream {
+        ImageStream::Filling(tee) => tee.stats().cache_error.clone(),
+        _ => None,
+    };
+    let (bytes, note) = match (stream, &output) {
         (ImageStream::Cached(image), Some(path)) => {
             let file = std::fs::File::create(path)
                 .map_err(|e| Failure::input(format!("cannot create {}: {e}", path.display())))?;
-            image.send_to(&file, None)?
+            (image.send_to(&file, None)?, None)
         }
-        (ImageStream::Cached(image), None) => image.send_to(std::io::stdout().lock(), None)?,
+        (ImageStream::Cached(image), None) => {
+            (image.send_to(std::io::stdout().lock(), None)?, None)
+        }
         (mut stream, Some(path)) => {
             let mut file = std::fs::File::create(path)
                 .map_err(|e| Failure::input(format!("cannot create {}: {e}", path.display())))?;
-            copy(
+            let n = copy(
                 id,
                 &mut stream,
                 &mut file,
                 std::io::stderr().is_terminal() && !as_json,
-            )?
+            )?;
+            (n, not_cached(&stream))
         }
         (mut stream, None) => {
             let mut out = std::io::stdout().lock();
@@ -761,12 +769,19 @@ fn fetch(
                 code: code::FAILED,
                 message: format!("stdout: {e}"),
             })?;
-            n
+            (n, not_cached(&stream))
         }
     };
-    let summary = serde_json::json!({"id": id.as_str(), "result": how, "bytes": bytes, "cached": cache.is_cached(id)?});
+    let summary = serde_json::json!({"id": id.as_str(), "result": how, "bytes": bytes,
+        "cached": cache.is_cached(id)?, "not_cached": note});
     if as_json && output.is_some() {
         json(&summary);
+    } else if let Some(why) = &note {
+        eprintln!(
+            "{id}: {how}, {} ({} bytes), not cached: {why}",
+            human_size(bytes),
+            bytes
+        );
     } else {
         eprintln!("{id}: {how}, {} ({} bytes)", human_size(bytes), bytes);
     }

@@ -112,6 +112,10 @@ pub struct GlanceConf {
     node_url: Option<String>,
     /// `[database] connection`, when it is a PostgreSQL URL.
     database_url: Option<String>,
+    /// The dialect of `[database] connection` when it is another
+    /// database's (`mysql`, `sqlite`): named in the error, which says that
+    /// only PostgreSQL is supported.
+    other_database: Option<String>,
 }
 
 /// Reads the `[DEFAULT]` section of an oslo.config INI file.
@@ -146,6 +150,12 @@ fn read_conf(path: &Path) -> Result<GlanceConf, Failure> {
             ("default", "worker_self_reference_url") => conf.node_url = value,
             ("database", "connection") => {
                 conf.database_url = value.as_deref().and_then(postgres_url);
+                if conf.database_url.is_none() {
+                    conf.other_database = value.as_deref().map(|v| {
+                        let scheme = v.split_once("://").map_or(v, |(s, _)| s);
+                        scheme.split('+').next().unwrap_or(scheme).to_owned()
+                    });
+                }
             }
             _ => {}
         }
@@ -223,6 +233,18 @@ impl Settings {
         }
         if let Some(v) = self.database_url.clone().or(conf.database_url) {
             options = options.database_url(v);
+        } else if let (Some(dialect), DriverKind::CentralizedDb) =
+            (&conf.other_database, options.image_cache_driver())
+        {
+            return Err(Failure::input(format!(
+                "the [database] connection of {} is a {dialect} database: imgcache's \
+                 centralized_db driver supports PostgreSQL only (give --database-url \
+                 postgres://… for the cache's database)",
+                self.config
+                    .as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            )));
         }
         if let Some(v) = self.node_url.clone().or(conf.node_url) {
             options = options.node_url(v);
