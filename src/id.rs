@@ -9,11 +9,23 @@ use crate::error::Error;
 pub const MAX_ID_LEN: usize = 255;
 
 /// Names the cache uses for its own files and folders in the base directory,
-/// and files Glance itself leaves there (`image_cache_db_init`: the external
-/// lock its sqlite driver takes, a 0-byte file in the base directory). An id
-/// equal to one of them would collide with the cache itself.
-pub(crate) const RESERVED_NAMES: &[&str] =
-    &["queue", "incomplete", "invalid", "image_cache_db_init"];
+/// and files Glance itself leaves there: the external locks of oslo's
+/// `lockutils`, whose lock path Glance's drivers set to the base directory
+/// (`image_cache_db_init` of its sqlite driver, `glance-cache` of its
+/// prefetcher, `glance-cache-clean` and `glance-cache-prune` of its cache
+/// API, `sqlite_centralized_migrate` of its migration to `centralized_db`),
+/// each a 0-byte file. An id equal to one of them would collide with the
+/// cache itself, or take Glance's lock for an image.
+pub(crate) const RESERVED_NAMES: &[&str] = &[
+    "queue",
+    "incomplete",
+    "invalid",
+    "image_cache_db_init",
+    "glance-cache",
+    "glance-cache-clean",
+    "glance-cache-prune",
+    "sqlite_centralized_migrate",
+];
 
 /// Suffixes SQLite adds to a database file name for its side files.
 pub(crate) const SQLITE_SIDE_SUFFIXES: &[&str] = &["", "-wal", "-shm", "-journal"];
@@ -247,6 +259,10 @@ mod tests {
             ("incomplete", IdError::Reserved),
             ("invalid", IdError::Reserved),
             ("image_cache_db_init", IdError::Reserved),
+            ("glance-cache", IdError::Reserved),
+            ("glance-cache-clean", IdError::Reserved),
+            ("glance-cache-prune", IdError::Reserved),
+            ("sqlite_centralized_migrate", IdError::Reserved),
             ("cache.db", IdError::Reserved),
             ("cache.db-wal", IdError::Reserved),
             ("cache.db-shm", IdError::Reserved),

@@ -244,7 +244,9 @@ pub use checksum::{Algorithm, Checksum, Hasher};
 pub use clock::{Clock, ManualClock, SystemClock};
 #[cfg(feature = "postgres")]
 pub use drivers::CentralizedDbDriver;
-pub use drivers::{CacheDriver, MetadataStore, SqliteDriver, XattrDriver, LOCAL_NODE};
+pub use drivers::{
+    CacheDriver, MetadataStore, SqliteDriver, SqliteJournal, XattrDriver, LOCAL_NODE,
+};
 pub use entry::{
     CachedFiles, CachedImageInfo, InvalidImageInfo, Invalidation, LruEntry, NodeImage, OnDisk,
     Scanned, Watermark,

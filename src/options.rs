@@ -91,6 +91,7 @@ pub struct CacheOptions {
     migrate_sqlite: bool,
     create_tables: bool,
     read_only: bool,
+    sqlite_journal: crate::drivers::SqliteJournal,
     hard_limit: Option<u64>,
     min_free: Option<MinFree>,
     durability: Durability,
@@ -112,6 +113,7 @@ impl fmt::Debug for CacheOptions {
             .field("migrate_sqlite", &self.migrate_sqlite)
             .field("create_tables", &self.create_tables)
             .field("read_only", &self.read_only)
+            .field("sqlite_journal", &self.sqlite_journal)
             .field("hard_limit", &self.hard_limit)
             .field("min_free", &self.min_free)
             .field("durability", &self.durability)
@@ -138,6 +140,7 @@ impl CacheOptions {
             migrate_sqlite: false,
             create_tables: false,
             read_only: false,
+            sqlite_journal: crate::drivers::SqliteJournal::Delete,
             hard_limit: None,
             min_free: None,
             durability: Durability::default(),
@@ -278,6 +281,19 @@ impl CacheOptions {
     pub fn create_tables(mut self, yes: bool) -> Self {
         self.create_tables = yes;
         self
+    }
+
+    /// The SQLite store's journal mode: Glance's `DELETE` (the default),
+    /// or WAL for a cache Glance never touches (see
+    /// [`crate::SqliteJournal`]).
+    pub fn sqlite_journal(mut self, journal: crate::drivers::SqliteJournal) -> Self {
+        self.sqlite_journal = journal;
+        self
+    }
+
+    /// The SQLite store's journal mode ([`CacheOptions::sqlite_journal`]).
+    pub fn sqlite_journal_mode(&self) -> crate::drivers::SqliteJournal {
+        self.sqlite_journal
     }
 
     /// Opens the cache for inspection by a user who may read it but not

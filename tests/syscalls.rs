@@ -212,7 +212,12 @@ fn commit_syncs_data_then_renames_then_syncs_dir_then_records() {
         );
         match kind.name() {
             "sqlite" => {
-                let wal = |l: &str| l.contains(" pwrite64(") && l.contains("cache.db-wal>");
+                // Glance's journal mode: the rollback journal, then the
+                // database.
+                let wal = |l: &str| {
+                    l.contains(" pwrite64(")
+                        && (l.contains("cache.db-journal>") || l.contains("cache.db>"))
+                };
                 assert!(
                     !lines[opened..fsync_dir].iter().any(|l| wal(l)),
                     "{kind}: metadata written before the directory sync"
@@ -290,8 +295,16 @@ fn group_commit_syncs_once_per_checkpoint_then_records_the_watermark() {
         let syncfs = find(rename, &|l| l.contains(" syncfs("))
             .unwrap_or_else(|| panic!("{kind}: no syncfs after the rename: {lines:#?}"));
         let recorded = match kind.name() {
+            // Its transaction synced on its own: the journal, then the
+            // database.
             "sqlite" => find(syncfs, &|l| {
-                l.contains(" fsync(") && l.contains("cache.db-wal>")
+                (l.contains(" fsync(") || l.contains(" fdatasync("))
+                    && l.contains("cache.db-journal>")
+            })
+            .and_then(|journal| {
+                find(journal, &|l| {
+                    (l.contains(" fsync(") || l.contains(" fdatasync(")) && l.contains("cache.db>")
+                })
             }),
             "centralized_db" => find(syncfs, &|l| {
                 (l.contains(" sendto(") || l.contains(" write(") || l.contains(" sendmsg("))

@@ -10,12 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 scale=${1:-2}
-venv=${IMGCACHE_GLANCE_VENV:-target/glance-venv}
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
-  # xattr: the python package Glance's xattr driver imports (not a dependency of Glance).
-  "$venv/bin/pip" install -q "glance==${IMGCACHE_GLANCE_VERSION:-33.0.0}" xattr
-fi
+# Glance, xattr and psycopg2-binary in the venv (installed once, kept).
+venv=$(bash tests/glance/setup.sh)
 cargo build --release --locked --example workloads
 work=$(mktemp -d "${IMGCACHE_BENCH_DIR:-${TMPDIR:-/tmp}}/imgcache-glance.XXXXXX")
 trap 'rm -rf "$work"' EXIT

@@ -320,7 +320,11 @@ impl ImageCache {
             Ok(Arc::new(if read_only {
                 SqliteDriver::open_read_only(&db)?
             } else {
-                SqliteDriver::open(&db)?
+                let store = SqliteDriver::open_with(&db, options.sqlite_journal_mode())?;
+                if options.durability_mode() == crate::options::Durability::Immediate {
+                    store.sync_each_write()?;
+                }
+                store
             }))
         };
         let xattr = |dir: &std::path::Path| {

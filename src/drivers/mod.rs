@@ -55,7 +55,7 @@ pub mod xattr;
 
 #[cfg(feature = "postgres")]
 pub use self::centralized_db::CentralizedDbDriver;
-pub use self::sqlite::SqliteDriver;
+pub use self::sqlite::{SqliteDriver, SqliteJournal};
 pub use self::xattr::XattrDriver;
 
 /// The same trait as [`CacheDriver`], under the name of what it is.

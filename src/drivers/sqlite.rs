@@ -21,8 +21,28 @@
 //! counter). A database Glance wrote is upgraded in place on open and stays
 //! readable by Glance.
 //!
-//! The database runs in WAL mode with `synchronous = NORMAL` and a busy
-//! timeout, so that many threads and processes can share one directory.
+//! # Journal
+//!
+//! By default the database keeps Glance's own journal mode, `DELETE`: its
+//! rollback journal (`cache.db-journal`) exists only while a write is under
+//! way. WAL mode would leave `cache.db-wal` and `cache.db-shm` beside the
+//! database for as long as any connection is open — Glance's own included,
+//! since the mode is recorded in the file — and Glance's drivers take every
+//! regular file in the base directory but the database for an image: its
+//! cache size counts them, its pruner evicts for them, and its
+//! `delete_all_cached_images` deletes them under a live connection.
+//! [`SqliteJournal::Wal`] is for caches Glance never touches: readers never
+//! wait for a writer, and a power cut never damages the database.
+//!
+//! Writes are not synced one by one (`synchronous = OFF`): the group
+//! durability checkpoint syncs the whole file system, database included,
+//! and records its watermark in a transaction synced on its own (`FULL`).
+//! With [`crate::Durability::Immediate`] each write is synced (`NORMAL`).
+//! In `DELETE` mode a power cut between checkpoints can leave the database
+//! damaged (never the images): opening it then fails with
+//! [`crate::Error::BadDatabase`], and [`crate::ImageCache::rebuild`]
+//! recreates it from the files. A busy timeout lets many threads and
+//! processes share one directory.
 //!
 //! Hits are batched: a read costs one `SELECT`; its hit and access time are
 //! held in memory and written with others in one transaction every
@@ -63,6 +83,22 @@ const COLUMNS: &str = "image_id, size, hits, last_accessed, last_modified, check
 /// (opened read-only): no CRC-32.
 const GLANCE_COLUMNS: &str = "image_id, size, hits, last_accessed, last_modified, checksum, NULL";
 
+/// How the SQLite store journals its writes; see the module docs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SqliteJournal {
+    /// Glance's own mode (the default): a rollback journal that exists only
+    /// while a write is under way, so Glance's drivers, which take every
+    /// regular file beside the database for an image, see only images.
+    #[default]
+    Delete,
+    /// SQLite's write-ahead log, for caches Glance never touches: readers
+    /// never wait for a writer, and a power cut never damages the database;
+    /// but `cache.db-wal` and `cache.db-shm` sit in the base directory while
+    /// the database is open, where Glance would count and delete them.
+    Wal,
+}
+
 /// The metadata driver Glance calls `sqlite`.
 #[derive(Clone)]
 pub struct SqliteDriver {
@@ -77,6 +113,12 @@ struct Inner {
     /// Whether imgcache's own tables are there (not on a Glance database
     /// opened read-only).
     own_tables: bool,
+    /// WAL mode: the log is checkpointed in the background.
+    wal: bool,
+    /// Whether each write is synced (`NORMAL`, for
+    /// [`crate::Durability::Immediate`]) rather than left to the group
+    /// checkpoint (`OFF`).
+    sync_writes: std::sync::atomic::AtomicBool,
     conn: Arc<Mutex<Connection>>,
     checkpointer: Checkpointer,
     hits: Mutex<PendingHits>,
@@ -116,18 +158,29 @@ impl fmt::Debug for Inner {
 
 impl SqliteDriver {
     /// Opens (creating it and its folder if needed, upgrading a database
-    /// Glance wrote) the database at `db_path`.
+    /// Glance wrote) the database at `db_path`, in Glance's journal mode
+    /// ([`SqliteJournal::Delete`]).
     pub fn open(db_path: &Path) -> Result<Self> {
+        Self::open_with(db_path, SqliteJournal::Delete)
+    }
+
+    /// [`SqliteDriver::open`] with the journal mode `journal`. A database
+    /// another process holds open in another mode keeps that one (with a
+    /// warning) until the last of them closes it.
+    pub fn open_with(db_path: &Path, journal: SqliteJournal) -> Result<Self> {
         if let Some(dir) = db_path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
         }
-        let conn = Arc::new(Mutex::new(open_db(db_path).map_err(classify)?));
+        let conn = Arc::new(Mutex::new(open_db(db_path, journal).map_err(classify)?));
+        let wal = journal == SqliteJournal::Wal;
         let checkpointer = Checkpointer::spawn(db_path, Arc::downgrade(&conn))?;
         Ok(SqliteDriver {
             inner: Arc::new(Inner {
                 db_path: db_path.to_path_buf(),
                 columns: COLUMNS,
                 own_tables: true,
+                wal,
+                sync_writes: std::sync::atomic::AtomicBool::new(false),
                 conn,
                 checkpointer,
                 hits: Mutex::default(),
@@ -151,11 +204,24 @@ impl SqliteDriver {
                 db_path: db_path.to_path_buf(),
                 columns,
                 own_tables,
+                wal: false,
+                sync_writes: std::sync::atomic::AtomicBool::new(false),
                 conn,
                 checkpointer,
                 hits: Mutex::default(),
             }),
         })
+    }
+
+    /// Syncs each write (`synchronous = NORMAL`) instead of leaving it to
+    /// the group durability checkpoint: for [`crate::Durability::Immediate`],
+    /// which the cache asks for itself when it opens the store.
+    pub fn sync_each_write(&self) -> Result<()> {
+        self.inner
+            .sync_writes
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let level = self.inner.sync_level();
+        self.with_conn(|c| c.pragma_update(None, "synchronous", level))
     }
 
     /// Checkpoints the write-ahead log into the database file now (a
@@ -227,8 +293,19 @@ impl Inner {
     /// checkpointer.
     fn with_write<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
         let out = self.with_conn(f);
-        self.checkpointer.wrote();
+        if self.wal {
+            self.checkpointer.wrote();
+        }
         out
+    }
+
+    /// The `synchronous` level of ordinary writes.
+    fn sync_level(&self) -> &'static str {
+        if self.wal || self.sync_writes.load(std::sync::atomic::Ordering::Relaxed) {
+            "NORMAL"
+        } else {
+            "OFF"
+        }
     }
 }
 
@@ -379,22 +456,31 @@ fn uri_path(path: &Path) -> String {
 
 /// Opens the database, sets it up for sharing, and creates or upgrades the
 /// schema.
-fn open_db(path: &Path) -> Result<Connection> {
+fn open_db(path: &Path, journal: SqliteJournal) -> Result<Connection> {
     let err = |e| sqlite_error(path, e);
     let mut conn = connect(path)?;
-    // WAL lets readers proceed while a writer commits; NORMAL syncs the WAL
-    // at checkpoints only, so a hit never waits for an fsync.
+    let want = match journal {
+        SqliteJournal::Delete => "delete",
+        SqliteJournal::Wal => "wal",
+    };
     let mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .query_row(&format!("PRAGMA journal_mode = {want}"), [], |r| r.get(0))
         .map_err(err)?;
-    if !mode.eq_ignore_ascii_case("wal") {
+    if !mode.eq_ignore_ascii_case(want) {
         log::warn!(
-            "imgcache: {} cannot use WAL (journal mode {mode}); concurrent use will be slower",
+            "imgcache: {} stays in journal mode {mode} (another process has it open): \
+             {want} from when the last of them closes it",
             path.display()
         );
     }
-    conn.pragma_update(None, "synchronous", "NORMAL")
-        .map_err(err)?;
+    // In WAL mode NORMAL syncs the log at its checkpoints only; in DELETE
+    // mode writes are left to the group checkpoint (see the module docs).
+    let sync = if mode.eq_ignore_ascii_case("wal") {
+        "NORMAL"
+    } else {
+        "OFF"
+    };
+    conn.pragma_update(None, "synchronous", sync).map_err(err)?;
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(err)?;
@@ -943,7 +1029,7 @@ impl CacheDriver for SqliteDriver {
                 }
                 tx.commit()
             })();
-            c.pragma_update(None, "synchronous", "NORMAL")?;
+            c.pragma_update(None, "synchronous", self.inner.sync_level())?;
             done
         })
     }
@@ -1013,7 +1099,7 @@ mod tests {
     #[test]
     fn wal_mode_and_schema() {
         let dir = tempfile::tempdir().unwrap();
-        let d = open(dir.path());
+        let d = SqliteDriver::open_with(&dir.path().join("cache.db"), SqliteJournal::Wal).unwrap();
         let (mode, cols): (String, Vec<String>) = d
             .with_conn(|c| {
                 let mode = c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
@@ -1089,10 +1175,11 @@ mod tests {
 
     /// A store and a cache on it in a fresh directory holding one
     /// three-byte image.
+    /// One image, in a WAL store (whose log the tests below watch).
     fn one_image() -> (tempfile::TempDir, SqliteDriver, ImageCache, ImageId) {
         use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
-        let d = open(dir.path());
+        let d = SqliteDriver::open_with(&dir.path().join("cache.db"), SqliteJournal::Wal).unwrap();
         let c = cache(dir.path(), &d);
         let x = ImageId::new("x").unwrap();
         let mut w = c.open_for_write(&x).unwrap();
@@ -1155,6 +1242,38 @@ mod tests {
         eprintln!("log high-water mark under steady load: {high} bytes");
         assert!(high < 16 << 20, "log reached {high} bytes");
         assert_eq!(c.hit_count(&x).unwrap(), 65_536);
+    }
+
+    /// Glance's journal mode by default: while the store is open and after
+    /// writes, nothing but the database is beside it (Glance's drivers take
+    /// every other regular file for an image); a database an earlier
+    /// version left in WAL mode is turned back.
+    #[test]
+    fn glance_journal_leaves_nothing_beside_the_database() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("cache.db");
+        drop(SqliteDriver::open_with(&db, SqliteJournal::Wal).unwrap());
+        let d = open(dir.path());
+        let c = cache(dir.path(), &d);
+        for i in 0..20 {
+            let x = ImageId::new(format!("img-{i}")).unwrap();
+            let mut w = c.open_for_write(&x).unwrap();
+            w.write_all(b"abc").unwrap();
+            w.commit().unwrap();
+            c.open_for_read(&x).unwrap().unwrap();
+        }
+        c.flush().unwrap();
+        let mode: String = d
+            .with_conn(|c| c.query_row("PRAGMA journal_mode", [], |r| r.get(0)))
+            .unwrap();
+        assert_eq!(mode, "delete");
+        let beside: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("cache.db") && n != "cache.db")
+            .collect();
+        assert!(beside.is_empty(), "{beside:?}");
     }
 
     #[test]

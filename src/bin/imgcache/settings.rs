@@ -82,6 +82,18 @@ pub struct Settings {
     #[arg(long, env = "IMGCACHE_SQLITE_DB", global = true, value_name = "FILE")]
     pub sqlite_db: Option<PathBuf>,
 
+    /// The SQLite database's journal: delete (default: Glance's own, which
+    /// leaves no file beside the database when idle) or wal (faster under
+    /// concurrent use, for a cache Glance never touches: Glance takes
+    /// cache.db-wal and cache.db-shm for images).
+    #[arg(
+        long,
+        env = "IMGCACHE_SQLITE_JOURNAL",
+        global = true,
+        value_name = "MODE"
+    )]
+    pub sqlite_journal: Option<JournalArg>,
+
     /// How commits are made durable: group (default: no fsync per commit;
     /// a checkpoint syncs the file system at most 1 s later, and entries
     /// it did not cover are checked before they are served after a crash)
@@ -97,6 +109,15 @@ pub enum DurabilityArg {
     Group,
     /// `Durability::Immediate`.
     Immediate,
+}
+
+/// `--sqlite-journal`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum JournalArg {
+    /// `SqliteJournal::Delete`, Glance's own.
+    Delete,
+    /// `SqliteJournal::Wal`.
+    Wal,
 }
 
 /// The `[DEFAULT]` values of a Glance config file that matter here.
@@ -248,6 +269,12 @@ impl Settings {
         }
         if let Some(v) = self.node_url.clone().or(conf.node_url) {
             options = options.node_url(v);
+        }
+        if let Some(j) = self.sqlite_journal {
+            options = options.sqlite_journal(match j {
+                JournalArg::Delete => imgcache::SqliteJournal::Delete,
+                JournalArg::Wal => imgcache::SqliteJournal::Wal,
+            });
         }
         if let Some(d) = self.durability {
             options = options.durability(match d {
