@@ -201,10 +201,11 @@
 //! - **both modes**: everything committed before the watermark (with
 //!   `Immediate`, before `commit` returned) is there with its bytes; later
 //!   entries are there and intact, or gone.
-//! - **sqlite**: rows are durable at the next WAL checkpoint or watermark
-//!   (the database runs `synchronous = NORMAL`), so the latest hit counts
-//!   and access times may be lost. A write-ahead log is never applied
-//!   half-way: SQLite keeps the database consistent.
+//! - **sqlite**: in Glance's journal mode (`DELETE`, the default) a row is
+//!   durable when its transaction commits; with `SqliteJournal::Wal`, at
+//!   the next log checkpoint or watermark. Both run `synchronous = NORMAL`,
+//!   so the latest hit counts and access times may be lost, and the
+//!   database is never left damaged: SQLite keeps it consistent.
 //! - **xattr**: the attributes (the entry — commit time, size and CRC in
 //!   one value — first, the hit count last) are set on the file before its
 //!   rename, so an image appears with its metadata or without any. Hit counts and access times updated

@@ -19,6 +19,7 @@ for_each_driver!(
     recovery_adopts_files_without_metadata,
     files_without_metadata_after_the_last_checkpoint_are_not_adopted,
     the_base_directory_holds_only_images,
+    a_file_renamed_in_after_the_checkpoint_is_not_adopted,
     an_earlier_watermark_file_is_moved_with_its_session_mark,
     recovery_reports_stalled_but_not_live_writers,
     scrub_detects_a_file_overwritten_in_place,
@@ -499,4 +500,59 @@ fn a_store_opened_by_hand_keeps_its_database() {
     cache.delete_all_cached_images().unwrap();
     assert!(db.is_file(), "the store's database was deleted");
     assert_eq!(cache.cache_size().unwrap(), 0);
+}
+
+/// The child of the test below: opens the cache on the store named by the
+/// environment, writes a file beside the cache's images, checkpoints, then
+/// renames the file into place (after the watermark) and waits to be
+/// killed.
+#[test]
+fn child() {
+    let Ok(cmd) = std::env::var("IMGCACHE_CHILD") else {
+        return;
+    };
+    if cmd != "staged" {
+        return;
+    }
+    let dir = std::env::var("IMGCACHE_DIR").unwrap();
+    let cache = common::child_store().open(CacheOptions::new(&dir)).unwrap();
+    let staged = std::path::Path::new(&dir).join("incomplete/staged-by-hand");
+    fs::write(&staged, bytes(11, 50_000)).unwrap();
+    cache.checkpoint().unwrap();
+    fs::rename(&staged, std::path::Path::new(&dir).join("late")).unwrap();
+    println!("done");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    std::thread::sleep(Duration::from_secs(3600));
+}
+
+/// A file whose bytes were written before a checkpoint but renamed into
+/// place after it, with no metadata, is not trusted after a crash: a write
+/// stamps the modification time when it starts, so its last bytes may have
+/// landed after the sync. Its change time (the rename) says it came after.
+fn a_file_renamed_in_after_the_checkpoint_is_not_adopted(kind: Store) {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    drop(kind.open(CacheOptions::new(dir.path())).unwrap());
+    let mut child = common::child_command(kind, dir.path(), "staged")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while line.trim() != "done" {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the child ended early"
+        );
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let again = kind.open(CacheOptions::new(dir.path())).unwrap();
+    let r = again.recovery();
+    assert!(r.unclean_shutdown, "{r:?}");
+    assert_eq!(r.torn, vec![id("late")], "{r:?}");
+    assert!(again.open_for_read(&id("late")).unwrap().is_none());
 }

@@ -309,6 +309,16 @@ fn child() {
 #[test]
 fn a_crash_after_hits_keeps_glance_written_images() {
     let dir = tempfile::tempdir().unwrap();
+    // Without birth times the change time stands in (which hits move):
+    // safe, but the hot set is then refetched, and this cannot be shown.
+    if fs::metadata(dir.path()).and_then(|m| m.created()).is_err() {
+        assert!(
+            std::env::var_os("IMGCACHE_REQUIRE_MOUNTS").is_none(),
+            "no birth times here"
+        );
+        eprintln!("skipped: the temp file system keeps no birth times");
+        return;
+    }
     for sub in ["queue", "incomplete", "invalid"] {
         fs::create_dir_all(dir.path().join(sub)).unwrap();
     }

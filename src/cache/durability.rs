@@ -5,7 +5,7 @@
 //!
 //! 1. note how many commits this process has made so far;
 //! 2. `committed_before` = the cache's clock, now;
-//! 3. touch the watermark file in the base directory and read its change
+//! 3. touch the watermark file (`.imgcache/watermark`) and read its change
 //!    time back: `changed_before`, on the file system's own clock (the
 //!    clock its renames stamp inodes with);
 //! 4. `syncfs(2)` of the cache's file system (`sync(2)` where there is
@@ -19,7 +19,10 @@
 //! at or after it is checked by the next open. A file renamed into place
 //! before step 3 has a change time before `changed_before` (a rename
 //! stamps the inode it moves): its bytes, written before its rename, are
-//! on disk too. The clocks are assumed not to run backwards across a
+//! on disk too. (Hits written on a file — the xattr store's — move its
+//! change time as well, so an entry without a CRC-32 is judged by its
+//! commit stamp and the time its bytes were made or written instead; see
+//! [`content_time_of`].) The clocks are assumed not to run backwards across a
 //! checkpoint (a clock stepped back by more than the checkpoint interval
 //! could make a later commit look covered).
 

@@ -320,11 +320,7 @@ impl ImageCache {
             Ok(Arc::new(if read_only {
                 SqliteDriver::open_read_only(&db)?
             } else {
-                let store = SqliteDriver::open_with(&db, options.sqlite_journal_mode())?;
-                if options.durability_mode() == crate::options::Durability::Immediate {
-                    store.sync_each_write()?;
-                }
-                store
+                SqliteDriver::open_with(&db, options.sqlite_journal_mode())?
             }))
         };
         let xattr = |dir: &std::path::Path| {
@@ -374,6 +370,11 @@ impl ImageCache {
                     .into(),
             )
         })?;
+        if options.is_read_only() {
+            return Ok(Arc::new(
+                crate::drivers::CentralizedDbDriver::open_read_only(url, node)?,
+            ));
+        }
         let tables = if options.creates_tables() {
             crate::drivers::centralized_db::Tables::Create
         } else {
@@ -1533,8 +1534,11 @@ impl ImageCache {
             Err(e) => return Err(e),
         };
         let wanted = need.saturating_add(reserved);
-        // The committed bytes the fill leaves room for.
+        // The committed bytes the fill leaves room for: under `max_size`
+        // (the pruner's limit, as Glance's), and under the hard limits
+        // (refused past them).
         let mut target = self.options.image_cache_max_size().saturating_sub(wanted);
+        let mut hard_target = u64::MAX;
         if let Some(hard) = hard {
             if wanted > hard {
                 return Err(Error::NoRoom {
@@ -1544,7 +1548,7 @@ impl ImageCache {
                     ),
                 });
             }
-            target = target.min(hard - wanted);
+            hard_target = hard_target.min(hard - wanted);
         }
         if let Some(min_free) = min_free {
             let (free, total) = self.file_system_space()?;
@@ -1558,8 +1562,9 @@ impl ImageCache {
                     ),
                 });
             }
-            target = target.min(cache - shortfall);
+            hard_target = hard_target.min(cache - shortfall);
         }
+        target = target.min(hard_target);
         // Counted at once, before the lock goes: the next admission sees it.
         if let Some(fill) = self.fills.with(|map| map.get(id).cloned()) {
             fill.reserve(size);
@@ -1574,10 +1579,10 @@ impl ImageCache {
         }
         if store_down {
             // Nothing can be evicted without the store (the LRU order is
-            // in it). Over `max_size` alone the fill goes on; over a hard
-            // limit or the free space kept it is refused, and passed
-            // through.
-            if hard.is_none() && min_free.is_none() {
+            // in it). Over `max_size` alone the fill goes on (the pruner
+            // catches up once the store is back); past a hard limit or the
+            // free space kept it is refused, and passed through.
+            if cache <= hard_target {
                 return Ok(kept);
             }
             return Err(Error::NoRoom {

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::durability::content_time_of;
+use super::durability::{content_time_of, ctime_of};
 use super::ImageCache;
 use super::Verification;
 use crate::clock::round_trip;
@@ -37,8 +37,9 @@ pub struct RecoveryReport {
     /// What an unclean shutdown left torn, moved to `invalid/` before
     /// anything was served: entries after the watermark whose size or
     /// CRC-32 is not what was committed, and, after an unclean shutdown,
-    /// files without metadata renamed into place after the watermark
-    /// (nothing to check them against).
+    /// files without metadata renamed into place after the watermark and
+    /// entries without a CRC-32 committed or rewritten after it (nothing to
+    /// check them against).
     pub torn: Vec<ImageId>,
     /// Whether the last session of processes on this cache ended uncleanly
     /// (one never closed: a crash or a power cut). Only then are files
@@ -101,17 +102,20 @@ impl ImageCache {
                         dropped.push(info.id.clone());
                     } else if let Some(w) = mark {
                         // Committed after the checkpoint; or, after an
-                        // unclean shutdown, its file's content changed after
-                        // it (a row rolled back to an older commit of the
-                        // same image, a CRC recorded by a scrub of unsynced
-                        // bytes). Hits recorded on the file (attributes)
-                        // are no change of content.
-                        let changed = files.get(&info.id).map(content_time_of);
+                        // unclean shutdown, its file changed after it (a row
+                        // rolled back to an older commit of the same image,
+                        // renamed in since; a CRC recorded by a scrub of
+                        // unsynced bytes). The change time: a write stamps
+                        // the modification time when it starts. Being read
+                        // whole costs only the read (an entry with a CRC is
+                        // quarantined only if it does not match); see below
+                        // for one without.
+                        let changed = files.get(&info.id).map(ctime_of);
                         if info.last_modified >= w.committed_before
                             || (suspect_after.is_some()
                                 && changed.is_some_and(|c| c >= w.changed_before))
                         {
-                            untrusted.push(info.id.clone());
+                            untrusted.push((info.id.clone(), info.last_modified));
                         }
                     }
                     known.insert(info.id);
@@ -143,7 +147,7 @@ impl ImageCache {
         let changed_before = suspect_after;
         // Entries a checkpoint does not cover yet: read whole before
         // anything is served.
-        for id in untrusted {
+        for (id, committed) in untrusted {
             let key = Admitted::again(&id);
             match self.verify_key(key)? {
                 Some((Verification::Intact, _)) => report.verified.push(id),
@@ -154,12 +158,17 @@ impl ImageCache {
                     )?;
                     report.torn.push(id);
                 }
-                // No CRC to check it against, and its content changed
-                // after the checkpoint: as a file without metadata.
+                // No CRC to check it against, and committed after the
+                // checkpoint (the stamp comes after the last data write) or
+                // its bytes changed since (a hit count or access time
+                // written on the file is no change of its bytes): as a
+                // file without metadata.
                 Some((Verification::Unverified { .. }, (_, _, meta)))
-                    if changed_before.is_some_and(|w| content_time_of(&meta) >= w) =>
+                    if changed_before.is_some()
+                        && (mark.is_some_and(|w| committed >= w.committed_before)
+                            || changed_before.is_some_and(|w| content_time_of(&meta) >= w)) =>
                 {
-                    let reason = "no CRC-32, and changed after the last checkpoint: \
+                    let reason = "no CRC-32, and committed or changed after the last checkpoint: \
                                   cannot be verified after an unclean shutdown";
                     if self.quarantine(key, reason)? {
                         report.torn.push(id);
@@ -171,12 +180,15 @@ impl ImageCache {
         let mut orphans: Vec<(ImageId, std::path::PathBuf, std::fs::Metadata)> = Vec::new();
         for (id, meta) in files.into_iter().filter(|(id, _)| !known.contains(id)) {
             let key = Admitted::again(&id);
-            if changed_before.is_some_and(|w| content_time_of(&meta) >= w) {
-                // Made or written after the last checkpoint, without
-                // metadata: its bytes may be torn, and there is nothing to
-                // check them against (one whose bytes were all written
-                // before it was synced, renamed in since, is whole). A committer that recorded its entry
-                // (with its CRC) meanwhile keeps it.
+            if changed_before.is_some_and(|w| ctime_of(&meta) >= w) {
+                // Renamed into place (or changed) after the last checkpoint,
+                // without metadata: its bytes may be torn, and there is
+                // nothing to check them against. The change time, not the
+                // modification time: a write stamps the latter when it
+                // starts, so a write that began before the checkpoint may
+                // have landed after it. No hit is ever written on a file
+                // without metadata, so nothing else moves it. A committer
+                // that recorded its entry (with its CRC) meanwhile keeps it.
                 let path = layout.cached(key);
                 let recorded = self
                     .store

@@ -536,6 +536,18 @@ impl CentralizedDbDriver {
     /// [`CentralizedDbDriver::open`], with what to do where Glance's
     /// tables are missing.
     pub fn open_with(url: &str, node_url: &str, tables: Tables) -> Result<Self> {
+        Self::connect(url, node_url, tables, false)
+    }
+
+    /// Connects for inspection only ([`crate::CacheOptions::read_only`]):
+    /// nothing is created or written at open (no table, no node row, no
+    /// sweep), and a node the database does not know has no rows. Glance's
+    /// tables and imgcache's must be there.
+    pub fn open_read_only(url: &str, node_url: &str) -> Result<Self> {
+        Self::connect(url, node_url, Tables::Require, true)
+    }
+
+    fn connect(url: &str, node_url: &str, tables: Tables, read_only: bool) -> Result<Self> {
         if node_url.is_empty() || node_url.len() > 255 {
             return Err(Error::Config(
                 "the centralized_db driver needs the node's URL (worker_self_reference_url, \
@@ -575,6 +587,28 @@ impl CentralizedDbDriver {
             };
             if !glance && tables == Tables::Require {
                 return Ok(Err(()));
+            }
+            if read_only {
+                if !ours {
+                    return Ok(Err(()));
+                }
+                let id: Option<i64> = c
+                    .query_opt(
+                        "SELECT node_reference_id FROM node_reference WHERE node_reference_url = $1",
+                        &[&node_url],
+                    )?
+                    .map(|r| r.get(0));
+                let max: Option<i32> = c
+                    .query_one(
+                        "SELECT character_maximum_length FROM information_schema.columns
+                         WHERE table_name = 'cached_images' AND column_name = 'image_id'
+                           AND table_schema = current_schema()",
+                        &[],
+                    )?
+                    .get(0);
+                // A node the database does not know has no rows (ids start
+                // at 1).
+                return Ok(Ok((id.unwrap_or(-1), max)));
             }
             let mut tx = c.transaction()?;
             // DDL only where something is missing, and never on a table of
@@ -620,6 +654,12 @@ impl CentralizedDbDriver {
             Ok(Ok((id, max)))
         })?;
         let Ok(node_id) = node_id else {
+            if read_only {
+                return Err(Error::Config(format!(
+                    "{} has no imgcache tables yet (opened read-only: nothing is created)",
+                    pool.location
+                )));
+            }
             return Err(Error::Config(format!(
                 "{} has no Glance cache tables (node_reference, cached_images). Where Glance uses \
                  this database, run `glance-manage db_sync` first (Glance 2024.1 and later create \

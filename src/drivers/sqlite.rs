@@ -34,26 +34,28 @@
 //! [`SqliteJournal::Wal`] is for caches Glance never touches: readers never
 //! wait for a writer, and a power cut never damages the database.
 //!
-//! Writes are not synced one by one (`synchronous = OFF`): the group
-//! durability checkpoint syncs the whole file system, database included,
-//! and records its watermark in a transaction synced on its own (`FULL`).
-//! With [`crate::Durability::Immediate`] each write is synced (`NORMAL`).
-//! In `DELETE` mode a power cut between checkpoints can leave the database
-//! damaged (never the images): opening it then fails with
-//! [`crate::Error::BadDatabase`], and [`crate::ImageCache::rebuild`]
-//! recreates it from the files. A busy timeout lets many threads and
-//! processes share one directory.
+//! Both modes run `synchronous = NORMAL`, as Glance's own connections do:
+//! a power cut never damages the database. In `DELETE` mode that costs
+//! each write transaction two `fsync`s (its journal, then the database): a
+//! commit pays them on the committing thread, so with group durability the
+//! SQLite store's commits are not free of syncs as the other stores' are
+//! (`benches/compare.rs` measures it against WAL). In WAL mode the log is
+//! synced only at its checkpoints, which a background thread runs. A busy
+//! timeout lets many threads and processes share one directory.
 //!
 //! Hits are batched: a read costs one `SELECT`; its hit and access time are
 //! held in memory and written with others in one transaction every
-//! [`HIT_BATCH`] hits or [`HIT_DELAY`], before anything in this process
-//! reports or changes metadata, on [`crate::CacheDriver::flush`], and when
-//! the driver is dropped. Another process sees them after that; a process
-//! killed outright loses the hits it held.
-//! Durability: a committed image's *file* is synced before its row is
-//! written; the row itself is durable at the next WAL checkpoint. A power
-//! loss can therefore drop the rows of the latest commits and the latest
-//! hit counts, never half an image.
+//! [`HIT_BATCH`] hits or [`HIT_DELAY`] by a background thread (so a read
+//! never waits for a transaction or a sync), before anything in this
+//! process reports or changes metadata, on [`crate::CacheDriver::flush`],
+//! and when the driver is dropped. Another process sees them after that; a
+//! process killed outright loses the hits it held.
+//!
+//! Durability: a row is durable when its transaction commits (`DELETE`) or
+//! at the next log checkpoint or durability watermark (WAL). A power loss
+//! can drop the rows of the latest commits and the latest hit counts, never
+//! half an image: what the watermark does not cover is checked at the next
+//! open.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -115,10 +117,9 @@ struct Inner {
     own_tables: bool,
     /// WAL mode: the log is checkpointed in the background.
     wal: bool,
-    /// Whether each write is synced (`NORMAL`, for
-    /// [`crate::Durability::Immediate`]) rather than left to the group
-    /// checkpoint (`OFF`).
-    sync_writes: std::sync::atomic::AtomicBool,
+    /// Wakes the writer of batched hits (a full batch): reads never write
+    /// (or sync) metadata themselves.
+    hit_writer: std::sync::mpsc::SyncSender<()>,
     conn: Arc<Mutex<Connection>>,
     checkpointer: Checkpointer,
     hits: Mutex<PendingHits>,
@@ -174,18 +175,19 @@ impl SqliteDriver {
         let conn = Arc::new(Mutex::new(open_db(db_path, journal).map_err(classify)?));
         let wal = journal == SqliteJournal::Wal;
         let checkpointer = Checkpointer::spawn(db_path, Arc::downgrade(&conn))?;
-        Ok(SqliteDriver {
-            inner: Arc::new(Inner {
-                db_path: db_path.to_path_buf(),
-                columns: COLUMNS,
-                own_tables: true,
-                wal,
-                sync_writes: std::sync::atomic::AtomicBool::new(false),
-                conn,
-                checkpointer,
-                hits: Mutex::default(),
-            }),
-        })
+        let (hit_writer, wakes) = std::sync::mpsc::sync_channel(1);
+        let inner = Arc::new(Inner {
+            db_path: db_path.to_path_buf(),
+            columns: COLUMNS,
+            own_tables: true,
+            wal,
+            hit_writer,
+            conn,
+            checkpointer,
+            hits: Mutex::default(),
+        });
+        spawn_hit_writer(&inner, wakes)?;
+        Ok(SqliteDriver { inner })
     }
 
     /// Opens the database at `db_path` for reading only, for a user who
@@ -199,29 +201,20 @@ impl SqliteDriver {
         let (conn, columns, own_tables) = open_db_read_only(db_path).map_err(classify)?;
         let conn = Arc::new(Mutex::new(conn));
         let checkpointer = Checkpointer::spawn(db_path, Arc::downgrade(&conn))?;
+        // Read-only: hits are never written (no writer thread to wake).
+        let (hit_writer, _) = std::sync::mpsc::sync_channel(1);
         Ok(SqliteDriver {
             inner: Arc::new(Inner {
                 db_path: db_path.to_path_buf(),
                 columns,
                 own_tables,
                 wal: false,
-                sync_writes: std::sync::atomic::AtomicBool::new(false),
+                hit_writer,
                 conn,
                 checkpointer,
                 hits: Mutex::default(),
             }),
         })
-    }
-
-    /// Syncs each write (`synchronous = NORMAL`) instead of leaving it to
-    /// the group durability checkpoint: for [`crate::Durability::Immediate`],
-    /// which the cache asks for itself when it opens the store.
-    pub fn sync_each_write(&self) -> Result<()> {
-        self.inner
-            .sync_writes
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        let level = self.inner.sync_level();
-        self.with_conn(|c| c.pragma_update(None, "synchronous", level))
     }
 
     /// Checkpoints the write-ahead log into the database file now (a
@@ -297,15 +290,6 @@ impl Inner {
             self.checkpointer.wrote();
         }
         out
-    }
-
-    /// The `synchronous` level of ordinary writes.
-    fn sync_level(&self) -> &'static str {
-        if self.wal || self.sync_writes.load(std::sync::atomic::Ordering::Relaxed) {
-            "NORMAL"
-        } else {
-            "OFF"
-        }
     }
 }
 
@@ -404,7 +388,7 @@ fn open_db_read_only(path: &Path) -> Result<(Connection, &'static str, bool)> {
             if matches!(
                 e.sqlite_error_code(),
                 Some(rusqlite::ErrorCode::CannotOpen | rusqlite::ErrorCode::ReadOnly)
-            ) && !wal_index_exists(path) =>
+            ) && wal_file_nobody_writes(path) =>
         {
             let uri = format!("file:{}?immutable=1", uri_path(path));
             log::info!(
@@ -431,12 +415,28 @@ fn open_db_read_only(path: &Path) -> Result<(Connection, &'static str, bool)> {
     Ok((conn, select, own))
 }
 
-/// Whether the database's WAL index (`-shm`) exists: some process has it
-/// open (or had, until a crash), so it is not read as an immutable file.
-fn wal_index_exists(db: &Path) -> bool {
-    let mut shm = db.as_os_str().to_owned();
-    shm.push("-shm");
-    Path::new(&shm).exists()
+/// Whether `db` is a WAL database with neither a WAL index (`-shm`: some
+/// process has it open, or had until a crash) nor a log or rollback journal
+/// beside it: then the file alone is the whole database, and reading it as
+/// an immutable file reads what was committed. (A rollback journal left by
+/// a crash must be rolled back by a writer first: ignoring it would read a
+/// half-written transaction.)
+fn wal_file_nobody_writes(db: &Path) -> bool {
+    use std::io::Read;
+    let beside = |suffix: &str| {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        Path::new(&p).exists()
+    };
+    if beside("-shm") || beside("-wal") || beside("-journal") {
+        return false;
+    }
+    // Bytes 18 and 19 of the header: the file format's write and read
+    // versions, 2 for WAL.
+    let mut header = [0u8; 20];
+    std::fs::File::open(db)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .is_ok_and(|()| header[18] == 2 && header[19] == 2)
 }
 
 /// `path` as the path of a SQLite URI: the characters a URI gives a
@@ -473,14 +473,12 @@ fn open_db(path: &Path, journal: SqliteJournal) -> Result<Connection> {
             path.display()
         );
     }
-    // In WAL mode NORMAL syncs the log at its checkpoints only; in DELETE
-    // mode writes are left to the group checkpoint (see the module docs).
-    let sync = if mode.eq_ignore_ascii_case("wal") {
-        "NORMAL"
-    } else {
-        "OFF"
-    };
-    conn.pragma_update(None, "synchronous", sync).map_err(err)?;
+    // NORMAL, as Glance's own connections: in WAL mode the log is synced at
+    // its checkpoints only; in DELETE mode each transaction syncs its
+    // journal and the database, so a power cut never damages the file (a
+    // database Glance shares must stay one Glance can open).
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(err)?;
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(err)?;
@@ -670,6 +668,42 @@ impl SqliteDriver {
     }
 }
 
+/// Starts the thread that writes batched hits when a read finds the batch
+/// due (and at least every [`HIT_DELAY`] while hits are held); it ends with
+/// the store, whose drop writes what is left.
+fn spawn_hit_writer(inner: &Arc<Inner>, wakes: std::sync::mpsc::Receiver<()>) -> Result<()> {
+    use std::sync::mpsc::RecvTimeoutError;
+    let weak = Arc::downgrade(inner);
+    std::thread::Builder::new()
+        .name("imgcache-sqlite-hits".into())
+        .spawn(move || loop {
+            let woken = wakes.recv_timeout(HIT_DELAY);
+            if let Err(RecvTimeoutError::Disconnected) = woken {
+                return;
+            }
+            let Some(inner) = weak.upgrade() else {
+                return;
+            };
+            let due = {
+                let hits = inner.hits.lock();
+                hits.count > 0
+                    && (woken.is_ok()
+                        || hits.count >= HIT_BATCH
+                        || hits.oldest.is_some_and(|t| t.elapsed() >= HIT_DELAY))
+            };
+            if due {
+                if let Err(e) = inner.flush_hits() {
+                    log::warn!(
+                        "imgcache: {}: hits not written yet: {e}",
+                        inner.db_path.display()
+                    );
+                }
+            }
+        })
+        .map_err(|e| Error::io("start the hit writer for", &inner.db_path, e))?;
+    Ok(())
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         if let Err(e) = self.flush_hits() {
@@ -801,7 +835,9 @@ impl CacheDriver for SqliteDriver {
         info.hits += pending;
         info.last_accessed = at;
         if due {
-            self.inner.flush_hits()?;
+            // The writer thread writes the batch: a read never waits for a
+            // transaction (or its sync). A wake already pending serves.
+            let _ = self.inner.hit_writer.try_send(());
         }
         Ok(Some(info))
     }
@@ -1029,7 +1065,7 @@ impl CacheDriver for SqliteDriver {
                 }
                 tx.commit()
             })();
-            c.pragma_update(None, "synchronous", self.inner.sync_level())?;
+            c.pragma_update(None, "synchronous", "NORMAL")?;
             done
         })
     }

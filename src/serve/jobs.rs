@@ -370,8 +370,12 @@ impl Shared {
                 }
                 true
             }
-            // Never cacheable as things are: out of the queue.
-            Err(e @ (Error::OriginNotFound { .. } | Error::NoRoom { .. })) => {
+            // Never cacheable as things are: out of the queue. (No room
+            // while the store is down is no verdict: nothing could be
+            // evicted; it stays queued.)
+            Err(e @ (Error::OriginNotFound { .. } | Error::NoRoom { .. }))
+                if !matches!(e, Error::NoRoom { .. }) || self.cache.cache_size().is_ok() =>
+            {
                 tracing::warn!(image = %id, error = %e, "prefetch failed; unqueued");
                 let _ = self.cache.delete_queued_image(id);
                 false
