@@ -217,6 +217,26 @@ impl SqliteDriver {
         })
     }
 
+    /// Moves database `db` and its side files (`-wal`, `-shm`, `-journal`,
+    /// those that exist) into `dir`, each named `{prefix}{its name}`: a
+    /// broken database kept for a post-mortem. Nothing may have it open.
+    pub fn move_aside(db: &Path, dir: &Path, prefix: &str) -> Result<()> {
+        let name = db
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for suffix in crate::id::SQLITE_SIDE_SUFFIXES {
+            let from = db.with_file_name(format!("{name}{suffix}"));
+            let to = dir.join(format!("{prefix}{name}{suffix}"));
+            match std::fs::rename(&from, &to) {
+                Ok(()) => log::warn!("imgcache: moved {} to {}", from.display(), to.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("rename", &from, e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Checkpoints the write-ahead log into the database file now (a
     /// `PASSIVE` checkpoint: it does not wait for other connections). The
     /// driver does this by itself in the background; call it before copying
