@@ -50,6 +50,7 @@ use crate::id::ImageId;
 #[cfg(feature = "postgres")]
 pub mod centralized_db;
 mod checkpoint;
+pub(crate) mod hits;
 pub mod sqlite;
 pub mod xattr;
 

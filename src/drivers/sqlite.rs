@@ -45,7 +45,7 @@
 //!
 //! Hits are batched: a read costs one `SELECT`; its hit and access time are
 //! held in memory and written with others in one transaction every
-//! [`HIT_BATCH`] hits or [`HIT_DELAY`] by a background thread (so a read
+//! 256 hits or a second (`drivers/hits.rs`) by a background thread (so a read
 //! never waits for a transaction or a sync), before anything in this
 //! process reports or changes metadata, on [`crate::CacheDriver::flush`],
 //! and when the driver is dropped. Another process sees them after that; a
@@ -67,6 +67,7 @@ use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::checkpoint::Checkpointer;
+use super::hits::{Hits, HIT_DELAY};
 use super::CacheDriver;
 use crate::clock::{from_epoch_secs, to_epoch_secs};
 use crate::entry::{
@@ -122,24 +123,10 @@ struct Inner {
     hit_writer: std::sync::mpsc::SyncSender<()>,
     conn: Arc<Mutex<Connection>>,
     checkpointer: Checkpointer,
-    hits: Mutex<PendingHits>,
+    /// Hits counted in memory and not yet written (see `hits.rs`): a read
+    /// costs a `SELECT`; the batch is written in one transaction.
+    hits: Mutex<Hits<()>>,
 }
-
-/// Hits counted in memory and not yet written: a read costs a `SELECT`;
-/// the hits are written in one transaction every [`HIT_BATCH`] hits or
-/// [`HIT_DELAY`], and before anything reports or changes metadata.
-#[derive(Debug, Default)]
-struct PendingHits {
-    /// Per image: hits not yet written, and the time of the latest.
-    by_id: std::collections::HashMap<ImageId, (u64, f64)>,
-    count: u64,
-    oldest: Option<std::time::Instant>,
-}
-
-/// Hits held in memory at most before they are written.
-pub const HIT_BATCH: u64 = 256;
-/// Time a hit is held in memory at most (checked at the next read).
-pub const HIT_DELAY: Duration = Duration::from_secs(1);
 
 impl fmt::Debug for SqliteDriver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -282,24 +269,35 @@ impl Inner {
     fn flush_hits(&self) -> Result<()> {
         let pending = {
             let mut hits = self.hits.lock();
-            if hits.count == 0 {
+            if hits.is_empty() {
                 return Ok(());
             }
-            std::mem::take(&mut *hits).by_id
+            hits.take()
         };
-        self.with_write(|c| {
+        let written = self.with_write(|c| {
             let tx = c.transaction()?;
             {
                 let mut stmt = tx.prepare_cached(
                     "UPDATE cached_images SET hits = hits + ?2, last_accessed = ?3
                      WHERE image_id = ?1",
                 )?;
-                for (id, (n, at)) in &pending {
-                    stmt.execute(params![id.as_str(), *n as i64, at])?;
+                for (id, held) in &pending {
+                    stmt.execute(params![
+                        id.as_str(),
+                        held.hits as i64,
+                        to_epoch_secs(held.last)
+                    ])?;
                 }
             }
             tx.commit()
-        })
+        });
+        // A transaction that failed applied nothing: the hits are held
+        // again, for the next try (a database busy for longer than the
+        // timeout, a full disk).
+        if written.is_err() {
+            self.hits.lock().restore(pending);
+        }
+        written
     }
 
     /// Like `with_conn`, for statements that write: counts the write for the
@@ -689,7 +687,7 @@ impl SqliteDriver {
 }
 
 /// Starts the thread that writes batched hits when a read finds the batch
-/// due (and at least every [`HIT_DELAY`] while hits are held); it ends with
+/// due (and at least every second while hits are held); it ends with
 /// the store, whose drop writes what is left.
 fn spawn_hit_writer(inner: &Arc<Inner>, wakes: std::sync::mpsc::Receiver<()>) -> Result<()> {
     use std::sync::mpsc::RecvTimeoutError;
@@ -706,10 +704,7 @@ fn spawn_hit_writer(inner: &Arc<Inner>, wakes: std::sync::mpsc::Receiver<()>) ->
             };
             let due = {
                 let hits = inner.hits.lock();
-                hits.count > 0
-                    && (woken.is_ok()
-                        || hits.count >= HIT_BATCH
-                        || hits.oldest.is_some_and(|t| t.elapsed() >= HIT_DELAY))
+                !hits.is_empty() && (woken.is_ok() || hits.due())
             };
             if due {
                 if let Err(e) = inner.flush_hits() {
@@ -782,25 +777,8 @@ impl SqliteDriver {
     /// for it and whether the batch is due to be written.
     fn count_hit(&self, id: &ImageId, at: SystemTime) -> (u64, bool) {
         let mut hits = self.inner.hits.lock();
-        let at = to_epoch_secs(at);
-        // No allocation when the image already has hits pending.
-        let pending = match hits.by_id.get_mut(id) {
-            Some(entry) => {
-                entry.0 += 1;
-                entry.1 = at;
-                entry.0
-            }
-            None => {
-                hits.by_id.insert(id.clone(), (1, at));
-                1
-            }
-        };
-        hits.count += 1;
-        let oldest = *hits.oldest.get_or_insert_with(std::time::Instant::now);
-        (
-            pending,
-            hits.count >= HIT_BATCH || oldest.elapsed() >= HIT_DELAY,
-        )
+        let pending = hits.add(id, at, || ());
+        (pending, hits.due())
     }
 
     /// Every row, decoded or not, with its raw id (for recovery).
@@ -832,9 +810,10 @@ impl CacheDriver for SqliteDriver {
         let Some(mut info) = self.row(id)? else {
             return Ok(None);
         };
-        if let Some((n, at)) = self.inner.hits.lock().by_id.get(id) {
-            info.hits += n;
-            if let Some(t) = from_epoch_secs(*at) {
+        if let Some(held) = self.inner.hits.lock().get(id) {
+            info.hits += held.hits;
+            // As the column will hold it.
+            if let Some(t) = from_epoch_secs(to_epoch_secs(held.last)) {
                 info.last_accessed = t;
             }
         }

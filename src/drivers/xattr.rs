@@ -46,12 +46,13 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use parking_lot::Mutex;
 
 use xattr::FileExt;
 
+use super::hits::Hits;
 use super::CacheDriver;
 use crate::clock::from_epoch_secs;
 use crate::entry::{
@@ -255,8 +256,7 @@ use encoding::*;
 /// Hits are batched as the SQLite store batches them: a read counts its
 /// hit in memory, and the counts are added to each file's `user.hits`
 /// (under the file's lock, so that no process's hits are lost) every
-/// [`HIT_BATCH`](super::sqlite::HIT_BATCH) hits or
-/// [`HIT_DELAY`](super::sqlite::HIT_DELAY), before anything reports or
+/// 256 hits or a second (`drivers/hits.rs`), before anything reports or
 /// walks metadata, on [`CacheDriver::flush`] and when the store is dropped.
 /// A process killed outright loses the hits it held. What a read needs of
 /// an entry (its size, CRC, times) is remembered for as long as the file
@@ -277,22 +277,19 @@ struct State {
 
 #[derive(Debug, Default)]
 struct Held {
-    /// Per image: its file, the hits not yet written, the latest of them.
-    pending: HashMap<ImageId, PendingHits>,
-    count: u64,
-    oldest: Option<Instant>,
+    /// Per image: the hits not yet written, with the file they belong to.
+    pending: Hits<HitsOf>,
     /// Per image: the file's identity and its entry as last read.
     known: HashMap<ImageId, ([i64; 7], CachedImageInfo)>,
 }
 
+/// The file a batch of hits belongs to.
 #[derive(Debug)]
-struct PendingHits {
+struct HitsOf {
     path: PathBuf,
     /// Device and inode: the hits belong to this file, not to one that
     /// replaced it.
     file: (i64, i64),
-    hits: u64,
-    last: SystemTime,
 }
 
 impl Drop for State {
@@ -307,35 +304,33 @@ impl Drop for State {
 /// lock. Files gone or replaced meanwhile take their hits with them.
 fn flush_pending(held: &mut Held) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    held.count = 0;
-    held.oldest = None;
     let mut first_error = None;
-    for (_, p) in held.pending.drain() {
-        let file = match File::open(&p.path) {
+    for (_, h) in held.pending.take() {
+        let file = match File::open(&h.of.path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => {
-                first_error.get_or_insert(Error::io("open", &p.path, e));
+                first_error.get_or_insert(Error::io("open", &h.of.path, e));
                 continue;
             }
         };
         let meta = match file.metadata() {
             Ok(m) => m,
             Err(e) => {
-                first_error.get_or_insert(Error::io("stat", &p.path, e));
+                first_error.get_or_insert(Error::io("stat", &h.of.path, e));
                 continue;
             }
         };
-        if (meta.dev() as i64, meta.ino() as i64) != p.file {
+        if (meta.dev() as i64, meta.ino() as i64) != h.of.file {
             continue;
         }
-        let on = OnDisk::new(&p.path, Some(&file), &meta);
+        let on = OnDisk::new(&h.of.path, Some(&file), &meta);
         let written = locked(on, || {
-            let hits = decode(get(on, HITS)?, &p.path, HITS, decode_u64)?.unwrap_or(0);
-            set(on, HITS, &encode_u64(hits.saturating_add(p.hits)))?;
+            let hits = decode(get(on, HITS)?, &h.of.path, HITS, decode_u64)?.unwrap_or(0);
+            set(on, HITS, &encode_u64(hits.saturating_add(h.hits)))?;
             // The time of the latest hit, as the cache's clock gave it
             // (as an unbatched hit would have written it).
-            set(on, ACCESSED, &encode_time(p.last))
+            set(on, ACCESSED, &encode_time(h.last))
         });
         match written {
             Ok(()) => {}
@@ -600,28 +595,21 @@ impl CacheDriver for XattrDriver {
                 info
             }
         };
-        let p = match held.pending.get_mut(id) {
-            Some(p) if p.file == (dev, ino) => p,
-            _ => {
-                if held.pending.contains_key(id) {
-                    // Hits of a file that was replaced: write them first.
-                    flush_pending(&mut held)?;
-                }
-                held.pending.entry(id.clone()).or_insert(PendingHits {
-                    path: file.path().to_path_buf(),
-                    file: (dev, ino),
-                    hits: 0,
-                    last: at,
-                })
-            }
-        };
-        p.hits += 1;
-        p.last = at;
-        info.hits += p.hits;
+        if held
+            .pending
+            .get(id)
+            .is_some_and(|p| p.of.file != (dev, ino))
+        {
+            // Hits of a file that was replaced: write them first.
+            flush_pending(&mut held)?;
+        }
+        let pending = held.pending.add(id, at, || HitsOf {
+            path: file.path().to_path_buf(),
+            file: (dev, ino),
+        });
+        info.hits += pending;
         info.last_accessed = at;
-        held.count += 1;
-        let oldest = *held.oldest.get_or_insert_with(Instant::now);
-        if held.count >= super::sqlite::HIT_BATCH || oldest.elapsed() >= super::sqlite::HIT_DELAY {
+        if held.pending.due() {
             // Another image's file failing its write must not fail this
             // read.
             if let Err(e) = flush_pending(&mut held) {

@@ -2,7 +2,8 @@
 //! each batch numbered, so that one sent again after a lost reply is
 //! applied once.
 
-use super::{HitBatch, Inner, HIT_BATCH, HIT_DELAY};
+use super::{HitBatch, Inner};
+use crate::drivers::hits::HIT_DELAY;
 use crate::error::Result;
 use crate::id::ImageId;
 
@@ -25,11 +26,10 @@ impl Inner {
         }
         let pending = {
             let mut hits = self.hits.lock();
-            if hits.count == 0 {
+            if hits.hits.is_empty() {
                 return Ok(());
             }
-            hits.count = 0;
-            std::mem::take(&mut hits.by_id)
+            hits.hits.take()
         };
         let seq = self
             .batches
@@ -54,10 +54,10 @@ impl Inner {
         let mut ids = Vec::with_capacity(batch.len());
         let mut counts = Vec::with_capacity(batch.len());
         let mut times = Vec::with_capacity(batch.len());
-        for (id, (n, at)) in batch {
+        for (id, held) in batch {
             ids.push(id.as_str());
-            counts.push(i64::try_from(*n).unwrap_or(i64::MAX));
-            times.push(*at);
+            counts.push(i64::try_from(held.hits).unwrap_or(i64::MAX));
+            times.push(held.last);
         }
         let node = self.node_id;
         let key = &self.batches.0;
@@ -83,10 +83,10 @@ impl Inner {
     /// Records a batch the database holds in the entries remembered.
     pub(super) fn applied(&self, batch: HitBatch) {
         let mut memo = self.memo.lock();
-        for (id, (n, at)) in batch {
+        for (id, held) in batch {
             if let Some(m) = memo.get_mut(&id) {
-                m.info.hits += n;
-                m.info.last_accessed = at;
+                m.info.hits += held.hits;
+                m.info.last_accessed = held.last;
             }
         }
     }
@@ -103,13 +103,10 @@ impl Inner {
     /// Forgets what this process remembers or holds of `ids`.
     pub(super) fn forget(&self, ids: &[ImageId]) {
         let mut memo = self.memo.lock();
-        let mut hits = self.hits.lock();
         for id in ids {
             memo.remove(id);
-            if let Some((n, _)) = hits.by_id.remove(id) {
-                hits.count = hits.count.saturating_sub(n);
-            }
         }
+        self.hits.lock().hits.forget(ids);
     }
 }
 
@@ -125,7 +122,7 @@ pub(super) fn flusher(me: &Inner) {
             }
             // After a failure, always the full delay: no connect storm
             // against a database that is down.
-            if hits.count < HIT_BATCH || failing {
+            if !hits.hits.full() || failing {
                 me.wake.wait_for(&mut hits, HIT_DELAY);
             }
             if hits.stop {

@@ -64,7 +64,7 @@
 //! described, and answers a hit from memory while the file is the same one
 //! (a new commit is a new inode). Hits and access times are held in memory
 //! and written by a background thread, in one statement, every
-//! [`HIT_DELAY`] or [`HIT_BATCH`]
+//! a second or 256 (`drivers/hits.rs`)
 //! hits, and on [`crate::CacheDriver::flush`] and drop. A commit costs one round
 //! trip (an upsert).
 //!
@@ -94,7 +94,7 @@ use std::time::{Duration, SystemTime};
 
 use parking_lot::{Condvar, Mutex};
 
-use super::sqlite::{HIT_BATCH, HIT_DELAY};
+use super::hits::{Batch, Hits};
 use crate::clock::round_trip;
 use crate::entry::{CachedImageInfo, OnDisk};
 use crate::error::{Error, Result};
@@ -214,7 +214,7 @@ struct Inner {
 }
 
 /// Hits of a batch, per image: how many, and the time of the latest.
-type HitBatch = HashMap<ImageId, (u64, SystemTime)>;
+type HitBatch = Batch<()>;
 
 #[derive(Debug, Clone)]
 struct Memo {
@@ -222,11 +222,10 @@ struct Memo {
     info: CachedImageInfo,
 }
 
+/// The hits held, and whether the flusher is to stop.
 #[derive(Debug, Default)]
 struct Pending {
-    /// Per image: hits not yet written, and the time of the latest.
-    by_id: HashMap<ImageId, (u64, SystemTime)>,
-    count: u64,
+    hits: Hits<()>,
     stop: bool,
 }
 
@@ -558,9 +557,9 @@ impl CentralizedDbDriver {
 
     /// Adds the hits this process holds for `info` to it.
     fn with_pending(&self, mut info: CachedImageInfo) -> CachedImageInfo {
-        if let Some((n, at)) = self.inner.hits.lock().by_id.get(&info.id) {
-            info.hits += n;
-            info.last_accessed = *at;
+        if let Some(held) = self.inner.hits.lock().hits.get(&info.id) {
+            info.hits += held.hits;
+            info.last_accessed = held.last;
         }
         info
     }

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use super::{
     decode, glance_checksum, identity, long_checksum, CentralizedDbDriver, Memo, COLUMNS, ENTRIES,
-    HIT_BATCH, SCHEMA_LOCK,
+    SCHEMA_LOCK,
 };
 use crate::clock::round_trip;
 use crate::drivers::CacheDriver;
@@ -70,11 +70,8 @@ impl CacheDriver for CentralizedDbDriver {
         };
         let due = {
             let mut hits = self.inner.hits.lock();
-            let entry = hits.by_id.entry(id.clone()).or_insert((0, at));
-            entry.0 += 1;
-            entry.1 = at;
-            hits.count += 1;
-            hits.count >= HIT_BATCH
+            hits.hits.add(id, at, || ());
+            hits.hits.full()
         };
         if due {
             self.inner.wake.notify_one();
