@@ -88,6 +88,7 @@ impl<T> Hits<T> {
 
     /// Whether [`HIT_BATCH`] hits are held (a writer thread's own test; it
     /// keeps the time itself).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn full(&self) -> bool {
         self.count >= HIT_BATCH
     }
@@ -128,6 +129,7 @@ impl<T> Hits<T> {
 
     /// Drops the hits held for `ids` (their images were removed or
     /// replaced: the hits belonged to the old files).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn forget(&mut self, ids: &[ImageId]) {
         for id in ids {
             if let Some(held) = self.by_id.remove(id) {
