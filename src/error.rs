@@ -200,6 +200,36 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Whether this is a fault of the cache itself — a corrupt entry or
+    /// database, the metadata store unreachable, the cache's own files
+    /// unreadable or unwritable (a full disk), no room to cache — rather
+    /// than of the request (a bad id), of the origin (not found, refused,
+    /// wrong bytes) or of the configuration. An embedding server that gets
+    /// one should serve the client from the origin instead (DESIGN,
+    /// invariant 6): the cache is transparent.
+    pub fn is_cache_fault(&self) -> bool {
+        match self {
+            Error::Io { .. }
+            | Error::Store(_)
+            | Error::Corrupt { .. }
+            | Error::CorruptMetadata { .. }
+            | Error::BadDatabase { .. }
+            | Error::XattrUnsupported { .. }
+            | Error::NoRoom { .. }
+            | Error::AlreadyBeingCached { .. }
+            | Error::AlreadyCached { .. } => true,
+            Error::InvalidId { .. }
+            | Error::InvalidChecksum { .. }
+            | Error::ChecksumMismatch { .. }
+            | Error::Source { .. }
+            | Error::OriginNotFound { .. }
+            | Error::Origin { .. }
+            | Error::FillFailed { .. }
+            | Error::RangeNotSatisfiable { .. }
+            | Error::Config(_) => false,
+        }
+    }
+
     /// Wraps an [`io::Error`] with the operation and path.
     pub(crate) fn io(op: &'static str, path: impl AsRef<Path>, source: io::Error) -> Self {
         Error::Io {

@@ -19,6 +19,7 @@ for_each_driver!(
     recovery_adopts_files_without_metadata,
     files_without_metadata_after_the_last_checkpoint_are_not_adopted,
     the_base_directory_holds_only_images,
+    a_corrupt_hit_reports_the_corruption_even_if_it_cannot_be_moved_aside,
     a_file_renamed_in_after_the_checkpoint_is_not_adopted,
     an_earlier_watermark_file_is_moved_with_its_session_mark,
     recovery_reports_stalled_but_not_live_writers,
@@ -106,6 +107,37 @@ fn files_without_metadata_after_the_last_checkpoint_are_not_adopted(kind: Store)
     let third = kind.open(CacheOptions::new(dir.path())).unwrap();
     assert!(!third.recovery().unclean_shutdown);
     assert_eq!(third.recovery().adopted, vec![id("foreign")]);
+}
+
+/// A hit on a file whose size is not what was committed is a
+/// [`Error::Corrupt`] — a fault of the cache, which an embedding server
+/// answers from the origin — even when the file cannot be moved to
+/// `invalid/` (here `invalid` is a file, not a folder): the failure to
+/// quarantine goes to the log, never in place of the corruption.
+fn a_corrupt_hit_reports_the_corruption_even_if_it_cannot_be_moved_aside(kind: Store) {
+    let f = Fixture::new(kind);
+    let x = f.put("x", &bytes(3, 10_000));
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(f.path().join("x"))
+        .unwrap();
+    file.set_len(5_000).unwrap();
+    fs::remove_dir_all(f.path().join("invalid")).unwrap();
+    fs::write(f.path().join("invalid"), b"not a folder").unwrap();
+    let err = f.cache.open_for_read(&x).unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
+    assert!(err.is_cache_fault(), "{err:?}");
+    // Still in place, and still refused.
+    assert!(f.path().join("x").exists());
+    assert!(matches!(
+        f.cache.open_for_read(&x),
+        Err(Error::Corrupt { .. })
+    ));
+    assert!(!Error::OriginNotFound {
+        id: x.clone(),
+        origin: "here".into()
+    }
+    .is_cache_fault());
 }
 
 /// Glance's drivers take every regular file in the base directory (but

@@ -571,13 +571,21 @@ impl ImageCache {
     /// instead.
     pub fn open_for_read(&self, id: &ImageId) -> Result<Option<CachedImage>> {
         let key = self.layout.admit(id)?;
+        // The corruption is the error to report: a failure to move the file
+        // aside (a full disk, a read-only directory) only goes to the log,
+        // and the next read finds it again.
+        let quarantined = |reason: &str| {
+            if let Err(e) = self.quarantine(key, reason) {
+                log::error!("imgcache: {key}: cannot quarantine ({reason}): {e}");
+            }
+        };
         match self.read_hit(key) {
             Err(Error::Corrupt { id, path, detail }) => {
-                self.quarantine(key, &detail)?;
+                quarantined(&detail);
                 Err(Error::Corrupt { id, path, detail })
             }
             Err(Error::CorruptMetadata { path, detail }) => {
-                self.quarantine(key, &format!("corrupt metadata: {detail}"))?;
+                quarantined(&format!("corrupt metadata: {detail}"));
                 Err(Error::CorruptMetadata { path, detail })
             }
             other => other,
