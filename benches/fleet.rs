@@ -20,8 +20,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use imgcache::drivers::CentralizedDbDriver;
 use imgcache::testing::{postgres, Store};
-use imgcache::{CacheOptions, CachedImageInfo, CentralizedDbDriver, ImageCache, ImageId};
+use imgcache::{CacheOptions, CachedImageInfo, ImageCache, ImageId};
 
 const ROUNDS: usize = 5;
 

@@ -54,7 +54,7 @@ impl fmt::Display for Algorithm {
 /// An expected digest: an algorithm and the lowercase hex of the digest.
 ///
 /// ```
-/// use imgcache::Checksum;
+/// use imgcache::checksum::Checksum;
 /// let c = Checksum::md5("D41D8CD98F00B204E9800998ECF8427E")?; // MD5 of nothing
 /// assert_eq!(c.to_string(), "md5:d41d8cd98f00b204e9800998ecf8427e");
 /// assert!(Checksum::sha256("abc").is_err());

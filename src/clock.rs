@@ -30,7 +30,7 @@ impl Clock for SystemClock {
 /// A clock that stands still until it is told to move.
 ///
 /// ```
-/// use imgcache::{Clock, ManualClock};
+/// use imgcache::clock::{Clock, ManualClock};
 /// use std::time::Duration;
 /// let clock = ManualClock::at_secs(1_000);
 /// let before = clock.now();

@@ -133,7 +133,7 @@ impl Invalidation {
     }
 }
 
-/// One entry a store holds, as [`crate::CacheDriver::scan`] reports it for
+/// One entry a store holds, as [`crate::drivers::CacheDriver::scan`] reports it for
 /// recovery.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]

@@ -112,9 +112,9 @@ pub enum Error {
         /// The image.
         id: ImageId,
         /// What the backend declared.
-        expected: crate::Checksum,
+        expected: crate::checksum::Checksum,
         /// What the bytes hash to.
-        actual: crate::Checksum,
+        actual: crate::checksum::Checksum,
     },
 
     /// The backend stream of an image failed (opening or reading it).

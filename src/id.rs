@@ -6,7 +6,7 @@ use std::str::FromStr;
 use crate::error::Error;
 
 /// The longest id accepted, in bytes (the usual `NAME_MAX`).
-pub const MAX_ID_LEN: usize = 255;
+pub(crate) const MAX_ID_LEN: usize = ImageId::MAX_LEN;
 
 /// Names the cache uses for its own files and folders in the base directory,
 /// and files Glance itself leaves there: the external locks of oslo's
@@ -31,7 +31,7 @@ pub(crate) const RESERVED_NAMES: &[&str] = &[
 pub(crate) const SQLITE_SIDE_SUFFIXES: &[&str] = &["", "-wal", "-shm", "-journal"];
 
 /// The default SQLite database file name (Glance's `image_cache_sqlite_db`).
-pub const DEFAULT_SQLITE_DB: &str = "cache.db";
+pub(crate) const DEFAULT_SQLITE_DB: &str = crate::options::CacheOptions::DEFAULT_SQLITE_DB;
 
 /// The prefix of every temporary or private file the cache may create.
 /// Ids starting with it are refused.
@@ -56,7 +56,7 @@ pub enum IdError {
     /// The id contains a control character (U+0000–U+001F, U+007F–U+009F).
     #[error("it contains a control character")]
     Control,
-    /// The id is longer than [`MAX_ID_LEN`] bytes.
+    /// The id is longer than [`ImageId::MAX_LEN`] bytes.
     #[error("it is longer than 255 bytes")]
     TooLong,
     /// The id is not valid UTF-8.
@@ -103,6 +103,9 @@ pub enum IdError {
 pub struct ImageId(Box<str>);
 
 impl ImageId {
+    /// The longest id, in bytes: a file name's limit.
+    pub const MAX_LEN: usize = 255;
+
     /// Validates `s` and makes an id of it.
     pub fn new(s: impl AsRef<str>) -> Result<Self, Error> {
         let s = s.as_ref();

@@ -50,19 +50,19 @@
 //! - [`ImageCache`]: the facade — the local file layer and a metadata store
 //!   joined, and the policies: `prune`, `clean`, `verify`/`scrub`,
 //!   `rebuild`, `caching_reader`, `fetch`, `cache_image_file`, `prefetch`.
-//! - [`CacheDriver`] (also named [`MetadataStore`]): where metadata lives,
-//!   and nothing else. [`SqliteDriver`] and [`XattrDriver`] (Linux)
+//! - [`CacheDriver`](drivers::CacheDriver): where metadata lives,
+//!   and nothing else. [`SqliteDriver`](drivers::SqliteDriver) and [`XattrDriver`](drivers::XattrDriver) (Linux)
 //!   implement it for one node; `CentralizedDbDriver` (feature `postgres`)
 //!   for many nodes on one PostgreSQL database, as Glance's
 //!   `centralized_db`.
-//! - [`Layout`]: the one local file layer's paths and file moves.
+//! - `Layout`: the one local file layer's paths and file moves.
 //! - [`CacheWriter`]: `Write` into `incomplete/<id>`; `commit()` publishes,
 //!   dropping it moves the bytes to `invalid/`.
 //! - [`CachedImage`]: an open cached file: `Read + Seek`, ranged reads,
 //!   `mmap`, and zero-copy [`CachedImage::send_to`] (`sendfile`, `splice`,
 //!   `copy_file_range` on Linux; a `read`/`write` fallback elsewhere).
 //! - [`TeeReader`]: the caching tee — a backend stream cached as the caller
-//!   reads it, checked against a [`Checksum`] in the same pass.
+//!   reads it, checked against a [`Checksum`](checksum::Checksum) in the same pass.
 //! - [`ImageCache::fetch`]: single flight — one backend open however many
 //!   callers want a cold image; the others follow the fill
 //!   ([`FollowReader`]) or wait for another process's writer.
@@ -102,14 +102,14 @@
 //! Glance's `xattr` driver keeps its metadata on the cached files. Rather
 //! than have that store open files behind the file layer's back (a second
 //! path policy) or teach the file layer attribute names (a second store),
-//! the store's per-entry methods take an [`OnDisk`] — the file as the file
-//! layer found or opened it — and its walks a [`CachedFiles`] listing.
+//! the store's per-entry methods take an [`OnDisk`](drivers::OnDisk) — the file as the file
+//! layer found or opened it — and its walks a [`CachedFiles`](drivers::CachedFiles) listing.
 //! Stores that keep rows elsewhere (SQLite, a shared database) ignore both.
 //!
 //! Ids are checked once: an [`ImageId`] refuses what is no safe file name,
-//! and [`Layout::admit`] refuses this cache's own names (its configured
+//! and `Layout::admit` refuses this cache's own names (its configured
 //! database and side files, Glance's `image_cache_db_init`). Every path of
-//! an image is built from an [`Admitted`] id, which only `admit` makes, so
+//! an image is built from an `Admitted` id, which only `admit` makes, so
 //! no entry point can reach the file system with an unchecked one.
 //!
 //! # Guarantees
@@ -146,7 +146,7 @@
 //!   two `fsync`s. A background checkpoint makes everything committed so
 //!   far durable at once — one `syncfs(2)` of the cache's file system
 //!   (`sync(2)` where there is none) at most 1 s after a commit, or after
-//!   256 MiB — and then records a [`Watermark`] in the store, durably: the
+//!   256 MiB — and then records a [`Watermark`](drivers::Watermark) in the store, durably: the
 //!   cache's clock and the file system's, as they were just before that
 //!   sync. Each entry is stamped (`last_modified`) after its last data
 //!   write, so an entry stamped before the watermark was on disk before
@@ -218,8 +218,8 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod cache;
-mod checksum;
-mod clock;
+pub mod checksum;
+pub mod clock;
 pub mod drivers;
 mod entry;
 mod error;
@@ -233,39 +233,26 @@ pub mod serve;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
+/// The prefetcher's report and its progress events
+/// ([`ImageCache::prefetch_with`]).
+pub mod prefetch {
+    pub use crate::cache::prefetch::{
+        PrefetchEvent, PrefetchOutcome, PrefetchReport, PrefetchResult,
+    };
+}
+
 pub use cache::fill::{FillProgress, FollowReader};
-pub use cache::prefetch::{PrefetchEvent, PrefetchOutcome, PrefetchReport, PrefetchResult};
 pub use cache::tee::{TeeReader, TeeStats};
 pub use cache::writer::CacheWriter;
 pub use cache::{
     Fetched, ImageCache, ImageStream, MigrationReport, PruneReport, RecoveryReport, ScrubReport,
     Verification,
 };
-pub use checksum::{Algorithm, Checksum, Hasher};
-pub use clock::{Clock, ManualClock, SystemClock};
-#[cfg(feature = "postgres")]
-pub use drivers::CentralizedDbDriver;
-pub use drivers::{
-    CacheDriver, MetadataStore, SqliteDriver, SqliteJournal, XattrDriver, LOCAL_NODE,
-};
-pub use entry::{
-    CachedFiles, CachedImageInfo, InvalidImageInfo, Invalidation, LruEntry, NodeImage, OnDisk,
-    Scanned, Watermark,
-};
+pub use entry::{CachedImageInfo, InvalidImageInfo, LruEntry, NodeImage};
 pub use error::{Error, Result, StoreError, StoreErrorKind};
-#[cfg(feature = "tokio")]
-pub use files::zero_copy::send_file_async;
-pub use files::{Admitted, CachedImage, CleanReport, Layout, RangeReader, RemovedFile};
-pub use id::{IdError, ImageId, DEFAULT_SQLITE_DB, MAX_ID_LEN};
-pub use options::{
-    parse_size, redact_url, CacheOptions, DriverKind, Durability, MinFree, DEFAULT_MAX_SIZE,
-    DEFAULT_STALL_TIME,
-};
-#[cfg(feature = "http")]
-pub use origin::HttpOrigin;
-pub use origin::{Access, DirOrigin, Origin, OriginObject, OriginRequest};
-#[cfg(feature = "serve")]
-pub use origin::{AsyncHttpOrigin, AsyncOriginObject};
+pub use files::{CachedImage, CleanReport, MappedImage, RangeReader, RemovedFile};
+pub use id::{IdError, ImageId};
+pub use options::{CacheOptions, DriverKind, Durability, MinFree};
 pub use range::ByteRange;
 
 /// The README's examples, compiled as doctests so that they cannot drift.

@@ -12,19 +12,19 @@ use crate::error::{Error, Result};
 use crate::id::DEFAULT_SQLITE_DB;
 
 /// Glance's default `image_cache_max_size`: 10 GiB.
-pub const DEFAULT_MAX_SIZE: u64 = 10 * 1024 * 1024 * 1024;
+pub(crate) const DEFAULT_MAX_SIZE: u64 = CacheOptions::DEFAULT_MAX_SIZE;
 
 /// Glance's default `image_cache_stall_time`: one day.
-pub const DEFAULT_STALL_TIME: Duration = Duration::from_secs(86_400);
+pub(crate) const DEFAULT_STALL_TIME: Duration = CacheOptions::DEFAULT_STALL_TIME;
 
 /// Where a cache keeps its metadata (Glance's `image_cache_driver`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum DriverKind {
-    /// A SQLite database in the cache directory ([`crate::SqliteDriver`]).
+    /// A SQLite database in the cache directory ([`crate::drivers::SqliteDriver`]).
     #[default]
     Sqlite,
-    /// Extended attributes on the cached files ([`crate::XattrDriver`]).
+    /// Extended attributes on the cached files ([`crate::drivers::XattrDriver`]).
     Xattr,
     /// Glance's `centralized_db`: metadata of many nodes in one PostgreSQL
     /// database (feature `postgres`); needs
@@ -123,6 +123,25 @@ impl fmt::Debug for CacheOptions {
 }
 
 impl CacheOptions {
+    /// Glance's default `image_cache_max_size`: 10 GiB.
+    pub const DEFAULT_MAX_SIZE: u64 = 10 * 1024 * 1024 * 1024;
+    /// Glance's default `image_cache_stall_time`: a day.
+    pub const DEFAULT_STALL_TIME: Duration = Duration::from_secs(86_400);
+    /// Glance's default `image_cache_sqlite_db`.
+    pub const DEFAULT_SQLITE_DB: &'static str = "cache.db";
+
+    /// Parses a size as the configuration takes it: bytes, or a number with
+    /// a unit (`10GiB`, `500MB`, `1.5KiB`; case and spaces do not matter).
+    pub fn parse_size(s: &str) -> Result<u64, String> {
+        parse_size(s)
+    }
+
+    /// `url` with any password replaced by `***` (`scheme://user:***@host…`,
+    /// or libpq's `password=***`): the one form every message uses.
+    pub fn redact_url(url: &str) -> String {
+        redact_url(url)
+    }
+
     /// Options for a cache in `image_cache_dir`, with Glance's defaults:
     /// 10 GiB max size, a stall time of 86 400 s, the sqlite driver with
     /// `cache.db`, the system clock.
@@ -285,7 +304,7 @@ impl CacheOptions {
 
     /// The SQLite store's journal mode: Glance's `DELETE` (the default),
     /// or WAL for a cache Glance never touches (see
-    /// [`crate::SqliteJournal`]).
+    /// [`crate::drivers::SqliteJournal`]).
     pub fn sqlite_journal(mut self, journal: crate::drivers::SqliteJournal) -> Self {
         self.sqlite_journal = journal;
         self
@@ -480,7 +499,7 @@ impl std::str::FromStr for MinFree {
 
 /// Parses a size: bytes, or a number with a unit (K/KB/M/MB/G/GB/T/TB in
 /// powers of 1000, KiB/MiB/GiB/TiB in powers of 1024; case-insensitive).
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -510,7 +529,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// `url` with any password replaced by `***` (`scheme://user:***@host…`).
-pub fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         // libpq's `key=value` form: hide what follows `password=`.
         return url

@@ -924,11 +924,11 @@ trait RoundedNow {
     fn now_rounded(&self) -> SystemTime;
 }
 
-impl RoundedNow for imgcache::ManualClock {
+impl RoundedNow for imgcache::clock::ManualClock {
     /// The clock's time as the cache stores it: to the nearest
     /// microsecond, which every store keeps exactly.
     fn now_rounded(&self) -> SystemTime {
-        use imgcache::Clock;
+        use imgcache::clock::Clock;
         let nanos = self
             .now()
             .duration_since(SystemTime::UNIX_EPOCH)

@@ -65,7 +65,7 @@ fn origin(names: &[&str]) -> (tempfile::TempDir, HashMap<String, Vec<u8>>) {
 }
 
 fn md5_hex(data: &[u8]) -> String {
-    let mut h = imgcache::Hasher::new(imgcache::Algorithm::Md5);
+    let mut h = imgcache::checksum::Hasher::new(imgcache::checksum::Algorithm::Md5);
     h.update(data);
     h.finish().hex().to_owned()
 }

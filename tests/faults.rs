@@ -510,11 +510,11 @@ fn sqlite_row_without_file_is_dropped() {
 fn a_store_opened_by_hand_keeps_its_database() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("meta.db");
-    let store = std::sync::Arc::new(imgcache::SqliteDriver::open(&db).unwrap());
+    let store = std::sync::Arc::new(imgcache::drivers::SqliteDriver::open(&db).unwrap());
     let cache = ImageCache::with_driver(store, CacheOptions::new(dir.path())).unwrap();
     cache.cache_image_file(&id("img"), &b"bytes"[..]).unwrap();
     drop(cache);
-    let store = std::sync::Arc::new(imgcache::SqliteDriver::open(&db).unwrap());
+    let store = std::sync::Arc::new(imgcache::drivers::SqliteDriver::open(&db).unwrap());
     let cache = ImageCache::with_driver(store, CacheOptions::new(dir.path())).unwrap();
     assert!(cache.recovery().is_clean(), "{:?}", cache.recovery());
     let ids: Vec<String> = cache

@@ -8,8 +8,9 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use imgcache::drivers::centralized_db::Tables;
+use imgcache::drivers::{CacheDriver, CentralizedDbDriver};
 use imgcache::testing::postgres::cluster;
-use imgcache::{CacheDriver, CachedImageInfo, CentralizedDbDriver, Error, ImageId};
+use imgcache::{CachedImageInfo, Error, ImageId};
 
 /// Glance's cache tables, as its 2024.1 expand migration
 /// (`2024_1_expand01_add_cache_tables`) creates them on PostgreSQL.
@@ -234,11 +235,11 @@ fn crcs_in_columns_an_earlier_version_added_are_kept() {
 /// The store keeps no files: a listing needs none.
 struct NoFiles;
 
-impl imgcache::CachedFiles for NoFiles {
+impl imgcache::drivers::CachedFiles for NoFiles {
     fn each_cached(
         &self,
         _open: bool,
-        _f: &mut dyn FnMut(&ImageId, imgcache::OnDisk<'_>) -> imgcache::Result<()>,
+        _f: &mut dyn FnMut(&ImageId, imgcache::drivers::OnDisk<'_>) -> imgcache::Result<()>,
     ) -> imgcache::Result<()> {
         Ok(())
     }

@@ -170,7 +170,7 @@ fn serving_one_gib_to_eight_clients_stays_under_64_mib() {
     // A sparse file: the origin costs no disk; its MD5 sits beside it.
     let file = std::fs::File::create(origin.path().join("big")).unwrap();
     file.set_len(size).unwrap();
-    let mut h = imgcache::Hasher::new(imgcache::Algorithm::Md5);
+    let mut h = imgcache::checksum::Hasher::new(imgcache::checksum::Algorithm::Md5);
     let zeros = vec![0u8; 1 << 20];
     let mut left = size;
     while left > 0 {

@@ -15,9 +15,11 @@ use bytes::Bytes;
 use common::bytes;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
+use imgcache::clock::ManualClock;
+use imgcache::origin::AsyncHttpOrigin;
 use imgcache::serve::{serve_hyper, ImageService, ServeOptions, Server};
 use imgcache::testing::Store;
-use imgcache::{AsyncHttpOrigin, CacheOptions, ImageCache, ImageId, ManualClock};
+use imgcache::{CacheOptions, ImageCache, ImageId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
@@ -238,7 +240,7 @@ impl Front {
 }
 
 fn md5_hex(data: &[u8]) -> String {
-    let mut h = imgcache::Hasher::new(imgcache::Algorithm::Md5);
+    let mut h = imgcache::checksum::Hasher::new(imgcache::checksum::Algorithm::Md5);
     h.update(data);
     h.finish().hex().to_owned()
 }
@@ -834,7 +836,7 @@ fn a_panicking_origin_ends_the_fill() {
     assert!(follower.wait_started().is_err());
     let again = cache
         .fetch_detached(&id, || {
-            Ok(imgcache::OriginObject {
+            Ok(imgcache::origin::OriginObject {
                 reader: Box::new(&b"fine"[..]),
                 size: Some(4),
                 checksum: None,
@@ -942,7 +944,7 @@ fn an_invalidated_fill_never_publishes_another_fills_file() {
     let (old_reader, old_go, old_dropped) = held(old_bytes.clone());
     let old = cache
         .fetch_detached(&id, move || {
-            Ok(imgcache::OriginObject {
+            Ok(imgcache::origin::OriginObject {
                 reader: Box::new(old_reader),
                 size: Some(300_000),
                 checksum: None,
@@ -960,7 +962,7 @@ fn an_invalidated_fill_never_publishes_another_fills_file() {
     let (new_reader, new_go, _new_dropped) = held(new_bytes.clone());
     let new = cache
         .fetch_detached(&id, move || {
-            Ok(imgcache::OriginObject {
+            Ok(imgcache::origin::OriginObject {
                 reader: Box::new(new_reader),
                 size: Some(300_000),
                 checksum: None,

@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{Full, StreamBody};
+use imgcache::origin::{AsyncHttpOrigin, DirOrigin, Origin};
 use imgcache::serve::admin::{serve_admin, AdminOptions, AdminService};
 use imgcache::serve::jobs::{JobOptions, Jobs};
 use imgcache::serve::{ImageService, Metrics, Outcome, ServeOptions, Server};
-use imgcache::{AsyncHttpOrigin, DirOrigin, ImageCache, ImageId, MinFree, Origin};
+use imgcache::{ImageCache, ImageId, MinFree};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 

@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 
 use common::{bytes, id, Fixture, Mount};
+use imgcache::checksum::{Algorithm, Checksum, Hasher};
 use imgcache::testing::Store;
-use imgcache::{Algorithm, CacheOptions, Checksum, Error, Hasher, ImageStream};
+use imgcache::{CacheOptions, Error, ImageStream};
 
 for_each_driver!(
     tee_commits_at_the_end_when_the_checksum_matches,

@@ -55,7 +55,7 @@ pub use recover::RecoveryReport;
 pub use verify::{ScrubReport, Verification};
 use writer::CacheWriter;
 
-/// A local image cache: the local file layer ([`Layout`]) and a metadata
+/// A local image cache: the local file layer (`files/`) and a metadata
 /// store ([`CacheDriver`]), joined, with the operator's jobs (prune, clean,
 /// scrub, prefetch) as policy on top.
 ///
@@ -323,9 +323,9 @@ impl ImageCache {
         &self.options
     }
 
-    /// The paths of the cache directory.
-    pub fn layout(&self) -> &Layout {
-        &self.layout
+    /// The cache's directory (`image_cache_dir`), where cached images are.
+    pub fn dir(&self) -> &std::path::Path {
+        self.layout.base()
     }
 
     /// The cache's clock, now, as stored (rounded to what a store keeps).

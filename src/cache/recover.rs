@@ -1,6 +1,6 @@
 //! The recovery walk: reconciles the store with the files when a cache is
 //! opened. Written once for every store; the store only reports what it
-//! holds ([`crate::CacheDriver::scan`]) and records what the walk decides.
+//! holds ([`crate::drivers::CacheDriver::scan`]) and records what the walk decides.
 
 use std::collections::{BTreeMap, BTreeSet};
 

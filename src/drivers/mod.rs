@@ -1,10 +1,10 @@
 //! [`CacheDriver`]: where a cache's metadata lives — and nothing else.
 //!
-//! A driver (a *metadata store*; [`MetadataStore`] is the same trait) keeps
+//! A driver (a *metadata store*; the same trait as a *metadata store*) keeps
 //! rows: one per cached image (size, hits, last access, checksum, CRC), the
 //! reasons recorded for failed writes, and the queue's counter. It never
 //! sees a path policy, moves a file, takes a file lock or decides anything:
-//! [`crate::ImageCache`] owns the one local file layer ([`crate::Layout`]:
+//! [`crate::ImageCache`] owns the one local file layer (`files/`:
 //! writer, reader, locks, queue folder, recovery walk) and the policies
 //! (prune, clean, quarantine), and asks the driver what it needs to know.
 //!
@@ -41,9 +41,7 @@
 use std::fmt;
 use std::time::SystemTime;
 
-use crate::entry::{
-    CachedFiles, CachedImageInfo, Invalidation, LruEntry, NodeImage, OnDisk, Scanned, Watermark,
-};
+use crate::entry::{CachedImageInfo, LruEntry, NodeImage};
 use crate::error::Result;
 use crate::id::ImageId;
 
@@ -51,16 +49,16 @@ use crate::id::ImageId;
 pub mod centralized_db;
 mod checkpoint;
 pub(crate) mod hits;
-pub mod sqlite;
-pub mod xattr;
+pub(crate) mod sqlite;
+pub(crate) mod xattr;
 
 #[cfg(feature = "postgres")]
 pub use self::centralized_db::CentralizedDbDriver;
 pub use self::sqlite::{SqliteDriver, SqliteJournal};
 pub use self::xattr::XattrDriver;
-
-/// The same trait as [`CacheDriver`], under the name of what it is.
-pub use self::CacheDriver as MetadataStore;
+// What a store implementer reads and writes, beside the rows
+// (`CachedImageInfo`, `LruEntry`, `NodeImage`, at the crate root).
+pub use crate::entry::{CachedFiles, Invalidation, OnDisk, Scanned, Watermark};
 
 /// The node name of a store that serves one local cache only.
 pub const LOCAL_NODE: &str = "local";

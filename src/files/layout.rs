@@ -234,11 +234,6 @@ impl Layout {
         &self.queue
     }
 
-    /// The folder of images being written.
-    pub fn incomplete_dir(&self) -> &Path {
-        &self.incomplete
-    }
-
     /// The folder of failed writes.
     pub fn invalid_dir(&self) -> &Path {
         &self.invalid

@@ -22,13 +22,14 @@ use std::os::unix::fs::MetadataExt;
 
 use crate::error::{Error, Result};
 
-pub mod layout;
+pub(crate) mod layout;
 pub(crate) mod queue;
-pub mod reader;
+pub(crate) mod reader;
 pub(crate) mod zero_copy;
 
-pub use layout::{Admitted, CleanReport, Layout, RemovedFile};
-pub use reader::{CachedImage, RangeReader};
+pub(crate) use layout::{Admitted, Layout};
+pub use layout::{CleanReport, RemovedFile};
+pub use reader::{CachedImage, MappedImage, RangeReader};
 
 /// Blocks until the writer holding `incomplete/<id>` (in any process) is
 /// done. If it died instead, removes its stalled file so that the caller can

@@ -126,7 +126,7 @@ impl CachedImage {
     /// lives, even if the image is deleted or pruned. Only a program that
     /// writes or truncates the file behind the cache's back could change it
     /// under the mapping; that is what [`crate::ImageCache::scrub`] detects.
-    pub fn mmap(&self, range: Option<ByteRange>) -> Result<memmap2::Mmap> {
+    pub fn mmap(&self, range: Option<ByteRange>) -> Result<MappedImage> {
         let r = self.range(range.unwrap_or(ByteRange::full(self.len())))?;
         let len = usize::try_from(r.len()).map_err(|_| Error::RangeNotSatisfiable {
             id: self.id().clone(),
@@ -147,7 +147,7 @@ impl CachedImage {
                 .len(len)
                 .map(&self.file)
         };
-        map.ctx("mmap", &self.path)
+        map.ctx("mmap", &self.path).map(MappedImage)
     }
 
     /// Sends `range` (`None`: the whole image) to `out` — a socket, a pipe
@@ -232,5 +232,32 @@ impl CachedImage {
         super::zero_copy::send_file_async(self.file(), stream, r.start, r.end)
             .await
             .map_err(|e| Error::io("send", self.path(), e))
+    }
+}
+
+/// A cached image (or a range of it) mapped into memory
+/// ([`CachedImage::mmap`]): its bytes as a `&[u8]`, straight from the page
+/// cache. The mapping stays valid after the image is deleted or pruned.
+pub struct MappedImage(memmap2::Mmap);
+
+impl std::ops::Deref for MappedImage {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsRef<[u8]> for MappedImage {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for MappedImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappedImage")
+            .field("len", &self.0.len())
+            .finish()
     }
 }

@@ -45,7 +45,7 @@ impl fmt::Debug for AsyncOriginObject {
 /// timeouts, **no redirects followed** (an origin that redirects is
 /// refused: a cache should not be walked elsewhere), no content decoding.
 ///
-/// As [`crate::HttpOrigin`] does: `Content-Length` is the size,
+/// As [`crate::origin::HttpOrigin`] does: `Content-Length` is the size,
 /// `Content-MD5` (hex as Glance sends it, or base64) the expected checksum,
 /// 404 [`Error::OriginNotFound`], other statuses and failures
 /// [`Error::Origin`]; the client's `X-Auth-Token` is passed on

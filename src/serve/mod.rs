@@ -68,8 +68,12 @@ mod server;
 
 pub use body::ImageBody;
 pub use metrics::{Metrics, Outcome};
-pub use plan::{range_ask, route, status_of, RangeAsk};
-pub use server::{parse_head, HeadError, RequestHead, Server};
+pub use plan::status_of;
+#[cfg_attr(not(any(test, feature = "test-utils")), allow(unused_imports))]
+pub(crate) use plan::{range_ask, route, RangeAsk};
+#[cfg_attr(not(any(test, feature = "test-utils")), allow(unused_imports))]
+pub(crate) use server::parse_head;
+pub use server::Server;
 
 /// How images are served.
 #[derive(Debug, Clone)]
@@ -222,7 +226,8 @@ impl Grants {
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::sync::Arc;
-/// use imgcache::{DirOrigin, ImageCache};
+/// use imgcache::ImageCache;
+/// use imgcache::origin::DirOrigin;
 /// use imgcache::serve::{serve_hyper, ImageService, ServeOptions};
 ///
 /// let cache = Arc::new(ImageCache::builder("/var/lib/imgcache").open()?);

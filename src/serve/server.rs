@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::body::Chunks;
 use super::plan::{self, Plan, PlanBody};
 use super::ImageService;
-use crate::send_file_async;
+use crate::files::zero_copy::send_file_async;
 
 /// The largest request head accepted (`431` beyond).
 const MAX_HEAD: usize = 16 * 1024;

@@ -179,7 +179,8 @@ impl Store {
     /// [`ImageCache::open`] does, then the store, then
     /// [`ImageCache::with_driver`].
     pub fn open(&self, options: CacheOptions) -> Result<ImageCache> {
-        crate::Layout::new(options.image_cache_dir(), Some(&options.sqlite_db_path())).create()?;
+        crate::files::Layout::new(options.image_cache_dir(), Some(&options.sqlite_db_path()))
+            .create()?;
         ImageCache::with_driver(self.driver(&options)?, options)
     }
 }
@@ -291,7 +292,7 @@ pub fn urls(data: &[u8]) -> Result<(), String> {
     let Ok(url) = std::str::from_utf8(data) else {
         return Ok(());
     };
-    let shown = crate::redact_url(url);
+    let shown = crate::options::redact_url(url);
     let authority = |u: &str| -> Option<String> {
         let (_, rest) = u.split_once("://")?;
         let at = rest.rfind('@')?;
@@ -427,7 +428,7 @@ pub fn admin_request(data: &[u8]) -> Result<(), String> {
                     return Err(format!("{text:?} read as {p}%"));
                 }
             }
-            let _ = crate::parse_size(text);
+            let _ = crate::options::parse_size(text);
         }
     }
     if let Ok(head) = crate::serve::parse_head(rest) {

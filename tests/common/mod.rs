@@ -5,8 +5,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use imgcache::clock::ManualClock;
 use imgcache::testing::Store;
-use imgcache::{CacheOptions, ImageCache, ImageId, ManualClock};
+use imgcache::{CacheOptions, ImageCache, ImageId};
 
 /// A cache in a fresh temporary directory, on one store of the conformance
 /// kit, with a manual clock that starts at the real time (so that file

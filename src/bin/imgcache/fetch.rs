@@ -5,7 +5,8 @@
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
-use imgcache::{Error, ImageCache, ImageId, ImageStream, PrefetchEvent, PrefetchOutcome};
+use imgcache::prefetch::{PrefetchEvent, PrefetchOutcome};
+use imgcache::{Error, ImageCache, ImageId, ImageStream};
 use serde::Serialize;
 
 use crate::output::{human_size, json};

@@ -125,7 +125,7 @@ pub fn stats(cache: &ImageCache, as_json: bool) -> Result<u8, Failure> {
     let driver = cache.driver().name();
     if as_json {
         json(&serde_json::json!({
-            "dir": cache.layout().base(),
+            "dir": cache.dir(),
             "driver": driver,
             "entries": images.len(),
             "bytes": bytes,
@@ -141,7 +141,7 @@ pub fn stats(cache: &ImageCache, as_json: bool) -> Result<u8, Failure> {
         } else {
             bytes as f64 * 100.0 / max as f64
         };
-        println!("directory  {}", cache.layout().base().display());
+        println!("directory  {}", cache.dir().display());
         println!("driver     {driver}");
         println!("entries    {}", images.len());
         println!(

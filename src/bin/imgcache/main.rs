@@ -14,7 +14,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use imgcache::{DirOrigin, Error, HttpOrigin, ImageId, Origin};
+use imgcache::origin::{DirOrigin, HttpOrigin, Origin};
+use imgcache::{Error, ImageId};
 use serde::Serialize;
 
 use output::json;

@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use imgcache::origin::{AsyncHttpOrigin, Origin};
 use imgcache::serve::admin::{serve_admin, AdminOptions, AdminService};
 use imgcache::serve::jobs::{JobOptions, Jobs};
 use imgcache::serve::{serve_hyper_until, ImageService, Metrics, ServeOptions, Server};
-use imgcache::{AsyncHttpOrigin, CacheOptions, ImageCache, MinFree, Origin};
+use imgcache::{CacheOptions, ImageCache, MinFree};
 
 use crate::settings::{parse_duration, parse_size, Settings};
 use crate::Failure;
@@ -307,7 +308,7 @@ fn print_config(c: &Config, args: &Extra) {
             _ => "other".to_owned(),
         }
     );
-    println!("origin = {}", imgcache::redact_url(&c.origin));
+    println!("origin = {}", imgcache::CacheOptions::redact_url(&c.origin));
     println!("listen = {}", c.listen);
     println!("transport = {:?}", args.transport);
     println!("prefix = {}", args.prefix);
@@ -457,7 +458,7 @@ async fn serve(
     println!(
         "imgcache: serving {dir} on http://{addr}{}{{id}}/file from {} ({:?}); management API on http://{admin_addr}/v2/cache",
         service.options().path_prefix(),
-        imgcache::redact_url(&origin.describe()),
+        imgcache::CacheOptions::redact_url(&origin.describe()),
         extra.transport
     );
     use std::io::Write;

@@ -192,7 +192,10 @@ fn postgres_url(url: &str) -> Option<String> {
     matches!(dialect, "postgresql" | "postgres").then(|| format!("postgres://{rest}"))
 }
 
-pub use imgcache::parse_size;
+/// Parses a size: bytes, or a number with a unit (`10GiB`, `500MB`).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    imgcache::CacheOptions::parse_size(s)
+}
 
 /// Parses a duration: seconds, or humantime's forms (2h, 1day, 90min).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -272,8 +275,8 @@ impl Settings {
         }
         if let Some(j) = self.sqlite_journal {
             options = options.sqlite_journal(match j {
-                JournalArg::Delete => imgcache::SqliteJournal::Delete,
-                JournalArg::Wal => imgcache::SqliteJournal::Wal,
+                JournalArg::Delete => imgcache::drivers::SqliteJournal::Delete,
+                JournalArg::Wal => imgcache::drivers::SqliteJournal::Wal,
             });
         }
         if let Some(d) = self.durability {

@@ -53,8 +53,8 @@
 //!
 //! Each node is named by its own URL (Glance's `worker_self_reference_url`);
 //! every query is keyed by it, and a node never reads or writes another
-//! node's rows — except [`crate::CacheDriver::nodes_holding`] and
-//! [`crate::CacheDriver::all_nodes`], the cross-node views. Image files and the
+//! node's rows — except [`crate::drivers::CacheDriver::nodes_holding`] and
+//! [`crate::drivers::CacheDriver::all_nodes`], the cross-node views. Image files and the
 //! queue stay on each node's disk.
 //!
 //! # The hot path stays off the network
@@ -65,7 +65,7 @@
 //! (a new commit is a new inode). Hits and access times are held in memory
 //! and written by a background thread, in one statement, every
 //! a second or 256 (`drivers/hits.rs`)
-//! hits, and on [`crate::CacheDriver::flush`] and drop. A commit costs one round
+//! hits, and on [`crate::drivers::CacheDriver::flush`] and drop. A commit costs one round
 //! trip (an upsert).
 //!
 //! # When the database goes away
@@ -574,7 +574,7 @@ mod tests {
     fn addresses_show_no_password_in_one_form() {
         let url = "postgres://glance:s3cret@db:5432/glance";
         assert_eq!(redact(url), "postgres://glance:***@db:5432/glance");
-        assert_eq!(redact(url), crate::redact_url(url));
+        assert_eq!(redact(url), crate::options::redact_url(url));
         assert_eq!(
             redact("postgres://glance@db:5432/glance"),
             "postgres://glance@db:5432/glance"

@@ -47,7 +47,7 @@
 //! held in memory and written with others in one transaction every
 //! 256 hits or a second (`drivers/hits.rs`) by a background thread (so a read
 //! never waits for a transaction or a sync), before anything in this
-//! process reports or changes metadata, on [`crate::CacheDriver::flush`],
+//! process reports or changes metadata, on [`crate::drivers::CacheDriver::flush`],
 //! and when the driver is dropped. Another process sees them after that; a
 //! process killed outright loses the hits it held.
 //!
