@@ -161,7 +161,13 @@ fn main() {
         let rows: Vec<CachedImageInfo> = (0..entries)
             .map(|i| CachedImageInfo::new(id(&format!("img-{n}-{i:05}")), 4096, at))
             .collect();
-        cache.driver().import(&rows).expect("import");
+        cache
+            .driver()
+            .extensions()
+            .fleet()
+            .expect("a store of many nodes")
+            .import(&rows)
+            .expect("import");
     }
     let mut times = Vec::new();
     let mut listed = 0;

@@ -35,6 +35,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::clock::{round_trip, Clock};
 use crate::drivers::CacheDriver;
+use crate::drivers::StoreExt;
 use crate::entry::{OnDisk, Watermark};
 use crate::error::{Error, IoContext, Result};
 use crate::files::Layout;

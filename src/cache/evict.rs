@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use super::ImageCache;
+use crate::drivers::StoreExt;
 use crate::error::{Error, Result};
 use crate::files::CleanReport;
 use crate::id::ImageId;

@@ -14,6 +14,7 @@ use super::writer::CacheWriter;
 use super::ImageCache;
 use crate::checksum::Checksum;
 use crate::clock::round_trip;
+use crate::drivers::StoreExt;
 use crate::entry::{Invalidation, OnDisk};
 use crate::error::{Error, Result};
 use crate::files::{self, Admitted, CachedImage};

@@ -5,6 +5,7 @@
 
 use super::ImageCache;
 use crate::clock::to_epoch_secs;
+use crate::drivers::StoreExt;
 use crate::drivers::{CacheDriver, SqliteDriver};
 use crate::error::{Error, Result};
 use crate::options::{CacheOptions, DriverKind};

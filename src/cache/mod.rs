@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::clock::round_trip;
+use crate::drivers::StoreExt;
 use crate::drivers::{CacheDriver, SqliteDriver, XattrDriver};
 use crate::entry::{CachedImageInfo, InvalidImageInfo, LruEntry, NodeImage, OnDisk, Watermark};
 use crate::error::{Error, Result};
@@ -172,7 +173,7 @@ impl ImageCache {
         ))
     }
 
-    /// This node's identity in its store ([`CacheDriver::node`]).
+    /// This node's identity in its store ([`Fleet::node`](crate::drivers::Fleet::node)).
     pub fn node(&self) -> &str {
         self.store.node()
     }
@@ -454,7 +455,7 @@ impl ImageCache {
                 }
             }
         }
-        self.store.remove(ids)?;
+        self.store.remove(ids, &|_| true)?;
         Ok(removed)
     }
 

@@ -8,6 +8,7 @@ use super::durability::{content_time_of, ctime_of};
 use super::ImageCache;
 use super::Verification;
 use crate::clock::round_trip;
+use crate::drivers::StoreExt;
 use crate::entry::{CachedImageInfo, OnDisk, Scanned, Watermark};
 use crate::error::Result;
 use crate::files::Admitted;

@@ -6,6 +6,7 @@
 use std::io::{self, Read};
 
 use super::ImageCache;
+use crate::drivers::StoreExt;
 use crate::entry::{Invalidation, OnDisk};
 use crate::error::{Error, Result};
 use crate::files::Admitted;
@@ -81,7 +82,7 @@ impl ImageCache {
         }
         let ids = std::slice::from_ref(key.id());
         let Some((file, _, meta)) = self.layout.open_cached(key)? else {
-            self.store.remove(ids)?;
+            self.store.remove(ids, &|_| true)?;
             return Ok(false);
         };
         // Files first: the move, then the reason (on the moved file), then
@@ -103,7 +104,7 @@ impl ImageCache {
             log::error!("imgcache: quarantined {key}: {reason}");
         }
         drop(file);
-        self.store.remove(ids)?;
+        self.store.remove(ids, &|_| true)?;
         Ok(moved)
     }
 

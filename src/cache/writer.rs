@@ -13,6 +13,7 @@ use std::sync::Arc;
 use super::durability::Durable;
 use crate::clock::{round_trip, Clock};
 use crate::drivers::CacheDriver;
+use crate::drivers::StoreExt;
 use crate::entry::{CachedImageInfo, Invalidation, OnDisk};
 use crate::error::{Error, IoContext, Result};
 use crate::files::layout::remove_if_exists;

@@ -33,15 +33,25 @@
 //!
 //! # Nodes
 //!
-//! A store answers for one node's cache ([`CacheDriver::node`]): a local
-//! store has exactly one; a store on a shared database keys every row by
-//! it, and may tell which other nodes hold an image
-//! ([`CacheDriver::nodes_holding`]).
+//! A store answers for one node's cache: a local store has exactly one
+//! ([`LOCAL_NODE`]); a store on a shared database offers the [`Fleet`]
+//! capability, keys every row by its node ([`Fleet::node`]), and tells
+//! which other nodes hold an image ([`Fleet::nodes_holding`]).
+//!
+//! # The core and the capabilities
+//!
+//! [`CacheDriver`] is what every store writes: fourteen methods, four of
+//! them with defaults. What only some stores offer are traits of their
+//! own, which a store names in [`CacheDriver::extensions`]: [`Fleet`] (a
+//! database shared by many nodes), [`Watermarks`] (group durability: a
+//! store without it is used with `Durability::Immediate`), and
+//! [`InvalidReasons`] (why a file went to `invalid/`). Hit batching, which
+//! every built-in store does, is written once (`hits.rs`).
 
 use std::fmt;
 use std::time::SystemTime;
 
-use crate::entry::{CachedImageInfo, LruEntry, NodeImage};
+use crate::entry::{CachedImageInfo, NodeImage};
 use crate::error::Result;
 use crate::id::ImageId;
 
@@ -63,21 +73,20 @@ pub use crate::entry::{CachedFiles, Invalidation, OnDisk, Scanned, Watermark};
 /// The node name of a store that serves one local cache only.
 pub const LOCAL_NODE: &str = "local";
 
-/// Where a cache keeps its metadata. See the [module docs](self) for the
-/// order of calls and what each store may rely on.
+/// Where a cache keeps its metadata: the small core every store writes.
+/// See the [module docs](self) for the order of calls and what each store
+/// may rely on; what only some stores offer (a fleet of nodes, a
+/// durability watermark, the reasons of invalid files) are capabilities
+/// beside it, which a store names in [`CacheDriver::extensions`].
 ///
-/// Implemented by [`SqliteDriver`] and [`XattrDriver`]; object safe
+/// Implemented by [`SqliteDriver`], [`XattrDriver`] and (feature
+/// `postgres`) `CentralizedDbDriver`; object safe
 /// ([`crate::ImageCache`] holds an `Arc<dyn CacheDriver>`). Ids reaching a
 /// driver have been admitted by the cache (never one of its own file
 /// names).
 pub trait CacheDriver: Send + Sync + fmt::Debug {
     /// The driver's name, as Glance's `image_cache_driver` spells it.
     fn name(&self) -> &'static str;
-
-    /// The node whose rows this store reads and writes.
-    fn node(&self) -> &str {
-        LOCAL_NODE
-    }
 
     /// The entry of `id`, whose cached file is `file`, without counting a
     /// hit; `None` if the store has none (a file renamed in place whose
@@ -104,34 +113,26 @@ pub trait CacheDriver: Send + Sync + fmt::Debug {
     /// replacing any earlier entry of the same id.
     fn insert(&self, entry: &CachedImageInfo) -> Result<()>;
 
-    /// Forgets the entries of `ids`, whose files are gone; returns how many
-    /// it held.
-    fn remove(&self, ids: &[ImageId]) -> Result<usize>;
-
-    /// Forgets the entries of those `ids` for which `missing(id)` is still
-    /// true once the store has excluded concurrent `insert`s: a commit
-    /// renames its file before it inserts, so a fresh entry is never taken
-    /// for a stale one.
-    fn remove_if_missing(&self, ids: &[ImageId], missing: &dyn Fn(&ImageId) -> bool) -> Result<()> {
-        let gone: Vec<ImageId> = ids.iter().filter(|id| missing(id)).cloned().collect();
-        self.remove(&gone)?;
-        Ok(())
-    }
+    /// Forgets the entries of those `ids` for which `still_gone(id)` holds
+    /// once the store has excluded concurrent `insert`s (of this process
+    /// and others): a commit renames its file before it inserts, so a fresh
+    /// entry is never taken for a stale one. Returns how many it forgot.
+    /// The cache passes `&|_| true` where it removed the files itself.
+    fn remove(&self, ids: &[ImageId], still_gone: &dyn Fn(&ImageId) -> bool) -> Result<usize>;
 
     /// Records the CRC-32 of an entry that had none (adopted, or written by
     /// Glance), once a scrub has read its `file` whole.
     fn set_crc32(&self, id: &ImageId, crc32: u32, file: OnDisk<'_>) -> Result<()>;
 
     /// Every entry, ordered by id. Entries whose metadata cannot be decoded
-    /// are logged and passed over.
+    /// are logged and passed over. (The pruner's least-recently-used order
+    /// is this list sorted by last access.)
     fn list(&self, files: &dyn CachedFiles) -> Result<Vec<CachedImageInfo>>;
 
-    /// Every entry, least recently accessed first (ties broken by id).
-    fn lru(&self, files: &dyn CachedFiles) -> Result<Vec<LruEntry>>;
-
-    /// Total bytes of the entries.
+    /// Total bytes of the entries (admission asks it before each fill: a
+    /// store that can sum without listing should).
     fn total_size(&self, files: &dyn CachedFiles) -> Result<u64> {
-        Ok(self.lru(files)?.iter().map(|e| e.size).sum())
+        Ok(self.list(files)?.iter().map(|e| e.size).sum())
     }
 
     /// Every entry the store holds, for the recovery walk, undecodable
@@ -146,6 +147,145 @@ pub trait CacheDriver: Send + Sync + fmt::Debug {
     /// the ids it adopted.
     fn adopt(&self, orphans: &[(CachedImageInfo, OnDisk<'_>)]) -> Result<Vec<ImageId>>;
 
+    /// The next number of the queue's order, from a counter every process
+    /// on the cache shares; `queue` is the queue folder.
+    fn next_queue_seq(&self, queue: OnDisk<'_>) -> Result<u64>;
+
+    /// Writes metadata held in memory (batched hits) now.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// What this store offers beside the core: none by default.
+    fn extensions(&self) -> Extensions<'_> {
+        Extensions::default()
+    }
+}
+
+/// What a store offers beside [`CacheDriver`]'s core, as it says in
+/// [`CacheDriver::extensions`]: built with the `with_` methods, read with
+/// the others.
+#[derive(Clone, Copy, Default)]
+pub struct Extensions<'a> {
+    fleet: Option<&'a dyn Fleet>,
+    watermarks: Option<&'a dyn Watermarks>,
+    invalid_reasons: Option<&'a dyn InvalidReasons>,
+    files: &'a [std::path::PathBuf],
+    max_id_len: Option<usize>,
+}
+
+impl fmt::Debug for Extensions<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Extensions")
+            .field("fleet", &self.fleet.is_some())
+            .field("watermarks", &self.watermarks.is_some())
+            .field("invalid_reasons", &self.invalid_reasons.is_some())
+            .field("files", &self.files)
+            .field("max_id_len", &self.max_id_len)
+            .finish()
+    }
+}
+
+impl<'a> Extensions<'a> {
+    /// The store is shared by many nodes.
+    pub fn with_fleet(mut self, fleet: &'a dyn Fleet) -> Self {
+        self.fleet = Some(fleet);
+        self
+    }
+
+    /// The store records a durability watermark.
+    pub fn with_watermarks(mut self, watermarks: &'a dyn Watermarks) -> Self {
+        self.watermarks = Some(watermarks);
+        self
+    }
+
+    /// The store records why files were invalidated.
+    pub fn with_invalid_reasons(mut self, reasons: &'a dyn InvalidReasons) -> Self {
+        self.invalid_reasons = Some(reasons);
+        self
+    }
+
+    /// The files the store keeps, so that a cache whose directory holds
+    /// them never takes them for images (a SQLite database).
+    pub fn with_files(mut self, files: &'a [std::path::PathBuf]) -> Self {
+        self.files = files;
+        self
+    }
+
+    /// The longest id, in bytes, the store can record (Glance's
+    /// `centralized_db` table holds 36): a longer one is served from the
+    /// origin, never cached.
+    pub fn with_max_id_len(mut self, max: usize) -> Self {
+        self.max_id_len = Some(max);
+        self
+    }
+
+    /// The fleet's views, for a store shared by many nodes.
+    pub fn fleet(&self) -> Option<&'a dyn Fleet> {
+        self.fleet
+    }
+
+    /// The watermark, for a store that records one. A cache over a store
+    /// that does not commits with [`crate::Durability::Immediate`]
+    /// whatever it was asked, since nothing could tell it, after an
+    /// unclean shutdown, which entries to check.
+    pub fn watermarks(&self) -> Option<&'a dyn Watermarks> {
+        self.watermarks
+    }
+
+    /// The reasons of invalid files, for a store that records them.
+    pub fn invalid_reasons(&self) -> Option<&'a dyn InvalidReasons> {
+        self.invalid_reasons
+    }
+
+    /// The files the store keeps.
+    pub fn files(&self) -> &'a [std::path::PathBuf] {
+        self.files
+    }
+
+    /// The longest id the store can record (any valid id by default).
+    pub fn max_id_len(&self) -> usize {
+        self.max_id_len.unwrap_or(crate::id::MAX_ID_LEN)
+    }
+}
+
+/// A store shared by many nodes (Glance's `centralized_db`): each node's
+/// rows keyed by its name, and views across them.
+pub trait Fleet: Send + Sync {
+    /// The node whose rows this store reads and writes (Glance's
+    /// `worker_self_reference_url`).
+    fn node(&self) -> &str;
+
+    /// The nodes whose caches hold `id`.
+    fn nodes_holding(&self, id: &ImageId) -> Result<Vec<String>>;
+
+    /// Every cached image of every node, ordered by node and id.
+    fn all_nodes(&self) -> Result<Vec<NodeImage>>;
+
+    /// Takes over `entries` from a node's local SQLite database (Glance's
+    /// migration to `centralized_db`): records those this node lacks, and
+    /// returns every id of `entries` the store now holds for this node, for
+    /// the caller to delete from the old database. Must be idempotent and
+    /// safe when several processes import at once.
+    fn import(&self, entries: &[CachedImageInfo]) -> Result<Vec<ImageId>>;
+}
+
+/// A store that records the durability [`Watermark`] (group durability).
+pub trait Watermarks: Send + Sync {
+    /// The last [`Watermark`] recorded for this node's cache; `None` if
+    /// none ever was. `base` is the cache's base directory.
+    fn durable_watermark(&self, base: OnDisk<'_>) -> Result<Option<Watermark>>;
+
+    /// Records `mark`, durably (it is on disk when this returns): each of
+    /// its two times replaces the recorded one if later (each is a claim of
+    /// its own, so the later of each holds). `base` is the cache's base
+    /// directory.
+    fn record_watermark(&self, mark: Watermark, base: OnDisk<'_>) -> Result<()>;
+}
+
+/// A store that records why files were invalidated (Glance's `user.error`
+/// on the xattr driver's files).
+pub trait InvalidReasons: Send + Sync {
     /// Records why an entry was invalidated, once its `file` (a writer's
     /// incomplete file, or a cached file found corrupt) is in `invalid/`.
     /// A crash before this loses only the reason.
@@ -160,79 +300,124 @@ pub trait CacheDriver: Send + Sync + fmt::Debug {
     ) -> Result<(Option<String>, Option<SystemTime>)>;
 
     /// Forgets the reasons of invalid files that `clean` removed.
-    fn forget_invalid(&self, _ids: &[ImageId]) -> Result<()> {
-        Ok(())
+    fn forget_invalid(&self, ids: &[ImageId]) -> Result<()>;
+}
+
+/// How the cache asks any store for what only some offer: the capabilities
+/// of [`CacheDriver::extensions`], with what stands in where a store has
+/// none (one local node, no watermark, no reasons recorded).
+pub(crate) trait StoreExt {
+    fn node(&self) -> &str;
+    fn nodes_holding(&self, id: &ImageId) -> Result<Option<Vec<String>>>;
+    fn all_nodes(&self) -> Result<Option<Vec<NodeImage>>>;
+    fn import(&self, entries: &[CachedImageInfo]) -> Result<Vec<ImageId>>;
+    fn remove_if_missing(&self, ids: &[ImageId], missing: &dyn Fn(&ImageId) -> bool) -> Result<()>;
+    fn lru(&self, files: &dyn CachedFiles) -> Result<Vec<crate::entry::LruEntry>>;
+    fn invalidate(&self, why: &Invalidation, file: OnDisk<'_>) -> Result<()>;
+    fn invalid_reason(
+        &self,
+        id: &ImageId,
+        file: OnDisk<'_>,
+    ) -> Result<(Option<String>, Option<SystemTime>)>;
+    fn forget_invalid(&self, ids: &[ImageId]) -> Result<()>;
+    fn records_watermark(&self) -> bool;
+    fn durable_watermark(&self, base: OnDisk<'_>) -> Result<Option<Watermark>>;
+    fn record_watermark(&self, mark: Watermark, base: OnDisk<'_>) -> Result<()>;
+    fn max_id_len(&self) -> usize;
+    fn files(&self) -> Vec<std::path::PathBuf>;
+}
+
+impl<T: CacheDriver + ?Sized> StoreExt for T {
+    fn node(&self) -> &str {
+        self.extensions().fleet().map_or(LOCAL_NODE, |f| f.node())
     }
 
-    /// The next number of the queue's order, from a counter every process
-    /// on the cache shares; `queue` is the queue folder.
-    fn next_queue_seq(&self, queue: OnDisk<'_>) -> Result<u64>;
-
-    /// Whether this store records a durability [`Watermark`]. A cache
-    /// over a store that does not commits with
-    /// [`crate::Durability::Immediate`] whatever it was asked, since
-    /// nothing could tell it, after an unclean shutdown, which entries to
-    /// check.
-    fn records_watermark(&self) -> bool {
-        false
+    fn nodes_holding(&self, id: &ImageId) -> Result<Option<Vec<String>>> {
+        self.extensions()
+            .fleet()
+            .map(|f| f.nodes_holding(id))
+            .transpose()
     }
 
-    /// The longest id, in bytes, this store can record (Glance's
-    /// `centralized_db` table holds 36): a longer one is served from the
-    /// origin, never cached. By default any valid id.
-    fn max_id_len(&self) -> usize {
-        crate::id::MAX_ID_LEN
-    }
-
-    /// The last [`Watermark`] recorded for this node's cache; `None` if
-    /// none ever was. `base` is the cache's base directory.
-    fn durable_watermark(&self, _base: OnDisk<'_>) -> Result<Option<Watermark>> {
-        Ok(None)
-    }
-
-    /// Records `mark`, durably (it is on disk when this returns): each of
-    /// its two times replaces the recorded one if later (each is a claim of
-    /// its own, so the later of each holds). `base` is the cache's base
-    /// directory.
-    fn record_watermark(&self, _mark: Watermark, _base: OnDisk<'_>) -> Result<()> {
-        Ok(())
-    }
-
-    /// Writes metadata held in memory (batched hits) now.
-    fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-
-    /// The files this store keeps, so that a cache whose directory holds
-    /// them never takes them for images (a SQLite database and its side
-    /// files).
-    fn files(&self) -> Vec<std::path::PathBuf> {
-        Vec::new()
-    }
-
-    /// The nodes whose caches hold `id`, for a store shared by many nodes;
-    /// `None` for a store that knows only its own node (Glance answers
-    /// `409` then).
-    fn nodes_holding(&self, _id: &ImageId) -> Result<Option<Vec<String>>> {
-        Ok(None)
-    }
-
-    /// Every cached image of every node, ordered by node and id, for a
-    /// store shared by many nodes; `None` for a store of one node.
     fn all_nodes(&self) -> Result<Option<Vec<NodeImage>>> {
-        Ok(None)
+        self.extensions().fleet().map(|f| f.all_nodes()).transpose()
     }
 
-    /// Takes over `entries` from a node's local SQLite database (Glance's
-    /// migration to `centralized_db`): records those this node lacks, and
-    /// returns every id of `entries` the store now holds for this node, for
-    /// the caller to delete from the old database. Must be idempotent and
-    /// safe when several processes import at once. Stores that cannot take
-    /// entries over refuse with [`crate::Error::Config`].
-    fn import(&self, _entries: &[CachedImageInfo]) -> Result<Vec<ImageId>> {
-        Err(crate::Error::Config(format!(
-            "the {} driver keeps its metadata locally: there is nothing to migrate to",
-            self.name()
-        )))
+    fn import(&self, entries: &[CachedImageInfo]) -> Result<Vec<ImageId>> {
+        match self.extensions().fleet() {
+            Some(f) => f.import(entries),
+            None => Err(crate::Error::Config(format!(
+                "the {} driver keeps its metadata locally: there is nothing to migrate to",
+                self.name()
+            ))),
+        }
+    }
+
+    fn remove_if_missing(&self, ids: &[ImageId], missing: &dyn Fn(&ImageId) -> bool) -> Result<()> {
+        if !ids.is_empty() {
+            self.remove(ids, missing)?;
+        }
+        Ok(())
+    }
+
+    fn lru(&self, files: &dyn CachedFiles) -> Result<Vec<crate::entry::LruEntry>> {
+        let mut all = self.list(files)?;
+        all.sort_by(|a, b| {
+            a.last_accessed
+                .cmp(&b.last_accessed)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        Ok(all.into_iter().map(crate::entry::LruEntry::from).collect())
+    }
+
+    fn invalidate(&self, why: &Invalidation, file: OnDisk<'_>) -> Result<()> {
+        match self.extensions().invalid_reasons() {
+            Some(r) => r.invalidate(why, file),
+            None => Ok(()),
+        }
+    }
+
+    fn invalid_reason(
+        &self,
+        id: &ImageId,
+        file: OnDisk<'_>,
+    ) -> Result<(Option<String>, Option<SystemTime>)> {
+        match self.extensions().invalid_reasons() {
+            Some(r) => r.invalid_reason(id, file),
+            None => Ok((None, None)),
+        }
+    }
+
+    fn forget_invalid(&self, ids: &[ImageId]) -> Result<()> {
+        match self.extensions().invalid_reasons() {
+            Some(r) if !ids.is_empty() => r.forget_invalid(ids),
+            _ => Ok(()),
+        }
+    }
+
+    fn records_watermark(&self) -> bool {
+        self.extensions().watermarks().is_some()
+    }
+
+    fn durable_watermark(&self, base: OnDisk<'_>) -> Result<Option<Watermark>> {
+        match self.extensions().watermarks() {
+            Some(w) => w.durable_watermark(base),
+            None => Ok(None),
+        }
+    }
+
+    fn record_watermark(&self, mark: Watermark, base: OnDisk<'_>) -> Result<()> {
+        match self.extensions().watermarks() {
+            Some(w) => w.record_watermark(mark, base),
+            None => Ok(()),
+        }
+    }
+
+    fn max_id_len(&self) -> usize {
+        self.extensions().max_id_len()
+    }
+
+    fn files(&self) -> Vec<std::path::PathBuf> {
+        self.extensions().files().to_vec()
     }
 }

@@ -53,8 +53,8 @@
 //!
 //! Each node is named by its own URL (Glance's `worker_self_reference_url`);
 //! every query is keyed by it, and a node never reads or writes another
-//! node's rows — except [`crate::drivers::CacheDriver::nodes_holding`] and
-//! [`crate::drivers::CacheDriver::all_nodes`], the cross-node views. Image files and the
+//! node's rows — except [`crate::drivers::Fleet::nodes_holding`] and
+//! [`crate::drivers::Fleet::all_nodes`], the cross-node views. Image files and the
 //! queue stay on each node's disk.
 //!
 //! # The hot path stays off the network

@@ -8,9 +8,9 @@ use super::{
     SCHEMA_LOCK,
 };
 use crate::clock::round_trip;
-use crate::drivers::CacheDriver;
+use crate::drivers::{CacheDriver, Extensions, Fleet, InvalidReasons, Watermarks};
 use crate::entry::{
-    CachedFiles, CachedImageInfo, Invalidation, LruEntry, NodeImage, OnDisk, Scanned, Watermark,
+    CachedFiles, CachedImageInfo, Invalidation, NodeImage, OnDisk, Scanned, Watermark,
 };
 use crate::error::{Error, Result};
 use crate::id::ImageId;
@@ -18,10 +18,6 @@ use crate::id::ImageId;
 impl CacheDriver for CentralizedDbDriver {
     fn name(&self) -> &'static str {
         "centralized_db"
-    }
-
-    fn node(&self) -> &str {
-        &self.inner.node_url
     }
 
     fn get(&self, id: &ImageId, file: OnDisk<'_>) -> Result<Option<CachedImageInfo>> {
@@ -127,30 +123,9 @@ impl CacheDriver for CentralizedDbDriver {
         Ok(())
     }
 
-    fn remove(&self, ids: &[ImageId]) -> Result<usize> {
+    fn remove(&self, ids: &[ImageId], still_gone: &dyn Fn(&ImageId) -> bool) -> Result<usize> {
         if ids.is_empty() {
             return Ok(0);
-        }
-        self.inner.forget(ids);
-        let node = self.inner.node_id;
-        let names: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
-        let n: i64 = self.with(|c| {
-            c.one(
-                "WITH c AS (
-                   DELETE FROM cached_images WHERE node_reference_id = $1 AND image_id = ANY($2)
-                   RETURNING id),
-                 e AS (DELETE FROM imgcache_entries WHERE cached_image_id IN (SELECT id FROM c))
-                 SELECT COUNT(*) FROM c",
-                &[&node, &names],
-            )
-            .map(|r| r.get(0))
-        })?;
-        Ok(n as usize)
-    }
-
-    fn remove_if_missing(&self, ids: &[ImageId], missing: &dyn Fn(&ImageId) -> bool) -> Result<()> {
-        if ids.is_empty() {
-            return Ok(());
         }
         let node = self.inner.node_id;
         let names: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
@@ -164,7 +139,7 @@ impl CacheDriver for CentralizedDbDriver {
             .map(|r| r.get(0))
         })?;
         if !any {
-            return Ok(());
+            return Ok(0);
         }
         // Lock the rows first: a committer's upsert of one of them waits
         // for this transaction. Then check the files: a commit that renamed
@@ -180,7 +155,7 @@ impl CacheDriver for CentralizedDbDriver {
                 .iter()
                 .filter_map(|r| r.try_get::<_, String>(0).ok())
                 .filter_map(|s| ImageId::new(s).ok())
-                .filter(|id| missing(id))
+                .filter(|id| still_gone(id))
                 .collect();
             let gone_names: Vec<&str> = gone.iter().map(|i| i.as_str()).collect();
             tx.execute(
@@ -194,7 +169,7 @@ impl CacheDriver for CentralizedDbDriver {
             Ok(gone)
         })?;
         self.inner.forget(&gone);
-        Ok(())
+        Ok(gone.len())
     }
 
     fn set_crc32(&self, id: &ImageId, crc32: u32, _file: OnDisk<'_>) -> Result<()> {
@@ -213,14 +188,6 @@ impl CacheDriver for CentralizedDbDriver {
 
     fn list(&self, _files: &dyn CachedFiles) -> Result<Vec<CachedImageInfo>> {
         self.rows("c.image_id")
-    }
-
-    fn lru(&self, _files: &dyn CachedFiles) -> Result<Vec<LruEntry>> {
-        Ok(self
-            .rows("c.last_accessed, c.image_id")?
-            .into_iter()
-            .map(LruEntry::from)
-            .collect())
     }
 
     fn total_size(&self, _files: &dyn CachedFiles) -> Result<u64> {
@@ -312,60 +279,6 @@ impl CacheDriver for CentralizedDbDriver {
             .collect())
     }
 
-    fn invalidate(&self, why: &Invalidation, _file: OnDisk<'_>) -> Result<()> {
-        let node = self.inner.node_id;
-        self.with(|c| {
-            c.exec(
-                "INSERT INTO imgcache_invalid (node_reference_id, image_id, reason, invalidated_at)
-                 VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (node_reference_id, image_id) DO UPDATE SET
-                 reason = EXCLUDED.reason, invalidated_at = EXCLUDED.invalidated_at",
-                &[&node, &why.id.as_str(), &why.reason, &why.at],
-            )
-        })?;
-        Ok(())
-    }
-
-    fn invalid_reason(
-        &self,
-        id: &ImageId,
-        _file: OnDisk<'_>,
-    ) -> Result<(Option<String>, Option<SystemTime>)> {
-        let node = self.inner.node_id;
-        let row = self.with(|c| {
-            c.opt(
-                "SELECT reason, invalidated_at FROM imgcache_invalid
-                 WHERE node_reference_id = $1 AND image_id = $2",
-                &[&node, &id.as_str()],
-            )
-        })?;
-        Ok(match row {
-            Some(r) => (
-                r.try_get(0).ok().flatten(),
-                r.try_get::<_, Option<SystemTime>>(1)
-                    .ok()
-                    .flatten()
-                    .map(round_trip),
-            ),
-            None => (None, None),
-        })
-    }
-
-    fn forget_invalid(&self, ids: &[ImageId]) -> Result<()> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let node = self.inner.node_id;
-        let names: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
-        self.with(|c| {
-            c.exec(
-                "DELETE FROM imgcache_invalid WHERE node_reference_id = $1 AND image_id = ANY($2)",
-                &[&node, &names],
-            )
-        })?;
-        Ok(())
-    }
-
     fn next_queue_seq(&self, _queue: OnDisk<'_>) -> Result<u64> {
         let node = self.inner.node_id;
         let v: i64 = self.with(|c| {
@@ -383,62 +296,25 @@ impl CacheDriver for CentralizedDbDriver {
         })
     }
 
-    fn records_watermark(&self) -> bool {
-        true
-    }
-
-    fn max_id_len(&self) -> usize {
-        self.inner.max_id
-    }
-
-    fn durable_watermark(&self, _base: OnDisk<'_>) -> Result<Option<Watermark>> {
-        let node = self.inner.node_id;
-        let rows = self.with(|c| {
-            c.rows(
-                "SELECT key, value FROM imgcache_state
-                 WHERE node_reference_id = $1
-                   AND key IN ('watermark_committed', 'watermark_changed')",
-                &[&node],
-            )
-        })?;
-        let mut committed = None;
-        let mut changed = None;
-        for row in rows {
-            let key: String = row.get(0);
-            let value: i64 = row.get(1);
-            match key.as_str() {
-                "watermark_committed" => committed = Some(value),
-                _ => changed = Some(value),
-            }
-        }
-        Ok(match (committed, changed) {
-            (Some(a), Some(b)) => Some(Watermark::from_micros(a, b)),
-            _ => None,
-        })
-    }
-
-    fn record_watermark(&self, mark: Watermark, _base: OnDisk<'_>) -> Result<()> {
-        // PostgreSQL's commit is durable: nothing more to sync. Each half
-        // only moves forwards: each is a claim of its own.
-        let node = self.inner.node_id;
-        let (committed, changed) = mark.to_micros();
-        self.with(|c| {
-            c.exec(
-                "INSERT INTO imgcache_state (node_reference_id, key, value)
-                 VALUES ($1, 'watermark_committed', $2), ($1, 'watermark_changed', $3)
-                 ON CONFLICT (node_reference_id, key)
-                 DO UPDATE SET value = GREATEST(imgcache_state.value, excluded.value)",
-                &[&node, &committed, &changed],
-            )
-        })?;
-        Ok(())
-    }
-
     fn flush(&self) -> Result<()> {
         self.inner.flush_hits()
     }
 
-    fn nodes_holding(&self, id: &ImageId) -> Result<Option<Vec<String>>> {
+    fn extensions(&self) -> Extensions<'_> {
+        Extensions::default()
+            .with_fleet(self)
+            .with_invalid_reasons(self)
+            .with_watermarks(self)
+            .with_max_id_len(self.inner.max_id)
+    }
+}
+
+impl Fleet for CentralizedDbDriver {
+    fn node(&self) -> &str {
+        &self.inner.node_url
+    }
+
+    fn nodes_holding(&self, id: &ImageId) -> Result<Vec<String>> {
         let rows = self.with(|c| {
             c.rows(
                 "SELECT n.node_reference_url FROM cached_images c
@@ -447,10 +323,10 @@ impl CacheDriver for CentralizedDbDriver {
                 &[&id.as_str()],
             )
         })?;
-        Ok(Some(rows.iter().map(|r| r.get(0)).collect()))
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
-    fn all_nodes(&self) -> Result<Option<Vec<NodeImage>>> {
+    fn all_nodes(&self) -> Result<Vec<NodeImage>> {
         self.inner.flush_or_warn();
         let rows = self.with(|c| {
             c.rows(
@@ -462,17 +338,16 @@ impl CacheDriver for CentralizedDbDriver {
                 &[],
             )
         })?;
-        Ok(Some(
-            rows.iter()
-                .filter_map(|r| {
-                    let image = decode(r).ok()?;
-                    Some(NodeImage {
-                        node: r.get(7),
-                        image,
-                    })
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let image = decode(r).ok()?;
+                Some(NodeImage {
+                    node: r.get(7),
+                    image,
                 })
-                .collect(),
-        ))
+            })
+            .collect())
     }
 
     fn import(&self, entries: &[CachedImageInfo]) -> Result<Vec<ImageId>> {
@@ -532,5 +407,106 @@ impl CacheDriver for CentralizedDbDriver {
             .filter_map(|r| r.try_get::<_, String>(0).ok())
             .filter_map(|s| ImageId::new(s).ok())
             .collect())
+    }
+}
+
+impl InvalidReasons for CentralizedDbDriver {
+    fn invalidate(&self, why: &Invalidation, _file: OnDisk<'_>) -> Result<()> {
+        let node = self.inner.node_id;
+        self.with(|c| {
+            c.exec(
+                "INSERT INTO imgcache_invalid (node_reference_id, image_id, reason, invalidated_at)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (node_reference_id, image_id) DO UPDATE SET
+                 reason = EXCLUDED.reason, invalidated_at = EXCLUDED.invalidated_at",
+                &[&node, &why.id.as_str(), &why.reason, &why.at],
+            )
+        })?;
+        Ok(())
+    }
+
+    fn invalid_reason(
+        &self,
+        id: &ImageId,
+        _file: OnDisk<'_>,
+    ) -> Result<(Option<String>, Option<SystemTime>)> {
+        let node = self.inner.node_id;
+        let row = self.with(|c| {
+            c.opt(
+                "SELECT reason, invalidated_at FROM imgcache_invalid
+                 WHERE node_reference_id = $1 AND image_id = $2",
+                &[&node, &id.as_str()],
+            )
+        })?;
+        Ok(match row {
+            Some(r) => (
+                r.try_get(0).ok().flatten(),
+                r.try_get::<_, Option<SystemTime>>(1)
+                    .ok()
+                    .flatten()
+                    .map(round_trip),
+            ),
+            None => (None, None),
+        })
+    }
+
+    fn forget_invalid(&self, ids: &[ImageId]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let node = self.inner.node_id;
+        let names: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
+        self.with(|c| {
+            c.exec(
+                "DELETE FROM imgcache_invalid WHERE node_reference_id = $1 AND image_id = ANY($2)",
+                &[&node, &names],
+            )
+        })?;
+        Ok(())
+    }
+}
+
+impl Watermarks for CentralizedDbDriver {
+    fn durable_watermark(&self, _base: OnDisk<'_>) -> Result<Option<Watermark>> {
+        let node = self.inner.node_id;
+        let rows = self.with(|c| {
+            c.rows(
+                "SELECT key, value FROM imgcache_state
+                 WHERE node_reference_id = $1
+                   AND key IN ('watermark_committed', 'watermark_changed')",
+                &[&node],
+            )
+        })?;
+        let mut committed = None;
+        let mut changed = None;
+        for row in rows {
+            let key: String = row.get(0);
+            let value: i64 = row.get(1);
+            match key.as_str() {
+                "watermark_committed" => committed = Some(value),
+                _ => changed = Some(value),
+            }
+        }
+        Ok(match (committed, changed) {
+            (Some(a), Some(b)) => Some(Watermark::from_micros(a, b)),
+            _ => None,
+        })
+    }
+
+    fn record_watermark(&self, mark: Watermark, _base: OnDisk<'_>) -> Result<()> {
+        // PostgreSQL's commit is durable: nothing more to sync. Each half
+        // only moves forwards: each is a claim of its own.
+        let node = self.inner.node_id;
+        let (committed, changed) = mark.to_micros();
+        self.with(|c| {
+            c.exec(
+                "INSERT INTO imgcache_state (node_reference_id, key, value)
+                 VALUES ($1, 'watermark_committed', $2), ($1, 'watermark_changed', $3)
+                 ON CONFLICT (node_reference_id, key)
+                 DO UPDATE SET value = GREATEST(imgcache_state.value, excluded.value)",
+                &[&node, &committed, &changed],
+            )
+        })?;
+        Ok(())
     }
 }

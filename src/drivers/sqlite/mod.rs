@@ -75,11 +75,9 @@ use schema::{classify, open_db, open_db_read_only};
 
 use super::checkpoint::Checkpointer;
 use super::hits::{Hits, HIT_DELAY};
-use super::CacheDriver;
+use super::{CacheDriver, Extensions, InvalidReasons, Watermarks};
 use crate::clock::{from_epoch_secs, to_epoch_secs};
-use crate::entry::{
-    CachedFiles, CachedImageInfo, Invalidation, LruEntry, OnDisk, Scanned, Watermark,
-};
+use crate::entry::{CachedFiles, CachedImageInfo, Invalidation, OnDisk, Scanned, Watermark};
 use crate::error::{Error, Result};
 use crate::id::ImageId;
 
@@ -501,25 +499,22 @@ impl CacheDriver for SqliteDriver {
         Ok(())
     }
 
-    fn remove(&self, ids: &[ImageId]) -> Result<usize> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        self.inner.flush_hits()?;
-        self.delete_rows(ids)
-    }
-
-    fn remove_if_missing(&self, ids: &[ImageId], missing: &dyn Fn(&ImageId) -> bool) -> Result<()> {
-        // Most misses have no row at all: a read, no write transaction.
+    fn remove(&self, ids: &[ImageId], still_gone: &dyn Fn(&ImageId) -> bool) -> Result<usize> {
+        // Most misses have no row at all: a read, no write transaction
+        // (whether a row is there, not what it says: it may not decode).
         let mut any = false;
         for id in ids {
-            if self.row(id)?.is_some() {
+            let there = self.with_conn(|c| {
+                c.prepare_cached("SELECT 1 FROM cached_images WHERE image_id = ?1")?
+                    .exists([id.as_str()])
+            })?;
+            if there {
                 any = true;
                 break;
             }
         }
         if !any {
-            return Ok(());
+            return Ok(0);
         }
         self.inner.flush_hits()?;
         // The checks and the deletes in one write transaction: a commit
@@ -528,14 +523,16 @@ impl CacheDriver for SqliteDriver {
         // transaction — a fresh row is never taken for a stale one.
         self.inner.with_write(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let mut n = 0;
             {
                 let mut stmt =
                     tx.prepare_cached("DELETE FROM cached_images WHERE image_id = ?1")?;
-                for id in ids.iter().filter(|id| missing(id)) {
-                    stmt.execute([id.as_str()])?;
+                for id in ids.iter().filter(|id| still_gone(id)) {
+                    n += stmt.execute([id.as_str()])?;
                 }
             }
-            tx.commit()
+            tx.commit()?;
+            Ok(n)
         })
     }
 
@@ -550,14 +547,6 @@ impl CacheDriver for SqliteDriver {
 
     fn list(&self, _files: &dyn CachedFiles) -> Result<Vec<CachedImageInfo>> {
         self.rows("image_id")
-    }
-
-    fn lru(&self, _files: &dyn CachedFiles) -> Result<Vec<LruEntry>> {
-        Ok(self
-            .rows("last_accessed, image_id")?
-            .into_iter()
-            .map(LruEntry::from)
-            .collect())
     }
 
     fn total_size(&self, _files: &dyn CachedFiles) -> Result<u64> {
@@ -617,6 +606,34 @@ impl CacheDriver for SqliteDriver {
         })
     }
 
+    fn next_queue_seq(&self, _queue: OnDisk<'_>) -> Result<u64> {
+        let v: i64 = self.inner.with_write(|c| {
+            c.prepare_cached(
+                "INSERT INTO imgcache_state (key, value) VALUES ('queue_seq', 1)
+                 ON CONFLICT (key) DO UPDATE SET value = value + 1
+                 RETURNING value",
+            )?
+            .query_row([], |r| r.get(0))
+        })?;
+        u64::try_from(v).map_err(|_| Error::CorruptMetadata {
+            path: self.inner.db_path.clone(),
+            detail: format!("queue counter is negative ({v})"),
+        })
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.inner.flush_hits()
+    }
+
+    fn extensions(&self) -> Extensions<'_> {
+        Extensions::default()
+            .with_invalid_reasons(self)
+            .with_watermarks(self)
+            .with_files(std::slice::from_ref(&self.inner.db_path))
+    }
+}
+
+impl InvalidReasons for SqliteDriver {
     fn invalidate(&self, why: &Invalidation, _file: OnDisk<'_>) -> Result<()> {
         self.inner.with_write(|c| {
             c.prepare_cached(
@@ -661,26 +678,9 @@ impl CacheDriver for SqliteDriver {
         }
         Ok(())
     }
+}
 
-    fn next_queue_seq(&self, _queue: OnDisk<'_>) -> Result<u64> {
-        let v: i64 = self.inner.with_write(|c| {
-            c.prepare_cached(
-                "INSERT INTO imgcache_state (key, value) VALUES ('queue_seq', 1)
-                 ON CONFLICT (key) DO UPDATE SET value = value + 1
-                 RETURNING value",
-            )?
-            .query_row([], |r| r.get(0))
-        })?;
-        u64::try_from(v).map_err(|_| Error::CorruptMetadata {
-            path: self.inner.db_path.clone(),
-            detail: format!("queue counter is negative ({v})"),
-        })
-    }
-
-    fn records_watermark(&self) -> bool {
-        true
-    }
-
+impl Watermarks for SqliteDriver {
     fn durable_watermark(&self, _base: OnDisk<'_>) -> Result<Option<Watermark>> {
         let get = |c: &Connection, key: &str| -> rusqlite::Result<Option<i64>> {
             c.prepare_cached("SELECT value FROM imgcache_state WHERE key = ?1")?
@@ -718,14 +718,6 @@ impl CacheDriver for SqliteDriver {
             c.pragma_update(None, "synchronous", "NORMAL")?;
             done
         })
-    }
-
-    fn flush(&self) -> Result<()> {
-        self.inner.flush_hits()
-    }
-
-    fn files(&self) -> Vec<PathBuf> {
-        vec![self.inner.db_path.clone()]
     }
 }
 

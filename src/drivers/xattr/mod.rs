@@ -53,10 +53,8 @@ use parking_lot::Mutex;
 use xattr::FileExt;
 
 use super::hits::Hits;
-use super::CacheDriver;
-use crate::entry::{
-    CachedFiles, CachedImageInfo, Invalidation, LruEntry, OnDisk, Scanned, Watermark,
-};
+use super::{CacheDriver, Extensions, InvalidReasons, Watermarks};
+use crate::entry::{CachedFiles, CachedImageInfo, Invalidation, OnDisk, Scanned, Watermark};
 use crate::error::{Error, IoContext, Result};
 use crate::id::ImageId;
 
@@ -461,7 +459,7 @@ impl CacheDriver for XattrDriver {
         Ok(())
     }
 
-    fn remove(&self, _ids: &[ImageId]) -> Result<usize> {
+    fn remove(&self, _ids: &[ImageId], _still_gone: &dyn Fn(&ImageId) -> bool) -> Result<usize> {
         // The metadata went with the file.
         Ok(0)
     }
@@ -495,35 +493,6 @@ impl CacheDriver for XattrDriver {
         })?;
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
-    }
-
-    fn lru(&self, files: &dyn CachedFiles) -> Result<Vec<LruEntry>> {
-        // Lean: the size from the directory walk's stat, and one attribute
-        // read by path per file (no open, no other attributes).
-        self.flush_hits()?;
-        let mut all = self.over_files(files, |id, on| {
-            let accessed = match get(on, ACCESSED) {
-                Ok(v) => v,
-                Err(e) if vanished(&e) => return Ok(None),
-                Err(e) => return Err(e),
-            };
-            let last_accessed = match accessed.as_deref().map(decode_time) {
-                Some(Ok(t)) => t,
-                // Glance's files, or an undecodable value: the atime.
-                _ => on.accessed(),
-            };
-            Ok(Some(LruEntry {
-                id: id.clone(),
-                size: on.len(),
-                last_accessed,
-            }))
-        })?;
-        all.sort_by(|a, b| {
-            a.last_accessed
-                .cmp(&b.last_accessed)
-                .then_with(|| a.id.cmp(&b.id))
-        });
-        Ok(all)
     }
 
     fn total_size(&self, files: &dyn CachedFiles) -> Result<u64> {
@@ -570,6 +539,30 @@ impl CacheDriver for XattrDriver {
         Ok(adopted)
     }
 
+    fn flush(&self) -> Result<()> {
+        self.flush_hits()
+    }
+
+    fn next_queue_seq(&self, queue: OnDisk<'_>) -> Result<u64> {
+        // A counter in an attribute of `queue/`, incremented under an
+        // exclusive lock of the folder, so that every process shares it.
+        let path = queue.path();
+        locked(queue, || {
+            let cur = decode(get(queue, QUEUE_SEQ)?, path, QUEUE_SEQ, decode_u64)?.unwrap_or(0);
+            let next = cur.saturating_add(1);
+            set(queue, QUEUE_SEQ, &encode_u64(next))?;
+            Ok(next)
+        })
+    }
+
+    fn extensions(&self) -> Extensions<'_> {
+        Extensions::default()
+            .with_invalid_reasons(self)
+            .with_watermarks(self)
+    }
+}
+
+impl InvalidReasons for XattrDriver {
     fn invalidate(&self, why: &Invalidation, file: OnDisk<'_>) -> Result<()> {
         set(file, ERROR, why.reason.as_bytes())?;
         set(file, INVALIDATED, &encode_time(why.at))
@@ -585,14 +578,13 @@ impl CacheDriver for XattrDriver {
         Ok((reason, at))
     }
 
-    fn flush(&self) -> Result<()> {
-        self.flush_hits()
+    fn forget_invalid(&self, _ids: &[ImageId]) -> Result<()> {
+        // The reasons are on the files, gone with them.
+        Ok(())
     }
+}
 
-    fn records_watermark(&self) -> bool {
-        true
-    }
-
+impl Watermarks for XattrDriver {
     fn durable_watermark(&self, base: OnDisk<'_>) -> Result<Option<Watermark>> {
         decode(
             get(base, WATERMARK)?,
@@ -622,18 +614,6 @@ impl CacheDriver for XattrDriver {
             None => File::open(path).and_then(|f| f.sync_all()),
         }
         .ctx("fsync directory", path)
-    }
-
-    fn next_queue_seq(&self, queue: OnDisk<'_>) -> Result<u64> {
-        // A counter in an attribute of `queue/`, incremented under an
-        // exclusive lock of the folder, so that every process shares it.
-        let path = queue.path();
-        locked(queue, || {
-            let cur = decode(get(queue, QUEUE_SEQ)?, path, QUEUE_SEQ, decode_u64)?.unwrap_or(0);
-            let next = cur.saturating_add(1);
-            set(queue, QUEUE_SEQ, &encode_u64(next))?;
-            Ok(next)
-        })
     }
 }
 
