@@ -94,7 +94,7 @@ impl Durable {
     ) -> Self {
         let mode = match mode {
             Durability::Group { .. } if !store.records_watermark() => {
-                log::info!(
+                tracing::info!(
                     "imgcache: the {} store records no durability watermark: commits are synced \
                      one by one",
                     store.name()
@@ -182,7 +182,7 @@ impl Durable {
         };
         match moved {
             Ok(()) => {
-                log::info!(
+                tracing::info!(
                     "imgcache: moved {} into {}",
                     legacy.display(),
                     self.layout.private_dir().display()
@@ -217,7 +217,7 @@ impl Durable {
                 .and_then(|()| file.set_len(CLEAN.len() as u64))
                 .and_then(|()| file.sync_all());
             if let Err(e) = done {
-                log::warn!("imgcache: cannot mark {} clean: {e}", self.marker.display());
+                tracing::warn!("imgcache: cannot mark {} clean: {e}", self.marker.display());
             }
         }
     }
@@ -376,7 +376,7 @@ impl Durable {
                 }
             }
             if let Err(e) = self.checkpoint() {
-                log::warn!(
+                tracing::warn!(
                     "imgcache: checkpoint of {}: {e}",
                     self.layout.base().display()
                 );
@@ -392,7 +392,7 @@ impl Durable {
         match self.checkpoint() {
             Ok(_) => self.session_end(),
             Err(e) => {
-                log::warn!(
+                tracing::warn!(
                     "imgcache: last checkpoint of {}: {e}",
                     self.layout.base().display()
                 )
@@ -418,7 +418,7 @@ impl CheckpointThread {
             .spawn(move || {
                 if soon {
                     if let Err(e) = runner.checkpoint() {
-                        log::warn!(
+                        tracing::warn!(
                             "imgcache: checkpoint of {}: {e}",
                             runner.layout.base().display()
                         );

@@ -58,7 +58,7 @@ impl ImageCache {
         }
         if !victims.is_empty() {
             self.delete_cached_images(&victims)?;
-            log::info!(
+            tracing::info!(
                 "imgcache: pruned {} images ({bytes} bytes), {total} bytes remain",
                 victims.len()
             );
@@ -79,7 +79,7 @@ impl ImageCache {
         let gone: Vec<ImageId> = report.invalid.iter().filter_map(|f| f.id.clone()).collect();
         self.store.forget_invalid(&gone)?;
         if report.files() > 0 {
-            log::info!(
+            tracing::info!(
                 "imgcache: cleaned {} invalid and {} stalled files ({} bytes)",
                 report.invalid.len(),
                 report.stalled.len(),
@@ -129,7 +129,9 @@ impl ImageCache {
         let cache = match self.cache_size() {
             Ok(n) => n,
             Err(e @ Error::Store(_)) => {
-                log::warn!("imgcache: {id}: admission without the store ({e}): sizing the files");
+                tracing::warn!(
+                    "imgcache: {id}: admission without the store ({e}): sizing the files"
+                );
                 store_down = true;
                 self.files_size()?
             }

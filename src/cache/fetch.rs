@@ -262,7 +262,7 @@ impl ImageCache {
             Found::Hit(image) => ImageStream::Cached(image),
             Found::Follow(fill) => ImageStream::Following(FollowReader::new(fill)),
             Found::StoreDown(e) => {
-                log::warn!("imgcache: {id}: {e}; serving it from the origin, uncached");
+                tracing::warn!("imgcache: {id}: {e}; serving it from the origin, uncached");
                 let (source, expected) = open()?;
                 ImageStream::Filling(Box::new(
                     TeeReader::pass_through(id.clone(), source, expected)
@@ -278,7 +278,7 @@ impl ImageCache {
                     let reason = format!("cannot open the source: {e}");
                     // Nothing was written: nothing to keep in invalid/.
                     if let Err(discard) = writer.discard() {
-                        log::error!("imgcache: {id}: {discard}");
+                        tracing::error!("imgcache: {id}: {discard}");
                     }
                     fill.finish(Err(reason));
                     self.fills.remove(&fill);
@@ -304,7 +304,7 @@ impl ImageCache {
                 // A fault of the cache is never the client's: the entry is
                 // quarantined by now, and the origin answers instead.
                 Err(e @ (Error::Corrupt { .. } | Error::CorruptMetadata { .. })) => {
-                    log::warn!("imgcache: {id}: {e}; fetching it from the origin again");
+                    tracing::warn!("imgcache: {id}: {e}; fetching it from the origin again");
                 }
                 // The metadata store is down: the origin answers, and nothing
                 // is cached (a commit could not be recorded).
@@ -377,7 +377,7 @@ impl ImageCache {
             Found::Hit(image) => return Ok(Fetched::Cached(image)),
             Found::Follow(fill) => return Ok(Fetched::Following(FollowReader::new(fill))),
             Found::StoreDown(e) => {
-                log::warn!("imgcache: {id}: {e}; serving it from the origin, uncached");
+                tracing::warn!("imgcache: {id}: {e}; serving it from the origin, uncached");
                 return Ok(Fetched::Uncached(checked_object(id, open()?)));
             }
             Found::Fill(writer, fill) => (writer, fill),
@@ -400,7 +400,7 @@ impl ImageCache {
                     Ok(object) => object,
                     Err(e) => {
                         if let Err(discard) = writer.discard() {
-                            log::error!("imgcache: {id2}: {discard}");
+                            tracing::error!("imgcache: {id2}: {discard}");
                         }
                         match e {
                             Error::OriginNotFound { origin, .. } => fill.fail_as(
@@ -443,12 +443,14 @@ impl ImageCache {
                     }
                 };
                 match drained {
-                    Ok(n) if tee.stats().cached => log::info!("imgcache: {id2}: filled, {n} bytes"),
-                    Ok(_) => log::warn!(
+                    Ok(n) if tee.stats().cached => {
+                        tracing::info!("imgcache: {id2}: filled, {n} bytes")
+                    }
+                    Ok(_) => tracing::warn!(
                         "imgcache: {id2}: fill not cached: {}",
                         tee.stats().cache_error.as_deref().unwrap_or("?")
                     ),
-                    Err(e) => log::warn!("imgcache: {id2}: fill failed: {e}"),
+                    Err(e) => tracing::warn!("imgcache: {id2}: fill failed: {e}"),
                 }
             });
         if let Err(e) = spawned {
@@ -539,11 +541,11 @@ impl ImageCache {
                             .store
                             .invalidate(&why, OnDisk::new(&path, Some(file), &meta))
                         {
-                            log::warn!("imgcache: cannot record why {id} failed: {e}");
+                            tracing::warn!("imgcache: cannot record why {id} failed: {e}");
                         }
                     }
                 }
-                Err(e) => log::warn!("imgcache: cannot invalidate the fill of {id}: {e}"),
+                Err(e) => tracing::warn!("imgcache: cannot invalidate the fill of {id}: {e}"),
             }
             self.fills.remove(&fill);
             fill.finish(Err(reason.to_owned()));
@@ -583,7 +585,7 @@ impl ImageCache {
             // The copy's error is the one to report; a failure to move the
             // file aside (on a full disk, say) only goes to the log.
             if let Err(abort) = writer.abort(&reason) {
-                log::error!("imgcache: cannot invalidate {id}: {abort}");
+                tracing::error!("imgcache: cannot invalidate {id}: {abort}");
             }
             return Err(Error::io("copy into", path, e));
         }

@@ -116,7 +116,9 @@ impl ImageCache {
             DriverKind::Xattr => match xattr(layout.base()) {
                 Ok(d) => (Arc::new(d) as Arc<dyn CacheDriver>, DriverKind::Xattr),
                 Err(e @ Error::XattrUnsupported { .. }) if options.falls_back_to_sqlite() => {
-                    log::warn!("imgcache: {e}; falling back to the sqlite driver as configured");
+                    tracing::warn!(
+                        "imgcache: {e}; falling back to the sqlite driver as configured"
+                    );
                     (sqlite()?, DriverKind::Sqlite)
                 }
                 Err(e) => return Err(e),
@@ -236,7 +238,7 @@ impl ImageCache {
             let db = options.sqlite_db_path();
             if db.exists() {
                 let report = migrate_into(&*store, &db)?;
-                log::info!(
+                tracing::info!(
                     "imgcache: migrated {} of {} rows of {} to node {}",
                     report.migrated,
                     report.rows,
@@ -291,7 +293,7 @@ impl ImageCache {
             )?);
         }
         if !cache.recovery.is_clean() {
-            log::warn!(
+            tracing::warn!(
                 "imgcache: recovered {}: dropped {} entries without files, adopted {} files \
                  without metadata, quarantined {} corrupt entries",
                 cache.layout.base().display(),
@@ -577,7 +579,7 @@ impl ImageCache {
         // and the next read finds it again.
         let quarantined = |reason: &str| {
             if let Err(e) = self.quarantine(key, reason) {
-                log::error!("imgcache: {key}: cannot quarantine ({reason}): {e}");
+                tracing::error!("imgcache: {key}: cannot quarantine ({reason}): {e}");
             }
         };
         match self.read_hit(key) {
@@ -603,7 +605,7 @@ impl ImageCache {
                 Ok(()) => {}
                 // A store that cannot be reached has nothing to drop now;
                 // the recovery walk drops what stays stale.
-                Err(e @ Error::Store(_)) => log::warn!("imgcache: {key}: {e}"),
+                Err(e @ Error::Store(_)) => tracing::warn!("imgcache: {key}: {e}"),
                 Err(e) => return Err(e),
             }
             return Ok(None);

@@ -128,7 +128,7 @@ impl ImageCache {
                         outcome: &outcome,
                     });
                     if let Err(e) = &outcome {
-                        log::warn!("imgcache: prefetch of {id} failed: {e}");
+                        tracing::warn!("imgcache: prefetch of {id} failed: {e}");
                     }
                     results.lock()[i] = Some(PrefetchResult { id, outcome });
                 });

@@ -39,7 +39,7 @@ impl Filling {
     /// followers get the reason.
     fn fail(self, reason: &str) {
         if let Err(e) = self.writer.abort(reason) {
-            log::error!("imgcache: cannot invalidate a failed fill: {e}");
+            tracing::error!("imgcache: cannot invalidate a failed fill: {e}");
         }
         self.fills.remove(&self.fill);
         self.fill.finish(Err(reason.to_owned()));
@@ -179,7 +179,7 @@ impl<R: Read + Send + 'static> TeeReader<R> {
             Ok(()) => filling.fill.progress(filling.writer.written()),
             Err(e) => {
                 let reason = format!("cache write failed: {e}");
-                log::warn!(
+                tracing::warn!(
                     "imgcache: {}: {reason}; passing the stream through",
                     self.id
                 );
@@ -231,13 +231,13 @@ impl<R: Read + Send + 'static> TeeReader<R> {
                 // a request the origin answered.
                 Err(e @ Error::Store(_)) => {
                     let reason = format!("commit failed: {e}");
-                    log::warn!("imgcache: {}: {reason}; served uncached", self.id);
+                    tracing::warn!("imgcache: {}: {reason}; served uncached", self.id);
                     self.stats.cache_error = Some(reason.clone());
                     fill.finish_uncached(self.stats.bytes, reason);
                 }
                 Err(e) => {
                     let reason = format!("commit failed: {e}");
-                    log::warn!("imgcache: {}: {reason}", self.id);
+                    tracing::warn!("imgcache: {}: {reason}", self.id);
                     self.stats.cache_error = Some(reason.clone());
                     fill.finish(Err(reason));
                 }
@@ -308,11 +308,13 @@ impl<R: Read + Send + 'static> Drop for TeeReader<R> {
         let spawned = std::thread::Builder::new()
             .name(format!("imgcache-fill-{id}"))
             .spawn(move || match io::copy(&mut rest, &mut io::sink()) {
-                Ok(n) => log::info!("imgcache: {id}: finished an abandoned fill ({n} more bytes)"),
-                Err(e) => log::warn!("imgcache: {id}: abandoned fill failed: {e}"),
+                Ok(n) => {
+                    tracing::info!("imgcache: {id}: finished an abandoned fill ({n} more bytes)")
+                }
+                Err(e) => tracing::warn!("imgcache: {id}: abandoned fill failed: {e}"),
             });
         if let Err(e) = spawned {
-            log::error!(
+            tracing::error!(
                 "imgcache: {}: cannot finish an abandoned fill: {e}",
                 self.id
             );

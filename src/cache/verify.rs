@@ -74,7 +74,7 @@ impl ImageCache {
     /// all the same).
     pub(crate) fn quarantine(&self, key: Admitted<'_>, reason: &str) -> Result<bool> {
         if self.options.is_read_only() {
-            log::warn!(
+            tracing::warn!(
                 "imgcache: {}: {reason} (left in place: opened read-only)",
                 key.id()
             );
@@ -99,9 +99,9 @@ impl ImageCache {
                 .store
                 .invalidate(&why, OnDisk::new(&path, Some(&file), &meta))
             {
-                log::warn!("imgcache: cannot record why {key} was quarantined: {e}");
+                tracing::warn!("imgcache: cannot record why {key} was quarantined: {e}");
             }
-            log::error!("imgcache: quarantined {key}: {reason}");
+            tracing::error!("imgcache: quarantined {key}: {reason}");
         }
         drop(file);
         self.store.remove(ids, &|_| true)?;

@@ -232,7 +232,7 @@ impl CacheWriter {
         if let Err(err) = self.store.insert(&info) {
             // Metadata and files must agree: take the file back out.
             if let Err(e) = remove_if_exists(&self.layout.cached(key)) {
-                log::error!(
+                tracing::error!(
                     "imgcache: cannot withdraw {} after failed commit: {e}",
                     self.id
                 );
@@ -240,7 +240,7 @@ impl CacheWriter {
             return Err(err);
         }
         if let Err(e) = queue::remove(&self.layout, key) {
-            log::warn!("imgcache: {} cached but still queued: {e}", self.id);
+            tracing::warn!("imgcache: {} cached but still queued: {e}", self.id);
         }
         drop(file);
         self.durable.committed(self.len);
@@ -293,7 +293,7 @@ impl CacheWriter {
     /// Moves the file to `invalid/`, logging instead of failing.
     fn invalidate(&mut self, file: File, reason: &str) {
         if let Err(e) = self.try_invalidate(file, reason) {
-            log::error!("imgcache: cannot invalidate {}: {e}", self.id);
+            tracing::error!("imgcache: cannot invalidate {}: {e}", self.id);
         }
     }
 
@@ -318,7 +318,7 @@ impl CacheWriter {
                 .invalidate(&why, OnDisk::new(&moved, Some(&file), &meta))
         });
         if let Err(e) = recorded {
-            log::warn!("imgcache: cannot record why {} failed: {e}", self.id);
+            tracing::warn!("imgcache: cannot record why {} failed: {e}", self.id);
         }
         drop(file);
         Ok(())
@@ -371,7 +371,7 @@ impl Drop for CacheWriter {
                 "writer dropped before commit"
             };
             if let Err(e) = self.finish_invalid(out, reason) {
-                log::error!("imgcache: cannot invalidate {}: {e}", self.id);
+                tracing::error!("imgcache: cannot invalidate {}: {e}", self.id);
             }
         }
     }

@@ -84,7 +84,7 @@ impl Checkpointer {
                     let result = checkpoint(&conn.lock());
                     drop(conn);
                     match result {
-                        Ok(busy) if busy != 0 => log::debug!(
+                        Ok(busy) if busy != 0 => tracing::debug!(
                             "imgcache: checkpoint of {} was held up by another process",
                             path.display()
                         ),
@@ -92,7 +92,7 @@ impl Checkpointer {
                             *finished.count.lock() += 1;
                             finished.changed.notify_all();
                         }
-                        Err(e) => log::warn!(
+                        Err(e) => tracing::warn!(
                             "imgcache: checkpoint of {} failed (will retry): {e}",
                             path.display()
                         ),
@@ -115,7 +115,7 @@ impl Checkpointer {
             match self.wake.try_send(()) {
                 Ok(()) | Err(TrySendError::Full(())) => {}
                 Err(TrySendError::Disconnected(())) => {
-                    log::warn!("imgcache: checkpoint thread is gone")
+                    tracing::warn!("imgcache: checkpoint thread is gone")
                 }
             }
         }

@@ -3,7 +3,10 @@
 //! A driver (a *metadata store*; the same trait as a *metadata store*) keeps
 //! rows: one per cached image (size, hits, last access, checksum, CRC), the
 //! reasons recorded for failed writes, and the queue's counter. It never
-//! sees a path policy, moves a file, takes a file lock or decides anything:
+//! sees a path policy, makes or moves a file, takes one of the file layer's
+//! locks or decides anything (the xattr store serializes its own
+//! read-modify-write of a file's hit count with an `flock` of that file,
+//! which no other lock of the cache uses):
 //! [`crate::ImageCache`] owns the one local file layer (`files/`:
 //! writer, reader, locks, queue folder, recovery walk) and the policies
 //! (prune, clean, quarantine), and asks the driver what it needs to know.

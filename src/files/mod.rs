@@ -57,7 +57,7 @@ pub(crate) fn wait_for_writer(layout: &Layout, id: Admitted<'_>) -> Result<()> {
     // Still in place with nobody holding it: its writer died.
     file.unlock().map_err(|e| Error::io("unlock", &path, e))?;
     if file.try_lock().is_ok() && same(&file) {
-        log::warn!("imgcache: {id}: taking over a fill whose writer died");
+        tracing::warn!("imgcache: {id}: taking over a fill whose writer died");
         layout::remove_if_exists(&path)?;
     }
     Ok(())

@@ -315,30 +315,26 @@ fn report(as_json: bool, value: &impl Serialize, line: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let level = match cli.verbose {
-        0 => log::LevelFilter::Error,
-        1 => log::LevelFilter::Info,
-        _ => log::LevelFilter::Debug,
-    };
-    if matches!(cli.command, Command::Serve(_)) {
-        // The server logs with tracing (the library's `log` records too).
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new(match cli.verbose {
-                0 => "warn",
-                1 => "info",
-                _ => "debug",
-            })
-        });
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::stderr().is_terminal())
-            .init();
+    // One logging facade, the library's and the server's: `RUST_LOG`, or
+    // the verbosity asked (the server warns by default, the commands only
+    // say what failed).
+    let serving = matches!(cli.command, Command::Serve(_));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(match (cli.verbose, serving) {
+            (0, true) => "warn",
+            (0, false) => "error",
+            (1, _) => "info",
+            _ => "debug",
+        })
+    });
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    if serving {
+        logs.init();
     } else {
-        env_logger::Builder::new()
-            .filter_level(level)
-            .format_timestamp(None)
-            .init();
+        logs.without_time().with_target(false).init();
     }
     match run(cli) {
         Ok(code) => ExitCode::from(code),

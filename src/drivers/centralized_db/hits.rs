@@ -96,7 +96,7 @@ impl Inner {
     /// the read goes on.
     pub(super) fn flush_or_warn(&self) {
         if let Err(e) = self.flush_hits() {
-            log::warn!("imgcache: hits held in memory for now: {e}");
+            tracing::warn!("imgcache: hits held in memory for now: {e}");
         }
     }
 
@@ -132,13 +132,13 @@ pub(super) fn flusher(me: &Inner) {
         match me.flush_hits() {
             Ok(()) => {
                 if failing {
-                    log::info!("imgcache: {}: hits written again", me.pool.location);
+                    tracing::info!("imgcache: {}: hits written again", me.pool.location);
                     failing = false;
                 }
             }
             Err(e) => {
                 if !failing {
-                    log::warn!("imgcache: hits held in memory until the database is back: {e}");
+                    tracing::warn!("imgcache: hits held in memory until the database is back: {e}");
                     failing = true;
                 }
             }

@@ -179,15 +179,15 @@ impl Drop for Handle {
                         });
                     }
                     Err(e) => {
-                        log::warn!("imgcache: {}: hits not written: {e}", inner.pool.location)
+                        tracing::warn!("imgcache: {}: hits not written: {e}", inner.pool.location)
                     }
                 }
                 drop(std::mem::take(&mut *inner.pool.idle.lock()));
             });
         match last.map(std::thread::JoinHandle::join) {
             Ok(Ok(())) => {}
-            Ok(Err(_)) => log::error!("imgcache: {}: closing panicked", self.0.pool.location),
-            Err(e) => log::error!("imgcache: {}: cannot close: {e}", self.0.pool.location),
+            Ok(Err(_)) => tracing::error!("imgcache: {}: closing panicked", self.0.pool.location),
+            Err(e) => tracing::error!("imgcache: {}: cannot close: {e}", self.0.pool.location),
         }
     }
 }
@@ -512,7 +512,7 @@ impl CentralizedDbDriver {
             .filter_map(|r| match decode(r) {
                 Ok(i) => Some(i),
                 Err((_, e)) => {
-                    log::warn!("imgcache: {}: skipping {e}", self.inner.pool.location);
+                    tracing::warn!("imgcache: {}: skipping {e}", self.inner.pool.location);
                     None
                 }
             })
@@ -545,7 +545,7 @@ impl CentralizedDbDriver {
     fn fits(&self, entry: &CachedImageInfo) -> bool {
         let fits = entry.id.as_str().len() <= self.inner.max_id;
         if !fits {
-            log::warn!(
+            tracing::warn!(
                 "imgcache: {}: image id {} is longer than the {} bytes of cached_images.image_id; left out",
                 self.inner.pool.location,
                 entry.id,

@@ -225,7 +225,7 @@ impl Pool {
             // restart): the sync client learns of it only on use. Once more
             // on a fresh one.
             Err(e) if reused && conn.client.is_closed() => {
-                log::debug!("imgcache: {}: reconnecting after {e}", self.location);
+                tracing::debug!("imgcache: {}: reconnecting after {e}", self.location);
                 drop(conn);
                 let mut fresh = self.fresh()?;
                 f(&mut fresh).map_err(|e| self.error(e))

@@ -220,7 +220,7 @@ impl CacheDriver for CentralizedDbDriver {
                 Err((raw, detail)) => match ImageId::new(&raw) {
                     Ok(id) => out.push(Scanned::Corrupt { id, detail }),
                     Err(_) => {
-                        log::warn!(
+                        tracing::warn!(
                             "imgcache: dropping row {raw:?} of {}: {detail}",
                             self.inner.pool.location
                         );

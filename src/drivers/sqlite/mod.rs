@@ -221,7 +221,7 @@ impl SqliteDriver {
             let from = db.with_file_name(format!("{name}{suffix}"));
             let to = dir.join(format!("{prefix}{name}{suffix}"));
             match std::fs::rename(&from, &to) {
-                Ok(()) => log::warn!("imgcache: moved {} to {}", from.display(), to.display()),
+                Ok(()) => tracing::warn!("imgcache: moved {} to {}", from.display(), to.display()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(Error::io("rename", &from, e)),
             }
@@ -325,7 +325,7 @@ impl SqliteDriver {
         rows.into_iter()
             .filter_map(|r| {
                 r.map_err(|e| {
-                    log::warn!("imgcache: {}: skipping {e}", self.inner.db_path.display())
+                    tracing::warn!("imgcache: {}: skipping {e}", self.inner.db_path.display())
                 })
                 .ok()
             })
@@ -399,7 +399,7 @@ fn spawn_hit_writer(inner: &Arc<Inner>, wakes: std::sync::mpsc::Receiver<()>) ->
             };
             if due {
                 if let Err(e) = inner.flush_hits() {
-                    log::warn!(
+                    tracing::warn!(
                         "imgcache: {}: hits not written yet: {e}",
                         inner.db_path.display()
                     );
@@ -413,7 +413,7 @@ fn spawn_hit_writer(inner: &Arc<Inner>, wakes: std::sync::mpsc::Receiver<()>) ->
 impl Drop for Inner {
     fn drop(&mut self) {
         if let Err(e) = self.flush_hits() {
-            log::warn!(
+            tracing::warn!(
                 "imgcache: {}: hits not written: {e}",
                 self.db_path.display()
             );
@@ -570,7 +570,7 @@ impl CacheDriver for SqliteDriver {
                     // An id that is no safe file name never reaches the
                     // file system: only its row goes.
                     Err(_) => {
-                        log::warn!(
+                        tracing::warn!(
                             "imgcache: dropping row {raw:?} of {}: {detail}",
                             self.inner.db_path.display()
                         );

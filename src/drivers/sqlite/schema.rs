@@ -107,7 +107,7 @@ pub(super) fn open_db_read_only(path: &Path) -> Result<(Connection, &'static str
             ) && wal_file_nobody_writes(path) =>
         {
             let uri = format!("file:{}?immutable=1", uri_path(path));
-            log::info!(
+            tracing::info!(
                 "imgcache: {} read as an immutable file (its -shm cannot be made here)",
                 path.display()
             );
@@ -183,7 +183,7 @@ pub(super) fn open_db(path: &Path, journal: SqliteJournal) -> Result<Connection>
         .query_row(&format!("PRAGMA journal_mode = {want}"), [], |r| r.get(0))
         .map_err(err)?;
     if !mode.eq_ignore_ascii_case(want) {
-        log::warn!(
+        tracing::warn!(
             "imgcache: {} stays in journal mode {mode} (another process has it open): \
              {want} from when the last of them closes it",
             path.display()

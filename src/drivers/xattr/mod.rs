@@ -107,7 +107,7 @@ struct HitsOf {
 impl Drop for State {
     fn drop(&mut self) {
         if let Err(e) = flush_pending(&mut self.inner.lock()) {
-            log::warn!("imgcache: xattr hits not written: {e}");
+            tracing::warn!("imgcache: xattr hits not written: {e}");
         }
     }
 }
@@ -213,12 +213,7 @@ impl XattrDriver {
     /// checks that `dir`'s file system takes user xattrs, and fails with
     /// [`Error::XattrUnsupported`] where it does not.
     pub fn open(dir: &Path) -> Result<Self> {
-        let scratch = dir.join(format!(
-            "{}-probe-{}",
-            crate::id::PRIVATE_PREFIX,
-            std::process::id()
-        ));
-        probe(dir, &scratch)?;
+        probe(dir)?;
         Ok(XattrDriver {
             state: Arc::default(),
         })
@@ -425,7 +420,7 @@ impl CacheDriver for XattrDriver {
             // Another image's file failing its write must not fail this
             // read.
             if let Err(e) = flush_pending(&mut held) {
-                log::warn!("imgcache: xattr hits not written: {e}");
+                tracing::warn!("imgcache: xattr hits not written: {e}");
             }
         }
         Ok(Some(info))
@@ -486,7 +481,7 @@ impl CacheDriver for XattrDriver {
             Ok(info) => Ok(Some(info)),
             Err(e) if vanished(&e) => Ok(None),
             Err(e @ Error::CorruptMetadata { .. }) => {
-                log::warn!("imgcache: skipping {}: {e}", on.path().display());
+                tracing::warn!("imgcache: skipping {}: {e}", on.path().display());
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -617,18 +612,13 @@ impl Watermarks for XattrDriver {
     }
 }
 
-/// Checks that the file system holding `dir` takes user xattrs, on a
-/// scratch file `probe` (a name no image id can take).
-fn probe(dir: &Path, probe: &Path) -> Result<()> {
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(probe)
-        .ctx("create", probe)?;
-    let result = file.set_xattr(HITS, b"0");
-    drop(file);
-    let _ = std::fs::remove_file(probe);
+/// Checks that the file system holding `dir` takes user xattrs: one set
+/// on `dir` itself and removed (no scratch file: a store makes no file in
+/// the cache's directory, and one left by a crash would be an image to
+/// Glance).
+fn probe(dir: &Path) -> Result<()> {
+    const PROBE: &str = "user.imgcache.probe";
+    let result = xattr::set(dir, PROBE, b"0").and_then(|()| xattr::remove(dir, PROBE));
     match result {
         Ok(()) => Ok(()),
         Err(e)
@@ -642,7 +632,7 @@ fn probe(dir: &Path, probe: &Path) -> Result<()> {
                 source: e,
             })
         }
-        Err(e) => Err(Error::io("write xattr", probe, e)),
+        Err(e) => Err(Error::io("write xattr", dir, e)),
     }
 }
 
