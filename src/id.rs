@@ -31,7 +31,7 @@ pub(crate) const RESERVED_NAMES: &[&str] = &[
 pub(crate) const SQLITE_SIDE_SUFFIXES: &[&str] = &["", "-wal", "-shm", "-journal"];
 
 /// The default SQLite database file name (Glance's `image_cache_sqlite_db`).
-pub(crate) const DEFAULT_SQLITE_DB: &str = crate::options::CacheOptions::DEFAULT_SQLITE_DB;
+pub(crate) const DEFAULT_SQLITE_DB: &str = "cache.db";
 
 /// The prefix of every temporary or private file the cache may create.
 /// Ids starting with it are refused.

@@ -17,6 +17,23 @@ pub(crate) const DEFAULT_MAX_SIZE: u64 = CacheOptions::DEFAULT_MAX_SIZE;
 /// Glance's default `image_cache_stall_time`: one day.
 pub(crate) const DEFAULT_STALL_TIME: Duration = CacheOptions::DEFAULT_STALL_TIME;
 
+/// How the SQLite store journals its writes (see the SQLite store's docs,
+/// `imgcache::drivers::SqliteDriver`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SqliteJournal {
+    /// Glance's own mode (the default): a rollback journal that exists only
+    /// while a write is under way, so Glance's drivers, which take every
+    /// regular file beside the database for an image, see only images.
+    #[default]
+    Delete,
+    /// SQLite's write-ahead log, for caches Glance never touches: readers
+    /// never wait for a writer, and a power cut never damages the database;
+    /// but `cache.db-wal` and `cache.db-shm` sit in the base directory while
+    /// the database is open, where Glance would count and delete them.
+    Wal,
+}
+
 /// Where a cache keeps its metadata (Glance's `image_cache_driver`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
@@ -91,7 +108,7 @@ pub struct CacheOptions {
     migrate_sqlite: bool,
     create_tables: bool,
     read_only: bool,
-    sqlite_journal: crate::drivers::SqliteJournal,
+    sqlite_journal: SqliteJournal,
     hard_limit: Option<u64>,
     min_free: Option<MinFree>,
     durability: Durability,
@@ -159,7 +176,7 @@ impl CacheOptions {
             migrate_sqlite: false,
             create_tables: false,
             read_only: false,
-            sqlite_journal: crate::drivers::SqliteJournal::Delete,
+            sqlite_journal: SqliteJournal::Delete,
             hard_limit: None,
             min_free: None,
             durability: Durability::default(),
@@ -304,14 +321,14 @@ impl CacheOptions {
 
     /// The SQLite store's journal mode: Glance's `DELETE` (the default),
     /// or WAL for a cache Glance never touches (see
-    /// [`crate::drivers::SqliteJournal`]).
-    pub fn sqlite_journal(mut self, journal: crate::drivers::SqliteJournal) -> Self {
+    /// [`SqliteJournal`]).
+    pub fn sqlite_journal(mut self, journal: SqliteJournal) -> Self {
         self.sqlite_journal = journal;
         self
     }
 
     /// The SQLite store's journal mode ([`CacheOptions::sqlite_journal`]).
-    pub fn sqlite_journal_mode(&self) -> crate::drivers::SqliteJournal {
+    pub fn sqlite_journal_mode(&self) -> SqliteJournal {
         self.sqlite_journal
     }
 
@@ -567,6 +584,11 @@ mod tests {
             Path::new("/var/lib/glance/image-cache/cache.db")
         );
         assert!(!o.falls_back_to_sqlite());
+    }
+
+    #[test]
+    fn the_default_database_name_is_the_one_ids_may_not_take() {
+        assert_eq!(CacheOptions::DEFAULT_SQLITE_DB, DEFAULT_SQLITE_DB);
     }
 
     #[test]

@@ -73,6 +73,8 @@ use rows::{decode_row, delete_each, write_row, RawRow};
 pub(crate) use schema::sqlite_error;
 use schema::{classify, open_db, open_db_read_only};
 
+pub use crate::options::SqliteJournal;
+
 use super::checkpoint::Checkpointer;
 use super::hits::{Hits, HIT_DELAY};
 use super::{CacheDriver, Extensions, InvalidReasons, Watermarks};
@@ -90,22 +92,6 @@ const COLUMNS: &str = "image_id, size, hits, last_accessed, last_modified, check
 /// [`COLUMNS`] on a database of Glance's that imgcache never upgraded
 /// (opened read-only): no CRC-32.
 const GLANCE_COLUMNS: &str = "image_id, size, hits, last_accessed, last_modified, checksum, NULL";
-
-/// How the SQLite store journals its writes; see the module docs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum SqliteJournal {
-    /// Glance's own mode (the default): a rollback journal that exists only
-    /// while a write is under way, so Glance's drivers, which take every
-    /// regular file beside the database for an image, see only images.
-    #[default]
-    Delete,
-    /// SQLite's write-ahead log, for caches Glance never touches: readers
-    /// never wait for a writer, and a power cut never damages the database;
-    /// but `cache.db-wal` and `cache.db-shm` sit in the base directory while
-    /// the database is open, where Glance would count and delete them.
-    Wal,
-}
 
 /// The metadata driver Glance calls `sqlite`.
 #[derive(Clone)]
