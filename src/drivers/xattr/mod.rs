@@ -618,7 +618,12 @@ impl Watermarks for XattrDriver {
 /// Glance).
 fn probe(dir: &Path) -> Result<()> {
     const PROBE: &str = "user.imgcache.probe";
-    let result = xattr::set(dir, PROBE, b"0").and_then(|()| xattr::remove(dir, PROBE));
+    // Several processes may probe at once: another's removal first is
+    // no failure (ENODATA).
+    let result = xattr::set(dir, PROBE, b"0").and_then(|()| match xattr::remove(dir, PROBE) {
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENODATA) => Ok(()),
+        other => other,
+    });
     match result {
         Ok(()) => Ok(()),
         Err(e)
