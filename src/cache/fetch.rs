@@ -202,7 +202,7 @@ impl ImageCache {
             });
         }
         let writer = self.writer(key)?;
-        let fill = Arc::new(Fill::new(key.id().clone(), writer.reopen_file()?));
+        let fill = Arc::new(Fill::new(key.to_owned(), writer.reopen_file()?));
         map.insert(key.id().clone(), fill.clone());
         Ok((writer, fill))
     }
@@ -524,7 +524,7 @@ impl ImageCache {
         let mut moved = 0;
         for fill in fills {
             let id = fill.id().clone();
-            let key = Admitted::again(&id);
+            let key = fill.key();
             match self.layout.invalidate(key) {
                 Ok(()) => {
                     moved += 1;

@@ -19,7 +19,7 @@ use crate::id::ImageId;
 /// One fill in progress: how far it got and how it ended.
 #[derive(Debug)]
 pub(crate) struct Fill {
-    id: ImageId,
+    id: crate::files::AdmittedId,
     /// The incomplete file, shared with the writer; read with `pread`, so
     /// it stays readable after the commit renames it.
     file: File,
@@ -107,7 +107,7 @@ pub(crate) enum Ready {
 }
 
 impl Fill {
-    pub(crate) fn new(id: ImageId, file: File) -> Self {
+    pub(crate) fn new(id: crate::files::AdmittedId, file: File) -> Self {
         Fill {
             id,
             file,
@@ -186,7 +186,12 @@ impl Fill {
 
     /// Whether the fill has ended (committed or failed).
     pub(crate) fn id(&self) -> &ImageId {
-        &self.id
+        self.id.id()
+    }
+
+    /// The id, as the layout admitted it.
+    pub(crate) fn key(&self) -> crate::files::Admitted<'_> {
+        self.id.key()
     }
 
     pub(crate) fn file(&self) -> &File {
@@ -201,7 +206,7 @@ impl Fill {
         let mut state = self.state.lock();
         match &state.outcome {
             Some(Ok(size)) => Poll::Ready(Ok(*size)),
-            Some(Err(failure)) => Poll::Ready(Err(failure.error(&self.id))),
+            Some(Err(failure)) => Poll::Ready(Err(failure.error(self.id.id()))),
             None => {
                 if !state.wakers.iter().any(|w| w.will_wake(cx.waker())) {
                     state.wakers.push(cx.waker().clone());
@@ -226,12 +231,12 @@ impl Fill {
     /// if the fill fails, the follower gets the error instead of its end.
     fn ready(&self, state: &FillState, pos: u64, end: Option<u64>) -> Result<Ready> {
         match &state.outcome {
-            Some(Err(failure)) => return Err(failure.error(&self.id)),
+            Some(Err(failure)) => return Err(failure.error(self.id.id())),
             Some(Ok(size)) => {
                 let end = end.unwrap_or(*size);
                 if end.max(pos) > state.written || end.max(pos) > *size {
                     return Err(Error::FillFailed {
-                        id: self.id.clone(),
+                        id: self.id.id().clone(),
                         reason: format!(
                             "committed {size} bytes, fewer than the {} asked for",
                             end.max(pos)
@@ -292,12 +297,12 @@ impl Fill {
             match (&state.outcome, &state.uncached) {
                 (Some(Ok(_)), Some(why)) => {
                     return Err(Error::FillFailed {
-                        id: self.id.clone(),
+                        id: self.id.id().clone(),
                         reason: format!("served, but not cached: {why}"),
                     })
                 }
                 (Some(Ok(size)), None) => return Ok(*size),
-                (Some(Err(failure)), _) => return Err(failure.error(&self.id)),
+                (Some(Err(failure)), _) => return Err(failure.error(self.id.id())),
                 (None, _) => self.changed.wait(&mut state),
             }
         }
@@ -307,7 +312,7 @@ impl Fill {
         let mut state = self.state.lock();
         loop {
             if let Some(Err(failure)) = &state.outcome {
-                return Err(failure.error(&self.id));
+                return Err(failure.error(self.id.id()));
             }
             if state.started || state.outcome.is_some() {
                 return Ok(state.size);
@@ -319,7 +324,7 @@ impl Fill {
     fn poll_started(&self, cx: &mut Context<'_>) -> Poll<Result<Option<u64>>> {
         let mut state = self.state.lock();
         if let Some(Err(failure)) = &state.outcome {
-            return Poll::Ready(Err(failure.error(&self.id)));
+            return Poll::Ready(Err(failure.error(self.id.id())));
         }
         if state.started || state.outcome.is_some() {
             return Poll::Ready(Ok(state.size));
@@ -377,7 +382,7 @@ impl Fills {
             .map(|f| {
                 let s = f.state.lock();
                 FillProgress {
-                    image_id: f.id.clone(),
+                    image_id: f.id.id().clone(),
                     size: s.size,
                     bytes_written: s.written,
                     followers: f.followers(),
@@ -465,8 +470,8 @@ impl Fills {
     /// registered for its id).
     pub(crate) fn remove(&self, fill: &Arc<Fill>) {
         let mut map = self.map.lock();
-        if map.get(&fill.id).is_some_and(|f| Arc::ptr_eq(f, fill)) {
-            map.remove(&fill.id);
+        if map.get(fill.id.id()).is_some_and(|f| Arc::ptr_eq(f, fill)) {
+            map.remove(fill.id.id());
         }
     }
 }
@@ -525,7 +530,7 @@ impl FollowReader {
 
     /// The image followed.
     pub fn id(&self) -> &ImageId {
-        &self.fill.id
+        self.fill.id.id()
     }
 
     /// Bytes read so far through `Read`.

@@ -474,7 +474,7 @@ impl ImageCache {
             self.layout
                 .list(self.layout.base())?
                 .into_iter()
-                .map(|(id, _)| id),
+                .map(|(id, _)| id.into_id()),
         );
         ids.sort();
         ids.dedup();
@@ -518,11 +518,11 @@ impl ImageCache {
     pub fn invalid_images(&self) -> Result<Vec<InvalidImageInfo>> {
         let files = self.layout.list(self.layout.invalid_dir())?;
         let mut out = Vec::with_capacity(files.len());
-        for (id, meta) in files {
-            let path = self.layout.invalid(Admitted::again(&id));
+        for (key, meta) in files {
+            let path = self.layout.invalid(key.key());
             let (reason, invalidated_at) = match self
                 .store
-                .invalid_reason(&id, OnDisk::new(&path, None, &meta))
+                .invalid_reason(key.id(), OnDisk::new(&path, None, &meta))
             {
                 Ok(r) => r,
                 // Removed by a concurrent clean.
@@ -530,7 +530,7 @@ impl ImageCache {
                 Err(e) => return Err(e),
             };
             out.push(InvalidImageInfo {
-                id,
+                id: key.into_id(),
                 size: meta.len(),
                 reason,
                 invalidated_at,

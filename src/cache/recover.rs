@@ -11,7 +11,7 @@ use crate::clock::round_trip;
 use crate::drivers::StoreExt;
 use crate::entry::{CachedImageInfo, OnDisk, Scanned, Watermark};
 use crate::error::Result;
-use crate::files::Admitted;
+use crate::files::AdmittedId;
 use crate::id::ImageId;
 
 /// What the recovery walk found when the cache was opened, and what it did
@@ -92,8 +92,10 @@ impl ImageCache {
         let suspect_after = mark.filter(|_| unclean).map(|w| w.changed_before);
         let mut untrusted = Vec::new();
         let scanned = self.store.scan(layout)?;
-        let files: BTreeMap<ImageId, std::fs::Metadata> =
+        // The files as the layout listed them: their ids admitted.
+        let files: BTreeMap<AdmittedId, std::fs::Metadata> =
             layout.list(layout.base())?.into_iter().collect();
+        let listed = |id: &ImageId| files.get_key_value(id).map(|(k, _)| k.clone());
         let mut known = BTreeSet::new();
         let mut dropped = Vec::new();
         for entry in scanned {
@@ -116,7 +118,9 @@ impl ImageCache {
                             || (suspect_after.is_some()
                                 && changed.is_some_and(|c| c >= w.changed_before))
                         {
-                            untrusted.push((info.id.clone(), info.last_modified));
+                            if let Some(key) = listed(&info.id) {
+                                untrusted.push((key, info.last_modified));
+                            }
                         }
                     }
                     known.insert(info.id);
@@ -124,9 +128,8 @@ impl ImageCache {
                 Scanned::Corrupt { id, detail } => {
                     // Only an id the layout listed can name a file: any other
                     // (one of the cache's own names) loses its entry only.
-                    if files.contains_key(&id) {
-                        let key = Admitted::again(&id);
-                        if self.quarantine(key, &format!("corrupt metadata: {detail}"))? {
+                    if let Some(key) = listed(&id) {
+                        if self.quarantine(key.key(), &format!("corrupt metadata: {detail}"))? {
                             report.quarantined.push(id.clone());
                         }
                     } else {
@@ -148,8 +151,9 @@ impl ImageCache {
         let changed_before = suspect_after;
         // Entries a checkpoint does not cover yet: read whole before
         // anything is served.
-        for (id, committed) in untrusted {
-            let key = Admitted::again(&id);
+        for (admitted, committed) in untrusted {
+            let key = admitted.key();
+            let id = admitted.id().clone();
             match self.verify_key(key)? {
                 Some((Verification::Intact, _)) => report.verified.push(id),
                 Some((Verification::Corrupt { detail }, _)) => {
@@ -179,8 +183,9 @@ impl ImageCache {
             }
         }
         let mut orphans: Vec<(ImageId, std::path::PathBuf, std::fs::Metadata)> = Vec::new();
-        for (id, meta) in files.into_iter().filter(|(id, _)| !known.contains(id)) {
-            let key = Admitted::again(&id);
+        for (admitted, meta) in files.iter().filter(|(id, _)| !known.contains(id.id())) {
+            let (key, id) = (admitted.key(), admitted.id().clone());
+            let meta = meta.clone();
             if changed_before.is_some_and(|w| ctime_of(&meta) >= w) {
                 // Renamed into place (or changed) after the last checkpoint,
                 // without metadata: its bytes may be torn, and there is

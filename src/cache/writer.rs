@@ -33,7 +33,8 @@ const BUFFER: usize = 256 * 1024;
 ///
 /// Bytes are checksummed (CRC-32) as they are written; nothing is read back.
 pub struct CacheWriter {
-    id: ImageId,
+    /// The id, as the layout admitted it at create.
+    id: crate::files::AdmittedId,
     /// `incomplete/<id>`.
     path: PathBuf,
     layout: Layout,
@@ -85,7 +86,7 @@ impl CacheWriter {
             });
         }
         Ok(CacheWriter {
-            id: id.id().clone(),
+            id: id.to_owned(),
             path,
             layout: layout.clone(),
             out: Some(BufWriter::with_capacity(BUFFER, file)),
@@ -100,7 +101,7 @@ impl CacheWriter {
 
     /// The image being written.
     pub fn id(&self) -> &ImageId {
-        &self.id
+        self.id.id()
     }
 
     /// Bytes written so far.
@@ -140,7 +141,7 @@ impl CacheWriter {
 
     /// The id as the layout admitted it at create.
     fn key(&self) -> crate::files::Admitted<'_> {
-        crate::files::Admitted::again(&self.id)
+        self.id.key()
     }
 
     /// Records the checksum the caller expects (Glance's `checksum`, e.g. an
@@ -175,9 +176,10 @@ impl CacheWriter {
                 return Err(err);
             }
         };
-        let info = CachedImageInfo::new(self.id.clone(), self.len, round_trip(self.clock.now()))
-            .with_crc32(Some(self.crc.clone().finalize()))
-            .with_checksum(self.checksum.take());
+        let info =
+            CachedImageInfo::new(self.id.id().clone(), self.len, round_trip(self.clock.now()))
+                .with_crc32(Some(self.crc.clone().finalize()))
+                .with_checksum(self.checksum.take());
         // A store on the file writes its metadata now, so that it is synced
         // and published with the bytes.
         let sync = self.durable.syncs_each_commit();
@@ -219,7 +221,7 @@ impl CacheWriter {
                 drop(file);
                 remove_if_exists(&path)?;
                 return Err(Error::AlreadyCached {
-                    id: self.id.clone(),
+                    id: self.id.id().clone(),
                 });
             }
             Err(err) => {
@@ -299,7 +301,7 @@ impl CacheWriter {
 
     fn try_invalidate(&mut self, file: File, reason: &str) -> Result<()> {
         let why = Invalidation::new(
-            self.id.clone(),
+            self.id.id().clone(),
             self.len,
             reason,
             round_trip(self.clock.now()),

@@ -47,10 +47,45 @@ impl<'a> Admitted<'a> {
         self.0
     }
 
-    /// An id this crate admitted earlier (a writer's, one a walk of this
-    /// layout listed): admitted again without a second check.
-    pub(crate) fn again(id: &'a ImageId) -> Self {
-        Admitted(id)
+    /// The admitted id, owned: for whoever keeps it past this borrow (a
+    /// writer, a fill), so that it is never checked again.
+    pub(crate) fn to_owned(self) -> AdmittedId {
+        AdmittedId(self.0.clone())
+    }
+}
+
+/// An id this cache admitted, owned ([`Admitted::to_owned`], and what the
+/// layout's walks list): paths are built from it through [`AdmittedId::key`]
+/// without a second check, and there is no other way to make one.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct AdmittedId(ImageId);
+
+impl AdmittedId {
+    /// The id, as a key to build paths from.
+    pub(crate) fn key(&self) -> Admitted<'_> {
+        Admitted(&self.0)
+    }
+
+    /// The id.
+    pub(crate) fn id(&self) -> &ImageId {
+        &self.0
+    }
+
+    /// The id, for what keeps plain ids (reports, stores).
+    pub(crate) fn into_id(self) -> ImageId {
+        self.0
+    }
+}
+
+impl std::fmt::Display for AdmittedId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::borrow::Borrow<ImageId> for AdmittedId {
+    fn borrow(&self) -> &ImageId {
+        &self.0
     }
 }
 
@@ -294,7 +329,7 @@ impl Layout {
     /// The image files in `dir`: regular files whose names are valid ids
     /// and not this cache's own, with their metadata. Anything else (other
     /// tools' files, the database) is passed over.
-    pub fn list(&self, dir: &Path) -> Result<Vec<(ImageId, Metadata)>> {
+    pub fn list(&self, dir: &Path) -> Result<Vec<(AdmittedId, Metadata)>> {
         let mut out = Vec::new();
         let entries = match fs::read_dir(dir) {
             Ok(e) => e,
@@ -306,9 +341,10 @@ impl Layout {
             let Ok(id) = ImageId::from_os(&entry.file_name()) else {
                 continue;
             };
-            if self.admit(&id).is_err() {
+            let Ok(key) = self.admit(&id) else {
                 continue;
-            }
+            };
+            let id = key.to_owned();
             // A file may vanish between readdir and stat: that is not an error.
             let meta = match entry.metadata() {
                 Ok(m) => m,
@@ -402,14 +438,14 @@ impl Layout {
     pub(crate) fn stalled(&self) -> Result<Vec<ImageId>> {
         let mut out = Vec::new();
         for (id, _) in self.list(&self.incomplete)? {
-            let path = self.incomplete(Admitted(&id));
+            let path = self.incomplete(id.key());
             let file = match File::open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(Error::io("open", &path, e)),
             };
             match file.try_lock_shared() {
-                Ok(()) => out.push(id),
+                Ok(()) => out.push(id.into_id()),
                 Err(std::fs::TryLockError::WouldBlock) => {}
                 Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &path, e)),
             }
@@ -529,16 +565,19 @@ impl crate::entry::CachedFiles for Layout {
         f: &mut dyn FnMut(&ImageId, crate::entry::OnDisk<'_>) -> Result<()>,
     ) -> Result<()> {
         for (id, meta) in self.list(&self.base)? {
-            let path = self.cached(Admitted(&id));
+            let path = self.cached(id.key());
             if open {
                 let file = match File::open(&path) {
                     Ok(f) => f,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                     Err(e) => return Err(Error::io("open", &path, e)),
                 };
-                f(&id, crate::entry::OnDisk::new(&path, Some(&file), &meta))?;
+                f(
+                    id.id(),
+                    crate::entry::OnDisk::new(&path, Some(&file), &meta),
+                )?;
             } else {
-                f(&id, crate::entry::OnDisk::new(&path, None, &meta))?;
+                f(id.id(), crate::entry::OnDisk::new(&path, None, &meta))?;
             }
         }
         Ok(())

@@ -27,7 +27,7 @@ pub(crate) mod queue;
 pub(crate) mod reader;
 pub(crate) mod zero_copy;
 
-pub(crate) use layout::{Admitted, Layout};
+pub(crate) use layout::{Admitted, AdmittedId, Layout};
 pub use layout::{CleanReport, RemovedFile};
 pub use reader::{CachedImage, MappedImage, RangeReader};
 

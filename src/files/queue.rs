@@ -66,15 +66,19 @@ pub(crate) fn list(layout: &Layout) -> Result<Vec<ImageId>> {
         mtime: SystemTime,
     }
     let mut entries = Vec::new();
-    for (id, meta) in layout.list(layout.queue_dir())? {
-        let path = layout.queued(Admitted::again(&id));
+    for (key, meta) in layout.list(layout.queue_dir())? {
+        let path = layout.queued(key.key());
         let seq = match fs::read(&path) {
             Ok(content) => decode_seq(&content),
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(Error::io("read", &path, e)),
         };
         let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-        entries.push(Entry { id, seq, mtime });
+        entries.push(Entry {
+            id: key.into_id(),
+            seq,
+            mtime,
+        });
     }
     entries.sort_by(|a, b| match (a.seq, b.seq) {
         (Some(x), Some(y)) => x.cmp(&y).then_with(|| a.id.cmp(&b.id)),
@@ -88,8 +92,8 @@ pub(crate) fn list(layout: &Layout) -> Result<Vec<ImageId>> {
 /// Removes every marker; returns how many.
 pub(crate) fn clear(layout: &Layout) -> Result<usize> {
     let mut n = 0;
-    for (id, _) in layout.list(layout.queue_dir())? {
-        if remove(layout, Admitted::again(&id))? {
+    for (key, _) in layout.list(layout.queue_dir())? {
+        if remove(layout, key.key())? {
             n += 1;
         }
     }
