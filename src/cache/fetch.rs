@@ -388,71 +388,7 @@ impl ImageCache {
         let id2 = id.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("imgcache-fill-{id}"))
-            .spawn(move || {
-                let fill = thread_fill;
-                // However this thread ends (a panic in `open` included),
-                // the fill ends: its followers never wait for ever.
-                let _guard = FillGuard {
-                    fill: fill.clone(),
-                    fills: fills.clone(),
-                };
-                let object = match open() {
-                    Ok(object) => object,
-                    Err(e) => {
-                        if let Err(discard) = writer.discard() {
-                            tracing::error!("imgcache: {id2}: {discard}");
-                        }
-                        match e {
-                            Error::OriginNotFound { origin, .. } => fill.fail_as(
-                                format!("not found at {origin}"),
-                                FailureKind::NotFound(origin),
-                            ),
-                            Error::NoRoom { detail, .. } => {
-                                fill.fail_as(detail, FailureKind::NoRoom)
-                            }
-                            e => fill.finish(Err(format!("cannot open the origin: {e}"))),
-                        }
-                        fills.remove(&fill);
-                        return;
-                    }
-                };
-                fill.start(object.size, object.checksum.clone());
-                let source = SizeChecked {
-                    inner: object.reader,
-                    announced: object.size,
-                    seen: 0,
-                };
-                let mut tee =
-                    TeeReader::filling(writer, fill, fills.clone(), source, object.checksum, false)
-                        .on_own_thread();
-                // Large reads (each one wakes the followers), and no more of
-                // them once caching failed: the next request fills afresh.
-                let mut buf = vec![0u8; FILL_BUFFER];
-                let drained = loop {
-                    if fills.is_stopping() {
-                        // Shutting down: the tee's drop moves what was
-                        // written aside, and the followers see a failure.
-                        break Err(io::Error::other("the cache is shutting down"));
-                    }
-                    match tee.read(&mut buf) {
-                        Ok(0) => break Ok(tee.stats().bytes),
-                        Ok(_) if !tee.is_caching() => break Ok(tee.stats().bytes),
-                        Ok(_) => {}
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => break Err(e),
-                    }
-                };
-                match drained {
-                    Ok(n) if tee.stats().cached => {
-                        tracing::info!("imgcache: {id2}: filled, {n} bytes")
-                    }
-                    Ok(_) => tracing::warn!(
-                        "imgcache: {id2}: fill not cached: {}",
-                        tee.stats().cache_error.as_deref().unwrap_or("?")
-                    ),
-                    Err(e) => tracing::warn!("imgcache: {id2}: fill failed: {e}"),
-                }
-            });
+            .spawn(move || run_fill(open, writer, thread_fill, fills, id2));
         if let Err(e) = spawned {
             // The closure (and the writer in it) is gone: end the fill.
             fill.finish(Err(format!("cannot start a fill thread: {e}")));
@@ -594,5 +530,76 @@ impl ImageCache {
             Err(Error::AlreadyCached { .. }) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// A detached fill's own thread ([`ImageCache::fetch_detached`]): opens
+/// the origin, then reads it through the caching tee into the filling file
+/// at the origin's pace, in large reads that wake the followers, until the
+/// end (the commit), a failure, or the cache's shutdown. However it ends (a
+/// panic in `open` included), the fill ends: its followers never wait for
+/// ever.
+fn run_fill<F>(open: F, writer: CacheWriter, fill: Arc<Fill>, fills: Arc<Fills>, id2: ImageId)
+where
+    F: FnOnce() -> Result<OriginObject>,
+{
+    // However this thread ends (a panic in `open` included),
+    // the fill ends: its followers never wait for ever.
+    let _guard = FillGuard {
+        fill: fill.clone(),
+        fills: fills.clone(),
+    };
+    let object = match open() {
+        Ok(object) => object,
+        Err(e) => {
+            if let Err(discard) = writer.discard() {
+                tracing::error!("imgcache: {id2}: {discard}");
+            }
+            match e {
+                Error::OriginNotFound { origin, .. } => fill.fail_as(
+                    format!("not found at {origin}"),
+                    FailureKind::NotFound(origin),
+                ),
+                Error::NoRoom { detail, .. } => fill.fail_as(detail, FailureKind::NoRoom),
+                e => fill.finish(Err(format!("cannot open the origin: {e}"))),
+            }
+            fills.remove(&fill);
+            return;
+        }
+    };
+    fill.start(object.size, object.checksum.clone());
+    let source = SizeChecked {
+        inner: object.reader,
+        announced: object.size,
+        seen: 0,
+    };
+    let mut tee = TeeReader::filling(writer, fill, fills.clone(), source, object.checksum, false)
+        .on_own_thread();
+    // Large reads (each one wakes the followers), and no more of
+    // them once caching failed: the next request fills afresh.
+    let mut buf = vec![0u8; FILL_BUFFER];
+    let drained = loop {
+        if fills.is_stopping() {
+            // Shutting down: the tee's drop moves what was
+            // written aside, and the followers see a failure.
+            break Err(io::Error::other("the cache is shutting down"));
+        }
+        match tee.read(&mut buf) {
+            Ok(0) => break Ok(tee.stats().bytes),
+            Ok(_) if !tee.is_caching() => break Ok(tee.stats().bytes),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    match drained {
+        Ok(n) if tee.stats().cached => {
+            tracing::info!("imgcache: {id2}: filled, {n} bytes")
+        }
+        Ok(_) => tracing::warn!(
+            "imgcache: {id2}: fill not cached: {}",
+            tee.stats().cache_error.as_deref().unwrap_or("?")
+        ),
+        Err(e) => tracing::warn!("imgcache: {id2}: fill failed: {e}"),
     }
 }

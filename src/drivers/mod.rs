@@ -60,7 +60,6 @@ use crate::id::ImageId;
 
 #[cfg(feature = "postgres")]
 pub mod centralized_db;
-mod checkpoint;
 pub(crate) mod hits;
 pub(crate) mod sqlite;
 pub(crate) mod xattr;

@@ -75,13 +75,14 @@ use schema::{classify, open_db, open_db_read_only};
 
 pub use crate::options::SqliteJournal;
 
-use super::checkpoint::Checkpointer;
+mod wal;
 use super::hits::{Hits, HIT_DELAY};
 use super::{CacheDriver, Extensions, InvalidReasons, Watermarks};
 use crate::clock::{from_epoch_secs, to_epoch_secs};
 use crate::entry::{CachedFiles, CachedImageInfo, Invalidation, OnDisk, Scanned, Watermark};
 use crate::error::{Error, Result};
 use crate::id::ImageId;
+use wal::WalMerger;
 
 /// How long a statement waits for another process's lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -113,7 +114,7 @@ struct Inner {
     /// (or sync) metadata themselves.
     hit_writer: std::sync::mpsc::SyncSender<()>,
     conn: Arc<Mutex<Connection>>,
-    checkpointer: Checkpointer,
+    wal_merger: WalMerger,
     /// Hits counted in memory and not yet written (see `hits.rs`): a read
     /// costs a `SELECT`; the batch is written in one transaction.
     hits: Mutex<Hits<()>>,
@@ -152,7 +153,7 @@ impl SqliteDriver {
         }
         let conn = Arc::new(Mutex::new(open_db(db_path, journal).map_err(classify)?));
         let wal = journal == SqliteJournal::Wal;
-        let checkpointer = Checkpointer::spawn(db_path, Arc::downgrade(&conn))?;
+        let wal_merger = WalMerger::spawn(db_path, Arc::downgrade(&conn))?;
         let (hit_writer, wakes) = std::sync::mpsc::sync_channel(1);
         let inner = Arc::new(Inner {
             db_path: db_path.to_path_buf(),
@@ -161,7 +162,7 @@ impl SqliteDriver {
             wal,
             hit_writer,
             conn,
-            checkpointer,
+            wal_merger,
             hits: Mutex::default(),
         });
         spawn_hit_writer(&inner, wakes)?;
@@ -178,7 +179,7 @@ impl SqliteDriver {
     pub fn open_read_only(db_path: &Path) -> Result<Self> {
         let (conn, columns, own_tables) = open_db_read_only(db_path).map_err(classify)?;
         let conn = Arc::new(Mutex::new(conn));
-        let checkpointer = Checkpointer::spawn(db_path, Arc::downgrade(&conn))?;
+        let wal_merger = WalMerger::spawn(db_path, Arc::downgrade(&conn))?;
         // Read-only: hits are never written (no writer thread to wake).
         let (hit_writer, _) = std::sync::mpsc::sync_channel(1);
         Ok(SqliteDriver {
@@ -189,7 +190,7 @@ impl SqliteDriver {
                 wal: false,
                 hit_writer,
                 conn,
-                checkpointer,
+                wal_merger,
                 hits: Mutex::default(),
             }),
         })
@@ -215,18 +216,20 @@ impl SqliteDriver {
         Ok(())
     }
 
-    /// Checkpoints the write-ahead log into the database file now (a
-    /// `PASSIVE` checkpoint: it does not wait for other connections). The
-    /// driver does this by itself in the background; call it before copying
-    /// the database file, for instance.
-    pub fn checkpoint(&self) -> Result<()> {
+    /// With [`SqliteJournal::Wal`]: merges the write-ahead log into the
+    /// database file now (what SQLite calls a `PASSIVE` WAL checkpoint: it
+    /// does not wait for other connections; this crate keeps the word
+    /// "checkpoint" for the durability watermark). The driver does this by
+    /// itself in the background; call it before copying the database file,
+    /// for instance.
+    pub fn merge_wal(&self) -> Result<()> {
         self.with_conn(|c| c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())))
     }
 
-    /// How many background checkpoints of the write-ahead log this driver
-    /// has completed.
-    pub fn background_checkpoints(&self) -> u64 {
-        self.inner.checkpointer.completed()
+    /// How many merges of the write-ahead log into the database this
+    /// driver's background thread has completed.
+    pub fn wal_merges(&self) -> u64 {
+        self.inner.wal_merger.completed()
     }
 
     /// The database file.
@@ -292,11 +295,11 @@ impl Inner {
     }
 
     /// Like `with_conn`, for statements that write: counts the write for the
-    /// checkpointer.
+    /// log's merger.
     fn with_write<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
         let out = self.with_conn(f);
         if self.wal {
-            self.checkpointer.wrote();
+            self.wal_merger.wrote();
         }
         out
     }

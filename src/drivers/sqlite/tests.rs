@@ -159,21 +159,21 @@ fn wal_stays_bounded_under_metadata_writes() {
     let mut expected = 0;
     let mut n = 0u32;
     for _ in 0..32 {
-        for _ in 0..super::super::checkpoint::CHECKPOINT_EVERY {
+        for _ in 0..super::wal::CHECKPOINT_EVERY {
             n += 1;
             on_disk(&file, |on| d.set_crc32(&x, n, on)).unwrap();
         }
         expected += 1;
         let got = d
             .inner
-            .checkpointer
+            .wal_merger
             .wait_completed(expected, Duration::from_secs(60));
         assert!(got >= expected, "checkpoint {expected} never completed");
         high = high.max(std::fs::metadata(&wal).unwrap().len());
     }
     eprintln!("log high-water mark, pausing between batches: {high} bytes");
     assert!(high < 8 << 20, "log reached {high} bytes");
-    assert!(d.background_checkpoints() >= 32);
+    assert!(d.wal_merges() >= 32);
 }
 
 /// The same under steady writes and reads, nobody waiting for the

@@ -1,4 +1,6 @@
-//! The SQLite driver's background WAL checkpointer.
+//! The SQLite driver's background merger of its write-ahead log (what
+//! SQLite calls a WAL checkpoint; elsewhere in this crate "checkpoint"
+//! means the durability watermark only). Used with `SqliteJournal::Wal`.
 //!
 //! SQLite checkpoints its write-ahead log automatically inside whichever
 //! connection commits past a threshold, and a checkpoint `fsync`s. Left to
@@ -37,7 +39,7 @@ pub(crate) const CHECKPOINT_EVERY: u64 = 512;
 
 /// A handle on the checkpoint thread; dropping it stops the thread.
 #[derive(Debug)]
-pub(crate) struct Checkpointer {
+pub(crate) struct WalMerger {
     wake: SyncSender<()>,
     writes: AtomicU64,
     done: Arc<Done>,
@@ -64,7 +66,7 @@ fn checkpoint(conn: &Connection) -> rusqlite::Result<i64> {
     Ok(busy)
 }
 
-impl Checkpointer {
+impl WalMerger {
     /// Starts the thread, which checkpoints through `conn` (the driver's
     /// connection) and stops when the driver is gone.
     pub(crate) fn spawn(db: &Path, conn: Weak<Mutex<Connection>>) -> Result<Self> {
@@ -75,7 +77,7 @@ impl Checkpointer {
         let finished = done.clone();
         let path: PathBuf = db.to_path_buf();
         thread::Builder::new()
-            .name("imgcache-checkpoint".into())
+            .name("imgcache-sqlite-wal".into())
             .spawn(move || {
                 while requests.recv().is_ok() {
                     let Some(conn) = conn.upgrade() else {
@@ -85,7 +87,7 @@ impl Checkpointer {
                     drop(conn);
                     match result {
                         Ok(busy) if busy != 0 => tracing::debug!(
-                            "imgcache: checkpoint of {} was held up by another process",
+                            "imgcache: WAL merge of {} was held up by another process",
                             path.display()
                         ),
                         Ok(_) => {
@@ -93,14 +95,14 @@ impl Checkpointer {
                             finished.changed.notify_all();
                         }
                         Err(e) => tracing::warn!(
-                            "imgcache: checkpoint of {} failed (will retry): {e}",
+                            "imgcache: WAL merge of {} failed (will retry): {e}",
                             path.display()
                         ),
                     }
                 }
             })
             .map_err(|e| Error::io("start checkpoint thread for", db, e))?;
-        Ok(Checkpointer {
+        Ok(WalMerger {
             wake,
             writes: AtomicU64::new(0),
             done,
