@@ -108,7 +108,10 @@ mod store;
 use hits::flusher;
 pub use pool::redact;
 use pool::{describe, Pool, Session};
-use schema::{copy_legacy_columns, GLANCE_TABLES, OWN_TABLES, SCHEMA_PRESENT, SWEEP_ENTRIES};
+use schema::{
+    copy_legacy_columns, GLANCE_TABLES, IMAGE_ID_LENGTH, NODE_ID, OWN_TABLES, SCHEMA_PRESENT,
+    SWEEP_ENTRIES,
+};
 
 /// How long a connection attempt waits when the URL does not say.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -361,20 +364,8 @@ impl CentralizedDbDriver {
                 if !ours {
                     return Ok(Err(()));
                 }
-                let id: Option<i64> = c
-                    .query_opt(
-                        "SELECT node_reference_id FROM node_reference WHERE node_reference_url = $1",
-                        &[&node_url],
-                    )?
-                    .map(|r| r.get(0));
-                let max: Option<i32> = c
-                    .query_one(
-                        "SELECT character_maximum_length FROM information_schema.columns
-                         WHERE table_name = 'cached_images' AND column_name = 'image_id'
-                           AND table_schema = current_schema()",
-                        &[],
-                    )?
-                    .get(0);
+                let id: Option<i64> = c.query_opt(NODE_ID, &[&node_url])?.map(|r| r.get(0));
+                let max: Option<i32> = c.query_one(IMAGE_ID_LENGTH, &[])?.get(0);
                 // A node the database does not know has no rows (ids start
                 // at 1).
                 return Ok(Ok((id.unwrap_or(-1), max)));
@@ -402,20 +393,8 @@ impl CentralizedDbDriver {
                  ON CONFLICT (node_reference_url) DO NOTHING",
                 &[&node_url],
             )?;
-            let id: i64 = tx
-                .query_one(
-                    "SELECT node_reference_id FROM node_reference WHERE node_reference_url = $1",
-                    &[&node_url],
-                )?
-                .get(0);
-            let max: Option<i32> = tx
-                .query_one(
-                    "SELECT character_maximum_length FROM information_schema.columns
-                     WHERE table_name = 'cached_images' AND column_name = 'image_id'
-                       AND table_schema = current_schema()",
-                    &[],
-                )?
-                .get(0);
+            let id: i64 = tx.query_one(NODE_ID, &[&node_url])?.get(0);
+            let max: Option<i32> = tx.query_one(IMAGE_ID_LENGTH, &[])?.get(0);
             // What imgcache knew of rows deleted since (by Glance, or by a
             // process that died between its two statements).
             tx.execute(SWEEP_ENTRIES, &[])?;

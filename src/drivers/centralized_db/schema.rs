@@ -84,3 +84,13 @@ pub(super) fn copy_legacy_columns(
     }
     Ok(())
 }
+
+/// This node's id (`$1`: its URL).
+pub(super) const NODE_ID: &str =
+    "SELECT node_reference_id FROM node_reference WHERE node_reference_url = $1";
+
+/// The longest `image_id` the table takes (Glance's: 36).
+pub(super) const IMAGE_ID_LENGTH: &str = "
+SELECT character_maximum_length FROM information_schema.columns
+WHERE table_name = 'cached_images' AND column_name = 'image_id'
+  AND table_schema = current_schema()";
