@@ -41,7 +41,14 @@ use crate::error::{Error, IoContext, Result};
 use crate::files::Layout;
 use crate::options::Durability;
 
+use super::session::Session;
+
 /// The checkpointer of one open cache.
+///
+/// Two locks, each with one job: `schedule` counts the commits and wakes
+/// the thread; `sync` lets one checkpoint run at a time and owns what a
+/// checkpoint needs across runs (the directory it syncs, and whether a
+/// sync ever failed). The session mark is [`Session`]'s.
 #[derive(Debug)]
 pub(crate) struct Durable {
     /// The mode in effect: [`Durability::Immediate`] when the store cannot
@@ -51,28 +58,23 @@ pub(crate) struct Durable {
     store: Arc<dyn CacheDriver>,
     clock: Arc<dyn Clock>,
     marker: PathBuf,
-    state: Mutex<State>,
+    schedule: Mutex<State>,
     wake: Condvar,
-    /// One checkpoint at a time.
-    running: Mutex<()>,
-    /// The watermark file, open for this cache's lifetime with a shared
-    /// lock: while any process holds it, no power cut has happened since
-    /// that process opened (see [`Durable::session_start`]).
-    session: Mutex<Option<std::fs::File>>,
+    sync: Mutex<Syncer>,
+    session: Session,
+}
+
+/// What a checkpoint keeps from one run to the next.
+#[derive(Debug)]
+struct Syncer {
     /// The base directory, open for the cache's lifetime: `syncfs` reports
     /// a writeback error only to descriptors opened before it happened.
-    dir: Mutex<Option<std::fs::File>>,
+    dir: Option<std::fs::File>,
     /// A sync failed: writes before it may be lost, so this process never
     /// records a watermark again (what it commits is checked at the next
     /// open).
-    poisoned: std::sync::atomic::AtomicBool,
+    poisoned: bool,
 }
-
-/// What the watermark file says of the last session of processes on the
-/// cache: `clean` once the last of them closed cleanly, `dirty` while any
-/// is open (and after one that never closed).
-const CLEAN: &[u8] = b"clean";
-const DIRTY: &[u8] = b"dirty";
 
 #[derive(Debug, Default)]
 struct State {
@@ -103,123 +105,25 @@ impl Durable {
             }
             m => m,
         };
-        let marker = layout.watermark_file();
-        let base_dir = layout.base().to_path_buf();
         Durable {
             mode,
+            marker: layout.watermark_file(),
+            session: Session::new(layout.clone()),
+            sync: Mutex::new(Syncer {
+                dir: std::fs::File::open(layout.base()).ok(),
+                poisoned: false,
+            }),
             layout,
             store,
             clock,
-            marker,
-            state: Mutex::default(),
+            schedule: Mutex::default(),
             wake: Condvar::new(),
-            running: Mutex::new(()),
-            session: Mutex::new(None),
-            dir: Mutex::new(std::fs::File::open(base_dir).ok()),
-            poisoned: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// Joins the session of processes on this cache; returns whether the
-    /// last one ended uncleanly (a crash or a power cut before its last
-    /// process closed), which only the first process to open can tell.
-    ///
-    /// The first opener (it gets the watermark file's exclusive lock: no
-    /// other process is alive) reads what the last session left, and marks
-    /// the file `dirty`, durably, before anything is committed; every
-    /// process then holds a shared lock until it closes, and the last to
-    /// close marks it `clean` after its last checkpoint. A process that
-    /// finds others alive knows no power cut came since they opened (it
-    /// would have ended them), and each of them checked what came before.
-    pub(crate) fn session_start(&self) -> Result<bool> {
-        use std::os::unix::fs::FileExt;
-        self.move_legacy_marker()?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&self.marker)
-            .ctx("open", &self.marker)?;
-        let first = match file.try_lock() {
-            Ok(()) => true,
-            // Others are open (or the first is still recovering, holding
-            // the exclusive lock): wait for a shared one.
-            Err(std::fs::TryLockError::WouldBlock) => {
-                file.lock_shared().ctx("lock", &self.marker)?;
-                false
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &self.marker, e)),
-        };
-        let mut buf = [0u8; 8];
-        let n = file.read_at(&mut buf, 0).ctx("read", &self.marker)?;
-        // Empty: no session ever ran here (or one from before the session
-        // mark): nothing to tell.
-        let unclean = first && n > 0 && &buf[..n] != CLEAN;
-        if &buf[..n] != DIRTY {
-            // In place (both marks are five bytes): never an empty file.
-            file.write_all_at(DIRTY, 0).ctx("write", &self.marker)?;
-            file.set_len(DIRTY.len() as u64)
-                .ctx("truncate", &self.marker)?;
-            file.sync_all().ctx("fsync", &self.marker)?;
-        }
-        *self.session.lock() = Some(file);
-        Ok(unclean)
-    }
-
-    /// Moves the watermark file of earlier versions (a regular file in the
-    /// base directory, which Glance's drivers took for an image) into the
-    /// private folder, with the session mark it holds.
-    fn move_legacy_marker(&self) -> Result<()> {
-        let legacy = self.layout.legacy_watermark_file();
-        if std::fs::symlink_metadata(&legacy).is_err() {
-            return Ok(());
-        }
-        let moved = if std::fs::symlink_metadata(&self.marker).is_ok() {
-            std::fs::remove_file(&legacy)
-        } else {
-            std::fs::rename(&legacy, &self.marker)
-        };
-        match moved {
-            Ok(()) => {
-                tracing::info!(
-                    "imgcache: moved {} into {}",
-                    legacy.display(),
-                    self.layout.private_dir().display()
-                );
-                Ok(())
-            }
-            // Another process moved it first.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io("move", &legacy, e)),
-        }
-    }
-
-    /// After the recovery walk: the first opener lets the others in (its
-    /// exclusive lock becomes a shared one).
-    pub(crate) fn session_joined(&self) -> Result<()> {
-        if let Some(file) = self.session.lock().as_ref() {
-            file.lock_shared().ctx("lock", &self.marker)?;
-        }
-        Ok(())
-    }
-
-    /// Leaves the session after the last checkpoint: the last process out
-    /// marks it `clean`.
-    fn session_end(&self) {
-        use std::os::unix::fs::FileExt;
-        let Some(file) = self.session.lock().take() else {
-            return;
-        };
-        if file.try_lock().is_ok() {
-            let done = file
-                .write_all_at(CLEAN, 0)
-                .and_then(|()| file.set_len(CLEAN.len() as u64))
-                .and_then(|()| file.sync_all());
-            if let Err(e) = done {
-                tracing::warn!("imgcache: cannot mark {} clean: {e}", self.marker.display());
-            }
-        }
+    /// This process's place in the session of processes on the cache.
+    pub(crate) fn session(&self) -> &Session {
+        &self.session
     }
 
     /// The mode in effect.
@@ -231,7 +135,7 @@ impl Durable {
     pub(crate) fn syncs_each_commit(&self) -> bool {
         // A fill that outlives its cache (its checkpointer stopped, the
         // session perhaps marked clean) syncs its commit itself.
-        matches!(self.mode, Durability::Immediate) || self.state.lock().stop
+        matches!(self.mode, Durability::Immediate) || self.schedule.lock().stop
     }
 
     /// Whether checkpoints (and watermarks) are kept at all.
@@ -242,7 +146,7 @@ impl Durable {
     /// Counts a commit of `bytes`; wakes the checkpointer when enough
     /// bytes are waiting.
     pub(crate) fn committed(&self, bytes: u64) {
-        let mut st = self.state.lock();
+        let mut st = self.schedule.lock();
         st.commits += 1;
         st.bytes = st.bytes.saturating_add(bytes);
         let limit = match self.mode {
@@ -258,7 +162,7 @@ impl Durable {
 
     /// Checkpoints completed by this cache so far.
     pub(crate) fn checkpoints(&self) -> u64 {
-        self.state.lock().checkpoints
+        self.schedule.lock().checkpoints
     }
 
     /// The watermark the store holds.
@@ -273,30 +177,28 @@ impl Durable {
     /// Makes everything committed so far durable and records the watermark
     /// (see the module docs for the order and why it holds).
     pub(crate) fn checkpoint(&self) -> Result<Watermark> {
-        let _one = self.running.lock();
+        let mut sync = self.sync.lock();
         let seen = {
-            let mut st = self.state.lock();
+            let mut st = self.schedule.lock();
             st.bytes = 0;
             st.commits
         };
-        if self.poisoned.load(std::sync::atomic::Ordering::Relaxed) {
+        let base = self.layout.base();
+        if sync.poisoned {
             return Err(Error::io(
                 "syncfs",
-                self.layout.base(),
+                base,
                 std::io::Error::other("an earlier sync failed: no watermark is recorded again"),
             ));
         }
         let committed_before = round_trip(self.clock.now());
         let changed_before = self.touch_marker()?;
-        let base = self.layout.base();
-        let mut held = self.dir.lock();
-        let dir: &std::fs::File = match &mut *held {
+        let dir: &std::fs::File = match &mut sync.dir {
             Some(d) => d,
             slot => slot.insert(std::fs::File::open(base).ctx("open", base)?),
         };
         if let Err(e) = sync_file_system(dir) {
-            self.poisoned
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            sync.poisoned = true;
             return Err(Error::io("syncfs", base, e));
         }
         let mark = Watermark {
@@ -306,8 +208,8 @@ impl Durable {
         let meta = dir.metadata().ctx("stat", base)?;
         self.store
             .record_watermark(mark, OnDisk::new(base, Some(dir), &meta))?;
-        drop(held);
-        let mut st = self.state.lock();
+        drop(sync);
+        let mut st = self.schedule.lock();
         st.covered = st.covered.max(seen);
         st.checkpoints += 1;
         Ok(mark)
@@ -345,60 +247,6 @@ impl Durable {
             thread::yield_now();
         }
     }
-
-    /// The checkpointer's loop: a checkpoint `interval` after the first
-    /// commit it does not cover, sooner when enough bytes wait; a last one
-    /// at stop if needed.
-    fn run(&self) {
-        let (interval, limit) = match self.mode {
-            Durability::Group { interval, bytes } => (interval, bytes),
-            // Commits are durable on their own; the watermark still moves
-            // on, so that the next open has little to check.
-            _ => (Duration::from_secs(10), u64::MAX),
-        };
-        loop {
-            {
-                let mut st = self.state.lock();
-                while !st.stop && st.commits == st.covered {
-                    self.wake.wait(&mut st);
-                }
-                if st.stop {
-                    break;
-                }
-                let due = std::time::Instant::now() + interval;
-                while !st.stop && st.bytes < limit {
-                    if self.wake.wait_until(&mut st, due).timed_out() {
-                        break;
-                    }
-                }
-                if st.stop {
-                    break;
-                }
-            }
-            if let Err(e) = self.checkpoint() {
-                tracing::warn!(
-                    "imgcache: checkpoint of {}: {e}",
-                    self.layout.base().display()
-                );
-                // Do not spin on a failing disk.
-                let mut st = self.state.lock();
-                if !st.stop {
-                    self.wake.wait_for(&mut st, interval);
-                }
-            }
-        }
-        // A clean close: everything so far is covered, and the last process
-        // out marks the session clean.
-        match self.checkpoint() {
-            Ok(_) => self.session_end(),
-            Err(e) => {
-                tracing::warn!(
-                    "imgcache: last checkpoint of {}: {e}",
-                    self.layout.base().display()
-                )
-            }
-        }
-    }
 }
 
 /// The checkpointer's thread; dropping it stops the thread after a last
@@ -424,7 +272,7 @@ impl CheckpointThread {
                         );
                     }
                 }
-                runner.run()
+                run(&runner)
             })
             .map_err(|e| Error::io("spawn", durable.layout.base(), e))?;
         Ok(CheckpointThread {
@@ -436,10 +284,64 @@ impl CheckpointThread {
 
 impl Drop for CheckpointThread {
     fn drop(&mut self) {
-        self.durable.state.lock().stop = true;
+        self.durable.schedule.lock().stop = true;
         self.durable.wake.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// The checkpointer's loop: a checkpoint `interval` after the first
+/// commit it does not cover, sooner when enough bytes wait; a last one
+/// at stop if needed.
+fn run(durable: &Durable) {
+    let (interval, limit) = match durable.mode {
+        Durability::Group { interval, bytes } => (interval, bytes),
+        // Commits are durable on their own; the watermark still moves
+        // on, so that the next open has little to check.
+        _ => (Duration::from_secs(10), u64::MAX),
+    };
+    loop {
+        {
+            let mut st = durable.schedule.lock();
+            while !st.stop && st.commits == st.covered {
+                durable.wake.wait(&mut st);
+            }
+            if st.stop {
+                break;
+            }
+            let due = std::time::Instant::now() + interval;
+            while !st.stop && st.bytes < limit {
+                if durable.wake.wait_until(&mut st, due).timed_out() {
+                    break;
+                }
+            }
+            if st.stop {
+                break;
+            }
+        }
+        if let Err(e) = durable.checkpoint() {
+            tracing::warn!(
+                "imgcache: checkpoint of {}: {e}",
+                durable.layout.base().display()
+            );
+            // Do not spin on a failing disk.
+            let mut st = durable.schedule.lock();
+            if !st.stop {
+                durable.wake.wait_for(&mut st, interval);
+            }
+        }
+    }
+    // A clean close: everything so far is covered, and the last process
+    // out marks the session clean.
+    match durable.checkpoint() {
+        Ok(_) => durable.session.end(),
+        Err(e) => {
+            tracing::warn!(
+                "imgcache: last checkpoint of {}: {e}",
+                durable.layout.base().display()
+            )
         }
     }
 }

@@ -170,7 +170,7 @@ impl ImageCache {
         }
         target = target.min(hard_target);
         // Counted at once, before the lock goes: the next admission sees it.
-        if let Some(fill) = self.fills.with(|map| map.get(id).cloned()) {
+        if let Some(fill) = self.fills.get(id) {
             fill.reserve(size);
         }
         let kept = PruneReport {

@@ -8,7 +8,8 @@ use std::io::{self, Read};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::fill::{FailureKind, Fill, FillProgress, Fills, FollowReader};
+use super::fill::{Failure, Fill, FillProgress, FollowReader, Outcome};
+use super::flight::{FillPermit, Fills, Flight};
 use super::tee::TeeReader;
 use super::writer::CacheWriter;
 use super::ImageCache;
@@ -64,7 +65,7 @@ pub enum Fetched {
 enum Found {
     Hit(CachedImage),
     Follow(Arc<Fill>),
-    Fill(CacheWriter, Arc<Fill>),
+    Fill(CacheWriter, FillPermit),
     /// The store is down, or cannot record this id: the origin answers,
     /// uncached.
     StoreDown(Error),
@@ -72,22 +73,6 @@ enum Found {
 
 /// The read size of a fill's own thread.
 const FILL_BUFFER: usize = 256 * 1024;
-
-/// Ends a fill whose thread ends without ending it (a panic).
-struct FillGuard {
-    fill: Arc<Fill>,
-    fills: Arc<Fills>,
-}
-
-impl Drop for FillGuard {
-    fn drop(&mut self) {
-        if !self.fill.is_finished() {
-            self.fills.remove(&self.fill);
-            self.fill
-                .finish(Err("the fill's thread ended before the fill".into()));
-        }
-    }
-}
 
 /// An origin's stream that must end at the size the origin announced: a
 /// shorter or longer one is an error, so that the fill fails rather than
@@ -154,19 +139,13 @@ impl ImageCache {
         source: R,
     ) -> Result<TeeReader<R>> {
         let key = self.layout.admit(id)?;
-        let started = self.fills.with(|map| {
-            if map.contains_key(id) {
-                return Ok(None);
+        Ok(match self.fills.take(key, || self.start_fill(key)) {
+            Ok(Flight::Lead(writer, permit)) => self.tee(writer, permit, source, expected),
+            Ok(Flight::Follow(_))
+            | Err(Error::AlreadyCached { .. } | Error::AlreadyBeingCached { .. }) => {
+                TeeReader::pass_through(id.clone(), source, expected)
             }
-            match self.start_fill(key, map) {
-                Ok(pair) => Ok(Some(pair)),
-                Err(Error::AlreadyCached { .. } | Error::AlreadyBeingCached { .. }) => Ok(None),
-                Err(e) => Err(e),
-            }
-        })?;
-        Ok(match started {
-            Some((writer, fill)) => self.tee(writer, fill, source, expected),
-            None => TeeReader::pass_through(id.clone(), source, expected),
+            Err(e) => return Err(e),
         })
     }
 
@@ -174,27 +153,22 @@ impl ImageCache {
     fn tee<R: Read + Send + 'static>(
         &self,
         writer: CacheWriter,
-        fill: Arc<Fill>,
+        permit: FillPermit,
         source: R,
         expected: Option<Checksum>,
     ) -> TeeReader<R> {
         TeeReader::filling(
             writer,
-            fill,
-            self.fills.clone(),
+            permit,
             source,
             expected,
             self.options.finishes_abandoned_fills(),
         )
     }
 
-    /// Opens a writer for `id` and registers its fill so that others can
-    /// follow it. The registry is locked by the caller.
-    fn start_fill(
-        &self,
-        key: Admitted<'_>,
-        map: &mut std::collections::HashMap<ImageId, Arc<Fill>>,
-    ) -> Result<(CacheWriter, Arc<Fill>)> {
+    /// Opens a writer for `key`, and the file its followers will read;
+    /// for [`Fills::take`](super::flight::Fills::take).
+    fn start_fill(&self, key: Admitted<'_>) -> Result<(CacheWriter, std::fs::File)> {
         if self.fills.is_stopping() {
             return Err(Error::FillFailed {
                 id: key.id().clone(),
@@ -202,9 +176,8 @@ impl ImageCache {
             });
         }
         let writer = self.writer(key)?;
-        let fill = Arc::new(Fill::new(key.to_owned(), writer.reopen_file()?));
-        map.insert(key.id().clone(), fill.clone());
-        Ok((writer, fill))
+        let file = writer.reopen_file()?;
+        Ok((writer, file))
     }
 
     /// Reads `id` from wherever it is, fetching it from the backend at most
@@ -269,19 +242,19 @@ impl ImageCache {
                         .uncached_because(e.to_string()),
                 ))
             }
-            Found::Fill(writer, fill) => match open() {
+            Found::Fill(writer, permit) => match open() {
                 Ok((source, expected)) => {
-                    fill.start(None, expected.clone());
-                    ImageStream::Filling(Box::new(self.tee(writer, fill, source, expected)))
+                    permit.fill().start(None, expected.clone());
+                    ImageStream::Filling(Box::new(self.tee(writer, permit, source, expected)))
                 }
                 Err(e) => {
-                    let reason = format!("cannot open the source: {e}");
                     // Nothing was written: nothing to keep in invalid/.
                     if let Err(discard) = writer.discard() {
                         tracing::error!("imgcache: {id}: {discard}");
                     }
-                    fill.finish(Err(reason));
-                    self.fills.remove(&fill);
+                    permit.release(Outcome::Failed(Failure::new(format!(
+                        "cannot open the source: {e}"
+                    ))));
                     return Err(e);
                 }
             },
@@ -311,24 +284,15 @@ impl ImageCache {
                 Err(e @ Error::Store(_)) => return Ok(Found::StoreDown(e)),
                 Err(e) => return Err(e),
             }
-            // `Ok(None)`: go round; `Err(None)`: another process writes it.
-            let step = self.fills.with(|map| {
-                if let Some(fill) = map.get(id) {
-                    return Ok(Some(Found::Follow(fill.clone())));
-                }
-                match self.start_fill(key, map) {
-                    Ok((writer, fill)) => Ok(Some(Found::Fill(writer, fill))),
-                    Err(Error::AlreadyCached { .. }) => Ok(None),
-                    Err(Error::AlreadyBeingCached { .. }) => Err(None),
-                    Err(e) => Err(Some(e)),
-                }
-            });
-            match step {
-                Ok(Some(found)) => return Ok(found),
-                Ok(None) => {}
-                // Waits with the registry unlocked.
-                Err(None) => files::wait_for_writer(&self.layout, key)?,
-                Err(Some(e)) => return Err(e),
+            match self.fills.take(key, || self.start_fill(key)) {
+                Ok(Flight::Lead(writer, permit)) => return Ok(Found::Fill(writer, permit)),
+                Ok(Flight::Follow(fill)) => return Ok(Found::Follow(fill)),
+                // Committed since the look above: go round for the hit.
+                Err(Error::AlreadyCached { .. }) => {}
+                // Another process writes it: wait for its writer (the
+                // registry is unlocked by now), then go round.
+                Err(Error::AlreadyBeingCached { .. }) => files::wait_for_writer(&self.layout, key)?,
+                Err(e) => return Err(e),
             }
         }
         Err(Error::FillFailed {
@@ -373,26 +337,24 @@ impl ImageCache {
         F: FnOnce() -> Result<OriginObject> + Send + 'static,
     {
         let key = self.layout.admit(id)?;
-        let (writer, fill) = match self.find(key)? {
+        let (writer, permit) = match self.find(key)? {
             Found::Hit(image) => return Ok(Fetched::Cached(image)),
             Found::Follow(fill) => return Ok(Fetched::Following(FollowReader::new(fill))),
             Found::StoreDown(e) => {
                 tracing::warn!("imgcache: {id}: {e}; serving it from the origin, uncached");
                 return Ok(Fetched::Uncached(checked_object(id, open()?)));
             }
-            Found::Fill(writer, fill) => (writer, fill),
+            Found::Fill(writer, permit) => (writer, permit),
         };
-        let follower = FollowReader::new(fill.clone()).leading();
-        let fills = self.fills.clone();
-        let thread_fill = fill.clone();
+        let follower = FollowReader::new(permit.fill().clone()).leading();
+        let stopping = self.fills.clone();
         let id2 = id.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("imgcache-fill-{id}"))
-            .spawn(move || run_fill(open, writer, thread_fill, fills, id2));
+            .spawn(move || run_fill(open, writer, permit, &stopping, id2));
         if let Err(e) = spawned {
-            // The closure (and the writer in it) is gone: end the fill.
-            fill.finish(Err(format!("cannot start a fill thread: {e}")));
-            self.fills.remove(&fill);
+            // The closure is gone, and with it the writer (its drop moves
+            // the file aside) and the permit (its drop ends the fill).
             return Err(Error::FillFailed {
                 id: id.clone(),
                 reason: format!("cannot start a fill thread: {e}"),
@@ -456,9 +418,8 @@ impl ImageCache {
     /// wakes afterwards fails to commit (its file is gone) and caches
     /// nothing.
     pub fn invalidate_fills(&self, reason: &str) -> usize {
-        let fills: Vec<Arc<Fill>> = self.fills.with(|map| map.values().cloned().collect());
         let mut moved = 0;
-        for fill in fills {
+        for fill in self.fills.all() {
             let id = fill.id().clone();
             let key = fill.key();
             match self.layout.invalidate(key) {
@@ -483,8 +444,7 @@ impl ImageCache {
                 }
                 Err(e) => tracing::warn!("imgcache: cannot invalidate the fill of {id}: {e}"),
             }
-            self.fills.remove(&fill);
-            fill.finish(Err(reason.to_owned()));
+            self.fills.end(&fill, Failure::new(reason));
         }
         moved
     }
@@ -539,42 +499,30 @@ impl ImageCache {
 /// end (the commit), a failure, or the cache's shutdown. However it ends (a
 /// panic in `open` included), the fill ends: its followers never wait for
 /// ever.
-fn run_fill<F>(open: F, writer: CacheWriter, fill: Arc<Fill>, fills: Arc<Fills>, id2: ImageId)
+fn run_fill<F>(open: F, writer: CacheWriter, permit: FillPermit, fills: &Fills, id2: ImageId)
 where
     F: FnOnce() -> Result<OriginObject>,
 {
-    // However this thread ends (a panic in `open` included),
-    // the fill ends: its followers never wait for ever.
-    let _guard = FillGuard {
-        fill: fill.clone(),
-        fills: fills.clone(),
-    };
+    // However this thread ends (a panic in `open` included), the permit's
+    // drop ends the fill: its followers never wait for ever.
     let object = match open() {
         Ok(object) => object,
         Err(e) => {
             if let Err(discard) = writer.discard() {
                 tracing::error!("imgcache: {id2}: {discard}");
             }
-            match e {
-                Error::OriginNotFound { origin, .. } => fill.fail_as(
-                    format!("not found at {origin}"),
-                    FailureKind::NotFound(origin),
-                ),
-                Error::NoRoom { detail, .. } => fill.fail_as(detail, FailureKind::NoRoom),
-                e => fill.finish(Err(format!("cannot open the origin: {e}"))),
-            }
-            fills.remove(&fill);
+            permit.release(Outcome::Failed(Failure::opening(e)));
             return;
         }
     };
-    fill.start(object.size, object.checksum.clone());
+    permit.fill().start(object.size, object.checksum.clone());
     let source = SizeChecked {
         inner: object.reader,
         announced: object.size,
         seen: 0,
     };
-    let mut tee = TeeReader::filling(writer, fill, fills.clone(), source, object.checksum, false)
-        .on_own_thread();
+    let mut tee =
+        TeeReader::filling(writer, permit, source, object.checksum, false).on_own_thread();
     // Large reads (each one wakes the followers), and no more of
     // them once caching failed: the next request fills afresh.
     let mut buf = vec![0u8; FILL_BUFFER];

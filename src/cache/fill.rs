@@ -1,8 +1,8 @@
-//! Single-flight fills within a process: the registry of fills in progress,
-//! and [`FollowReader`], which streams an image from its growing
-//! `incomplete/` file while another reader fills it.
+//! One fill and its followers: the state a fill shares with them, and
+//! [`FollowReader`], which streams an image from its growing `incomplete/`
+//! file while another reader fills it. Who fills and who follows is
+//! decided in `flight.rs`.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
@@ -37,7 +37,7 @@ pub(crate) struct Failure {
 
 /// The failures a follower tells apart.
 #[derive(Debug, Clone)]
-pub(crate) enum FailureKind {
+enum FailureKind {
     /// Anything else: [`Error::FillFailed`].
     Other,
     /// The origin had no such image (at this origin).
@@ -47,6 +47,31 @@ pub(crate) enum FailureKind {
 }
 
 impl Failure {
+    /// A failure its followers see as [`Error::FillFailed`] with `reason`.
+    pub(crate) fn new(reason: impl Into<String>) -> Self {
+        Failure {
+            reason: reason.into(),
+            kind: FailureKind::Other,
+        }
+    }
+
+    /// The failure to open the origin, as the followers should see it:
+    /// [`Error::OriginNotFound`] and [`Error::NoRoom`] as themselves,
+    /// anything else as a failed fill.
+    pub(crate) fn opening(e: Error) -> Self {
+        match e {
+            Error::OriginNotFound { origin, .. } => Failure {
+                reason: format!("not found at {origin}"),
+                kind: FailureKind::NotFound(origin),
+            },
+            Error::NoRoom { detail, .. } => Failure {
+                reason: detail,
+                kind: FailureKind::NoRoom,
+            },
+            e => Failure::new(format!("cannot open the origin: {e}")),
+        }
+    }
+
     fn error(&self, id: &ImageId) -> Error {
         match &self.kind {
             FailureKind::NotFound(origin) => Error::OriginNotFound {
@@ -63,6 +88,19 @@ impl Failure {
             },
         }
     }
+}
+
+/// How a fill ended, as its followers hear it.
+#[derive(Debug, Clone)]
+pub(crate) enum Outcome {
+    /// Committed: `size` bytes, checked, in the cache.
+    Committed(u64),
+    /// Whole and checked (size, checksum), but not cached (the metadata
+    /// store is down): the followers get every byte; a caller that wants
+    /// it cached ([`FollowReader::wait_committed`]) gets `reason`.
+    Uncached { size: u64, reason: String },
+    /// Failed: the followers get the error instead of their end.
+    Failed(Failure),
 }
 
 #[derive(Debug, Default)]
@@ -148,43 +186,25 @@ impl Fill {
         self.update(|s| s.written = written);
     }
 
-    /// Publishes the end of the fill.
-    /// Publishes the end of the fill; the first end stands (a late
-    /// failure never overrides a commit its followers may have seen).
-    pub(crate) fn finish(&self, outcome: Result<u64, String>) {
+    /// Publishes the end of the fill. The first end stands: a late
+    /// failure (a permit dropped after [`crate::ImageCache::invalidate_fills`]
+    /// ended its fill) never overrides what the followers may have seen.
+    pub(crate) fn end(&self, outcome: Outcome) {
         self.update(|s| {
             if s.outcome.is_none() {
-                s.outcome = Some(outcome.map_err(|reason| Failure {
-                    reason,
-                    kind: FailureKind::Other,
-                }))
+                s.outcome = Some(match outcome {
+                    Outcome::Committed(size) => Ok(size),
+                    Outcome::Uncached { size, reason } => {
+                        s.uncached = Some(reason);
+                        Ok(size)
+                    }
+                    Outcome::Failed(failure) => Err(failure),
+                });
             }
         });
     }
 
-    /// Publishes the end of a fill whose `size` bytes are whole and checked
-    /// (size, checksum) but could not be cached: the metadata store is
-    /// down. Its followers are served to the end (the bytes are the
-    /// origin's, verified); nothing is cached.
-    pub(crate) fn finish_uncached(&self, size: u64, reason: String) {
-        self.update(|s| {
-            if s.outcome.is_none() {
-                s.outcome = Some(Ok(size));
-                s.uncached = Some(reason);
-            }
-        });
-    }
-
-    /// Publishes a failure its followers tell apart (before any byte).
-    pub(crate) fn fail_as(&self, reason: String, kind: FailureKind) {
-        self.update(|s| {
-            if s.outcome.is_none() {
-                s.outcome = Some(Err(Failure { reason, kind }))
-            }
-        });
-    }
-
-    /// Whether the fill has ended (committed or failed).
+    /// The image.
     pub(crate) fn id(&self) -> &ImageId {
         self.id.id()
     }
@@ -198,8 +218,15 @@ impl Fill {
         &self.file
     }
 
-    pub(crate) fn is_finished(&self) -> bool {
-        self.state.lock().outcome.is_some()
+    /// What [`crate::ImageCache::fills_in_progress`] shows of it.
+    pub(crate) fn progress_now(&self) -> FillProgress {
+        let s = self.state.lock();
+        FillProgress {
+            image_id: self.id.id().clone(),
+            size: s.size,
+            bytes_written: s.written,
+            followers: self.followers(),
+        }
     }
 
     fn poll_committed(&self, cx: &mut Context<'_>) -> Poll<Result<u64>> {
@@ -336,17 +363,6 @@ impl Fill {
     }
 }
 
-/// The fills in progress in this process, by image.
-#[derive(Debug, Default)]
-pub(crate) struct Fills {
-    map: Mutex<HashMap<ImageId, Arc<Fill>>>,
-    /// Commits so far, and bytes committed so far, by this process's fills.
-    commits: Mutex<(u64, u64)>,
-    committed: Condvar,
-    /// Set when the cache is shutting down: fills stop at their next read.
-    stopping: std::sync::atomic::AtomicBool,
-}
-
 /// A fill in progress, as [`crate::ImageCache::fills_in_progress`] shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
@@ -359,121 +375,6 @@ pub struct FillProgress {
     pub bytes_written: u64,
     /// Readers following it now.
     pub followers: usize,
-}
-
-impl Fills {
-    /// Runs `f` with the registry locked.
-    pub(crate) fn with<T>(&self, f: impl FnOnce(&mut HashMap<ImageId, Arc<Fill>>) -> T) -> T {
-        f(&mut self.map.lock())
-    }
-
-    /// The fill of `id`, if the registry can be had without waiting:
-    /// `None` when it is busy (a fill is being registered, which touches
-    /// the disk), so that an async caller never waits on it.
-    pub(crate) fn try_get(&self, id: &ImageId) -> Option<Option<Arc<Fill>>> {
-        self.map.try_lock().map(|map| map.get(id).cloned())
-    }
-
-    /// The fills in progress, by id.
-    pub(crate) fn progress(&self) -> Vec<FillProgress> {
-        let fills: Vec<Arc<Fill>> = self.map.lock().values().cloned().collect();
-        let mut out: Vec<FillProgress> = fills
-            .iter()
-            .map(|f| {
-                let s = f.state.lock();
-                FillProgress {
-                    image_id: f.id.id().clone(),
-                    size: s.size,
-                    bytes_written: s.written,
-                    followers: f.followers(),
-                }
-            })
-            .collect();
-        out.sort_by(|a, b| a.image_id.cmp(&b.image_id));
-        out
-    }
-
-    /// Bytes the fills in progress (other than `except`) are still to
-    /// write, as far as their origins announced them.
-    pub(crate) fn reserved(&self, except: &ImageId) -> u64 {
-        self.progress()
-            .iter()
-            .filter(|p| &p.image_id != except)
-            .map(|p| p.size.unwrap_or(0).saturating_sub(p.bytes_written))
-            .sum()
-    }
-
-    /// Records a commit of `size` bytes.
-    pub(crate) fn note_commit(&self, size: u64) {
-        let mut c = self.commits.lock();
-        c.0 += 1;
-        c.1 += size;
-        drop(c);
-        self.committed.notify_all();
-    }
-
-    /// Waits until the commit count passes `seen`, at most `timeout`;
-    /// returns the count.
-    pub(crate) fn wait_commit(&self, seen: u64, timeout: std::time::Duration) -> u64 {
-        let mut c = self.commits.lock();
-        if c.0 == seen {
-            self.committed.wait_for(&mut c, timeout);
-        }
-        c.0
-    }
-
-    /// [`Fills::wait_commit`], unless `stop` is set: checked under the
-    /// lock that [`Fills::wake`] takes, so that a stop signalled (then
-    /// woken) just before the wait is never missed.
-    pub(crate) fn wait_commit_unless(
-        &self,
-        seen: u64,
-        timeout: std::time::Duration,
-        stop: &std::sync::atomic::AtomicBool,
-    ) -> u64 {
-        let mut c = self.commits.lock();
-        if c.0 == seen && !stop.load(Ordering::SeqCst) {
-            self.committed.wait_for(&mut c, timeout);
-        }
-        c.0
-    }
-
-    /// Wakes the waiters of [`Fills::wait_commit`] early.
-    pub(crate) fn wake(&self) {
-        let _c = self.commits.lock();
-        self.committed.notify_all();
-    }
-
-    /// Commits so far, and their bytes.
-    pub(crate) fn commits(&self) -> (u64, u64) {
-        *self.commits.lock()
-    }
-
-    /// Asks every fill to stop at its next read.
-    pub(crate) fn stop(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
-        let _c = self.commits.lock();
-        self.committed.notify_all();
-    }
-
-    /// Whether [`Fills::stop`] was called.
-    pub(crate) fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::SeqCst)
-    }
-
-    /// Whether no fill is in progress.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.map.lock().is_empty()
-    }
-
-    /// Removes `fill` from the registry (if it is still the one
-    /// registered for its id).
-    pub(crate) fn remove(&self, fill: &Arc<Fill>) {
-        let mut map = self.map.lock();
-        if map.get(fill.id.id()).is_some_and(|f| Arc::ptr_eq(f, fill)) {
-            map.remove(fill.id.id());
-        }
-    }
 }
 
 /// Streams an image that is being filled, from the growing `incomplete/`

@@ -10,13 +10,15 @@
 //! | file | what |
 //! |---|---|
 //! | `mod.rs` | opening (and the recovery walk's place in it), the read path, the queue and the operator's listings and deletions |
-//! | `fetch.rs` | single flight: a miss becomes one fill per image that every reader follows; the fills' life as a server sees it |
-//! | `fill.rs` | the state one fill shares with its followers ([`FollowReader`]) |
+//! | `fetch.rs` | the miss path: a miss becomes one fill per image that every reader follows, on the caller's or a fill thread; the fills' life as a server sees it |
+//! | `flight.rs` | single flight: the registry of fills, where a reader takes a fill (and a permit that must end it) or follows one |
+//! | `fill.rs` | the state one fill shares with its followers ([`FollowReader`]), and how a fill ends |
 //! | `tee.rs`, `writer.rs` | the caching tee; a fill's writer and its commit |
 //! | `evict.rs` | the pruner, admission ([`ImageCache::make_room`]) and the cleaner |
 //! | `verify.rs` | verify, scrub and quarantine |
 //! | `recover.rs` | the recovery walk at open |
-//! | `durability.rs` | group durability: the session mark, the checkpoint and its thread |
+//! | `durability.rs` | group durability: the checkpoint (what it syncs, in which order) and its thread |
+//! | `session.rs` | the session mark: whether the last processes on the cache closed cleanly |
 //! | `migrate.rs` | Glance's migration of a local `cache.db`; rebuilding a broken one |
 //! | `prefetch.rs` | the prefetcher of the queue |
 //! | `aio.rs` | the async face (feature `tokio`) |
@@ -40,16 +42,18 @@ pub(crate) mod durability;
 mod evict;
 mod fetch;
 pub(crate) mod fill;
+mod flight;
 mod migrate;
 pub(crate) mod prefetch;
 mod recover;
+mod session;
 pub(crate) mod tee;
 mod verify;
 pub(crate) mod writer;
 
 pub use evict::PruneReport;
 pub use fetch::{Fetched, ImageStream};
-use fill::Fills;
+use flight::Fills;
 use migrate::migrate_into;
 pub use migrate::MigrationReport;
 pub use recover::RecoveryReport;
@@ -272,9 +276,9 @@ impl ImageCache {
             // checkpointed.
             return Ok(cache);
         }
-        let unclean = cache.durable.keeps_watermark() && cache.durable.session_start()?;
+        let unclean = cache.durable.keeps_watermark() && cache.durable.session().start()?;
         cache.recovery = cache.recover(unclean)?;
-        cache.durable.session_joined()?;
+        cache.durable.session().joined()?;
         if cache.durable.keeps_watermark() {
             // Before this process commits anything, the store holds a
             // watermark, so that "none" means no group commit was ever made

@@ -3,9 +3,9 @@
 
 use std::fmt;
 use std::io::{self, Read};
-use std::sync::Arc;
 
-use super::fill::{Fill, Fills};
+use super::fill::{Failure, Outcome};
+use super::flight::FillPermit;
 use super::writer::CacheWriter;
 use crate::checksum::{Checksum, Hasher};
 use crate::error::Error;
@@ -30,8 +30,7 @@ pub struct TeeStats {
 /// The cache side of a tee.
 struct Filling {
     writer: CacheWriter,
-    fill: Arc<Fill>,
-    fills: Arc<Fills>,
+    permit: FillPermit,
 }
 
 impl Filling {
@@ -41,8 +40,7 @@ impl Filling {
         if let Err(e) = self.writer.abort(reason) {
             tracing::error!("imgcache: cannot invalidate a failed fill: {e}");
         }
-        self.fills.remove(&self.fill);
-        self.fill.finish(Err(reason.to_owned()));
+        self.permit.release(Outcome::Failed(Failure::new(reason)));
     }
 }
 
@@ -99,8 +97,7 @@ impl<R: Read + Send + 'static> TeeReader<R> {
 
     pub(crate) fn filling(
         mut writer: CacheWriter,
-        fill: Arc<Fill>,
-        fills: Arc<Fills>,
+        permit: FillPermit,
         source: R,
         expected: Option<Checksum>,
         finish_abandoned: bool,
@@ -111,11 +108,7 @@ impl<R: Read + Send + 'static> TeeReader<R> {
         TeeReader {
             id: writer.id().clone(),
             source: Some(source),
-            filling: Some(Filling {
-                writer,
-                fill,
-                fills,
-            }),
+            filling: Some(Filling { writer, permit }),
             check: expected.map(|c| {
                 let h = c.hasher();
                 (c, h)
@@ -176,7 +169,7 @@ impl<R: Read + Send + 'static> TeeReader<R> {
         };
         // Straight to the file: followers read what the file holds.
         match filling.writer.write_through(data) {
-            Ok(()) => filling.fill.progress(filling.writer.written()),
+            Ok(()) => filling.permit.fill().progress(filling.writer.written()),
             Err(e) => {
                 let reason = format!("cache write failed: {e}");
                 tracing::warn!(
@@ -208,22 +201,11 @@ impl<R: Read + Send + 'static> TeeReader<R> {
                 return Err(err.into_io());
             }
         }
-        if let Some(Filling {
-            writer,
-            fill,
-            fills,
-        }) = self.filling.take()
-        {
-            // Out of the registry before the followers hear of the end, so
-            // that a request that comes after a follower's end finds the
-            // cached file (a hit), not a finished fill.
-            let committed = writer.commit();
-            fills.remove(&fill);
-            match committed {
+        if let Some(Filling { writer, permit }) = self.filling.take() {
+            let outcome = match writer.commit() {
                 Ok(info) => {
                     self.stats.cached = true;
-                    fills.note_commit(info.size);
-                    fill.finish(Ok(info.size));
+                    Outcome::Committed(info.size)
                 }
                 // Only the metadata could not be recorded: the bytes are
                 // whole and checked (size, checksum), so the followers get
@@ -233,15 +215,19 @@ impl<R: Read + Send + 'static> TeeReader<R> {
                     let reason = format!("commit failed: {e}");
                     tracing::warn!("imgcache: {}: {reason}; served uncached", self.id);
                     self.stats.cache_error = Some(reason.clone());
-                    fill.finish_uncached(self.stats.bytes, reason);
+                    Outcome::Uncached {
+                        size: self.stats.bytes,
+                        reason,
+                    }
                 }
                 Err(e) => {
                     let reason = format!("commit failed: {e}");
                     tracing::warn!("imgcache: {}: {reason}", self.id);
                     self.stats.cache_error = Some(reason.clone());
-                    fill.finish(Err(reason));
+                    Outcome::Failed(Failure::new(reason))
                 }
-            }
+            };
+            permit.release(outcome);
         }
         Ok(0)
     }
@@ -288,7 +274,7 @@ impl<R: Read + Send + 'static> Drop for TeeReader<R> {
         let Some(filling) = self.filling.take() else {
             return;
         };
-        if self.background || (filling.fill.followers() == 0 && !self.finish_abandoned) {
+        if self.background || (filling.permit.fill().followers() == 0 && !self.finish_abandoned) {
             filling.fail("reader dropped before the end of the stream");
             return;
         }

@@ -1,0 +1,146 @@
+//! The session mark: whether the last processes on a cache closed
+//! cleanly.
+//!
+//! The watermark file (`.imgcache/watermark`) holds `dirty` while any
+//! process has the cache open, and `clean` once the last of them closed
+//! after its last checkpoint. Every open process holds a shared `flock` on
+//! it; the first to open gets it exclusively and is the only one that can
+//! tell whether the last session ended uncleanly (a crash or a power cut),
+//! and so whether the recovery walk must check what the watermark does not
+//! cover.
+
+use std::path::PathBuf;
+
+use parking_lot::Mutex;
+
+use crate::error::{Error, IoContext, Result};
+use crate::files::Layout;
+
+/// What the watermark file says of the last session of processes on the
+/// cache: `clean` once the last of them closed cleanly, `dirty` while any
+/// is open (and after one that never closed).
+const CLEAN: &[u8] = b"clean";
+const DIRTY: &[u8] = b"dirty";
+
+/// This process's place in the session of processes on one cache.
+#[derive(Debug)]
+pub(crate) struct Session {
+    layout: Layout,
+    marker: PathBuf,
+    /// The watermark file, open for this cache's lifetime with a shared
+    /// lock: while any process holds it, no power cut has happened since
+    /// that process opened.
+    file: Mutex<Option<std::fs::File>>,
+}
+
+impl Session {
+    pub(crate) fn new(layout: Layout) -> Self {
+        Session {
+            marker: layout.watermark_file(),
+            layout,
+            file: Mutex::new(None),
+        }
+    }
+
+    /// Joins the session of processes on this cache; returns whether the
+    /// last one ended uncleanly (a crash or a power cut before its last
+    /// process closed), which only the first process to open can tell.
+    ///
+    /// The first opener (it gets the watermark file's exclusive lock: no
+    /// other process is alive) reads what the last session left, and marks
+    /// the file `dirty`, durably, before anything is committed; every
+    /// process then holds a shared lock until it closes, and the last to
+    /// close marks it `clean` after its last checkpoint. A process that
+    /// finds others alive knows no power cut came since they opened (it
+    /// would have ended them), and each of them checked what came before.
+    pub(crate) fn start(&self) -> Result<bool> {
+        use std::os::unix::fs::FileExt;
+        self.move_legacy_marker()?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&self.marker)
+            .ctx("open", &self.marker)?;
+        let first = match file.try_lock() {
+            Ok(()) => true,
+            // Others are open (or the first is still recovering, holding
+            // the exclusive lock): wait for a shared one.
+            Err(std::fs::TryLockError::WouldBlock) => {
+                file.lock_shared().ctx("lock", &self.marker)?;
+                false
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &self.marker, e)),
+        };
+        let mut buf = [0u8; 8];
+        let n = file.read_at(&mut buf, 0).ctx("read", &self.marker)?;
+        // Empty: no session ever ran here (or one from before the session
+        // mark): nothing to tell.
+        let unclean = first && n > 0 && &buf[..n] != CLEAN;
+        if &buf[..n] != DIRTY {
+            // In place (both marks are five bytes): never an empty file.
+            file.write_all_at(DIRTY, 0).ctx("write", &self.marker)?;
+            file.set_len(DIRTY.len() as u64)
+                .ctx("truncate", &self.marker)?;
+            file.sync_all().ctx("fsync", &self.marker)?;
+        }
+        *self.file.lock() = Some(file);
+        Ok(unclean)
+    }
+
+    /// Moves the watermark file of earlier versions (a regular file in the
+    /// base directory, which Glance's drivers took for an image) into the
+    /// private folder, with the session mark it holds.
+    fn move_legacy_marker(&self) -> Result<()> {
+        let legacy = self.layout.legacy_watermark_file();
+        if std::fs::symlink_metadata(&legacy).is_err() {
+            return Ok(());
+        }
+        let moved = if std::fs::symlink_metadata(&self.marker).is_ok() {
+            std::fs::remove_file(&legacy)
+        } else {
+            std::fs::rename(&legacy, &self.marker)
+        };
+        match moved {
+            Ok(()) => {
+                tracing::info!(
+                    "imgcache: moved {} into {}",
+                    legacy.display(),
+                    self.layout.private_dir().display()
+                );
+                Ok(())
+            }
+            // Another process moved it first.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("move", &legacy, e)),
+        }
+    }
+
+    /// After the recovery walk: the first opener lets the others in (its
+    /// exclusive lock becomes a shared one).
+    pub(crate) fn joined(&self) -> Result<()> {
+        if let Some(file) = self.file.lock().as_ref() {
+            file.lock_shared().ctx("lock", &self.marker)?;
+        }
+        Ok(())
+    }
+
+    /// Leaves the session after the last checkpoint: the last process out
+    /// marks it `clean`.
+    pub(crate) fn end(&self) {
+        use std::os::unix::fs::FileExt;
+        let Some(file) = self.file.lock().take() else {
+            return;
+        };
+        if file.try_lock().is_ok() {
+            let done = file
+                .write_all_at(CLEAN, 0)
+                .and_then(|()| file.set_len(CLEAN.len() as u64))
+                .and_then(|()| file.sync_all());
+            if let Err(e) = done {
+                tracing::warn!("imgcache: cannot mark {} clean: {e}", self.marker.display());
+            }
+        }
+    }
+}
