@@ -124,15 +124,20 @@
 //! | `id.rs`, `error.rs`, `clock.rs`, `options.rs`, `checksum.rs`, `range.rs`, `entry.rs` | the vocabulary every layer uses |
 //! | `files/` | the one local file layer: layout and every private name of the cache directory (`.imgcache/`), the writer's file moves, the reader, locks, the queue, zero-copy sends |
 //! | `drivers/` | [`CacheDriver`](drivers::CacheDriver), the small core every store writes, and the capabilities beside it (`Fleet`, `Watermarks`, `InvalidReasons`); `hits.rs`, hit batching written once; `sqlite/`, `xattr/`, `centralized_db/` (pool, schema, hits, store) |
-//! | `cache/` | [`ImageCache`], the facade: `mod.rs` (opening, the read path), `fetch.rs` (single flight), `fill.rs` (what a fill shares with its followers), `tee.rs`, `writer.rs`, `evict.rs` (prune, admission, clean), `verify.rs` (verify, scrub, quarantine), `recover.rs`, `durability.rs`, `migrate.rs`, `prefetch.rs` |
+//! | `cache/` | [`ImageCache`], the facade: `mod.rs` (opening, the read path), `flight.rs` (single flight: take a fill and its permit, or follow one), `fetch.rs` (the miss path and fill threads), `fill.rs` (what a fill shares with its followers), `tee.rs`, `writer.rs`, `evict.rs` (prune, admission, clean), `verify.rs` (verify, scrub, quarantine), `recover.rs`, `durability.rs` (the checkpoint), `session.rs` (the session mark), `migrate.rs`, `prefetch.rs` |
 //! | `origin/` | where bytes come from on a miss: a directory, HTTP (blocking, `ureq`), HTTP (async, `reqwest`) |
 //! | `serve/` | (feature) the HTTP data service, the admin API, authorization, metrics, jobs |
 //! | `testing/` | (feature `test-utils`) the model, the store conformance kit, the fuzz entry points |
 //! | `bin/imgcache/` | the CLI: `inspect.rs`, `manage.rs`, `fetch.rs`, `serve.rs`, one file per group of commands |
 //!
 //! Single flight stays under `cache/` (not a `fill/` of its own beside it)
-//! because a fill holds the facade's writer and commits through the facade;
-//! it is `fetch.rs` with `fill.rs`. Two HTTP clients are kept on purpose:
+//! because a fill holds the facade's writer and commits through the facade:
+//! `flight.rs` decides who fills, `fill.rs` is what a fill shares,
+//! `fetch.rs` drives it. The vocabulary has two import cycles on purpose:
+//! [`Error`] names the [`ImageId`] and [`Checksum`](checksum::Checksum) an error concerns, and
+//! their constructors return [`Error`] so that `?` carries a bad id or
+//! checksum anywhere; cutting them would change what `ImageId::new` and
+//! `Checksum::new` return. Two HTTP clients are kept on purpose:
 //! the blocking origin of feature `http` costs 21 crates (`ureq`: 64 in all
 //! with no other feature, against 43 without it), where `reqwest` brings the
 //! async stack (167 crates with feature `serve`); a user who only prefetches
