@@ -140,6 +140,15 @@ impl Checksum {
         }
     }
 
+    /// Reads back what [`Checksum::stored_form`] wrote: a plain hex digest
+    /// as an MD5 (Glance's form), `algorithm:hex` as that algorithm.
+    pub fn from_stored_form(stored: &str) -> Result<Self> {
+        match stored.split_once(':') {
+            Some((algorithm, hex)) => Self::os_hash(algorithm, hex),
+            None => Self::md5(stored),
+        }
+    }
+
     /// A hasher for this checksum's algorithm.
     pub fn hasher(&self) -> Hasher {
         Hasher::new(self.algorithm)
@@ -227,6 +236,19 @@ fn to_hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stored_form_reads_back() {
+        for c in [
+            Checksum::md5("d41d8cd98f00b204e9800998ecf8427e").unwrap(),
+            Checksum::sha256(&"ab".repeat(32)).unwrap(),
+            Checksum::crc32(0xdead_beef),
+        ] {
+            assert_eq!(Checksum::from_stored_form(&c.stored_form()).unwrap(), c);
+        }
+        assert!(Checksum::from_stored_form("sha1:00").is_err());
+        assert!(Checksum::from_stored_form("not hex").is_err());
+    }
 
     fn digest(a: Algorithm, data: &[u8]) -> String {
         let mut h = Hasher::new(a);

@@ -116,7 +116,7 @@
 //!
 //! Each concern is found by its file's name, and the layers import
 //! downwards only: `files/` and `drivers/` never import each other (the
-//! facade joins them), and `serve/` uses the public API alone, as any
+//! facade joins them), and `serve/` uses the cache's public API alone, as any
 //! embedding server would.
 //!
 //! | place | what |
@@ -126,7 +126,7 @@
 //! | `drivers/` | [`CacheDriver`](drivers::CacheDriver), the small core every store writes, and the capabilities beside it (`Fleet`, `Watermarks`, `InvalidReasons`); `hits.rs`, hit batching written once; `sqlite/`, `xattr/`, `centralized_db/` (pool, schema, hits, store) |
 //! | `cache/` | [`ImageCache`], the facade: `mod.rs` (opening, the read path), `flight.rs` (single flight: take a fill and its permit, or follow one), `fetch.rs` (the miss path and fill threads), `fill.rs` (what a fill shares with its followers), `tee.rs`, `writer.rs`, `evict.rs` (prune, admission, clean), `verify.rs` (verify, scrub, quarantine), `recover.rs`, `durability.rs` (the checkpoint), `session.rs` (the session mark), `migrate.rs`, `prefetch.rs` |
 //! | `origin/` | where bytes come from on a miss: a directory, HTTP (blocking, `ureq`), HTTP (async, `reqwest`) |
-//! | `serve/` | (feature) the HTTP data service, the admin API, authorization, metrics, jobs |
+//! | `serve/` | (feature) the HTTP data service (`plan.rs` the HTTP semantics, `server.rs` the zero-copy transport, `body.rs` hyper's), `peers.rs` (peer fill across a fleet), the admin API, metrics, jobs |
 //! | `testing/` | (feature `test-utils`) the model, the store conformance kit, the fuzz entry points |
 //! | `bin/imgcache/` | the CLI: `inspect.rs`, `manage.rs`, `fetch.rs`, `serve.rs`, one file per group of commands |
 //!

@@ -135,9 +135,57 @@ impl fmt::Display for ByteRange {
     }
 }
 
+/// What a `Content-Range: bytes a-b/total` answer says (`total` may be
+/// `*`): the first byte `a` and the total, if given. `None` when it is
+/// malformed, or inconsistent (`a > b`, `b >= total`).
+#[cfg(any(feature = "serve", test))]
+pub(crate) fn content_range_start(value: &str) -> Option<(u64, Option<u64>)> {
+    let spec = value.trim().strip_prefix("bytes ")?.trim_start();
+    let (range, total) = spec.split_once('/')?;
+    let (first, last) = range.split_once('-')?;
+    let digits = |s: &str| -> Option<u64> {
+        let s = s.trim();
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        s.parse().ok()
+    };
+    let (first, last) = (digits(first)?, digits(last)?);
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(digits(t)?),
+    };
+    if first > last || total.is_some_and(|t| last >= t) {
+        return None;
+    }
+    Some((first, total))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_ranges_parse_or_are_refused() {
+        assert_eq!(
+            content_range_start("bytes 10-99/100"),
+            Some((10, Some(100)))
+        );
+        assert_eq!(content_range_start("bytes 0-0/*"), Some((0, None)));
+        for bad in [
+            "bytes 10-9/100",
+            "bytes 10-100/100",
+            "bytes -5/100",
+            "bytes 1-2",
+            "items 1-2/3",
+            "bytes +1-2/3",
+            "bytes 1-2/x",
+            "bytes 99999999999999999999-1/2",
+            "",
+        ] {
+            assert_eq!(content_range_start(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn within_checks_bounds() {

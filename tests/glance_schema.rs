@@ -128,6 +128,7 @@ fn a_database_without_glance_tables_is_refused_untouched() {
         [
             "cached_images",
             "imgcache_entries",
+            "imgcache_fills",
             "imgcache_invalid",
             "imgcache_state",
             "node_reference"

@@ -912,6 +912,50 @@ fn serve_checks_its_config_and_its_token_file() {
         .unwrap();
     assert!(out.status.success());
     assert!(!String::from_utf8_lossy(&out.stdout).contains("t0ken"));
+
+    // Peer fill: off by default; on, it needs the fleet's token file (mode
+    // 600), a shared store, and a fan-out of one or more.
+    assert!(text.contains("peers = off"), "{text}");
+    assert!(refused(&["--peers"]).contains("--peer-token-file"));
+    assert!(refused(&["--peers", "--peer-token-file", t]).contains("centralized_db"));
+    let fleet = |args: &[&str]| {
+        imgcache()
+            .arg("--dir")
+            .arg(dir.path().join("cache"))
+            .args(["--driver", "centralized_db"])
+            .args(["--database-url", "postgres://u:secret@127.0.0.1:1/db"])
+            .args(["--node-url", "http://node1:9292"])
+            .args(["serve", "--origin", "/tmp", "--check-config"])
+            .args(["--peers", "--peer-token-file", t])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = fleet(&["--peer-fanout", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--peer-fanout 0"));
+    let out = fleet(&["--peer-fanout", "8"]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "peers = on",
+        "peer_fanout = 8",
+        "peer_token = required (from ",
+    ] {
+        assert!(shown.contains(line), "{line:?} not in {shown}");
+    }
+    assert!(
+        !shown.contains("t0ken") && !shown.contains("secret"),
+        "{shown}"
+    );
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = fleet(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
 }
 
 #[test]

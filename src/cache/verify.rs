@@ -116,6 +116,18 @@ impl ImageCache {
         Ok(self.verify_key(key)?.map(|(v, _)| v))
     }
 
+    /// [`ImageCache::verify`], and a corrupt file moved to `invalid/` with
+    /// what differs (its entry dropped), as a scrub does for one image:
+    /// for a server about to hand the file to someone who cannot tell.
+    pub fn verify_or_quarantine(&self, id: &ImageId) -> Result<Option<Verification>> {
+        let key = self.layout.admit(id)?;
+        let verdict = self.verify_key(key)?.map(|(v, _)| v);
+        if let Some(Verification::Corrupt { detail }) = &verdict {
+            self.quarantine(key, detail)?;
+        }
+        Ok(verdict)
+    }
+
     /// [`ImageCache::verify`], keeping the file it read (so that a scrub
     /// records the CRC on the inode it checked).
     pub(super) fn verify_key(&self, key: Admitted<'_>) -> Result<Option<(Verification, Verified)>> {

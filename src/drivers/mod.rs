@@ -270,6 +270,117 @@ pub trait Fleet: Send + Sync {
     /// the caller to delete from the old database. Must be idempotent and
     /// safe when several processes import at once.
     fn import(&self, entries: &[CachedImageInfo]) -> Result<Vec<ImageId>>;
+
+    /// Where else `id` can be had in the fleet: the nodes that hold it
+    /// (with the size and checksum they recorded) and the nodes filling it
+    /// now (with what their source announced, once it did), this node
+    /// included. The default: the holders of [`Fleet::nodes_holding`],
+    /// with nothing recorded.
+    fn sources(&self, id: &ImageId) -> Result<Vec<PeerSource>> {
+        Ok(self
+            .nodes_holding(id)?
+            .into_iter()
+            .map(|node| PeerSource::holder(node, None, None))
+            .collect())
+    }
+
+    /// Takes the fleet's claim to fill `id` from the origin: `None` while
+    /// another node holds it. The claim is held until the returned value is
+    /// dropped, and dies with its holder (a node killed mid-fill loses it
+    /// at once, so another can take over). The default: always granted (a
+    /// store that cannot coordinate lets every node go to the origin).
+    fn claim_fill(&self, id: &ImageId) -> Result<Option<FillClaim>> {
+        let _ = id;
+        Ok(Some(FillClaim::new(())))
+    }
+
+    /// Records that this node is filling `id` — from the origin (`leads`)
+    /// or from a peer — with the size and checksum its source announced,
+    /// so that other nodes can follow it. The default records nothing.
+    fn announce_fill(
+        &self,
+        id: &ImageId,
+        size: Option<u64>,
+        checksum: Option<&str>,
+        leads: bool,
+    ) -> Result<()> {
+        let _ = (id, size, checksum, leads);
+        Ok(())
+    }
+
+    /// Records that this node's fill of `id` ended (committed or not).
+    fn withdraw_fill(&self, id: &ImageId) -> Result<()> {
+        let _ = id;
+        Ok(())
+    }
+
+    /// Forgets `node` as a source of `id`: its bytes did not match what
+    /// the fleet recorded, or its copy is gone. The default does nothing.
+    fn forget_source(&self, node: &str, id: &ImageId) -> Result<()> {
+        let _ = (node, id);
+        Ok(())
+    }
+}
+
+/// A node of the fleet that holds an image or is filling it; see
+/// [`Fleet::sources`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerSource {
+    /// The node's URL (Glance's `worker_self_reference_url`).
+    pub node: String,
+    /// The image's size, as the node recorded it (or its source announced
+    /// it); `None` if not known yet.
+    pub size: Option<u64>,
+    /// The image's checksum, in the form the store keeps (`md5` hex, or
+    /// `algorithm:hex`), as the origin gave it to the first node.
+    pub checksum: Option<String>,
+    /// Whether the node is filling it now (rather than holding it).
+    pub filling: bool,
+    /// Whether the node fills it from the origin (rather than a peer).
+    pub leads: bool,
+}
+
+impl PeerSource {
+    /// A node that holds the image, for a store's [`Fleet::sources`].
+    pub fn holder(node: String, size: Option<u64>, checksum: Option<String>) -> Self {
+        PeerSource {
+            node,
+            size,
+            checksum,
+            filling: false,
+            leads: false,
+        }
+    }
+
+    /// A node filling the image (from the origin if `leads`), for a
+    /// store's [`Fleet::sources`].
+    pub fn filler(node: String, size: Option<u64>, checksum: Option<String>, leads: bool) -> Self {
+        PeerSource {
+            node,
+            size,
+            checksum,
+            filling: true,
+            leads,
+        }
+    }
+}
+
+/// The fleet's claim to fill one image from the origin, from
+/// [`Fleet::claim_fill`]: released when dropped.
+pub struct FillClaim(#[allow(dead_code)] Box<dyn Send + Sync>);
+
+impl FillClaim {
+    /// A claim whose release is `guard`'s drop.
+    pub fn new(guard: impl Send + Sync + 'static) -> Self {
+        FillClaim(Box::new(guard))
+    }
+}
+
+impl fmt::Debug for FillClaim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FillClaim")
+    }
 }
 
 /// A store that records the durability [`Watermark`] (group durability).

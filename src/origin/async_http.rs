@@ -112,6 +112,20 @@ impl AsyncHttpOrigin {
         id: &ImageId,
         request: &OriginRequest,
     ) -> Result<AsyncOriginObject> {
+        self.open_async_from(id, request, 0).await
+    }
+
+    /// Opens image `id` for `request` at byte `offset`, with a `Range`
+    /// request: the body starts at `offset`; `size` is the whole image's
+    /// (from `Content-Range`), and `checksum` is `None` (a part's
+    /// `Content-MD5` is not the image's). An origin that ignores the range
+    /// (`200`) is read from the start, its first `offset` bytes dropped.
+    pub async fn open_async_from(
+        &self,
+        id: &ImageId,
+        request: &OriginRequest,
+        offset: u64,
+    ) -> Result<AsyncOriginObject> {
         let url = self.url(id);
         let fail = |detail: String| Error::Origin {
             id: id.clone(),
@@ -121,6 +135,9 @@ impl AsyncHttpOrigin {
         let mut get = self.client.get(&url);
         if let Some(token) = &request.auth_token {
             get = get.header("X-Auth-Token", token);
+        }
+        if offset > 0 {
+            get = get.header("Range", format!("bytes={offset}-"));
         }
         let response = get.send().await.map_err(|e| fail(error_chain(&e)))?;
         let status = response.status();
@@ -135,16 +152,49 @@ impl AsyncHttpOrigin {
         }
         let headers = response.headers();
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        let size = header("content-length").and_then(|v| v.trim().parse().ok());
-        let checksum = match header("content-md5") {
-            Some(v) => Some(content_md5(v).ok_or_else(|| fail(format!("bad Content-MD5 {v:?}")))?),
-            None => None,
+        let partial = status.as_u16() == 206;
+        let (size, checksum) = if partial {
+            let range = header("content-range").unwrap_or("");
+            let Some((start, total)) = crate::range::content_range_start(range) else {
+                return Err(fail(format!("bad Content-Range {range:?}")));
+            };
+            if start != offset || offset == 0 {
+                return Err(fail(format!(
+                    "asked for bytes from {offset}, got Content-Range {range:?}"
+                )));
+            }
+            (total, None)
+        } else {
+            let size = header("content-length").and_then(|v| v.trim().parse().ok());
+            let checksum = match header("content-md5") {
+                Some(v) => {
+                    Some(content_md5(v).ok_or_else(|| fail(format!("bad Content-MD5 {v:?}")))?)
+                }
+                None => None,
+            };
+            (size, checksum)
         };
         let stream = response
             .bytes_stream()
             .map_err(|e| std::io::Error::other(error_chain(&e)));
+        let mut body: Pin<Box<dyn AsyncRead + Send>> =
+            Box::pin(tokio_util::io::StreamReader::new(stream));
+        if offset > 0 && !partial {
+            // The whole image came: drop what the caller has.
+            let skipped = tokio::io::copy(
+                &mut tokio::io::AsyncReadExt::take(&mut body, offset),
+                &mut tokio::io::sink(),
+            )
+            .await
+            .map_err(|e| fail(format!("skipping to byte {offset}: {e}")))?;
+            if skipped < offset {
+                return Err(fail(format!(
+                    "the image ended at {skipped} bytes, before byte {offset}"
+                )));
+            }
+        }
         Ok(AsyncOriginObject {
-            body: Box::pin(tokio_util::io::StreamReader::new(stream)),
+            body,
             size,
             checksum,
         })
@@ -203,6 +253,25 @@ impl Origin for AsyncHttpOrigin {
             size: object.size,
             checksum: object.checksum,
         })
+    }
+
+    fn open_from(
+        &self,
+        id: &ImageId,
+        request: &OriginRequest,
+        offset: u64,
+    ) -> Result<Option<OriginObject>> {
+        let object = self
+            .handle
+            .block_on(self.open_async_from(id, request, offset))?;
+        Ok(Some(OriginObject {
+            reader: Box::new(tokio_util::io::SyncIoBridge::new_with_handle(
+                object.body,
+                self.handle.clone(),
+            )),
+            size: object.size,
+            checksum: object.checksum,
+        }))
     }
 
     fn authorize(&self, id: &ImageId, request: &OriginRequest) -> Result<super::Access> {

@@ -116,6 +116,21 @@ pub trait Origin: Send + Sync + fmt::Debug {
         self.open(id)
     }
 
+    /// Opens image `id` at byte `offset` (to resume a transfer that broke
+    /// there): the object's reader starts at `offset`, its `size` and
+    /// `checksum` are the whole image's. `None` if this origin cannot start
+    /// anywhere but at the beginning (the default); the caller then opens
+    /// it whole and skips.
+    fn open_from(
+        &self,
+        id: &ImageId,
+        request: &OriginRequest,
+        offset: u64,
+    ) -> Result<Option<OriginObject>> {
+        let _ = (id, request, offset);
+        Ok(None)
+    }
+
     /// Whether the client making `request` may read image `id`, as the
     /// origin decides it: a server asks before it serves a hit, so that a
     /// cached image is never served to a client the origin would refuse.

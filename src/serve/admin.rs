@@ -194,16 +194,6 @@ pub fn presented_token(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-/// Compares without leaking, by its time, where two tokens first differ.
-fn same_token(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    let mut diff = (a.len() != b.len()) as u8;
-    for i in 0..a.len().max(b.len()) {
-        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0);
-    }
-    diff == 0
-}
-
 /// How the management API runs.
 #[derive(Clone, Default)]
 pub struct AdminOptions {
@@ -319,7 +309,7 @@ impl AdminService {
         let (parts, _body) = request.into_parts();
         let route = route(&parts.method, parts.uri.path());
         if let (Some(want), false) = (&self.inner.options.token, route == AdminRoute::Health) {
-            let ok = presented_token(&parts.headers).is_some_and(|t| same_token(t, want));
+            let ok = presented_token(&parts.headers).is_some_and(|t| super::same_token(t, want));
             if !ok {
                 let mut r = fail(StatusCode::UNAUTHORIZED, "a valid token is required");
                 r.headers_mut().insert(
@@ -614,9 +604,9 @@ mod tests {
         assert_eq!(presented_token(&h), Some("xyz"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic xyz"));
         assert_eq!(presented_token(&h), None);
-        assert!(same_token("abc", "abc"));
-        assert!(!same_token("abc", "abd"));
-        assert!(!same_token("abc", "abcd"));
-        assert!(!same_token("", "a"));
+        assert!(crate::serve::same_token("abc", "abc"));
+        assert!(!crate::serve::same_token("abc", "abd"));
+        assert!(!crate::serve::same_token("abc", "abcd"));
+        assert!(!crate::serve::same_token("", "a"));
     }
 }

@@ -34,13 +34,19 @@ impl std::fmt::Debug for ImageBody {
 }
 
 impl ImageBody {
-    pub(crate) fn new(body: PlanBody, len: Option<u64>, served: Option<Counter>) -> Self {
+    pub(crate) fn new(
+        body: PlanBody,
+        len: Option<u64>,
+        served: Option<Counter>,
+        hold: Option<super::plan::Hold>,
+    ) -> Self {
         match body {
             PlanBody::Empty => ImageBody(Empty::new().map_err(|e| match e {}).boxed_unsync()),
             PlanBody::Bytes(b) => ImageBody(Full::new(b).map_err(|e| match e {}).boxed_unsync()),
             other => {
                 let mut chunks = Chunks::new(other);
                 chunks.served = served;
+                chunks.hold = hold;
                 let stream = futures_util::stream::unfold(chunks, |mut c| async move {
                     c.next().await.map(|r| (r.map(Frame::data), c))
                 });
@@ -110,6 +116,8 @@ pub(crate) struct Chunks {
     held: Option<Bytes>,
     /// Counts the bytes handed out.
     pub(crate) served: Option<Counter>,
+    /// Held until the body is done (a peer transfer's slot).
+    pub(crate) hold: Option<super::plan::Hold>,
 }
 
 impl Chunks {
@@ -124,6 +132,7 @@ impl Chunks {
             pos,
             held: None,
             served: None,
+            hold: None,
         }
     }
 

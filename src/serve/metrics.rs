@@ -25,6 +25,8 @@ pub struct Metrics {
     requests: Family<Label, Counter>,
     served: Family<Label, Counter>,
     origin_requests: Family<Label, Counter>,
+    fill_bytes: Family<Label, Counter>,
+    peer_events: Family<Label, Counter>,
     coalesced: Counter,
     evictions: Counter,
     evicted_bytes: Counter,
@@ -38,6 +40,7 @@ pub struct Metrics {
 
 /// How a request for an image ended, as [`Metrics`] counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Outcome {
     /// Served from the cache.
     Hit,
@@ -49,6 +52,8 @@ pub enum Outcome {
     Bypass,
     /// Refused: the origin denied the client access.
     Denied,
+    /// Served to another node of the fleet (peer fill).
+    Peer,
     /// Anything else that did not serve the image (404, 4xx, 5xx, 304 is
     /// not one: it counts as its source).
     Error,
@@ -62,6 +67,7 @@ impl Outcome {
             Outcome::Follow => "follow",
             Outcome::Bypass => "bypass",
             Outcome::Denied => "denied",
+            Outcome::Peer => "peer",
             Outcome::Error => "error",
         }
     }
@@ -80,6 +86,8 @@ impl Metrics {
         let requests = Family::<Label, Counter>::default();
         let served = Family::<Label, Counter>::default();
         let origin_requests = Family::<Label, Counter>::default();
+        let fill_bytes = Family::<Label, Counter>::default();
+        let peer_events = Family::<Label, Counter>::default();
         let job_runs = Family::<Labels2, Counter>::default();
         let coalesced = Counter::default();
         let evictions = Counter::default();
@@ -103,6 +111,16 @@ impl Metrics {
             "origin_requests",
             "Requests made of the origin, by kind (fill, bypass, authorize)",
             origin_requests.clone(),
+        );
+        registry.register(
+            "fill_bytes",
+            "Bytes fills read, by source (origin, peer), with peer fill on",
+            fill_bytes.clone(),
+        );
+        registry.register(
+            "peer_events",
+            "Peer fill: fill (a fill from a peer), busy (a peer at its fan-out), failover (a peer replaced mid-transfer), bad (a peer's bytes failed the checksum), served (a transfer to a peer), refused (a peer's request without the fleet token)",
+            peer_events.clone(),
         );
         registry.register(
             "coalesced_requests",
@@ -146,6 +164,8 @@ impl Metrics {
             requests,
             served,
             origin_requests,
+            fill_bytes,
+            peer_events,
             coalesced,
             evictions,
             evicted_bytes,
@@ -191,6 +211,29 @@ impl Metrics {
     /// The origin requests of `kind` counted.
     pub fn origin_requests(&self, kind: &'static str) -> u64 {
         self.origin_requests.get_or_create(&[("kind", kind)]).get()
+    }
+
+    /// Counts `n` bytes a fill read from `source` (`origin`, `peer`).
+    pub(crate) fn fill_bytes(&self, source: &'static str, n: u64) {
+        self.fill_bytes
+            .get_or_create(&[("source", source)])
+            .inc_by(n);
+    }
+
+    /// Bytes fills read from `source` so far (peer fill on).
+    pub fn fill_bytes_from(&self, source: &'static str) -> u64 {
+        self.fill_bytes.get_or_create(&[("source", source)]).get()
+    }
+
+    /// Counts a peer fill event (`fill`, `busy`, `failover`, `bad`,
+    /// `served`, `refused`).
+    pub(crate) fn peer_event(&self, event: &'static str) {
+        self.peer_events.get_or_create(&[("event", event)]).inc();
+    }
+
+    /// Peer fill events of one kind so far.
+    pub fn peer_events(&self, event: &'static str) -> u64 {
+        self.peer_events.get_or_create(&[("event", event)]).get()
     }
 
     /// Counts a request that joined a fill in progress.

@@ -63,6 +63,7 @@ mod body;
 #[cfg(feature = "admin")]
 pub mod jobs;
 mod metrics;
+pub mod peers;
 mod plan;
 mod server;
 
@@ -83,6 +84,7 @@ pub struct ServeOptions {
     header_timeout: Duration,
     public: bool,
     authorization_ttl: Duration,
+    peers: Option<peers::PeerOptions>,
 }
 
 impl Default for ServeOptions {
@@ -93,6 +95,7 @@ impl Default for ServeOptions {
             header_timeout: Duration::from_secs(60),
             public: false,
             authorization_ttl: Duration::ZERO,
+            peers: None,
         }
     }
 }
@@ -145,6 +148,20 @@ impl ServeOptions {
     pub fn authorization_ttl(mut self, ttl: Duration) -> Self {
         self.authorization_ttl = ttl;
         self
+    }
+
+    /// Fills misses from the fleet's peers first, and serves peers (see
+    /// [`peers`]); needs a store shared by the fleet (`centralized_db`)
+    /// and each node's URL ([`crate::CacheOptions::node_url`]) to be
+    /// where its data port answers. Default off.
+    pub fn peers(mut self, peers: Option<peers::PeerOptions>) -> Self {
+        self.peers = peers;
+        self
+    }
+
+    /// Peer fill, if on.
+    pub fn peer_options(&self) -> Option<&peers::PeerOptions> {
+        self.peers.as_ref()
     }
 
     /// The path prefix.
@@ -244,7 +261,12 @@ pub struct ImageService {
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub(crate) cache: Arc<ImageCache>,
+    /// Where fills come from: the origin, or the fleet's peers first.
     pub(crate) origin: Arc<dyn Origin>,
+    /// Whether `origin` counts its own origin requests (peers first).
+    pub(crate) counts_fills: bool,
+    /// Peer transfers this node may still serve at once.
+    pub(crate) peer_slots: Arc<tokio::sync::Semaphore>,
     pub(crate) options: ServeOptions,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) grants: Grants,
@@ -260,6 +282,7 @@ impl Inner {
             "follow" => Outcome::Follow,
             "bypass" => Outcome::Bypass,
             "denied" => Outcome::Denied,
+            "peer" => Outcome::Peer,
             _ => Outcome::Error,
         };
         self.metrics.request(outcome);
@@ -268,6 +291,7 @@ impl Inner {
             Outcome::Miss | Outcome::Follow | Outcome::Bypass => {
                 Some(self.metrics.served_counter("origin"))
             }
+            Outcome::Peer => Some(self.metrics.served_counter("peer")),
             _ => None,
         };
     }
@@ -296,10 +320,30 @@ impl ImageService {
         metrics: Arc<Metrics>,
     ) -> Self {
         let grants = Grants::new(options.authorization_ttl);
+        let fanout = options
+            .peers
+            .as_ref()
+            .map_or(0, peers::PeerOptions::fanout_value);
+        let peer_origin = options.peers.as_ref().and_then(|p| {
+            peers::PeerOrigin::new(
+                origin.clone(),
+                cache.clone(),
+                p,
+                &options.prefix,
+                metrics.clone(),
+            )
+        });
+        let counts_fills = peer_origin.is_some();
+        let origin: Arc<dyn Origin> = match peer_origin {
+            Some(p) => Arc::new(p),
+            None => origin,
+        };
         ImageService {
             inner: Arc::new(Inner {
                 cache,
                 origin,
+                counts_fills,
+                peer_slots: Arc::new(tokio::sync::Semaphore::new(fanout)),
                 options,
                 metrics,
                 grants,
@@ -356,7 +400,7 @@ impl ImageService {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        let mut response = Response::new(ImageBody::new(plan.body, len, plan.served));
+        let mut response = Response::new(ImageBody::new(plan.body, len, plan.served, plan.hold));
         *response.status_mut() = plan.status;
         *response.headers_mut() = plan.headers;
         response
@@ -382,6 +426,16 @@ impl<B: Send + 'static> tower_service::Service<Request<B>> for ImageService {
         let this = self.clone();
         Box::pin(async move { Ok(this.respond(request).await) })
     }
+}
+
+/// Compares without leaking, by its time, where two tokens first differ.
+pub(crate) fn same_token(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut diff = (a.len() != b.len()) as u8;
+    for i in 0..a.len().max(b.len()) {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0);
+    }
+    diff == 0
 }
 
 /// Accepts a connection; `None` after an error that concerns one

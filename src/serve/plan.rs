@@ -28,6 +28,17 @@ pub(crate) struct Plan {
     pub source: &'static str,
     /// Counts the body's bytes as they are sent.
     pub served: Option<prometheus_client::metrics::counter::Counter>,
+    /// Held until the body is sent (a peer transfer's slot).
+    pub hold: Option<Hold>,
+}
+
+/// Something a response holds until its body is sent.
+pub(crate) struct Hold(#[allow(dead_code)] Box<dyn Send + Sync>);
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hold")
+    }
 }
 
 /// A response's body.
@@ -149,6 +160,9 @@ pub(crate) async fn plan(inner: &Inner, ask: Ask<'_>) -> Plan {
             return p;
         }
     };
+    if let Some(given) = ask.headers.get(super::peers::PEER_TOKEN_HEADER) {
+        return peer(inner, ask, id, head, given.as_bytes()).await;
+    }
     let mut request = OriginRequest::default();
     if options.forward_auth_token || !options.public {
         request.auth_token = ask
@@ -181,12 +195,15 @@ pub(crate) async fn plan(inner: &Inner, ask: Ask<'_>) -> Plan {
     let open_origin = inner.origin.clone();
     let open_cache = inner.cache.clone();
     let open_metrics = inner.metrics.clone();
+    let counts_fills = inner.counts_fills;
     let open_request = request.clone();
     let open_id = id.clone();
     let fetched = inner
         .cache
         .fetch_async(&id, move || {
-            open_metrics.origin_request("fill");
+            if !counts_fills {
+                open_metrics.origin_request("fill");
+            }
             let object = open_origin.open_for(&open_id, &open_request)?;
             // Admission, before a byte is written: room made under the
             // limits, or the fill refused (its clients pass it through).
@@ -200,31 +217,14 @@ pub(crate) async fn plan(inner: &Inner, ask: Ask<'_>) -> Plan {
         Err(e) => return failed(&e),
     };
     match fetched {
-        Fetched::Cached(image) => {
-            let info = image.info();
-            let tag = etag(info.checksum.as_deref(), info.crc32.map(|c| (c, info.size)));
-            let md5 = info
-                .checksum
-                .as_deref()
-                .filter(|c| Checksum::md5(c).is_ok());
-            let size = image.len();
-            respond(
-                ask,
-                head,
-                Some(size),
-                tag,
-                md5.map(str::to_owned),
-                "hit",
-                |r| PlanBody::Cached(Arc::new(image), r.unwrap_or(ByteRange::full(size))),
-            )
-        }
+        Fetched::Cached(image) => hit_plan(ask, head, image, "hit"),
         Fetched::Following(follower) => {
             let source = if follower.started_fill() {
                 "miss"
             } else {
                 "follow"
             };
-            let mut size = match follower.started().await {
+            let size = match follower.started().await {
                 Ok(size) => size,
                 // No room to cache it: this client gets the origin's bytes.
                 Err(Error::NoRoom { detail, .. }) => {
@@ -251,38 +251,144 @@ pub(crate) async fn plan(inner: &Inner, ask: Ask<'_>) -> Plan {
             if source == "follow" {
                 inner.metrics.coalesced();
             }
-            // HTTP/1.0 has no chunks: a body of unknown size would end by
-            // closing the connection, which a failure looks like too. Such
-            // a client waits for the commit, and gets the size.
-            if size.is_none() && ask.http10 {
-                match follower.committed().await {
-                    Ok(n) => size = Some(n),
-                    Err(e) => return failed(&e),
-                }
-            }
-            // An empty body has no last byte to hold back: answer once the
-            // fill has committed, so that a failure is still a status.
-            if size == Some(0) {
-                if let Err(e) = follower.ready(0, Some(0)).await {
-                    return failed(&e);
-                }
-            }
-            let checksum = follower.checksum();
-            let tag = checksum
-                .as_ref()
-                .and_then(|c| etag(Some(&c.stored_form()), None));
-            let md5 = checksum
-                .as_ref()
-                .filter(|c| c.algorithm() == Algorithm::Md5)
-                .map(|c| c.hex().to_owned());
-            let follower = Arc::new(follower);
-            respond(ask, head, size, tag, md5, source, |r| match r {
-                Some(r) => PlanBody::Follow(follower, r.start, Some(r.end)),
-                None => PlanBody::Follow(follower, 0, size),
-            })
+            follow_plan_sized(ask, head, follower, size, source).await
         }
         Fetched::Uncached(object) => pass_through(ask, head, object),
     }
+}
+
+/// A hit's response: the cached file, or a range of it.
+fn hit_plan(ask: Ask<'_>, head: bool, image: CachedImage, source: &'static str) -> Plan {
+    let info = image.info();
+    let tag = etag(info.checksum.as_deref(), info.crc32.map(|c| (c, info.size)));
+    let md5 = info
+        .checksum
+        .as_deref()
+        .filter(|c| Checksum::md5(c).is_ok());
+    let size = image.len();
+    respond(
+        ask,
+        head,
+        Some(size),
+        tag,
+        md5.map(str::to_owned),
+        source,
+        |r| PlanBody::Cached(Arc::new(image), r.unwrap_or(ByteRange::full(size))),
+    )
+}
+
+/// A follower's response, once its fill's source answered.
+async fn follow_plan(
+    ask: Ask<'_>,
+    head: bool,
+    follower: FollowReader,
+    source: &'static str,
+) -> Plan {
+    match follower.started().await {
+        Ok(size) => follow_plan_sized(ask, head, follower, size, source).await,
+        Err(e) => failed(&e),
+    }
+}
+
+/// A follower's response, its fill's source having announced `size`.
+async fn follow_plan_sized(
+    ask: Ask<'_>,
+    head: bool,
+    follower: FollowReader,
+    mut size: Option<u64>,
+    source: &'static str,
+) -> Plan {
+    // HTTP/1.0 has no chunks: a body of unknown size would end by
+    // closing the connection, which a failure looks like too. Such
+    // a client waits for the commit, and gets the size.
+    if size.is_none() && ask.http10 {
+        match follower.committed().await {
+            Ok(n) => size = Some(n),
+            Err(e) => return failed(&e),
+        }
+    }
+    // An empty body has no last byte to hold back: answer once the
+    // fill has committed, so that a failure is still a status.
+    if size == Some(0) {
+        if let Err(e) = follower.ready(0, Some(0)).await {
+            return failed(&e);
+        }
+    }
+    let checksum = follower.checksum();
+    let tag = checksum
+        .as_ref()
+        .and_then(|c| etag(Some(&c.stored_form()), None));
+    let md5 = checksum
+        .as_ref()
+        .filter(|c| c.algorithm() == Algorithm::Md5)
+        .map(|c| c.hex().to_owned());
+    let follower = Arc::new(follower);
+    respond(ask, head, size, tag, md5, source, |r| match r {
+        Some(r) => PlanBody::Follow(follower, r.start, Some(r.end)),
+        None => PlanBody::Follow(follower, 0, size),
+    })
+}
+
+/// A peer's request (it carries the fleet token header): served from what
+/// this node has — its cached file, checked whole against its CRC-32
+/// first, or its fill in progress — and never a fill of its own; `404`
+/// when it has neither, `503` past the fan-out, `403` without the fleet's
+/// token.
+async fn peer(inner: &Inner, ask: Ask<'_>, id: ImageId, head: bool, given: &[u8]) -> Plan {
+    let admitted = inner
+        .options
+        .peer_options()
+        .is_some_and(|p| std::str::from_utf8(given).is_ok_and(|t| p.admits(t)));
+    if !admitted {
+        inner.metrics.peer_event("refused");
+        let mut p = error(
+            StatusCode::FORBIDDEN,
+            "peer requests need the fleet's token".into(),
+        );
+        p.source = "denied";
+        return p;
+    }
+    let Ok(slot) = inner.peer_slots.clone().try_acquire_owned() else {
+        let mut p = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "serving as many peers as it may; ask another".into(),
+        );
+        p.headers
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return p;
+    };
+    let mut plan = match inner.cache.follow(&id) {
+        Ok(Some(follower)) => follow_plan(ask, head, follower, "peer").await,
+        Ok(None) => {
+            let cache = inner.cache.clone();
+            let local = id.clone();
+            let found = tokio::task::spawn_blocking(move || -> Result<Option<CachedImage>> {
+                // A corrupt copy is quarantined here, never sent: the peer
+                // would only find out at its end, after its clients had
+                // the bytes.
+                match cache.verify_or_quarantine(&local)? {
+                    Some(crate::Verification::Corrupt { .. }) | None => Ok(None),
+                    Some(_) => cache.open_for_read(&local),
+                }
+            })
+            .await;
+            match found {
+                Ok(Ok(Some(image))) => hit_plan(ask, head, image, "peer"),
+                Ok(Ok(None)) => error(
+                    StatusCode::NOT_FOUND,
+                    format!("image {id} is neither cached nor being filled here"),
+                ),
+                Ok(Err(e)) => failed(&e),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+        Err(e) => failed(&e),
+    };
+    if plan.source == "peer" {
+        inner.metrics.peer_event("served");
+        plan.hold = Some(Hold(Box::new(slot)));
+    }
+    plan
 }
 
 /// Asks the origin whether the client of `request` may read `id`, unless
@@ -378,6 +484,7 @@ fn respond(
                 body: PlanBody::Empty,
                 source,
                 served: None,
+                hold: None,
             };
         }
     }
@@ -389,6 +496,7 @@ fn respond(
             body: if head { PlanBody::Empty } else { body(None) },
             source,
             served: None,
+            hold: None,
         };
     };
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
@@ -436,6 +544,7 @@ fn respond(
         body: if head { PlanBody::Empty } else { body(range) },
         source,
         served: None,
+        hold: None,
     }
 }
 
@@ -454,6 +563,7 @@ pub(crate) fn error(status: StatusCode, message: String) -> Plan {
         body: PlanBody::Bytes(body),
         source: "error",
         served: None,
+        hold: None,
     }
 }
 

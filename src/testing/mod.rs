@@ -353,6 +353,12 @@ pub fn http_request(data: &[u8]) -> Result<(), String> {
         check_route(prefix, text)?;
         check_route(prefix, &format!("{prefix}{text}/file"))?;
         check_range(text)?;
+        // As a peer's or an origin's answer to a resumed transfer.
+        if let Some((start, Some(total))) = crate::range::content_range_start(text) {
+            if start >= total {
+                return Err(format!("{text:?} read as byte {start} of {total}"));
+            }
+        }
     }
     fn check_route(prefix: &str, path: &str) -> Result<(), String> {
         if let Some(Ok(id)) = route(prefix, path) {

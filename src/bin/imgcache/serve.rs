@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use imgcache::origin::{AsyncHttpOrigin, Origin};
 use imgcache::serve::admin::{serve_admin, AdminOptions, AdminService};
 use imgcache::serve::jobs::{JobOptions, Jobs};
+use imgcache::serve::peers::PeerOptions;
 use imgcache::serve::{serve_hyper_until, ImageService, Metrics, ServeOptions, Server};
 use imgcache::{CacheOptions, ImageCache, MinFree};
 
@@ -107,6 +108,20 @@ pub struct ServeArgs {
         value_name = "TIME"
     )]
     shutdown_timeout: String,
+    /// Fill misses from the fleet's other nodes first, and serve them
+    /// (peer fill): one origin request per image for the whole fleet.
+    /// Needs --driver centralized_db, --peer-token-file, and --node-url
+    /// set to the URL of this node's data port.
+    #[arg(long, env = "IMGCACHE_PEERS")]
+    peers: bool,
+    /// A file holding the fleet's token (the same on every node), which
+    /// peer requests carry; readable by its owner alone (chmod 600).
+    #[arg(long, env = "IMGCACHE_PEER_TOKEN_FILE", value_name = "FILE")]
+    peer_token_file: Option<PathBuf>,
+    /// The most peer transfers this node serves at once (others are told
+    /// to ask another node): the image spreads as a tree.
+    #[arg(long, env = "IMGCACHE_PEER_FANOUT", default_value_t = imgcache::serve::peers::DEFAULT_FANOUT)]
+    peer_fanout: usize,
     /// Runtime worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
@@ -129,6 +144,8 @@ struct Config {
     prune_interval: Option<Duration>,
     clean_interval: Option<Duration>,
     shutdown_timeout: Duration,
+    peers: Option<PeerOptions>,
+    peer_token_file: Option<PathBuf>,
 }
 
 fn duration(what: &str, v: &str) -> Result<Duration, Failure> {
@@ -246,6 +263,32 @@ impl ServeArgs {
         let public = self.public
             || section("public")
                 .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "true" | "yes" | "1"));
+        let peer_token_file = self
+            .peer_token_file
+            .or_else(|| section("peer_token_file").map(PathBuf::from));
+        let peers = if self.peers
+            || section("peers")
+                .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "true" | "yes" | "1"))
+        {
+            let Some(file) = &peer_token_file else {
+                return Err(Failure::input(
+                    "--peers needs --peer-token-file (the fleet's shared token)",
+                ));
+            };
+            if options.image_cache_driver() != imgcache::DriverKind::CentralizedDb {
+                return Err(Failure::input(
+                    "--peers needs a store the fleet shares: --driver centralized_db",
+                ));
+            }
+            if self.peer_fanout == 0 {
+                return Err(Failure::input(
+                    "--peer-fanout 0 would serve no peer: give 1 or more, or leave --peers off",
+                ));
+            }
+            Some(PeerOptions::new(read_token(file)?).fanout(self.peer_fanout))
+        } else {
+            None
+        };
         let origin = self.origin.or_else(|| section("origin")).ok_or_else(|| {
             Failure::input("no origin: give --origin DIR|URL, or set IMGCACHE_ORIGIN")
         })?;
@@ -265,6 +308,8 @@ impl ServeArgs {
             prune_interval: every("prune interval", &self.prune_interval)?,
             clean_interval: every("clean interval", &self.clean_interval)?,
             shutdown_timeout: duration("shutdown timeout", &self.shutdown_timeout)?,
+            peers,
+            peer_token_file,
         })
     }
 }
@@ -340,6 +385,19 @@ fn print_config(c: &Config, args: &Extra) {
         opt(c.clean_interval.map(|d| d.as_secs_f64().to_string()))
     );
     println!("shutdown_timeout = {}", c.shutdown_timeout.as_secs_f64());
+    match &c.peers {
+        Some(p) => {
+            println!("peers = on");
+            println!(
+                "peer_token = required (from {})",
+                c.peer_token_file
+                    .as_ref()
+                    .map_or_else(String::new, |f| f.display().to_string())
+            );
+            println!("peer_fanout = {}", p.fanout_value());
+        }
+        None => println!("peers = off"),
+    }
 }
 
 /// The arguments that stay after the config is resolved.
@@ -422,9 +480,12 @@ async fn serve(
         .prefix(&extra.prefix)
         .forward_auth_token(extra.forward_auth_token)
         .public(config.public)
-        .authorization_ttl(config.authorization_ttl);
+        .authorization_ttl(config.authorization_ttl)
+        .peers(config.peers.clone());
     let service =
         ImageService::with_metrics(cache.clone(), origin.clone(), options, metrics.clone());
+    // The prefetcher fills as the service does: from peers first, when on.
+    let origin = service.origin().clone();
     let bind = |addr: SocketAddr| async move {
         let l = tokio::net::TcpListener::bind(addr)
             .await

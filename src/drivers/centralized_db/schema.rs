@@ -7,7 +7,8 @@ pub(super) const SCHEMA_PRESENT: &str = "
 SELECT to_regclass('node_reference') IS NOT NULL AND to_regclass('cached_images') IS NOT NULL,
        to_regclass('imgcache_entries') IS NOT NULL
    AND to_regclass('imgcache_invalid') IS NOT NULL
-   AND to_regclass('imgcache_state') IS NOT NULL";
+   AND to_regclass('imgcache_state') IS NOT NULL
+   AND to_regclass('imgcache_fills') IS NOT NULL";
 
 /// Glance's tables as its 2024.1 migration creates them (`image_id` with
 /// room for imgcache's ids): only with [`Tables::Create`].
@@ -49,6 +50,15 @@ CREATE TABLE IF NOT EXISTS imgcache_state (
     key TEXT NOT NULL,
     value BIGINT NOT NULL,
     PRIMARY KEY (node_reference_id, key)
+);
+CREATE TABLE IF NOT EXISTS imgcache_fills (
+    node_reference_id BIGINT NOT NULL,
+    image_id VARCHAR(255) NOT NULL,
+    size BIGINT,
+    checksum TEXT,
+    leads BOOLEAN NOT NULL DEFAULT false,
+    started_at TIMESTAMP NOT NULL DEFAULT (now() AT TIME ZONE 'utc'),
+    PRIMARY KEY (node_reference_id, image_id)
 );
 ";
 

@@ -8,7 +8,9 @@ use super::{
     SCHEMA_LOCK,
 };
 use crate::clock::round_trip;
-use crate::drivers::{CacheDriver, Extensions, Fleet, InvalidReasons, Watermarks};
+use crate::drivers::{
+    CacheDriver, Extensions, FillClaim, Fleet, InvalidReasons, PeerSource, Watermarks,
+};
 use crate::entry::{
     CachedFiles, CachedImageInfo, Invalidation, NodeImage, OnDisk, Scanned, Watermark,
 };
@@ -408,6 +410,108 @@ impl Fleet for CentralizedDbDriver {
             .filter_map(|s| ImageId::new(s).ok())
             .collect())
     }
+
+    fn sources(&self, id: &ImageId) -> Result<Vec<PeerSource>> {
+        let rows = self.with(|c| {
+            c.rows(
+                "SELECT n.node_reference_url, c.size, COALESCE(e.checksum, c.checksum), false, false
+                 FROM cached_images c
+                 LEFT JOIN imgcache_entries e ON e.cached_image_id = c.id
+                 JOIN node_reference n ON n.node_reference_id = c.node_reference_id
+                 WHERE c.image_id = $1
+                 UNION ALL
+                 SELECT n.node_reference_url, f.size, f.checksum, true, f.leads
+                 FROM imgcache_fills f
+                 JOIN node_reference n ON n.node_reference_id = f.node_reference_id
+                 WHERE f.image_id = $1
+                 ORDER BY 4, 1",
+                &[&id.as_str()],
+            )
+        })?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let size: Option<i64> = r.get(1);
+                let size = size.and_then(|s| u64::try_from(s).ok());
+                if r.get(3) {
+                    PeerSource::filler(r.get(0), size, r.get(2), r.get(4))
+                } else {
+                    PeerSource::holder(r.get(0), size, r.get(2))
+                }
+            })
+            .collect())
+    }
+
+    fn claim_fill(&self, id: &ImageId) -> Result<Option<FillClaim>> {
+        // A session-level advisory lock on a connection of its own, held
+        // for the fill: the server releases it when the connection ends,
+        // so a holder that dies (its socket closed by its kernel) loses it
+        // at once. Keyed by a hash of the id; two ids that share a key
+        // only make one of them follow, find no fill, and go to the
+        // origin.
+        let pool = &self.inner.pool;
+        let mut client = pool
+            .config
+            .connect(postgres::NoTls)
+            .map_err(|e| pool.error(e))?;
+        let taken: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&fill_lock_key(id)])
+            .map_err(|e| pool.error(e))?
+            .get(0);
+        Ok(taken.then(|| FillClaim::new(parking_lot::Mutex::new(client))))
+    }
+
+    fn announce_fill(
+        &self,
+        id: &ImageId,
+        size: Option<u64>,
+        checksum: Option<&str>,
+        leads: bool,
+    ) -> Result<()> {
+        let node = self.inner.node_id;
+        let size = size.and_then(|s| i64::try_from(s).ok());
+        self.with(|c| {
+            c.exec(
+                "INSERT INTO imgcache_fills (node_reference_id, image_id, size, checksum, leads)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (node_reference_id, image_id) DO UPDATE
+                 SET size = EXCLUDED.size, checksum = EXCLUDED.checksum, leads = EXCLUDED.leads,
+                     started_at = now() AT TIME ZONE 'utc'",
+                &[&node, &id.as_str(), &size, &checksum, &leads],
+            )
+        })?;
+        Ok(())
+    }
+
+    fn withdraw_fill(&self, id: &ImageId) -> Result<()> {
+        let node = self.inner.node_id;
+        self.with(|c| {
+            c.exec(
+                "DELETE FROM imgcache_fills WHERE node_reference_id = $1 AND image_id = $2",
+                &[&node, &id.as_str()],
+            )
+        })?;
+        Ok(())
+    }
+
+    fn forget_source(&self, node: &str, id: &ImageId) -> Result<()> {
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            let n: Option<i64> = tx.query_opt(super::NODE_ID, &[&node])?.map(|r| r.get(0));
+            if let Some(n) = n {
+                tx.execute(
+                    "DELETE FROM imgcache_fills WHERE node_reference_id = $1 AND image_id = $2",
+                    &[&n, &id.as_str()],
+                )?;
+                tx.execute(
+                    "DELETE FROM cached_images WHERE node_reference_id = $1 AND image_id = $2",
+                    &[&n, &id.as_str()],
+                )?;
+            }
+            tx.commit()
+        })?;
+        Ok(())
+    }
 }
 
 impl InvalidReasons for CentralizedDbDriver {
@@ -509,4 +613,14 @@ impl Watermarks for CentralizedDbDriver {
         })?;
         Ok(())
     }
+}
+
+/// The advisory lock key of the fleet's claim to fill `id`: the first
+/// eight bytes of a SHA-256 of the id, the same on every node and build.
+fn fill_lock_key(id: &ImageId) -> i64 {
+    let mut h = crate::checksum::Hasher::new(crate::checksum::Algorithm::Sha256);
+    h.update(b"imgcache-fill\0");
+    h.update(id.as_str().as_bytes());
+    let digest = h.finish();
+    i64::from_str_radix(&digest.hex()[..15], 16).unwrap_or(0)
 }
