@@ -116,8 +116,8 @@
 //!
 //! Each concern is found by its file's name, and the layers import
 //! downwards only: `files/` and `drivers/` never import each other (the
-//! facade joins them), and `serve/` uses the cache's public API alone, as any
-//! embedding server would.
+//! facade joins them), and `serve/` uses the cache's public API alone (and
+//! the crate's small parsers), as any embedding server would.
 //!
 //! | place | what |
 //! |---|---|

@@ -271,11 +271,21 @@ pub trait Fleet: Send + Sync {
     /// safe when several processes import at once.
     fn import(&self, entries: &[CachedImageInfo]) -> Result<Vec<ImageId>>;
 
-    /// Where else `id` can be had in the fleet: the nodes that hold it
-    /// (with the size and checksum they recorded) and the nodes filling it
-    /// now (with what their source announced, once it did), this node
-    /// included. The default: the holders of [`Fleet::nodes_holding`],
-    /// with nothing recorded.
+    /// Takes part in peer fill: registers this node as one whose data
+    /// port serves peers (only such nodes are [`Fleet::sources`]), and
+    /// forgets the fills an earlier run of this node announced and never
+    /// withdrew (it was killed). For a node starting to serve, once. The
+    /// default does nothing.
+    fn join_peers(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Where else `id` can be had in the fleet: the nodes taking part in
+    /// peer fill ([`Fleet::join_peers`]) that hold it (with the size,
+    /// checksum and CRC-32 they recorded) and those filling it now (with
+    /// what their source announced, once it did), this node included. The
+    /// default: the holders of [`Fleet::nodes_holding`], with nothing
+    /// recorded.
     fn sources(&self, id: &ImageId) -> Result<Vec<PeerSource>> {
         Ok(self
             .nodes_holding(id)?
@@ -287,38 +297,64 @@ pub trait Fleet: Send + Sync {
     /// Takes the fleet's claim to fill `id` from the origin: `None` while
     /// another node holds it. The claim is held until the returned value is
     /// dropped, and dies with its holder (a node killed mid-fill loses it
-    /// at once, so another can take over). The default: always granted (a
-    /// store that cannot coordinate lets every node go to the origin).
+    /// at once, so another can take over). Dropping it may block (a round
+    /// trip): drop it off async runtimes' threads. The default: always
+    /// granted (a store that cannot coordinate lets every node go to the
+    /// origin).
     fn claim_fill(&self, id: &ImageId) -> Result<Option<FillClaim>> {
         let _ = id;
         Ok(Some(FillClaim::new(())))
     }
 
     /// Records that this node is filling `id` — from the origin (`leads`)
-    /// or from a peer — with the size and checksum its source announced,
-    /// so that other nodes can follow it. The default records nothing.
-    fn announce_fill(
-        &self,
-        id: &ImageId,
-        size: Option<u64>,
-        checksum: Option<&str>,
-        leads: bool,
-    ) -> Result<()> {
-        let _ = (id, size, checksum, leads);
+    /// or from a peer — with the size and checksum its source announced
+    /// (once it did), so that other nodes can follow it. `fill` names this
+    /// fill: a later announce of the same fill updates the record, and
+    /// only its own [`Fleet::withdraw_fill`] removes it. The default
+    /// records nothing.
+    fn announce_fill(&self, id: &ImageId, fill: u64, at: &Announced<'_>) -> Result<()> {
+        let _ = (id, fill, at);
         Ok(())
     }
 
-    /// Records that this node's fill of `id` ended (committed or not).
-    fn withdraw_fill(&self, id: &ImageId) -> Result<()> {
-        let _ = id;
+    /// Records that this node's fill `fill` of `id` ended (committed or
+    /// not); a newer fill's record stays.
+    fn withdraw_fill(&self, id: &ImageId, fill: u64) -> Result<()> {
+        let _ = (id, fill);
         Ok(())
     }
 
-    /// Forgets `node` as a source of `id`: its bytes did not match what
-    /// the fleet recorded, or its copy is gone. The default does nothing.
+    /// Forgets `node` as a filler of `id`: it sent bytes that do not match
+    /// what the fleet recorded. (A holder's own rows are its own to
+    /// correct, by its checks and scrubs: another node never deletes them.)
+    /// The default does nothing.
     fn forget_source(&self, node: &str, id: &ImageId) -> Result<()> {
         let _ = (node, id);
         Ok(())
+    }
+}
+
+/// What a node announces of its fill; see [`Fleet::announce_fill`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Announced<'a> {
+    /// The image's size, once its source announced it.
+    pub size: Option<u64>,
+    /// Its checksum in the stored form, once its source announced it.
+    pub checksum: Option<&'a str>,
+    /// Whether this node fills from the origin (rather than a peer).
+    pub leads: bool,
+}
+
+impl<'a> Announced<'a> {
+    /// A fill from the origin (`leads`) or a peer, with what its source
+    /// announced so far.
+    pub fn new(size: Option<u64>, checksum: Option<&'a str>, leads: bool) -> Self {
+        Announced {
+            size,
+            checksum,
+            leads,
+        }
     }
 }
 
@@ -339,6 +375,8 @@ pub struct PeerSource {
     pub filling: bool,
     /// Whether the node fills it from the origin (rather than a peer).
     pub leads: bool,
+    /// The CRC-32 the holder committed its copy with, if it recorded one.
+    pub crc32: Option<u32>,
 }
 
 impl PeerSource {
@@ -350,7 +388,14 @@ impl PeerSource {
             checksum,
             filling: false,
             leads: false,
+            crc32: None,
         }
+    }
+
+    /// With the CRC-32 the holder committed its copy with.
+    pub fn with_crc32(mut self, crc32: Option<u32>) -> Self {
+        self.crc32 = crc32;
+        self
     }
 
     /// A node filling the image (from the origin if `leads`), for a
@@ -362,12 +407,14 @@ impl PeerSource {
             checksum,
             filling: true,
             leads,
+            crc32: None,
         }
     }
 }
 
 /// The fleet's claim to fill one image from the origin, from
-/// [`Fleet::claim_fill`]: released when dropped.
+/// [`Fleet::claim_fill`]: released when dropped (which may block: drop it
+/// off async runtimes' threads).
 pub struct FillClaim(#[allow(dead_code)] Box<dyn Send + Sync>);
 
 impl FillClaim {

@@ -158,9 +158,18 @@ impl AsyncHttpOrigin {
             let Some((start, total)) = crate::range::content_range_start(range) else {
                 return Err(fail(format!("bad Content-Range {range:?}")));
             };
-            if start != offset || offset == 0 {
+            // The rest of the image, whole: from `offset` to its last
+            // byte, and as many bytes as that.
+            let last = range
+                .split_once('-')
+                .and_then(|(_, r)| r.split_once('/'))
+                .and_then(|(l, _)| l.trim().parse::<u64>().ok());
+            let length = header("content-length").and_then(|v| v.trim().parse::<u64>().ok());
+            let whole_rest = total
+                .is_some_and(|t| last == Some(t - 1) && length.is_none_or(|n| n == t - offset));
+            if start != offset || offset == 0 || !whole_rest {
                 return Err(fail(format!(
-                    "asked for bytes from {offset}, got Content-Range {range:?}"
+                    "asked for bytes from {offset} to the end, got Content-Range {range:?}"
                 )));
             }
             (total, None)

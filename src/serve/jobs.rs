@@ -26,6 +26,7 @@ use crate::{Fetched, ImageCache};
 #[derive(Clone)]
 pub struct JobOptions {
     prefetch_workers: usize,
+    counts_origin: bool,
     origin_token: Option<String>,
     queue_interval: Option<Duration>,
     prune_interval: Option<Duration>,
@@ -48,6 +49,7 @@ impl Default for JobOptions {
     fn default() -> Self {
         JobOptions {
             prefetch_workers: 2,
+            counts_origin: true,
             origin_token: None,
             queue_interval: Some(Duration::from_secs(60)),
             prune_interval: Some(Duration::from_secs(60)),
@@ -60,6 +62,14 @@ impl JobOptions {
     /// Images fetched at once by the prefetcher (default 2; at least 1).
     pub fn prefetch_workers(mut self, n: usize) -> Self {
         self.prefetch_workers = n.max(1);
+        self
+    }
+
+    /// Whether the prefetcher counts its origin requests (default yes);
+    /// not where its origin counts them itself (peer fill on: see
+    /// [`crate::serve::ImageService::origin_counts_requests`]).
+    pub fn count_origin_requests(mut self, yes: bool) -> Self {
+        self.counts_origin = yes;
         self
     }
 
@@ -104,6 +114,8 @@ pub struct Jobs {
 
 #[derive(Debug)]
 struct Shared {
+    /// Whether the prefetcher counts its origin requests.
+    counts_origin: bool,
     cache: Arc<ImageCache>,
     origin: Arc<dyn Origin>,
     metrics: Arc<Metrics>,
@@ -137,6 +149,7 @@ impl Jobs {
         options: JobOptions,
     ) -> std::io::Result<Jobs> {
         let shared = Arc::new(Shared {
+            counts_origin: options.counts_origin,
             cache,
             origin,
             metrics,
@@ -346,8 +359,11 @@ impl Shared {
         );
         let open_id = id.clone();
         let request = self.request.clone();
+        let counts = self.counts_origin;
         let fetched = self.cache.fetch_detached(id, move || {
-            metrics.origin_request("fill");
+            if counts {
+                metrics.origin_request("fill");
+            }
             let object = origin.open_for(&open_id, &request)?;
             let evicted = cache.make_room(&open_id, object.size)?;
             metrics.evicted(&evicted);

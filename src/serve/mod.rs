@@ -263,6 +263,12 @@ pub(crate) struct Inner {
     pub(crate) cache: Arc<ImageCache>,
     /// Where fills come from: the origin, or the fleet's peers first.
     pub(crate) origin: Arc<dyn Origin>,
+    /// The origin itself: for pass-throughs, which never take part in the
+    /// fleet's fills.
+    pub(crate) raw_origin: Arc<dyn Origin>,
+    /// Cached files checked whole (their CRC-32) before they were first
+    /// sent to a peer, by the identity of the file checked.
+    pub(crate) verified: parking_lot::Mutex<std::collections::HashMap<ImageId, [u64; 4]>>,
     /// Whether `origin` counts its own origin requests (peers first).
     pub(crate) counts_fills: bool,
     /// Peer transfers this node may still serve at once.
@@ -334,6 +340,7 @@ impl ImageService {
             )
         });
         let counts_fills = peer_origin.is_some();
+        let raw_origin = origin.clone();
         let origin: Arc<dyn Origin> = match peer_origin {
             Some(p) => Arc::new(p),
             None => origin,
@@ -342,6 +349,8 @@ impl ImageService {
             inner: Arc::new(Inner {
                 cache,
                 origin,
+                raw_origin,
+                verified: parking_lot::Mutex::default(),
                 counts_fills,
                 peer_slots: Arc::new(tokio::sync::Semaphore::new(fanout)),
                 options,
@@ -357,9 +366,17 @@ impl ImageService {
         &self.inner.metrics
     }
 
-    /// The origin.
+    /// Where fills come from: the origin, or, with peer fill on, the
+    /// fleet first (an [`Origin`] in front of the one given).
     pub fn origin(&self) -> &Arc<dyn Origin> {
         &self.inner.origin
+    }
+
+    /// Whether [`ImageService::origin`] counts its own origin requests in
+    /// the metrics (peer fill on): a prefetcher filling through it should
+    /// not count them again.
+    pub fn origin_counts_requests(&self) -> bool {
+        self.inner.counts_fills
     }
 
     /// The cache served.

@@ -13,28 +13,42 @@
 //!    local reader follows a local fill (bytes as they land, the last one
 //!    only after the commit there).
 //!
-//! Whichever it picked, it announces its own fill ([`Fleet::announce_fill`])
-//! so that the next node can follow *it*: the image spreads as a tree, and
-//! each node serves at most [`PeerOptions::fanout`] peers at once (the
-//! others are told `503` and try another source). The bytes are checked
-//! against the size and checksum the fleet recorded (what the origin gave
-//! the first node), never against what a peer says. A peer that fails
-//! mid-transfer is replaced by another source, resuming at the byte already
-//! received (`Range`); a peer whose bytes fail the checksum is forgotten
-//! as a source of that image ([`Fleet::forget_source`]) and never asked
-//! for it again by this node.
+//! A claimant announces its fill at once, and every node announces its own
+//! fill once it has a source ([`Fleet::announce_fill`]), so that the next
+//! node can follow *it*: the image spreads as a tree, and each node serves
+//! at most [`PeerOptions::fanout`] peers at once (the others are told
+//! `503` with `X-Imgcache-Busy` and try another source, or again shortly).
+//! A node waits for the fleet (up to two minutes) while another holds the
+//! claim or holders are busy; only past that, or when the database cannot
+//! be asked, does it go to the origin itself.
+//!
+//! The bytes are checked against what the fleet recorded — the size, and
+//! the checksum the origin gave the first node, or else the holder's CRC-32
+//! — never against a peer's word: a mismatch fails the fill (its clients'
+//! responses are cut, never ended cleanly), and a peer that alone supplied
+//! the wrong bytes is never asked for that image again by this node (a
+//! filler's row is also dropped; a holder's rows are its own to correct).
+//! A peer that fails or stalls mid-transfer is replaced by another source
+//! or the origin, resuming at the byte already received (`Range`): the
+//! clients' responses go on.
 //!
 //! **The serving side** (the planner). A request carrying
 //! [`PEER_TOKEN_HEADER`] is a peer's: with the fleet token it is served
-//! from what this node has — its cached file, read whole and checked
-//! against its CRC-32 first (a corrupt copy is quarantined, never sent), or
-//! its fill in progress — and never starts a fill (no loops between
-//! nodes); with a wrong token, or where peers are off, it is refused
-//! (`403`). Peers do not ask the origin whether a client may read an
-//! image: the node a client asked did, before it filled.
+//! from what this node has — its cached file, checked whole against the
+//! CRC-32 it was committed with before it is first sent (a corrupt copy is
+//! quarantined, never sent; an entry without a CRC-32, adopted or written
+//! by Glance, is sent as it is, and checked by the peer against the
+//! recorded checksum), or its fill in progress — and never starts a fill
+//! (no loops between nodes); with a wrong token, or where peers are off, it
+//! is refused (`403`). Peers do not ask the origin whether a client may
+//! read an image: the node a client asked did, before it filled.
 //!
-//! Linux or not, the transfers are plain HTTP/1.1 between data ports; put
-//! the fleet on a private network, as its database is.
+//! The claims live on one PostgreSQL session per node: they die with it
+//! (the node's death, a database restart — then a second node may go to
+//! the origin), and need a session that lasts (not PgBouncer's transaction
+//! pooling). The transfers are plain HTTP/1.1 between data ports, never
+//! through a proxy; put the fleet on a private network, as its database
+//! is.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -47,7 +61,7 @@ use tokio::runtime::Handle;
 
 use super::metrics::Metrics;
 use crate::checksum::{Checksum, Hasher};
-use crate::drivers::{FillClaim, Fleet, PeerSource};
+use crate::drivers::{Announced, FillClaim, Fleet, PeerSource};
 use crate::error::{Error, Result};
 use crate::id::ImageId;
 use crate::origin::template::percent_encode;
@@ -64,15 +78,19 @@ pub const DEFAULT_FANOUT: usize = 4;
 /// refuses at once, one that is unreachable is skipped after this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How long a peer may go without sending a byte before it is taken for
-/// stalled and replaced.
-const STALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a peer may go without sending a byte (its response head
+/// included: a holder checks its file before it answers) before it is
+/// taken for stalled and replaced.
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How many times a node looks again for a source while the fleet's claim
-/// is held by a node whose fill it cannot see or follow yet, and the
-/// longest pause between looks; then it goes to the origin itself.
-const ROUNDS: u32 = 40;
+/// How long a node waits for the fleet while another node holds the claim
+/// or the holders are busy, and the longest pause between looks; then it
+/// goes to the origin itself.
+const MAX_WAIT: Duration = Duration::from_secs(120);
 const MAX_PAUSE: Duration = Duration::from_millis(250);
+
+/// The header of a `503` that means "at my fan-out, ask again".
+pub const BUSY_HEADER: &str = "x-imgcache-busy";
 
 /// How a node takes part in peer fill: `imgcache serve --peers`.
 #[derive(Clone)]
@@ -135,6 +153,8 @@ struct Shared {
     /// Peers whose bytes of an image failed its checksum: never asked for
     /// it again.
     bad: Mutex<HashSet<(String, ImageId)>>,
+    /// Whether this node is registered as serving peers.
+    joined: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for PeerOrigin {
@@ -155,22 +175,44 @@ impl PeerOrigin {
         prefix: &str,
         metrics: Arc<Metrics>,
     ) -> Option<Self> {
-        if cache.driver().extensions().fleet().is_none() {
+        let Some(fleet) = cache.driver().extensions().fleet() else {
             tracing::warn!(
                 "peer fill needs a store shared by the fleet (centralized_db); the {} store is not: \
                  peers are off",
                 cache.driver().name()
             );
             return None;
-        }
-        let handle = Handle::try_current().ok()?;
-        let client = reqwest::Client::builder()
+        };
+        let Ok(handle) = Handle::try_current() else {
+            tracing::warn!("peer fill needs a tokio runtime: peers are off");
+            return None;
+        };
+        let client = match reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .read_timeout(STALL_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
             .tcp_nodelay(true)
             .build()
-            .ok()?;
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "no HTTP client for peer fill: peers are off");
+                return None;
+            }
+        };
+        // Registered as a node that serves peers, its stale fills (of a
+        // run that was killed) forgotten: on a thread of its own, as the
+        // store's client blocks and this may run on the runtime.
+        let joined = std::thread::scope(|s| s.spawn(|| fleet.join_peers()).join());
+        let joined = match joined {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot register for peer fill yet; retried at the next fill");
+                false
+            }
+            Err(_) => false,
+        };
         Some(PeerOrigin {
             shared: Arc::new(Shared {
                 origin,
@@ -181,6 +223,7 @@ impl PeerOrigin {
                 prefix: prefix.to_owned(),
                 metrics,
                 bad: Mutex::default(),
+                joined: std::sync::atomic::AtomicBool::new(joined),
             }),
         })
     }
@@ -192,34 +235,34 @@ impl Origin for PeerOrigin {
     }
 
     fn open_for(&self, id: &ImageId, request: &OriginRequest) -> Result<OriginObject> {
-        let opened = self.shared.find(id, request, 0, None)?;
-        let size = opened.size;
-        let checksum = opened.checksum.clone();
-        let leads = opened.peer.is_none();
-        let announce = self.shared.fleet().map(|fleet| {
-            let stored = checksum.as_ref().map(Checksum::stored_form);
-            if let Err(e) = fleet.announce_fill(id, size, stored.as_deref(), leads) {
-                tracing::warn!(image = %id, error = %e, "cannot announce the fill to the fleet");
-            }
-        });
-        let hasher = checksum.as_ref().map(Checksum::hasher);
+        let shared = &self.shared;
+        shared.join();
+        let fill = fill_token();
+        let opened = shared.find(id, request, 0, None, fill)?;
         let expect = Expect {
-            size,
-            checksum: checksum.clone(),
+            size: opened.size,
+            checksum: opened.checksum.clone(),
         };
+        let announced = shared.announce(id, fill, &expect, opened.peer.is_none());
+        let (size, checksum) = (expect.size, expect.checksum.clone());
+        let mut reader = FleetReader {
+            shared: shared.clone(),
+            id: id.clone(),
+            request: request.clone(),
+            fill,
+            pos: 0,
+            hasher: None,
+            crc: None,
+            expect,
+            peers_used: Vec::new(),
+            origin_bytes: 0,
+            failed: Vec::new(),
+            current: Some(opened),
+            announced,
+        };
+        reader.arm_checks();
         Ok(OriginObject {
-            reader: Box::new(FleetReader {
-                shared: self.shared.clone(),
-                id: id.clone(),
-                request: request.clone(),
-                pos: 0,
-                expect,
-                hasher,
-                peers_used: Vec::new(),
-                failed: Vec::new(),
-                current: opened,
-                announced: announce.is_some(),
-            }),
+            reader: Box::new(reader),
             size,
             checksum,
         })
@@ -232,6 +275,17 @@ impl Origin for PeerOrigin {
     fn describe(&self) -> String {
         format!("{} (peers first)", self.shared.origin.describe())
     }
+}
+
+/// A name for one fill, unique enough among one node's fills.
+fn fill_token() -> u64 {
+    use std::hash::{BuildHasher, Hasher as _};
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    // Positive as a PostgreSQL bigint.
+    h.finish() >> 1
 }
 
 /// What every source of one fill must agree on: what the fleet recorded,
@@ -249,13 +303,45 @@ struct Opened {
     checksum: Option<Checksum>,
     /// The peer's node URL; `None` for the origin.
     peer: Option<String>,
+    /// The CRC-32 of the whole image, for a holder that recorded one.
+    crc32: Option<u32>,
     /// Held while this node fills from the origin for the fleet.
-    _claim: Option<FillClaim>,
+    claim: Option<FillClaim>,
 }
 
 impl Shared {
     fn fleet(&self) -> Option<&dyn Fleet> {
         self.cache.driver().extensions().fleet()
+    }
+
+    /// Registers this node for peer fill, if that failed so far.
+    fn join(&self) {
+        use std::sync::atomic::Ordering;
+        if self.joined.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(fleet) = self.fleet() {
+            match fleet.join_peers() {
+                Ok(()) => self.joined.store(true, Ordering::Relaxed),
+                Err(e) => tracing::warn!(error = %e, "cannot register for peer fill yet"),
+            }
+        }
+    }
+
+    /// Announces this node's fill `fill` of `id`; whether it could.
+    fn announce(&self, id: &ImageId, fill: u64, expect: &Expect, leads: bool) -> bool {
+        let Some(fleet) = self.fleet() else {
+            return false;
+        };
+        let stored = expect.checksum.as_ref().map(Checksum::stored_form);
+        let at = Announced::new(expect.size, stored.as_deref(), leads);
+        match fleet.announce_fill(id, fill, &at) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(image = %id, error = %e, "cannot announce the fill to the fleet");
+                false
+            }
+        }
     }
 
     /// A source for `id` from byte `pos`, in the order of the module docs;
@@ -270,6 +356,7 @@ impl Shared {
         request: &OriginRequest,
         pos: u64,
         resume: Option<(&Expect, &[String])>,
+        fill: u64,
     ) -> Result<Opened> {
         let Some(fleet) = self.fleet() else {
             return self.open_origin(id, request, pos, None);
@@ -279,7 +366,10 @@ impl Shared {
         let mut gone: HashSet<String> = resume
             .map(|(_, failed)| failed.iter().cloned().collect())
             .unwrap_or_default();
-        for round in 0..ROUNDS {
+        let give_up = std::time::Instant::now() + MAX_WAIT;
+        let mut round = 0u32;
+        while std::time::Instant::now() < give_up {
+            round += 1;
             let sources = match fleet.sources(id) {
                 Ok(s) => s,
                 Err(e) => {
@@ -319,12 +409,29 @@ impl Shared {
                     }
                 }
             }
-            gone.extend(unreachable.drain(..));
             // Holders at their fan-out will have room soon: no need for
             // the origin.
             if !busy {
                 match fleet.claim_fill(id) {
-                    Ok(Some(claim)) => return self.open_origin(id, request, pos, Some(claim)),
+                    Ok(Some(claim)) => {
+                        // Followers may come at once: they wait, at this
+                        // node's data port, for the origin's answer.
+                        let expect = resume.map_or(
+                            Expect {
+                                size: None,
+                                checksum: None,
+                            },
+                            |(e, _)| e.clone(),
+                        );
+                        let announced = self.announce(id, fill, &expect, true);
+                        let opened = self.open_origin(id, request, pos, Some(claim));
+                        if opened.is_err() && announced {
+                            if let Err(e) = fleet.withdraw_fill(id, fill) {
+                                tracing::warn!(image = %id, error = %e, "cannot withdraw the fill from the fleet");
+                            }
+                        }
+                        return opened;
+                    }
                     Ok(None) => {}
                     Err(e) => {
                         tracing::warn!(image = %id, error = %e, "cannot claim the fill; going to the origin");
@@ -346,9 +453,9 @@ impl Shared {
             }
             gone.extend(unreachable);
             // Another node holds the claim and its fill is not to be seen
-            // or followed yet (it is opening the origin, or every source
-            // is serving its share of peers): look again shortly.
-            std::thread::sleep((Duration::from_millis(10) * (round + 1)).min(MAX_PAUSE));
+            // or followed yet, or every source is serving its share of
+            // peers: look again shortly.
+            std::thread::sleep((Duration::from_millis(10) * round).min(MAX_PAUSE));
         }
         tracing::warn!(image = %id, "no peer could serve it in time; going to the origin");
         self.open_origin(id, request, pos, None)
@@ -389,7 +496,8 @@ impl Shared {
             size: object.size,
             checksum: object.checksum,
             peer: None,
-            _claim: claim,
+            crc32: None,
+            claim,
         })
     }
 
@@ -415,7 +523,7 @@ impl Shared {
             .handle
             .block_on(async { get.send().await })
             .map_err(|e| {
-                if e.is_connect() || e.is_timeout() {
+                if e.is_connect() {
                     PeerError::Unreachable(format!("{url}: {e}"))
                 } else {
                     PeerError::Failed(format!("{url}: {e}"))
@@ -439,7 +547,7 @@ impl Shared {
                     }
                 }
             }
-            503 => {
+            503 if response.headers().contains_key(BUSY_HEADER) => {
                 self.metrics.peer_event("busy");
                 return Err(PeerError::Busy);
             }
@@ -450,7 +558,7 @@ impl Shared {
         let recorded = if source.filling {
             self.fleet()
                 .and_then(|f| f.sources(id).ok())
-                .and_then(|all| all.into_iter().find(|s| s.node == source.node))
+                .and_then(|all| all.into_iter().find(|s| s.node == source.node && s.filling))
                 .unwrap_or_else(|| source.clone())
         } else {
             source.clone()
@@ -459,17 +567,13 @@ impl Shared {
             Some(Ok(c)) => Some(c),
             Some(Err(_)) | None => None,
         };
-        let length = response.content_length();
-        if let (Some(size), Some(len)) = (recorded.size, length) {
+        if let (Some(size), Some(len)) = (recorded.size, response.content_length()) {
             if len != size.saturating_sub(pos) {
                 return Err(PeerError::Failed(format!(
                     "{url}: {len} bytes from {pos} of an image the fleet recorded at {size}"
                 )));
             }
         }
-        let size = recorded
-            .size
-            .or_else(|| (pos == 0).then_some(length).flatten());
         use futures_util::TryStreamExt;
         let stream = response
             .bytes_stream()
@@ -481,10 +585,13 @@ impl Shared {
         self.metrics.peer_event("fill");
         Ok(Opened {
             reader: Box::new(reader),
-            size,
+            // Never the peer's Content-Length: a size the fleet did not
+            // record is not known.
+            size: recorded.size,
             checksum,
             peer: Some(source.node.clone()),
-            _claim: None,
+            crc32: if source.filling { None } else { recorded.crc32 },
+            claim: None,
         })
     }
 }
@@ -492,12 +599,13 @@ impl Shared {
 /// Why a peer did not serve.
 #[derive(Debug)]
 enum PeerError {
-    /// It serves as many peers as it may: try another, or again soon.
+    /// At its fan-out: try another, or again soon.
     Busy,
     /// No connection (refused, or not within the connect timeout): the
     /// node is taken for gone.
     Unreachable(String),
-    /// It answered something else (not there yet, refused, bad range).
+    /// It answered something else (not there yet, refused, a bad range),
+    /// or not in time: skipped this time.
     Failed(String),
 }
 
@@ -524,6 +632,18 @@ fn agrees(expect: &Expect, source: &PeerSource) -> bool {
     size && sum
 }
 
+fn agrees_opened(expect: &Expect, opened: &Opened) -> bool {
+    let size = match (expect.size, opened.size) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    };
+    let sum = match (&expect.checksum, &opened.checksum) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    };
+    size && sum
+}
+
 /// Shuffles `v` (so that a fleet's nodes spread over its sources).
 fn shuffle<T>(v: &mut [T]) {
     use std::hash::{BuildHasher, Hasher as _};
@@ -542,25 +662,55 @@ struct FleetReader {
     shared: Arc<Shared>,
     id: ImageId,
     request: OriginRequest,
+    /// This fill's name in the fleet's records.
+    fill: u64,
     pos: u64,
     expect: Expect,
-    /// Checks what came from peers against the recorded checksum, so that
-    /// a peer that sent wrong bytes is known and forgotten.
+    /// The recorded checksum, over bytes from a single peer: to know that
+    /// peer for a bad one. (The fill checks the checksum itself.)
     hasher: Option<Hasher>,
+    /// A holder's recorded CRC-32 and the CRC-32 so far, where the fleet
+    /// recorded no checksum: the only check such bytes get.
+    crc: Option<(u32, crc32fast::Hasher)>,
     peers_used: Vec<String>,
+    origin_bytes: u64,
     /// Peers that failed this fill: never asked again for it.
     failed: Vec<String>,
-    current: Opened,
+    /// `None` only while being dropped.
+    current: Option<Opened>,
     announced: bool,
 }
 
 impl FleetReader {
+    /// Sets up the checks of a fill that starts at byte 0.
+    fn arm_checks(&mut self) {
+        let Some(current) = &self.current else {
+            return;
+        };
+        if current.peer.is_none() {
+            return;
+        }
+        if let Some(c) = &self.expect.checksum {
+            self.hasher = Some(c.hasher());
+        } else if let Some(crc) = current.crc32 {
+            self.crc = Some((crc, crc32fast::Hasher::new()));
+        }
+    }
+
+    fn current(&mut self) -> &mut Opened {
+        self.current.as_mut().expect("a source until dropped")
+    }
+
     /// Replaces the failed source (a peer) by the next one, from `pos`.
     fn fail_over(&mut self, why: &str) -> io::Result<()> {
-        let failed = self.current.peer.clone().unwrap_or_default();
+        let failed = self.current().peer.clone().unwrap_or_default();
         tracing::warn!(image = %self.id, peer = %failed, at = self.pos, %why, "peer failed mid-transfer; resuming elsewhere");
         self.shared.metrics.peer_event("failover");
         self.failed.push(failed);
+        // Bytes from more than one source: no single peer to blame, and a
+        // holder's CRC-32 covers its own bytes only.
+        self.hasher = None;
+        self.crc = None;
         let next = self
             .shared
             .find(
@@ -568,6 +718,7 @@ impl FleetReader {
                 &self.request,
                 self.pos,
                 Some((&self.expect, &self.failed)),
+                self.fill,
             )
             .map_err(|e| io::Error::other(format!("resuming at byte {}: {e}", self.pos)))?;
         if !agrees_opened(&self.expect, &next) {
@@ -576,67 +727,62 @@ impl FleetReader {
                 self.pos
             )));
         }
-        self.current = next;
+        let leads = next.peer.is_none();
+        self.current = Some(next);
         // Whether this node now fills from the origin: nodes resuming
         // after it may follow it only then.
-        if let Some(fleet) = self.shared.fleet() {
-            let stored = self.expect.checksum.as_ref().map(Checksum::stored_form);
-            let leads = self.current.peer.is_none();
-            if let Err(e) =
-                fleet.announce_fill(&self.id, self.expect.size, stored.as_deref(), leads)
-            {
-                tracing::warn!(image = %self.id, error = %e, "cannot announce the fill to the fleet");
-            }
-            self.announced = true;
-        }
+        self.announced |= self
+            .shared
+            .announce(&self.id, self.fill, &self.expect, leads);
         Ok(())
     }
 
-    /// At the end: the peers' bytes against the checksum the fleet
-    /// recorded. A mismatch forgets every peer this fill used as a source
-    /// of the image, and fails the fill.
+    /// At the end: the size, and what came from a single peer against the
+    /// checksum (or CRC-32) the fleet recorded. A mismatch fails the fill,
+    /// and that peer is never asked for this image again.
     fn check_end(&mut self) -> io::Result<()> {
-        if let (Some(expected), Some(hasher)) = (&self.expect.checksum, self.hasher.take()) {
-            if self.peers_used.is_empty() {
-                return Ok(());
-            }
-            let actual = hasher.finish();
-            if &actual != expected {
-                for peer in &self.peers_used {
-                    tracing::error!(image = %self.id, %peer, %expected, %actual, "a peer's bytes fail the checksum: forgotten as a source of this image");
-                    self.shared.metrics.peer_event("bad");
-                    self.shared
-                        .bad
-                        .lock()
-                        .insert((peer.clone(), self.id.clone()));
-                    if let Some(fleet) = self.shared.fleet() {
-                        if let Err(e) = fleet.forget_source(peer, &self.id) {
-                            tracing::warn!(image = %self.id, %peer, error = %e, "cannot forget the peer's row");
-                        }
-                    }
-                }
-                return Err(Error::ChecksumMismatch {
-                    id: self.id.clone(),
-                    expected: expected.clone(),
-                    actual,
-                }
-                .into_io());
+        if let Some(size) = self.expect.size {
+            if self.pos != size {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the source ended at byte {} of {size}", self.pos),
+                ));
             }
         }
-        Ok(())
+        let single = self.origin_bytes == 0 && self.peers_used.len() == 1;
+        let verdict = if let (Some(expected), Some(h)) = (&self.expect.checksum, self.hasher.take())
+        {
+            let actual = h.finish();
+            (&actual != expected).then(|| format!("checksum {actual}, {expected} recorded"))
+        } else if let Some((expected, h)) = self.crc.take() {
+            let actual = h.finalize();
+            (actual != expected)
+                .then(|| format!("CRC-32 {actual:08x}, {expected:08x} recorded by the holder"))
+        } else {
+            None
+        };
+        let Some(detail) = verdict else {
+            return Ok(());
+        };
+        if single {
+            let peer = self.peers_used[0].clone();
+            tracing::error!(image = %self.id, %peer, %detail, "a peer's bytes do not match what the fleet recorded: never asked for this image again");
+            self.shared.metrics.peer_event("bad");
+            self.shared
+                .bad
+                .lock()
+                .insert((peer.clone(), self.id.clone()));
+            if let Some(fleet) = self.shared.fleet() {
+                if let Err(e) = fleet.forget_source(&peer, &self.id) {
+                    tracing::warn!(image = %self.id, %peer, error = %e, "cannot forget the peer's fill");
+                }
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("image {}: {detail}", self.id),
+        ))
     }
-}
-
-fn agrees_opened(expect: &Expect, opened: &Opened) -> bool {
-    let size = match (expect.size, opened.size) {
-        (Some(a), Some(b)) => a == b,
-        _ => true,
-    };
-    let sum = match (&expect.checksum, &opened.checksum) {
-        (Some(a), Some(b)) => a == b,
-        _ => true,
-    };
-    size && sum
 }
 
 impl Read for FleetReader {
@@ -645,8 +791,8 @@ impl Read for FleetReader {
             return Ok(0);
         }
         loop {
-            let from_peer = self.current.peer.clone();
-            match self.current.reader.read(buf) {
+            let from_peer = self.current().peer.clone();
+            match self.current().reader.read(buf) {
                 Ok(0) => {
                     let short = self.expect.size.is_some_and(|s| self.pos < s);
                     if short && from_peer.is_some() {
@@ -657,12 +803,17 @@ impl Read for FleetReader {
                     return Ok(0);
                 }
                 Ok(n) => {
-                    if let Some(peer) = &from_peer {
-                        if !self.peers_used.contains(peer) {
-                            self.peers_used.push(peer.clone());
+                    match &from_peer {
+                        Some(peer) if !self.peers_used.contains(peer) => {
+                            self.peers_used.push(peer.clone())
                         }
+                        Some(_) => {}
+                        None => self.origin_bytes += n as u64,
                     }
                     if let Some(h) = self.hasher.as_mut() {
+                        h.update(&buf[..n]);
+                    }
+                    if let Some((_, h)) = self.crc.as_mut() {
                         h.update(&buf[..n]);
                     }
                     self.pos += n as u64;
@@ -688,12 +839,29 @@ impl Read for FleetReader {
 
 impl Drop for FleetReader {
     fn drop(&mut self) {
-        if self.announced {
-            if let Some(fleet) = self.shared.fleet() {
-                if let Err(e) = fleet.withdraw_fill(&self.id) {
-                    tracing::warn!(image = %self.id, error = %e, "cannot withdraw the fill from the fleet");
+        // Round trips to the database (the withdraw, the claim's release):
+        // never on an async runtime's thread, where this reader may end
+        // (a pass-through body dropped by its connection).
+        let claim = self.current.take().and_then(|c| c.claim);
+        let withdraw = self.announced.then(|| (self.id.clone(), self.fill));
+        if claim.is_none() && withdraw.is_none() {
+            return;
+        }
+        let shared = self.shared.clone();
+        let cleanup = move || {
+            if let (Some((id, fill)), Some(fleet)) = (withdraw, shared.fleet()) {
+                if let Err(e) = fleet.withdraw_fill(&id, fill) {
+                    tracing::warn!(image = %id, error = %e, "cannot withdraw the fill from the fleet");
                 }
             }
+            drop(claim);
+        };
+        if Handle::try_current().is_ok() {
+            let _ = std::thread::Builder::new()
+                .name("imgcache-peer-withdraw".into())
+                .spawn(cleanup);
+        } else {
+            cleanup();
         }
     }
 }

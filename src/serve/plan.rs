@@ -229,7 +229,9 @@ pub(crate) async fn plan(inner: &Inner, ask: Ask<'_>) -> Plan {
                 // No room to cache it: this client gets the origin's bytes.
                 Err(Error::NoRoom { detail, .. }) => {
                     tracing::info!(image = %id, %detail, "no room: passing it through");
-                    let origin = inner.origin.clone();
+                    // The origin itself: a pass-through takes no part in
+                    // the fleet's fills (no claim, no announcement).
+                    let origin = inner.raw_origin.clone();
                     let metrics = inner.metrics.clone();
                     let cache = inner.cache.clone();
                     let bypass_id = id.clone();
@@ -355,6 +357,10 @@ async fn peer(inner: &Inner, ask: Ask<'_>, id: ImageId, head: bool, given: &[u8]
         );
         p.headers
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        p.headers.insert(
+            super::peers::BUSY_HEADER,
+            HeaderValue::from_static("fanout"),
+        );
         return p;
     };
     let mut plan = match inner.cache.follow(&id) {
@@ -362,18 +368,14 @@ async fn peer(inner: &Inner, ask: Ask<'_>, id: ImageId, head: bool, given: &[u8]
         Ok(None) => {
             let cache = inner.cache.clone();
             let local = id.clone();
-            let found = tokio::task::spawn_blocking(move || -> Result<Option<CachedImage>> {
-                // A corrupt copy is quarantined here, never sent: the peer
-                // would only find out at its end, after its clients had
-                // the bytes.
-                match cache.verify_or_quarantine(&local)? {
-                    Some(crate::Verification::Corrupt { .. }) | None => Ok(None),
-                    Some(_) => cache.open_for_read(&local),
-                }
-            })
-            .await;
+            let known = inner.verified.lock().get(&id).copied();
+            let found =
+                tokio::task::spawn_blocking(move || checked_for_peer(&cache, &local, known)).await;
             match found {
-                Ok(Ok(Some(image))) => hit_plan(ask, head, image, "peer"),
+                Ok(Ok(Some((image, identity)))) => {
+                    inner.verified.lock().insert(id.clone(), identity);
+                    hit_plan(ask, head, image, "peer")
+                }
                 Ok(Ok(None)) => error(
                     StatusCode::NOT_FOUND,
                     format!("image {id} is neither cached nor being filled here"),
@@ -389,6 +391,60 @@ async fn peer(inner: &Inner, ask: Ask<'_>, id: ImageId, head: bool, given: &[u8]
         plan.hold = Some(Hold(Box::new(slot)));
     }
     plan
+}
+
+/// The cached file of `id`, for a peer: read whole and checked against the
+/// CRC-32 it was committed with, unless the same file (`known`: its
+/// device, inode, size and change time) was checked before. A corrupt one
+/// is quarantined and `None`: never sent. An entry without a CRC-32
+/// (adopted, or written by Glance) is sent as it is; the peer checks it
+/// against the recorded checksum.
+fn checked_for_peer(
+    cache: &crate::ImageCache,
+    id: &ImageId,
+    known: Option<[u64; 4]>,
+) -> Result<Option<(CachedImage, [u64; 4])>> {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let Some(image) = cache.open_for_read(id)? else {
+        return Ok(None);
+    };
+    let meta = image
+        .file()
+        .metadata()
+        .map_err(|e| Error::io("stat", image.path(), e))?;
+    let identity = [
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        (meta.ctime() as u64) << 32 | meta.ctime_nsec() as u64,
+    ];
+    let Some(want) = image.info().crc32 else {
+        return Ok(Some((image, identity)));
+    };
+    if known == Some(identity) {
+        return Ok(Some((image, identity)));
+    }
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < meta.len() {
+        let n = image
+            .file()
+            .read_at(&mut buf, pos)
+            .map_err(|e| Error::io("read", image.path(), e))?;
+        if n == 0 {
+            break;
+        }
+        crc.update(&buf[..n]);
+        pos += n as u64;
+    }
+    if crc.finalize() == want && pos == image.len() {
+        return Ok(Some((image, identity)));
+    }
+    drop(image);
+    // Checked again, and moved aside with what differs.
+    cache.verify_or_quarantine(id)?;
+    Ok(None)
 }
 
 /// Asks the origin whether the client of `request` may read `id`, unless

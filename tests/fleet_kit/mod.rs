@@ -52,10 +52,25 @@ pub struct Origin {
     pub bytes: Arc<AtomicU64>,
     /// Signalled at each GET.
     pub asked: Arc<tokio::sync::Notify>,
+    /// Opened by [`Origin::release`]: a held origin's first transfer waits
+    /// for it past its first bytes.
+    pub gate: Arc<tokio::sync::Semaphore>,
 }
 
 impl Origin {
     pub async fn start(images: HashMap<String, Vec<u8>>, rate: u64) -> Origin {
+        Self::start_held(images, rate, None).await
+    }
+
+    /// An origin whose first GET stops after `hold_after` bytes until
+    /// [`Origin::release`] (so that a test may act while a fill is
+    /// certainly in progress).
+    pub async fn start_held(
+        images: HashMap<String, Vec<u8>>,
+        rate: u64,
+        hold_after: Option<usize>,
+    ) -> Origin {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let gets = Arc::new(AtomicUsize::new(0));
@@ -72,6 +87,7 @@ impl Origin {
             bytes.clone(),
             asked.clone(),
             link,
+            gate.clone(),
         );
         tokio::spawn(async move {
             loop {
@@ -80,10 +96,14 @@ impl Origin {
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(
                         move |req: hyper::Request<hyper::body::Incoming>| {
-                            let (images, (gets, ranged, sent, asked, link)) =
+                            let (images, (gets, ranged, sent, asked, link, gate)) =
                                 (images.clone(), state.clone());
                             async move {
                                 let name = req.uri().path().trim_start_matches("/images/");
+                                // Every GET counts, for an image or not.
+                                let nth = gets.fetch_add(1, Ordering::SeqCst);
+                                asked.notify_waiters();
+                                let held = hold_after.filter(|_| nth == 0);
                                 let Some(body) = images.get(name).cloned() else {
                                     return Ok::<_, Infallible>(
                                         hyper::Response::builder()
@@ -94,8 +114,6 @@ impl Origin {
                                             .unwrap(),
                                     );
                                 };
-                                gets.fetch_add(1, Ordering::SeqCst);
-                                asked.notify_waiters();
                                 let from = req
                                     .headers()
                                     .get("range")
@@ -118,10 +136,13 @@ impl Origin {
                                 };
                                 b = b.header("content-length", body.len() - start);
                                 let stream = futures_util::stream::unfold(
-                                    (start, body, sent, link),
-                                    move |(pos, body, sent, link)| async move {
+                                    (start, body, sent, link, gate),
+                                    move |(pos, body, sent, link, gate)| async move {
                                         if pos >= body.len() {
                                             return None;
+                                        }
+                                        if held.is_some_and(|h| pos >= h) {
+                                            let _ = gate.acquire().await;
                                         }
                                         let end = (pos + 64 * 1024).min(body.len());
                                         // The thin link, shared by every
@@ -145,7 +166,7 @@ impl Origin {
                                         let chunk = Bytes::copy_from_slice(&body[pos..end]);
                                         Some((
                                             Ok::<_, Infallible>(hyper::body::Frame::data(chunk)),
-                                            (end, body, sent, link),
+                                            (end, body, sent, link, gate),
                                         ))
                                     },
                                 );
@@ -168,7 +189,13 @@ impl Origin {
             ranged,
             bytes,
             asked,
+            gate,
         }
+    }
+
+    /// Lets a held transfer go on.
+    pub fn release(&self) {
+        self.gate.add_permits(1 << 20);
     }
 
     pub fn template(&self) -> String {
@@ -241,6 +268,34 @@ impl Node {
         token: Option<&std::path::Path>,
         fanout: usize,
     ) -> Node {
+        Self::start_args(database, origin, token, fanout, &[]).await
+    }
+
+    /// A node with more `serve` arguments. The node's port is picked free
+    /// before it starts (its URL names it in the fleet); should another
+    /// process take it first, the node is started again on another.
+    pub async fn start_args(
+        database: &str,
+        origin: &Origin,
+        token: Option<&std::path::Path>,
+        fanout: usize,
+        extra: &[&str],
+    ) -> Node {
+        for _ in 0..5 {
+            if let Some(node) = Self::try_start(database, origin, token, fanout, extra).await {
+                return node;
+            }
+        }
+        panic!("no node could start on a free port in five tries");
+    }
+
+    async fn try_start(
+        database: &str,
+        origin: &Origin,
+        token: Option<&std::path::Path>,
+        fanout: usize,
+        extra: &[&str],
+    ) -> Option<Node> {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
@@ -258,6 +313,7 @@ impl Node {
                 .args(["--peer-fanout", &fanout.to_string()]);
         }
         let mut child = command
+            .args(extra)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--admin-listen", "127.0.0.1:0", "--workers", "2"])
             .args(["--origin", &origin.template()])
@@ -268,7 +324,12 @@ impl Node {
             .spawn()
             .unwrap();
         let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = lines.next_line().await.unwrap().expect("the serving line");
+        let Some(line) = lines.next_line().await.unwrap() else {
+            // It could not listen (the port was taken meanwhile), or
+            // failed otherwise: its standard error says which.
+            let _ = child.wait().await;
+            return None;
+        };
         let admin = line
             .split("management API on http://")
             .nth(1)
@@ -277,12 +338,12 @@ impl Node {
             .next()
             .unwrap()
             .to_owned();
-        Node {
+        Some(Node {
             child,
             url,
             admin,
             dir,
-        }
+        })
     }
 
     pub fn image(&self, id: &str) -> String {

@@ -501,6 +501,7 @@ async fn serve(
         let (cache, origin, metrics) = (cache.clone(), origin.clone(), metrics.clone());
         let job_options = JobOptions::default()
             .prefetch_workers(extra.prefetch_workers)
+            .count_origin_requests(!service.origin_counts_requests())
             .origin_token(config.prefetch_token.clone())
             .prune_interval(config.prune_interval)
             .clean_interval(config.clean_interval);

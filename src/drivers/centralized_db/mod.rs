@@ -214,6 +214,10 @@ struct Inner {
     batches: (String, std::sync::atomic::AtomicI64),
     /// Wakes the flusher (a full batch, a stop).
     wake: Condvar,
+    /// The session that holds this node's fill claims (advisory locks),
+    /// and how many times it was opened: a claim taken on an earlier
+    /// session died with it.
+    claims: Mutex<(Option<postgres::Client>, u64)>,
 }
 
 /// Hits of a batch, per image: how many, and the time of the latest.
@@ -353,9 +357,9 @@ impl CentralizedDbDriver {
             trips: Arc::default(),
         };
         let node_id = pool.with(|c| {
-            let (glance, ours): (bool, bool) = {
+            let (glance, ours, fills): (bool, bool, bool) = {
                 let r = c.query_one(SCHEMA_PRESENT, &[])?;
-                (r.get(0), r.get(1))
+                (r.get(0), r.get(1), r.get(2))
             };
             if !glance && tables == Tables::Require {
                 return Ok(Err(()));
@@ -374,7 +378,7 @@ impl CentralizedDbDriver {
             // DDL only where something is missing, and never on a table of
             // Glance's that exists: creating tables of our own takes no
             // lock that a Glance query waits for.
-            if !glance || !ours {
+            if !glance || !ours || !fills {
                 tx.batch_execute("SET LOCAL lock_timeout = '10s'")?;
                 tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
                 if !glance {
@@ -440,6 +444,7 @@ impl CentralizedDbDriver {
                 std::sync::atomic::AtomicI64::new(0),
             ),
             wake: Condvar::new(),
+            claims: Mutex::new((None, 0)),
         });
         let shared = inner.clone();
         thread::Builder::new()

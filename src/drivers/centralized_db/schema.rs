@@ -2,13 +2,15 @@
 //! imgcache's own beside them, and the one-time copy of what an earlier
 //! version kept in columns it added to Glance's table.
 
-/// Whether Glance's tables are there, and whether imgcache's own are.
+/// Whether Glance's tables are there, whether imgcache's own are, and
+/// whether its table of fills in progress (peer fill) is: a read-only open
+/// needs only the first two.
 pub(super) const SCHEMA_PRESENT: &str = "
 SELECT to_regclass('node_reference') IS NOT NULL AND to_regclass('cached_images') IS NOT NULL,
        to_regclass('imgcache_entries') IS NOT NULL
    AND to_regclass('imgcache_invalid') IS NOT NULL
-   AND to_regclass('imgcache_state') IS NOT NULL
-   AND to_regclass('imgcache_fills') IS NOT NULL";
+   AND to_regclass('imgcache_state') IS NOT NULL,
+       to_regclass('imgcache_fills') IS NOT NULL";
 
 /// Glance's tables as its 2024.1 migration creates them (`image_id` with
 /// room for imgcache's ids): only with [`Tables::Create`].
@@ -57,6 +59,7 @@ CREATE TABLE IF NOT EXISTS imgcache_fills (
     size BIGINT,
     checksum TEXT,
     leads BOOLEAN NOT NULL DEFAULT false,
+    fill_token BIGINT NOT NULL DEFAULT 0,
     started_at TIMESTAMP NOT NULL DEFAULT (now() AT TIME ZONE 'utc'),
     PRIMARY KEY (node_reference_id, image_id)
 );

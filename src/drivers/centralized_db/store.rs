@@ -9,7 +9,7 @@ use super::{
 };
 use crate::clock::round_trip;
 use crate::drivers::{
-    CacheDriver, Extensions, FillClaim, Fleet, InvalidReasons, PeerSource, Watermarks,
+    Announced, CacheDriver, Extensions, FillClaim, Fleet, InvalidReasons, PeerSource, Watermarks,
 };
 use crate::entry::{
     CachedFiles, CachedImageInfo, Invalidation, NodeImage, OnDisk, Scanned, Watermark,
@@ -411,16 +411,38 @@ impl Fleet for CentralizedDbDriver {
             .collect())
     }
 
+    fn join_peers(&self) -> Result<()> {
+        let node = self.inner.node_id;
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO imgcache_state (node_reference_id, key, value)
+                 VALUES ($1, 'peer_fill', 1)
+                 ON CONFLICT (node_reference_id, key) DO UPDATE SET value = 1",
+                &[&node],
+            )?;
+            tx.execute(
+                "DELETE FROM imgcache_fills WHERE node_reference_id = $1",
+                &[&node],
+            )?;
+            tx.commit()
+        })
+    }
+
     fn sources(&self, id: &ImageId) -> Result<Vec<PeerSource>> {
+        // Only nodes that serve peers: a Glance node's rows are Glance's.
         let rows = self.with(|c| {
             c.rows(
-                "SELECT n.node_reference_url, c.size, COALESCE(e.checksum, c.checksum), false, false
+                "SELECT n.node_reference_url, c.size, COALESCE(e.checksum, c.checksum),
+                        false, false, e.crc32
                  FROM cached_images c
                  LEFT JOIN imgcache_entries e ON e.cached_image_id = c.id
                  JOIN node_reference n ON n.node_reference_id = c.node_reference_id
+                 JOIN imgcache_state p ON p.node_reference_id = c.node_reference_id
+                      AND p.key = 'peer_fill' AND p.value = 1
                  WHERE c.image_id = $1
                  UNION ALL
-                 SELECT n.node_reference_url, f.size, f.checksum, true, f.leads
+                 SELECT n.node_reference_url, f.size, f.checksum, true, f.leads, NULL
                  FROM imgcache_fills f
                  JOIN node_reference n ON n.node_reference_id = f.node_reference_id
                  WHERE f.image_id = $1
@@ -436,59 +458,79 @@ impl Fleet for CentralizedDbDriver {
                 if r.get(3) {
                     PeerSource::filler(r.get(0), size, r.get(2), r.get(4))
                 } else {
+                    let crc: Option<i64> = r.get(5);
                     PeerSource::holder(r.get(0), size, r.get(2))
+                        .with_crc32(crc.and_then(|c| u32::try_from(c).ok()))
                 }
             })
             .collect())
     }
 
     fn claim_fill(&self, id: &ImageId) -> Result<Option<FillClaim>> {
-        // A session-level advisory lock on a connection of its own, held
-        // for the fill: the server releases it when the connection ends,
-        // so a holder that dies (its socket closed by its kernel) loses it
-        // at once. Keyed by a hash of the id; two ids that share a key
-        // only make one of them follow, find no fill, and go to the
-        // origin.
+        // A session-level advisory lock, on one session of this store's
+        // that holds every claim of this node: the server releases them
+        // when the session ends, so a holder that dies (its socket closed
+        // by its kernel) loses them at once. Keyed by a hash of the id;
+        // two ids that share a key only make one of them wait for the
+        // other, then go to the origin.
+        let key = fill_lock_key(id);
         let pool = &self.inner.pool;
-        let mut client = pool
-            .config
-            .connect(postgres::NoTls)
-            .map_err(|e| pool.error(e))?;
-        let taken: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&fill_lock_key(id)])
-            .map_err(|e| pool.error(e))?
-            .get(0);
-        Ok(taken.then(|| FillClaim::new(parking_lot::Mutex::new(client))))
+        let mut claims = self.inner.claims.lock();
+        let (session, generation) = &mut *claims;
+        if session.as_ref().is_none_or(|c| c.is_closed()) {
+            *session = Some(
+                pool.config
+                    .connect(postgres::NoTls)
+                    .map_err(|e| pool.error(e))?,
+            );
+            *generation += 1;
+        }
+        let client = session.as_mut().expect("a session");
+        let taken: bool = match client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]) {
+            Ok(row) => row.get(0),
+            Err(e) => {
+                // The session is suspect: the next claim opens another
+                // (and the claims it held died with it).
+                *session = None;
+                return Err(pool.error(e));
+            }
+        };
+        Ok(taken.then(|| {
+            FillClaim::new(Claim {
+                inner: self.inner.0.clone(),
+                key,
+                generation: *generation,
+            })
+        }))
     }
 
-    fn announce_fill(
-        &self,
-        id: &ImageId,
-        size: Option<u64>,
-        checksum: Option<&str>,
-        leads: bool,
-    ) -> Result<()> {
+    fn announce_fill(&self, id: &ImageId, fill: u64, at: &Announced<'_>) -> Result<()> {
         let node = self.inner.node_id;
-        let size = size.and_then(|s| i64::try_from(s).ok());
+        let size = at.size.and_then(|s| i64::try_from(s).ok());
+        let token = fill as i64;
         self.with(|c| {
             c.exec(
-                "INSERT INTO imgcache_fills (node_reference_id, image_id, size, checksum, leads)
-                 VALUES ($1, $2, $3, $4, $5)
+                "INSERT INTO imgcache_fills
+                     (node_reference_id, image_id, size, checksum, leads, fill_token)
+                 VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (node_reference_id, image_id) DO UPDATE
-                 SET size = EXCLUDED.size, checksum = EXCLUDED.checksum, leads = EXCLUDED.leads,
+                 SET size = EXCLUDED.size, checksum = EXCLUDED.checksum,
+                     leads = EXCLUDED.leads, fill_token = EXCLUDED.fill_token,
                      started_at = now() AT TIME ZONE 'utc'",
-                &[&node, &id.as_str(), &size, &checksum, &leads],
+                &[&node, &id.as_str(), &size, &at.checksum, &at.leads, &token],
             )
         })?;
         Ok(())
     }
 
-    fn withdraw_fill(&self, id: &ImageId) -> Result<()> {
+    fn withdraw_fill(&self, id: &ImageId, fill: u64) -> Result<()> {
         let node = self.inner.node_id;
+        let token = fill as i64;
         self.with(|c| {
             c.exec(
-                "DELETE FROM imgcache_fills WHERE node_reference_id = $1 AND image_id = $2",
-                &[&node, &id.as_str()],
+                "DELETE FROM imgcache_fills
+                 WHERE node_reference_id = $1 AND image_id = $2 AND fill_token = $3",
+                &[&node, &id.as_str(), &token],
             )
         })?;
         Ok(())
@@ -496,19 +538,12 @@ impl Fleet for CentralizedDbDriver {
 
     fn forget_source(&self, node: &str, id: &ImageId) -> Result<()> {
         self.with(|c| {
-            let mut tx = c.transaction()?;
-            let n: Option<i64> = tx.query_opt(super::NODE_ID, &[&node])?.map(|r| r.get(0));
-            if let Some(n) = n {
-                tx.execute(
-                    "DELETE FROM imgcache_fills WHERE node_reference_id = $1 AND image_id = $2",
-                    &[&n, &id.as_str()],
-                )?;
-                tx.execute(
-                    "DELETE FROM cached_images WHERE node_reference_id = $1 AND image_id = $2",
-                    &[&n, &id.as_str()],
-                )?;
-            }
-            tx.commit()
+            c.exec(
+                "DELETE FROM imgcache_fills f USING node_reference n
+                 WHERE n.node_reference_id = f.node_reference_id
+                   AND n.node_reference_url = $1 AND f.image_id = $2",
+                &[&node, &id.as_str()],
+            )
         })?;
         Ok(())
     }
@@ -615,8 +650,33 @@ impl Watermarks for CentralizedDbDriver {
     }
 }
 
-/// The advisory lock key of the fleet's claim to fill `id`: the first
-/// eight bytes of a SHA-256 of the id, the same on every node and build.
+/// One fill claim of this node: released on its claims session, unless
+/// that session ended (and the claim with it).
+struct Claim {
+    inner: std::sync::Arc<super::Inner>,
+    key: i64,
+    generation: u64,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut claims = self.inner.claims.lock();
+        let (session, generation) = &mut *claims;
+        if *generation != self.generation {
+            return;
+        }
+        if let Some(client) = session.as_mut() {
+            if let Err(e) = client.execute("SELECT pg_advisory_unlock($1)", &[&self.key]) {
+                tracing::warn!("imgcache: cannot release a fill claim: {e}; closing its session");
+                *session = None;
+            }
+        }
+    }
+}
+
+/// The advisory lock key of the fleet's claim to fill `id`: the first 60
+/// bits of a SHA-256 of the id (a positive `bigint`), the same on every
+/// node and build.
 fn fill_lock_key(id: &ImageId) -> i64 {
     let mut h = crate::checksum::Hasher::new(crate::checksum::Algorithm::Sha256);
     h.update(b"imgcache-fill\0");
