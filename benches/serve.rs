@@ -23,6 +23,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -93,16 +94,60 @@ fn wait_listening(port: u16) {
     }
 }
 
+/// nginx, master and workers in a process group of their own.
 struct Nginx {
     child: Child,
 }
 
+impl Nginx {
+    /// Stops nginx as it is meant to be stopped — `SIGQUIT` to its group
+    /// (a graceful stop: the master waits for its workers, cache manager
+    /// and loader) — and waits until no process of the group is left;
+    /// `SIGKILL` to the group only if some are still there after 10 s.
+    /// Returns how many processes outlived the graceful stop.
+    fn stop(&mut self) -> usize {
+        use nix::sys::signal::{killpg, Signal};
+        use nix::unistd::Pid;
+        let group = Pid::from_raw(self.child.id() as i32);
+        let _ = killpg(group, Signal::SIGQUIT);
+        let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Until the group is empty (ESRCH): the workers leave after their
+        // master, and are not this process's children to wait for.
+        while killpg(group, None).is_ok() {
+            if Instant::now() >= deadline {
+                let left = group_members(group.as_raw());
+                let _ = killpg(group, Signal::SIGKILL);
+                return left.max(1);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        0
+    }
+}
+
+/// The processes of process group `pgid` (from /proc).
+fn group_members(pgid: i32) -> usize {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+                .filter(|stat| {
+                    // pid (comm) state ppid pgrp …: after the last ')'.
+                    stat.rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().nth(2))
+                        .is_some_and(|g| g == pgid.to_string())
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // The workers follow their master out.
-        std::thread::sleep(Duration::from_millis(100));
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
+        }
     }
 }
 
@@ -171,6 +216,8 @@ http {{
         .arg(&path)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
+        // A group of its own: stopped, and checked for, as one.
+        .process_group(0)
         .spawn()
         .expect("start nginx");
     wait_listening(front);
@@ -465,6 +512,12 @@ fn main() {
         let _ = child.wait();
         authz.push((label, rate));
     }
+    let mut proxy = proxy;
+    let outlived = proxy.stop();
+    assert_eq!(
+        outlived, 0,
+        "nginx processes were still there 10 s after a graceful stop"
+    );
     drop(proxy);
     println!(
         "\nimgcache serve vs nginx proxy_cache ({}; same run, loopback, {} cores)",

@@ -1108,3 +1108,53 @@ fn sigterm_lets_downloads_finish_or_cuts_them_and_the_restart_is_consistent() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// `--prefetch-workers 0` means no prefetcher in this process: a queued
+/// image stays queued (for `imgcache prefetch` or another process), and is
+/// never handed to a worker that does not exist.
+#[test]
+fn zero_prefetch_workers_leave_the_queue_alone() {
+    let cache_dir = tempfile::tempdir().unwrap();
+    let (_o, origin) = dir_origin(&[("queued", b"bytes")]);
+    let cache = Arc::new(ImageCache::builder(cache_dir.path()).open().unwrap());
+    let id = ImageId::new("queued").unwrap();
+    cache.queue_image(&id).unwrap();
+    for workers in [0, 1] {
+        let jobs = Jobs::start(
+            cache.clone(),
+            origin.clone(),
+            Arc::new(Metrics::new()),
+            JobOptions::default()
+                .prefetch_workers(workers)
+                .queue_interval(None)
+                .prune_interval(None)
+                .clean_interval(None),
+        )
+        .unwrap();
+        jobs.submit(id.clone());
+        let (pending, active) = jobs.prefetching();
+        let handed = pending.contains(&id) || active.contains(&id) || cache.is_cached(&id).unwrap();
+        jobs.stop();
+        if workers == 0 {
+            assert!(!handed, "handed to a prefetcher that does not exist");
+            assert_eq!(cache.queued_images().unwrap(), std::slice::from_ref(&id));
+            assert!(!cache.is_cached(&id).unwrap());
+        } else {
+            assert!(handed, "a worker was never given the image");
+        }
+    }
+    let out = imgcache()
+        .arg("--dir")
+        .arg(cache_dir.path())
+        .args([
+            "serve",
+            "--origin",
+            "/tmp",
+            "--check-config",
+            "--prefetch-workers",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("prefetch_workers = 0 (no prefetcher"));
+}

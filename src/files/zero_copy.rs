@@ -225,12 +225,35 @@ pub async fn send_file_async(
     start: u64,
     end: u64,
 ) -> io::Result<u64> {
+    send_file_async_within(file, stream, start, end, None).await
+}
+
+/// [`send_file_async`], failing with `TimedOut` when the socket stays
+/// unwritable for `idle` (a client that takes no byte).
+#[cfg(feature = "tokio")]
+pub(crate) async fn send_file_async_within(
+    file: &File,
+    stream: &tokio::net::TcpStream,
+    start: u64,
+    end: u64,
+    idle: Option<std::time::Duration>,
+) -> io::Result<u64> {
     use std::os::fd::AsFd;
     use tokio::io::Interest;
     let mut off = start;
     let mut kernel = true;
     while off < end {
-        stream.writable().await?;
+        match idle {
+            Some(limit) => tokio::time::timeout(limit, stream.writable())
+                .await
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the client took no byte for {} s", limit.as_secs_f64()),
+                    )
+                })??,
+            None => stream.writable().await?,
+        }
         match stream.try_io(Interest::WRITABLE, || {
             send_once(file, stream.as_fd(), off, end - off, &mut kernel)
         }) {

@@ -195,15 +195,35 @@ pub fn presented_token(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// How the management API runs.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct AdminOptions {
     token: Option<String>,
+    max_connections: usize,
+    header_timeout: std::time::Duration,
+    send_timeout: std::time::Duration,
+}
+
+/// Management connections served at once by default.
+pub const DEFAULT_ADMIN_CONNECTIONS: usize = 64;
+
+impl Default for AdminOptions {
+    fn default() -> Self {
+        AdminOptions {
+            token: None,
+            max_connections: DEFAULT_ADMIN_CONNECTIONS,
+            header_timeout: std::time::Duration::from_secs(10),
+            send_timeout: std::time::Duration::from_secs(30),
+        }
+    }
 }
 
 impl std::fmt::Debug for AdminOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdminOptions")
             .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("max_connections", &self.max_connections)
+            .field("header_timeout", &self.header_timeout)
+            .field("send_timeout", &self.send_timeout)
             .finish()
     }
 }
@@ -219,6 +239,34 @@ impl AdminOptions {
     /// Whether a token is required.
     pub fn requires_token(&self) -> bool {
         self.token.is_some()
+    }
+
+    /// The most management connections served at once (default
+    /// [`DEFAULT_ADMIN_CONNECTIONS`]; at least one): more wait in the
+    /// backlog, holding no descriptor, so that no number of them (no token
+    /// is needed to open one) takes the data port's descriptors.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// How long a request head may take, and a connection sit idle
+    /// between requests (default 10 s).
+    pub fn header_timeout(mut self, d: std::time::Duration) -> Self {
+        self.header_timeout = d;
+        self
+    }
+
+    /// How long a response may wait for its client to take a byte
+    /// (default 30 s).
+    pub fn send_timeout(mut self, d: std::time::Duration) -> Self {
+        self.send_timeout = d;
+        self
+    }
+
+    /// The connection cap.
+    pub fn max_connections_value(&self) -> usize {
+        self.max_connections
     }
 }
 
@@ -528,13 +576,22 @@ pub async fn serve_admin(
     service: AdminService,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
+    let o = &service.inner.options;
+    let limits =
+        super::limits::Limits::new(o.header_timeout, o.send_timeout, Some(o.max_connections));
     let svc = hyper::service::service_fn(move |req| {
         let service = service.clone();
         async move { Ok::<_, Infallible>(service.respond(req).await) }
     });
-    super::run_hyper(listener, svc, shutdown, std::time::Duration::from_secs(10))
-        .await
-        .map(drop)
+    super::run_hyper(
+        listener,
+        svc,
+        shutdown,
+        std::time::Duration::from_secs(10),
+        limits,
+    )
+    .await
+    .map(drop)
 }
 
 #[cfg(test)]

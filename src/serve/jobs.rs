@@ -59,9 +59,11 @@ impl Default for JobOptions {
 }
 
 impl JobOptions {
-    /// Images fetched at once by the prefetcher (default 2; at least 1).
+    /// Images fetched at once by the prefetcher (default 2). Zero: no
+    /// prefetcher in this process — queued images stay queued, for
+    /// `imgcache prefetch` or another process to fetch.
     pub fn prefetch_workers(mut self, n: usize) -> Self {
-        self.prefetch_workers = n.max(1);
+        self.prefetch_workers = n;
         self
     }
 
@@ -116,6 +118,8 @@ pub struct Jobs {
 struct Shared {
     /// Whether the prefetcher counts its origin requests.
     counts_origin: bool,
+    /// Whether this process prefetches at all.
+    prefetches: bool,
     cache: Arc<ImageCache>,
     origin: Arc<dyn Origin>,
     metrics: Arc<Metrics>,
@@ -150,6 +154,7 @@ impl Jobs {
     ) -> std::io::Result<Jobs> {
         let shared = Arc::new(Shared {
             counts_origin: options.counts_origin,
+            prefetches: options.prefetch_workers > 0,
             cache,
             origin,
             metrics,
@@ -174,7 +179,7 @@ impl Jobs {
                     .spawn(move || s.prefetch_worker())?,
             );
         }
-        if let Some(every) = options.queue_interval {
+        if let Some(every) = options.queue_interval.filter(|_| shared.prefetches) {
             let s = shared.clone();
             threads.push(
                 std::thread::Builder::new()
@@ -295,6 +300,9 @@ impl Shared {
     }
 
     fn submit(&self, id: ImageId) {
+        if !self.prefetches {
+            return;
+        }
         let mut work = self.work.lock();
         if work.active.contains(&id) || work.pending.contains(&id) {
             return;
@@ -306,6 +314,9 @@ impl Shared {
 
     /// Submits everything queued.
     fn submit_queued(&self) {
+        if !self.prefetches {
+            return;
+        }
         match self.cache.queued_images() {
             Ok(queued) => queued.into_iter().for_each(|id| self.submit(id)),
             Err(e) => tracing::warn!(error = %e, "cannot list the queue"),

@@ -62,12 +62,14 @@ pub mod admin;
 mod body;
 #[cfg(feature = "admin")]
 pub mod jobs;
+pub(crate) mod limits;
 mod metrics;
 pub mod peers;
 mod plan;
 mod server;
 
 pub use body::ImageBody;
+pub use limits::{descriptor_budget, raise_descriptor_limit, DESCRIPTOR_RESERVE};
 pub use metrics::{Metrics, Outcome};
 pub use plan::status_of;
 #[cfg_attr(not(any(test, feature = "test-utils")), allow(unused_imports))]
@@ -85,7 +87,13 @@ pub struct ServeOptions {
     public: bool,
     authorization_ttl: Duration,
     peers: Option<peers::PeerOptions>,
+    send_timeout: Duration,
+    max_connections: Option<usize>,
+    max_fills: usize,
 }
+
+/// Fills the data service runs at once by default.
+pub const DEFAULT_MAX_FILLS: usize = 64;
 
 impl Default for ServeOptions {
     fn default() -> Self {
@@ -96,6 +104,9 @@ impl Default for ServeOptions {
             public: false,
             authorization_ttl: Duration::ZERO,
             peers: None,
+            send_timeout: Duration::from_secs(60),
+            max_connections: None,
+            max_fills: DEFAULT_MAX_FILLS,
         }
     }
 }
@@ -162,6 +173,52 @@ impl ServeOptions {
     /// Peer fill, if on.
     pub fn peer_options(&self) -> Option<&peers::PeerOptions> {
         self.peers.as_ref()
+    }
+
+    /// How long a response may wait for its client to take a byte before
+    /// it is cut off (default 60 s, as nginx's `send_timeout`): a client
+    /// that stops reading holds its connection no longer. Waiting for the
+    /// origin is never timed.
+    pub fn send_timeout(mut self, d: Duration) -> Self {
+        self.send_timeout = d;
+        self
+    }
+
+    /// The most connections served at once (default unbounded); more wait
+    /// in the listen backlog, holding no descriptor. See
+    /// [`descriptor_budget`].
+    pub fn max_connections(mut self, n: Option<usize>) -> Self {
+        self.max_connections = n;
+        self
+    }
+
+    /// The most fills (each a thread and an origin connection) run at once
+    /// (default [`DEFAULT_MAX_FILLS`]; at least one): a miss past it is
+    /// answered `503` with `Retry-After`, hits and followers of fills in
+    /// progress are served as ever.
+    pub fn max_fills(mut self, n: usize) -> Self {
+        self.max_fills = n.max(1);
+        self
+    }
+
+    /// The send timeout.
+    pub fn send_timeout_value(&self) -> Duration {
+        self.send_timeout
+    }
+
+    /// The connection cap.
+    pub fn max_connections_value(&self) -> Option<usize> {
+        self.max_connections
+    }
+
+    /// The fill cap.
+    pub fn max_fills_value(&self) -> usize {
+        self.max_fills
+    }
+
+    /// The listener's bounds these options make.
+    pub(crate) fn limits(&self) -> limits::Limits {
+        limits::Limits::new(self.header_timeout, self.send_timeout, self.max_connections)
     }
 
     /// The path prefix.
@@ -273,6 +330,8 @@ pub(crate) struct Inner {
     pub(crate) counts_fills: bool,
     /// Peer transfers this node may still serve at once.
     pub(crate) peer_slots: Arc<tokio::sync::Semaphore>,
+    /// Fills this service may still start (each holds one while it runs).
+    pub(crate) fill_slots: Arc<tokio::sync::Semaphore>,
     pub(crate) options: ServeOptions,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) grants: Grants,
@@ -353,6 +412,7 @@ impl ImageService {
                 verified: parking_lot::Mutex::default(),
                 counts_fills,
                 peer_slots: Arc::new(tokio::sync::Semaphore::new(fanout)),
+                fill_slots: Arc::new(tokio::sync::Semaphore::new(options.max_fills)),
                 options,
                 metrics,
                 grants,
@@ -505,19 +565,22 @@ pub async fn serve_hyper_until(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) -> std::io::Result<bool> {
+    let limits = service.options().limits();
     let svc = hyper::service::service_fn(move |req| {
         let service = service.clone();
         async move { Ok::<_, Infallible>(service.respond(req).await) }
     });
-    run_hyper(listener, svc, shutdown, grace).await
+    run_hyper(listener, svc, shutdown, grace, limits).await
 }
 
-/// Serves `svc` with hyper until `shutdown`, then drains for `grace`.
+/// Serves `svc` with hyper until `shutdown`, then drains for `grace`,
+/// within `limits` (connection slots, head and send timeouts).
 pub(crate) async fn run_hyper<S, B>(
     listener: tokio::net::TcpListener,
     svc: S,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
+    limits: limits::Limits,
 ) -> std::io::Result<bool>
 where
     S: hyper::service::Service<
@@ -533,10 +596,25 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder =
+    let mut builder =
         hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    // A head must arrive whole within the header timeout, which hyper
+    // also runs while a keep-alive connection waits for its next request.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Some(limits.header_timeout))
+        .keep_alive_timeout(limits.header_timeout);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        let slot = tokio::select! {
+            s = limits.slot() => s,
+            () = &mut shutdown => break,
+        };
         let accepted = tokio::select! {
             a = accept(&listener) => a?,
             () = &mut shutdown => break,
@@ -545,13 +623,29 @@ where
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let io = hyper_util::rt::TokioIo::new(stream);
-        let conn = builder.serve_connection(io, svc.clone()).into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let svc = svc.clone();
+        let watcher = graceful.watcher();
+        let header_timeout = limits.header_timeout;
+        let send_timeout = limits.send_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // The first bytes (which tell HTTP/1 from HTTP/2) within the
+            // header timeout too: a connection that never speaks is
+            // closed, as one whose head never ends is.
+            let mut first = [0u8; 1];
+            if !matches!(
+                tokio::time::timeout(header_timeout, stream.peek(&mut first)).await,
+                Ok(Ok(1..))
+            ) {
+                tracing::debug!(%peer, "no request within the header timeout");
+                return;
+            }
+            let io = hyper_util::rt::TokioIo::new(limits::SendTimeout::new(stream, send_timeout));
+            let conn = builder.serve_connection(io, svc).into_owned();
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
+            drop(slot);
         });
     }
     drop(listener);

@@ -77,6 +77,19 @@ pub(crate) struct Ask<'a> {
     pub http10: bool,
 }
 
+/// Whether a `Range` value asks for the last zero bytes (`bytes=-0`).
+fn is_zero_suffix(value: &str) -> bool {
+    value
+        .trim()
+        .strip_prefix("bytes=")
+        .map(str::trim)
+        .and_then(|spec| spec.strip_prefix('-'))
+        .is_some_and(|n| {
+            let n = n.trim();
+            !n.is_empty() && n.bytes().all(|b| b == b'0')
+        })
+}
+
 /// The image id in `path` (`{prefix}{id}/file`, the id percent-encoded):
 /// `None` if the path is not an image's, `Some(Err)` if the id is invalid.
 pub fn route(prefix: &str, path: &str) -> Option<Result<ImageId, String>> {
@@ -114,6 +127,11 @@ pub fn range_ask(value: Option<&str>, size: u64) -> RangeAsk {
     let Some(v) = value else {
         return RangeAsk::Whole;
     };
+    // A suffix of zero bytes is well-formed and never satisfiable (RFC
+    // 9110 §14.1.2): `416`, not the whole image.
+    if is_zero_suffix(v) {
+        return RangeAsk::Unsatisfiable;
+    }
     match ByteRange::parse_http(v, size) {
         Some(r) => RangeAsk::Part(r),
         // Well-formed (it parses against any size) but not satisfiable here.
@@ -150,6 +168,10 @@ pub(crate) async fn plan(inner: &Inner, ask: Ask<'_>) -> Plan {
         Some(Err(e)) => return error(StatusCode::BAD_REQUEST, e),
         Some(Ok(id)) => id,
     };
+    // RFC 9112 §3.2: a request with more than one Host is refused.
+    if ask.headers.get_all(header::HOST).iter().nth(1).is_some() {
+        return error(StatusCode::BAD_REQUEST, "several Host headers".into());
+    }
     let head = match *ask.method {
         Method::GET => false,
         Method::HEAD => true,
@@ -192,6 +214,12 @@ pub(crate) async fn plan(inner: &Inner, ask: Ask<'_>) -> Plan {
             Err(e) => return failed(&e),
         }
     }
+    // A fill slot, held by the fill for as long as it runs: at the cap, a
+    // hit or a fill in progress is served as ever, and a miss is told to
+    // come back (no thread, no origin connection).
+    let Ok(slot) = inner.fill_slots.clone().try_acquire_owned() else {
+        return at_fill_cap(inner, ask, head, &id).await;
+    };
     let open_origin = inner.origin.clone();
     let open_cache = inner.cache.clone();
     let open_metrics = inner.metrics.clone();
@@ -209,7 +237,14 @@ pub(crate) async fn plan(inner: &Inner, ask: Ask<'_>) -> Plan {
             // limits, or the fill refused (its clients pass it through).
             let evicted = open_cache.make_room(&open_id, object.size)?;
             open_metrics.evicted(&evicted);
-            Ok(object)
+            Ok(OriginObject {
+                reader: Box::new(Holding {
+                    inner: object.reader,
+                    slot: Some(slot),
+                }),
+                size: object.size,
+                checksum: object.checksum,
+            })
         })
         .await;
     let fetched = match fetched {
@@ -256,6 +291,58 @@ pub(crate) async fn plan(inner: &Inner, ask: Ask<'_>) -> Plan {
             follow_plan_sized(ask, head, follower, size, source).await
         }
         Fetched::Uncached(object) => pass_through(ask, head, object),
+    }
+}
+
+/// A fill's source, holding the fill's slot until its end (or its drop).
+struct Holding<R> {
+    inner: R,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl<R: std::io::Read> std::io::Read for Holding<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let r = self.inner.read(buf);
+        // The origin is done with: the slot goes before the commit, so
+        // that a client who saw the fill end finds it free.
+        let ended = match &r {
+            Ok(0) => !buf.is_empty(),
+            Ok(_) => false,
+            Err(e) => e.kind() != std::io::ErrorKind::Interrupted,
+        };
+        if ended {
+            self.slot = None;
+        }
+        r
+    }
+}
+
+/// A request while every fill slot is taken: a hit or a fill in progress
+/// as ever; a miss `503` with `Retry-After`.
+async fn at_fill_cap(inner: &Inner, ask: Ask<'_>, head: bool, id: &ImageId) -> Plan {
+    match inner.cache.follow(id) {
+        Ok(Some(follower)) => {
+            inner.metrics.coalesced();
+            return follow_plan(ask, head, follower, "follow").await;
+        }
+        Ok(None) => {}
+        Err(e) => return failed(&e),
+    }
+    match inner.cache.open_for_read_async(id).await {
+        Ok(Some(image)) => hit_plan(ask, head, image, "hit"),
+        Ok(None) => {
+            let mut p = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{} fills are running, as many as this server runs at once; try again shortly",
+                    inner.options.max_fills_value()
+                ),
+            );
+            p.headers
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            p
+        }
+        Err(e) => failed(&e),
     }
 }
 

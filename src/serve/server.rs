@@ -13,9 +13,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::body::Chunks;
+use super::limits::write_within;
 use super::plan::{self, Plan, PlanBody};
 use super::ImageService;
-use crate::files::zero_copy::send_file_async;
+use crate::files::zero_copy::send_file_async_within;
 
 /// The largest request head accepted (`431` beyond).
 const MAX_HEAD: usize = 16 * 1024;
@@ -189,11 +190,16 @@ impl Server {
         shutdown: impl std::future::Future<Output = ()>,
         grace: Duration,
     ) -> io::Result<bool> {
+        let limits = self.service.options().limits();
         let service = Arc::new(self.service);
         let tracker = tokio_util::task::TaskTracker::new();
         let stop = tokio_util::sync::CancellationToken::new();
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
+            let slot = tokio::select! {
+                s = limits.slot() => s,
+                () = &mut shutdown => break,
+            };
             let accepted = tokio::select! {
                 a = super::accept(&self.listener) => a?,
                 () = &mut shutdown => break,
@@ -208,6 +214,7 @@ impl Server {
                 if let Err(e) = connection(&service, stream, &stop).await {
                     tracing::debug!(%peer, error = %e, "connection ended");
                 }
+                drop(slot);
             });
         }
         drop(self.listener);
@@ -224,6 +231,7 @@ async fn connection(
     stop: &tokio_util::sync::CancellationToken,
 ) -> io::Result<()> {
     let timeout = service.options().header_timeout;
+    let send = service.options().send_timeout_value();
     let mut buf = BytesMut::with_capacity(4096);
     loop {
         // One deadline for the whole head, however it trickles in.
@@ -239,7 +247,7 @@ async fn connection(
                         http::StatusCode::BAD_REQUEST
                     };
                     let plan = plan::error(status, e.to_string());
-                    return write_plan(&mut stream, plan, false, true, true).await;
+                    return write_plan(&mut stream, plan, false, true, true, send).await;
                 }
             }
             // Between requests, a stop closes the connection.
@@ -256,7 +264,7 @@ async fn connection(
         let _ = buf.split_to(head.len);
         if let Some(refusal) = refuse(&head) {
             let plan = plan::error(http::StatusCode::BAD_REQUEST, refusal.into());
-            return write_plan(&mut stream, plan, false, true, head.http11).await;
+            return write_plan(&mut stream, plan, false, true, head.http11, send).await;
         }
         // Once stopping, this response is the connection's last.
         let keep = keep_alive(&head) && !stop.is_cancelled();
@@ -273,10 +281,11 @@ async fn connection(
         )
         .await;
         service.inner.account(&mut plan);
+        // The path only: a query string may carry a token.
         tracing::info!(
             request_id = %request_id,
             method = %head.method,
-            path = %path,
+            path = %path.split(['?', '#']).next().unwrap_or(""),
             status = plan.status.as_u16(),
             result = plan.source,
             "request"
@@ -291,6 +300,7 @@ async fn connection(
             head.method == Method::HEAD,
             !keep,
             head.http11,
+            send,
         )
         .await?;
         if !keep {
@@ -308,6 +318,7 @@ async fn write_plan(
     head_only: bool,
     close: bool,
     http11: bool,
+    limit: Duration,
 ) -> io::Result<()> {
     let chunked = !plan.headers.contains_key(http::header::CONTENT_LENGTH)
         && !head_only
@@ -349,22 +360,24 @@ async fn write_plan(
         }
     };
     match body {
-        PlanBody::Empty => stream.write_all(&out).await,
+        PlanBody::Empty => write_within(stream, &out, limit).await,
         PlanBody::Bytes(b) => {
             out.extend_from_slice(&b);
-            stream.write_all(&out).await
+            write_within(stream, &out, limit).await
         }
-        PlanBody::Cached(_, range) if range.is_empty() => stream.write_all(&out).await,
+        PlanBody::Cached(_, range) if range.is_empty() => write_within(stream, &out, limit).await,
         PlanBody::Cached(image, range) => {
             // The body follows at once: the head may wait for it (MSG_MORE).
-            send_head(stream, &out).await?;
-            let sent = send_file_async(image.file(), stream, range.start, range.end).await?;
+            send_head(stream, &out, limit).await?;
+            let sent =
+                send_file_async_within(image.file(), stream, range.start, range.end, Some(limit))
+                    .await?;
             count(sent);
             Ok(())
         }
         PlanBody::Follow(follower, start, end) => {
             // The body may wait for the origin: the head goes out now.
-            stream.write_all(&out).await?;
+            write_within(stream, &out, limit).await?;
             let mut pos = start;
             loop {
                 let n = match follower.ready(pos, end).await {
@@ -373,22 +386,22 @@ async fn write_plan(
                     Err(e) => return Err(e.into_io()),
                 };
                 if chunked {
-                    stream.write_all(format!("{n:x}\r\n").as_bytes()).await?;
+                    write_within(stream, format!("{n:x}\r\n").as_bytes(), limit).await?;
                 }
-                send_file_async(follower.file(), stream, pos, pos + n).await?;
+                send_file_async_within(follower.file(), stream, pos, pos + n, Some(limit)).await?;
                 count(n);
                 if chunked {
-                    stream.write_all(b"\r\n").await?;
+                    write_within(stream, b"\r\n", limit).await?;
                 }
                 pos += n;
             }
             if chunked {
-                stream.write_all(b"0\r\n\r\n").await?;
+                write_within(stream, b"0\r\n\r\n", limit).await?;
             }
             Ok(())
         }
         body @ PlanBody::Uncached(_) => {
-            stream.write_all(&out).await?;
+            write_within(stream, &out, limit).await?;
             let mut chunks = Chunks::new(body);
             chunks.served = plan.served.clone();
             while let Some(chunk) = chunks.next().await {
@@ -397,14 +410,14 @@ async fn write_plan(
                     stream
                         .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
                         .await?;
-                    stream.write_all(&chunk).await?;
-                    stream.write_all(b"\r\n").await?;
+                    write_within(stream, &chunk, limit).await?;
+                    write_within(stream, b"\r\n", limit).await?;
                 } else {
-                    stream.write_all(&chunk).await?;
+                    write_within(stream, &chunk, limit).await?;
                 }
             }
             if chunked {
-                stream.write_all(b"0\r\n\r\n").await?;
+                write_within(stream, b"0\r\n\r\n", limit).await?;
             }
             Ok(())
         }
@@ -413,9 +426,11 @@ async fn write_plan(
 
 /// Writes a response head that a body follows, with `MSG_MORE` where the
 /// kernel has it, so that the head and the first body bytes share packets.
-async fn send_head(stream: &TcpStream, mut head: &[u8]) -> io::Result<()> {
+async fn send_head(stream: &TcpStream, mut head: &[u8], limit: Duration) -> io::Result<()> {
     while !head.is_empty() {
-        stream.writable().await?;
+        tokio::time::timeout(limit, stream.writable())
+            .await
+            .map_err(|_| super::limits::timed_out(limit))??;
         match stream.try_io(Interest::WRITABLE, || more(stream, head)) {
             Ok(n) => head = &head[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -71,7 +71,8 @@ pub struct ServeArgs {
     /// the fill it starts (always done when not public).
     #[arg(long)]
     forward_auth_token: bool,
-    /// Images the prefetcher fetches at once.
+    /// Images the prefetcher fetches at once; 0: no prefetcher in this
+    /// process (queued images stay queued, for `imgcache prefetch`).
     #[arg(long, env = "IMGCACHE_PREFETCH_WORKERS", default_value_t = 2)]
     prefetch_workers: usize,
     /// How often the pruner looks besides after each fill (0: no pruner).
@@ -122,6 +123,44 @@ pub struct ServeArgs {
     /// to ask another node): the image spreads as a tree.
     #[arg(long, env = "IMGCACHE_PEER_FANOUT", default_value_t = imgcache::serve::peers::DEFAULT_FANOUT)]
     peer_fanout: usize,
+    /// How long a response may wait for its client to take a byte before
+    /// the connection is cut (nginx's send_timeout).
+    #[arg(
+        long,
+        env = "IMGCACHE_SEND_TIMEOUT",
+        default_value = "60s",
+        value_name = "TIME"
+    )]
+    send_timeout: String,
+    /// How long a request head may take, and a connection sit idle between
+    /// requests, on the data port.
+    #[arg(
+        long,
+        env = "IMGCACHE_HEADER_TIMEOUT",
+        default_value = "60s",
+        value_name = "TIME"
+    )]
+    header_timeout: String,
+    /// Data connections served at once (more wait in the backlog). Default:
+    /// half the descriptors left after the management API's and a reserve.
+    #[arg(long, env = "IMGCACHE_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Management connections served at once (no token is needed to open
+    /// one: this bounds what a flood can hold).
+    #[arg(
+        long,
+        env = "IMGCACHE_ADMIN_MAX_CONNECTIONS",
+        default_value_t = imgcache::serve::admin::DEFAULT_ADMIN_CONNECTIONS
+    )]
+    admin_max_connections: usize,
+    /// Fills (each a thread and an origin connection) run at once; a miss
+    /// past it is answered 503 with Retry-After.
+    #[arg(
+        long,
+        env = "IMGCACHE_MAX_FILLS",
+        default_value_t = imgcache::serve::DEFAULT_MAX_FILLS
+    )]
+    max_fills: usize,
     /// Runtime worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
@@ -144,6 +183,14 @@ struct Config {
     prune_interval: Option<Duration>,
     clean_interval: Option<Duration>,
     shutdown_timeout: Duration,
+    send_timeout: Duration,
+    header_timeout: Duration,
+    /// Open descriptors this process may hold (its soft limit, raised to
+    /// the hard one), and how they are split.
+    descriptors: u64,
+    max_connections: usize,
+    admin_max_connections: usize,
+    max_fills: usize,
     peers: Option<PeerOptions>,
     peer_token_file: Option<PathBuf>,
 }
@@ -289,6 +336,22 @@ impl ServeArgs {
         } else {
             None
         };
+        if self.max_fills == 0 {
+            return Err(Failure::input(
+                "--max-fills 0 would fill nothing: give 1 or more",
+            ));
+        }
+        if self.max_connections == Some(0) || self.admin_max_connections == 0 {
+            return Err(Failure::input(
+                "a connection limit of 0 would serve nothing: give 1 or more",
+            ));
+        }
+        // The soft limit on descriptors raised to the hard one, and split
+        // so that a flood on one port never takes the other's.
+        let descriptors = imgcache::serve::raise_descriptor_limit()
+            .map_err(|e| Failure::input(format!("cannot read the descriptor limit: {e}")))?;
+        let (data_max, admin_max) =
+            imgcache::serve::descriptor_budget(descriptors, self.admin_max_connections);
         let origin = self.origin.or_else(|| section("origin")).ok_or_else(|| {
             Failure::input("no origin: give --origin DIR|URL, or set IMGCACHE_ORIGIN")
         })?;
@@ -308,6 +371,12 @@ impl ServeArgs {
             prune_interval: every("prune interval", &self.prune_interval)?,
             clean_interval: every("clean interval", &self.clean_interval)?,
             shutdown_timeout: duration("shutdown timeout", &self.shutdown_timeout)?,
+            send_timeout: duration("send timeout", &self.send_timeout)?,
+            header_timeout: duration("header timeout", &self.header_timeout)?,
+            descriptors,
+            max_connections: self.max_connections.unwrap_or(data_max),
+            admin_max_connections: admin_max,
+            max_fills: self.max_fills,
             peers,
             peer_token_file,
         })
@@ -375,7 +444,13 @@ fn print_config(c: &Config, args: &Extra) {
     );
     println!("public = {}", c.public);
     println!("authorization_ttl = {}", c.authorization_ttl.as_secs_f64());
-    println!("prefetch_workers = {}", args.prefetch_workers);
+    println!(
+        "prefetch_workers = {}",
+        match args.prefetch_workers {
+            0 => "0 (no prefetcher: queued images wait for `imgcache prefetch`)".to_owned(),
+            n => n.to_string(),
+        }
+    );
     println!(
         "prune_interval = {}",
         opt(c.prune_interval.map(|d| d.as_secs_f64().to_string()))
@@ -385,6 +460,12 @@ fn print_config(c: &Config, args: &Extra) {
         opt(c.clean_interval.map(|d| d.as_secs_f64().to_string()))
     );
     println!("shutdown_timeout = {}", c.shutdown_timeout.as_secs_f64());
+    println!("send_timeout = {}", c.send_timeout.as_secs_f64());
+    println!("header_timeout = {}", c.header_timeout.as_secs_f64());
+    println!("descriptor_limit = {}", c.descriptors);
+    println!("max_connections = {}", c.max_connections);
+    println!("admin_max_connections = {}", c.admin_max_connections);
+    println!("max_fills = {}", c.max_fills);
     match &c.peers {
         Some(p) => {
             println!("peers = on");
@@ -481,7 +562,11 @@ async fn serve(
         .forward_auth_token(extra.forward_auth_token)
         .public(config.public)
         .authorization_ttl(config.authorization_ttl)
-        .peers(config.peers.clone());
+        .peers(config.peers.clone())
+        .send_timeout(config.send_timeout)
+        .header_timeout(config.header_timeout)
+        .max_connections(Some(config.max_connections))
+        .max_fills(config.max_fills);
     let service =
         ImageService::with_metrics(cache.clone(), origin.clone(), options, metrics.clone());
     // The prefetcher fills as the service does: from peers first, when on.
@@ -515,7 +600,11 @@ async fn serve(
         cache.clone(),
         metrics.clone(),
         Some(jobs.clone()),
-        AdminOptions::default().token(config.admin_token.clone()),
+        AdminOptions::default()
+            .token(config.admin_token.clone())
+            .max_connections(config.admin_max_connections)
+            // Management requests are small: a head within 10 s at most.
+            .header_timeout(config.header_timeout.min(Duration::from_secs(10))),
     );
     println!(
         "imgcache: serving {dir} on http://{addr}{}{{id}}/file from {} ({:?}); management API on http://{admin_addr}/v2/cache",
