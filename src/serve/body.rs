@@ -18,6 +18,11 @@ use super::plan::PlanBody;
 /// little per byte, small enough that many clients stay within memory.
 pub(crate) const CHUNK: usize = 256 * 1024;
 
+/// A cached body up to this size is read in one go: one trip to the
+/// blocking pool per response, not one per chunk (what small hits cost
+/// most on this transport).
+const WHOLE: u64 = 1024 * 1024;
+
 /// The body of a response from [`super::ImageService`]: bytes read from
 /// the cached (or filling) file on tokio's blocking pool, a chunk at a
 /// time. An error while streaming ends the body with that error, which
@@ -161,7 +166,12 @@ impl Chunks {
                 if self.pos >= range.end {
                     return None;
                 }
-                let want = (range.end - self.pos).min(CHUNK as u64) as usize;
+                let left = range.end - self.pos;
+                let want = if left <= WHOLE {
+                    left as usize
+                } else {
+                    left.min(CHUNK as u64) as usize
+                };
                 let image = image.clone();
                 let pos = self.pos;
                 let r = read_on_pool(move |buf| image.file().read_at(buf, pos), want).await;
