@@ -169,6 +169,15 @@ pub enum Error {
         detail: String,
     },
 
+    /// The server runs as many fills as it may: ask again shortly.
+    #[error("image {id}: busy: {detail}")]
+    Busy {
+        /// The image.
+        id: ImageId,
+        /// Which limit.
+        detail: String,
+    },
+
     /// A byte range outside the image.
     #[error("image {id}: range {start}..{end} is not within its {size} bytes")]
     RangeNotSatisfiable {
@@ -225,6 +234,7 @@ impl Error {
             | Error::OriginNotFound { .. }
             | Error::Origin { .. }
             | Error::FillFailed { .. }
+            | Error::Busy { .. }
             | Error::RangeNotSatisfiable { .. }
             | Error::Config(_) => false,
         }

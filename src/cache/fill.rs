@@ -44,6 +44,8 @@ enum FailureKind {
     NotFound(String),
     /// Admission refused the fill: [`Error::NoRoom`].
     NoRoom,
+    /// The server ran as many fills as it may: [`Error::Busy`].
+    Busy,
 }
 
 impl Failure {
@@ -68,6 +70,10 @@ impl Failure {
                 reason: detail,
                 kind: FailureKind::NoRoom,
             },
+            Error::Busy { detail, .. } => Failure {
+                reason: detail,
+                kind: FailureKind::Busy,
+            },
             e => Failure::new(format!("cannot open the origin: {e}")),
         }
     }
@@ -79,6 +85,10 @@ impl Failure {
                 origin: origin.clone(),
             },
             FailureKind::NoRoom => Error::NoRoom {
+                id: id.clone(),
+                detail: self.reason.clone(),
+            },
+            FailureKind::Busy => Error::Busy {
                 id: id.clone(),
                 detail: self.reason.clone(),
             },

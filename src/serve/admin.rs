@@ -578,7 +578,8 @@ pub async fn serve_admin(
 ) -> std::io::Result<()> {
     let o = &service.inner.options;
     let limits =
-        super::limits::Limits::new(o.header_timeout, o.send_timeout, Some(o.max_connections));
+        super::limits::Limits::new(o.header_timeout, o.send_timeout, Some(o.max_connections))
+            .http1_only();
     let svc = hyper::service::service_fn(move |req| {
         let service = service.clone();
         async move { Ok::<_, Infallible>(service.respond(req).await) }

@@ -18,9 +18,9 @@ use super::plan::PlanBody;
 /// little per byte, small enough that many clients stay within memory.
 pub(crate) const CHUNK: usize = 256 * 1024;
 
-/// A cached body up to this size is read in one go: one trip to the
-/// blocking pool per response, not one per chunk (what small hits cost
-/// most on this transport).
+/// A cached body (or range) of up to this size is read in one go: one
+/// trip to the blocking pool per response, not one per chunk (what small
+/// hits cost most on this transport). Larger ones go in [`CHUNK`]s.
 const WHOLE: u64 = 1024 * 1024;
 
 /// The body of a response from [`super::ImageService`]: bytes read from
@@ -167,7 +167,7 @@ impl Chunks {
                     return None;
                 }
                 let left = range.end - self.pos;
-                let want = if left <= WHOLE {
+                let want = if self.pos == range.start && left <= WHOLE {
                     left as usize
                 } else {
                     left.min(CHUNK as u64) as usize

@@ -35,6 +35,9 @@ pub(crate) struct Limits {
     pub send_timeout: Duration,
     /// The connection slots; `None`: unbounded.
     pub slots: Option<Arc<Semaphore>>,
+    /// HTTP/1.1 only (the management port): no HTTP/2, whose idle
+    /// connections and streams the timeouts here do not bound.
+    pub http1_only: bool,
 }
 
 impl Limits {
@@ -46,8 +49,16 @@ impl Limits {
         Limits {
             header_timeout,
             send_timeout,
-            slots: max_connections.map(|n| Arc::new(Semaphore::new(n.max(1)))),
+            slots: max_connections
+                .map(|n| Arc::new(Semaphore::new(n.clamp(1, Semaphore::MAX_PERMITS)))),
+            http1_only: false,
         }
+    }
+
+    /// HTTP/1.1 only.
+    pub(crate) fn http1_only(mut self) -> Self {
+        self.http1_only = true;
+        self
     }
 
     /// A connection slot: waits while every slot is taken (the pending
@@ -174,29 +185,43 @@ pub(crate) async fn write_within(
 /// Raises this process's soft limit on open descriptors to its hard limit
 /// (as nginx's `worker_rlimit_nofile` does); returns the limit now in
 /// effect. Linux and the BSDs; elsewhere, the limit as it is.
+// `rlim_t` is `u64` here, `i64` on the BSDs: the casts are for them.
+#[allow(clippy::unnecessary_cast)]
 pub fn raise_descriptor_limit() -> io::Result<u64> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
-    if soft < hard {
-        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(io::Error::from)?;
-        return Ok(hard);
+    // An unlimited hard limit (macOS) cannot be set as such: a million.
+    let want = hard.min(1 << 20);
+    if soft < want {
+        match setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+            Ok(()) => return Ok(want as u64),
+            Err(e) => {
+                tracing::warn!(error = %e, soft, "cannot raise the descriptor limit; keeping it")
+            }
+        }
     }
-    Ok(soft)
+    Ok((soft as u64).min(1 << 20))
 }
 
-/// Descriptors kept out of the listeners' budget: cached and filling
-/// files, the origin's and the database's connections, the runtime's own.
+/// Descriptors kept out of the listeners' budget besides the fills': the
+/// process's own (runtime, store, log), the origin client's idle pool,
+/// prefetch and peer transfers.
 pub const DESCRIPTOR_RESERVE: u64 = 64;
 
 /// How `limit` descriptors are split: `(data connections, admin
-/// connections)`. The management API gets `admin` (at most a quarter);
-/// each data connection may hold a second descriptor (the file it sends),
-/// so the data port gets half of what is left after the reserve; at
-/// least one each.
-pub fn descriptor_budget(limit: u64, admin: usize) -> (usize, usize) {
-    let admin = (admin as u64).min(limit / 4).max(1);
-    let data = limit.saturating_sub(DESCRIPTOR_RESERVE + admin) / 2;
-    (data.max(1) as usize, admin as usize)
+/// connections)`. The reserve and `fills` (three descriptors each: the
+/// origin's connection, the file written, one to spare) come off first;
+/// the management API gets `admin` (at most a quarter of the rest); each
+/// data connection may hold a second descriptor (the file it sends), so
+/// the data port gets half of what is left; at least one each.
+pub fn descriptor_budget(limit: u64, admin: usize, fills: usize) -> (usize, usize) {
+    let rest = limit.saturating_sub(DESCRIPTOR_RESERVE + 3 * fills as u64);
+    let admin = (admin as u64).min(rest / 4).max(1);
+    let data = rest.saturating_sub(admin) / 2;
+    (
+        (data.max(1) as usize).min(Semaphore::MAX_PERMITS),
+        (admin as usize).min(Semaphore::MAX_PERMITS),
+    )
 }
 
 #[cfg(test)]
@@ -205,10 +230,13 @@ mod tests {
 
     #[test]
     fn budgets_keep_a_reserve_and_never_reach_zero() {
-        assert_eq!(descriptor_budget(1024, 64), (448, 64));
-        assert_eq!(descriptor_budget(128, 64), (16, 32));
-        assert_eq!(descriptor_budget(4, 64), (1, 1));
-        assert_eq!(descriptor_budget(1 << 20, 64), ((1 << 19) - 64, 64));
+        // 1024 - 64 - 3 × 64 = 768: 64 for the management port, 352 data.
+        assert_eq!(descriptor_budget(1024, 64, 64), (352, 64));
+        // 128 - 64 - 24 = 40: 10 for the management port, 15 data.
+        assert_eq!(descriptor_budget(128, 64, 8), (15, 10));
+        assert_eq!(descriptor_budget(4, 64, 64), (1, 1));
+        assert_eq!(descriptor_budget(u64::MAX, 64, 64).1, 64);
+        assert!(descriptor_budget(u64::MAX, 64, 64).0 <= Semaphore::MAX_PERMITS);
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@
 //! - [`ImageService`]: a tower `Service` (hyper 1.x), to mount in an axum
 //!   `Router` or any hyper server, HTTP/1.1 or HTTP/2. hyper writes bodies
 //!   from user space, so this path reads the file on tokio's blocking pool
-//!   in 256 KiB chunks and hands hyper those bytes: one copy, no runtime
+//!   in one read up to 1 MiB, 256 KiB chunks past that, and hands hyper those bytes: one copy, no runtime
 //!   thread blocked on the disk. [`serve_hyper`] runs it on a listener.
 //! - [`Server`]: what `imgcache serve` runs — it owns its connections,
 //!   speaks plain HTTP/1.1 (keep-alive, pipelining) and writes the headers
@@ -545,6 +545,27 @@ pub(crate) async fn accept(
     }
 }
 
+/// Waits until the connection has sent enough to tell its protocol: one
+/// byte that cannot begin HTTP/2's preface, or the whole preface (24
+/// bytes); `false` if it closed first.
+async fn preface(stream: &tokio::net::TcpStream, http1_only: bool) -> bool {
+    const H2: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut buf = [0u8; 24];
+    loop {
+        let n = match stream.peek(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        if http1_only || n >= H2.len() || buf[..n] != H2[..n] {
+            return true;
+        }
+        // A part of the preface: wait a moment for the rest (the socket
+        // stays readable while these bytes are unread, so readiness cannot
+        // tell new bytes from these).
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Runs `service` on `listener` with hyper (HTTP/1.1 and HTTP/2 without
 /// TLS), a task per connection, until the listener fails.
 pub async fn serve_hyper(
@@ -625,24 +646,41 @@ where
         let _ = stream.set_nodelay(true);
         let builder = builder.clone();
         let svc = svc.clone();
-        let watcher = graceful.watcher();
         let header_timeout = limits.header_timeout;
         let send_timeout = limits.send_timeout;
+        let http1_only = limits.http1_only;
+        let graceful_ref = graceful.watcher();
         tokio::spawn(async move {
-            // The first bytes (which tell HTTP/1 from HTTP/2) within the
-            // header timeout too: a connection that never speaks is
-            // closed, as one whose head never ends is.
-            let mut first = [0u8; 1];
-            if !matches!(
-                tokio::time::timeout(header_timeout, stream.peek(&mut first)).await,
-                Ok(Ok(1..))
-            ) {
+            // The bytes that tell HTTP/1 from HTTP/2 (hyper reads them
+            // with no timer of its own) within the header timeout too: a
+            // connection that never speaks, or stops inside the preface,
+            // is closed, as one whose head never ends is.
+            if !tokio::time::timeout(header_timeout, preface(&stream, http1_only))
+                .await
+                .unwrap_or(false)
+            {
                 tracing::debug!(%peer, "no request within the header timeout");
+                drop(graceful_ref);
                 return;
             }
+            let watcher = graceful_ref;
             let io = hyper_util::rt::TokioIo::new(limits::SendTimeout::new(stream, send_timeout));
-            let conn = builder.serve_connection(io, svc).into_owned();
-            if let Err(e) = watcher.watch(conn).await {
+            let served = if http1_only {
+                watcher
+                    .watch(
+                        builder
+                            .clone()
+                            .http1_only()
+                            .serve_connection(io, svc)
+                            .into_owned(),
+                    )
+                    .await
+            } else {
+                watcher
+                    .watch(builder.serve_connection(io, svc).into_owned())
+                    .await
+            };
+            if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
             drop(slot);

@@ -214,21 +214,29 @@ pub(crate) async fn plan(inner: &Inner, ask: Ask<'_>) -> Plan {
             Err(e) => return failed(&e),
         }
     }
-    // A fill slot, held by the fill for as long as it runs: at the cap, a
-    // hit or a fill in progress is served as ever, and a miss is told to
-    // come back (no thread, no origin connection).
-    let Ok(slot) = inner.fill_slots.clone().try_acquire_owned() else {
-        return at_fill_cap(inner, ask, head, &id).await;
-    };
     let open_origin = inner.origin.clone();
     let open_cache = inner.cache.clone();
     let open_metrics = inner.metrics.clone();
     let counts_fills = inner.counts_fills;
     let open_request = request.clone();
     let open_id = id.clone();
+    let fill_slots = inner.fill_slots.clone();
+    let max_fills = inner.options.max_fills_value();
     let fetched = inner
         .cache
         .fetch_async(&id, move || {
+            // A slot, taken only when a fill really starts (never by a hit
+            // or a follower's lookup) and held until its origin is done:
+            // past the cap the fill ends at once, its clients told to come
+            // back (`503`), with no origin connection opened.
+            let Ok(slot) = fill_slots.try_acquire_owned() else {
+                return Err(Error::Busy {
+                    id: open_id.clone(),
+                    detail: format!(
+                        "{max_fills} fills are running, as many as this server runs at once"
+                    ),
+                });
+            };
             if !counts_fills {
                 open_metrics.origin_request("fill");
             }
@@ -314,35 +322,6 @@ impl<R: std::io::Read> std::io::Read for Holding<R> {
             self.slot = None;
         }
         r
-    }
-}
-
-/// A request while every fill slot is taken: a hit or a fill in progress
-/// as ever; a miss `503` with `Retry-After`.
-async fn at_fill_cap(inner: &Inner, ask: Ask<'_>, head: bool, id: &ImageId) -> Plan {
-    match inner.cache.follow(id) {
-        Ok(Some(follower)) => {
-            inner.metrics.coalesced();
-            return follow_plan(ask, head, follower, "follow").await;
-        }
-        Ok(None) => {}
-        Err(e) => return failed(&e),
-    }
-    match inner.cache.open_for_read_async(id).await {
-        Ok(Some(image)) => hit_plan(ask, head, image, "hit"),
-        Ok(None) => {
-            let mut p = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "{} fills are running, as many as this server runs at once; try again shortly",
-                    inner.options.max_fills_value()
-                ),
-            );
-            p.headers
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            p
-        }
-        Err(e) => failed(&e),
     }
 }
 
@@ -713,6 +692,12 @@ pub(crate) fn error(status: StatusCode, message: String) -> Plan {
 /// The response to a failed lookup or fill: what the client should see.
 pub(crate) fn failed(e: &Error) -> Plan {
     let status = status_of(e);
+    if let Error::Busy { .. } = e {
+        let mut p = error(status, e.to_string());
+        p.headers
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return p;
+    }
     if status.is_server_error() {
         tracing::warn!(error = %e, status = status.as_u16(), "request failed");
     }
@@ -731,7 +716,7 @@ pub fn status_of(e: &Error) -> StatusCode {
         | Error::FillFailed { .. }
         | Error::ChecksumMismatch { .. }
         | Error::InvalidChecksum { .. } => StatusCode::BAD_GATEWAY,
-        Error::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Store(_) | Error::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::body::Chunks;
@@ -407,8 +407,7 @@ async fn write_plan(
             while let Some(chunk) = chunks.next().await {
                 let chunk = chunk?;
                 if chunked {
-                    stream
-                        .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                    write_within(stream, format!("{:x}\r\n", chunk.len()).as_bytes(), limit)
                         .await?;
                     write_within(stream, &chunk, limit).await?;
                     write_within(stream, b"\r\n", limit).await?;

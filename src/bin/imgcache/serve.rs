@@ -21,7 +21,7 @@ use crate::Failure;
 pub enum Transport {
     /// Its own HTTP/1.1 connections, bodies sent with sendfile (zero-copy).
     Sendfile,
-    /// hyper (HTTP/1.1 and HTTP/2 without TLS), bodies read in 256 KiB chunks.
+    /// hyper (HTTP/1.1 and HTTP/2 without TLS), bodies read in one go up to 1 MiB, 256 KiB chunks past that.
     Hyper,
 }
 
@@ -199,6 +199,18 @@ fn duration(what: &str, v: &str) -> Result<Duration, Failure> {
     parse_duration(v).map_err(|e| Failure::input(format!("{what}: {e}")))
 }
 
+/// A duration that must not be zero (a timeout of zero would cut every
+/// connection at once).
+fn positive(what: &str, v: &str) -> Result<Duration, Failure> {
+    let d = duration(what, v)?;
+    if d.is_zero() {
+        return Err(Failure::input(format!(
+            "{what}: 0 would cut every connection at once"
+        )));
+    }
+    Ok(d)
+}
+
 fn every(what: &str, v: &str) -> Result<Option<Duration>, Failure> {
     Ok(Some(duration(what, v)?).filter(|d| !d.is_zero()))
 }
@@ -350,8 +362,11 @@ impl ServeArgs {
         // so that a flood on one port never takes the other's.
         let descriptors = imgcache::serve::raise_descriptor_limit()
             .map_err(|e| Failure::input(format!("cannot read the descriptor limit: {e}")))?;
-        let (data_max, admin_max) =
-            imgcache::serve::descriptor_budget(descriptors, self.admin_max_connections);
+        let (data_max, admin_max) = imgcache::serve::descriptor_budget(
+            descriptors,
+            self.admin_max_connections,
+            self.max_fills,
+        );
         let origin = self.origin.or_else(|| section("origin")).ok_or_else(|| {
             Failure::input("no origin: give --origin DIR|URL, or set IMGCACHE_ORIGIN")
         })?;
@@ -371,8 +386,8 @@ impl ServeArgs {
             prune_interval: every("prune interval", &self.prune_interval)?,
             clean_interval: every("clean interval", &self.clean_interval)?,
             shutdown_timeout: duration("shutdown timeout", &self.shutdown_timeout)?,
-            send_timeout: duration("send timeout", &self.send_timeout)?,
-            header_timeout: duration("header timeout", &self.header_timeout)?,
+            send_timeout: positive("send timeout", &self.send_timeout)?,
+            header_timeout: positive("header timeout", &self.header_timeout)?,
             descriptors,
             max_connections: self.max_connections.unwrap_or(data_max),
             admin_max_connections: admin_max,
