@@ -32,15 +32,7 @@ fn env(name: &str, default: u64) -> u64 {
 fn image(i: usize) -> Vec<u8> {
     // 16 KiB to about 2 MiB, different bytes each.
     let len = 16 * 1024 + (i * 7919 * 64) % (2 << 20);
-    let mut x = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    imgcache::testing::model::content(i as u64 + 1, len)
 }
 
 fn md5_hex(data: &[u8]) -> String {

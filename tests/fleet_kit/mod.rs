@@ -18,16 +18,9 @@ use http_body_util::{Full, StreamBody};
 use imgcache::testing::postgres::cluster;
 use tokio::io::AsyncBufReadExt;
 
+/// Deterministic bytes (the test kit's generator).
 pub fn data(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    imgcache::testing::model::content(seed, n)
 }
 
 /// A name no other test (or earlier run on the same server) uses.
