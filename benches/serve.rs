@@ -4,6 +4,9 @@
 //! generator (`wrk`), in the same run, as ratios:
 //!
 //! - hits of a 1 MiB image, 64 connections: requests/s (goal ≥ 1.0 × nginx);
+//! - hits of a 4 KiB image, 64 connections: requests/s, where a hit's
+//!   `open` shows (nginx with its `open_file_cache` on, as imgcache keeps
+//!   hot descriptors open);
 //! - a 1 GiB hit, 4 connections: GB/s (goal ≥ 0.95 × nginx);
 //! - 100 concurrent cold requests of a 256 MiB image from an origin limited
 //!   to 128 MiB/s: origin requests (goal 1), and the median time to first
@@ -31,6 +34,7 @@ use std::time::{Duration, Instant};
 const MIB: u64 = 1 << 20;
 
 struct Sizes {
+    tiny: u64,
     small: u64,
     big: u64,
     cold: u64,
@@ -176,6 +180,8 @@ http {{
     access_log off;
     sendfile on;
     tcp_nopush on;
+    open_file_cache max=1000 inactive=60s;
+    open_file_cache_valid 60s;
     keepalive_requests 1000000;
     client_body_temp_path {w}/client;
     proxy_temp_path {w}/proxy;
@@ -366,6 +372,7 @@ fn main() {
     };
     let sizes = if quick {
         Sizes {
+            tiny: 4096,
             small: MIB,
             big: 64 * MIB,
             cold: 32 * MIB,
@@ -375,6 +382,7 @@ fn main() {
         }
     } else {
         Sizes {
+            tiny: 4096,
             small: MIB,
             big: 1024 * MIB,
             cold: 256 * MIB,
@@ -396,6 +404,7 @@ fn main() {
             left -= n as u64;
         }
     };
+    write("hit-tiny", sizes.tiny);
     write("hit-small", sizes.small);
     write("hit-big", sizes.big);
     let servers = ["nginx", "imgcache sendfile", "imgcache hyper"];
@@ -418,6 +427,10 @@ fn main() {
     let mut rows: Vec<Row> = vec![
         Row {
             name: format!("hit {} MiB, 64 conns: req/s", sizes.small >> 20),
+            values: vec![],
+        },
+        Row {
+            name: format!("hit {} KiB, 64 conns: req/s", sizes.tiny >> 10),
             values: vec![],
         },
         Row {
@@ -445,7 +458,7 @@ fn main() {
             values: vec![],
         },
     ];
-    let mut raw: Vec<[f64; 5]> = Vec::new();
+    let mut raw: Vec<[f64; 6]> = Vec::new();
     for server in servers {
         let cache = work
             .path()
@@ -466,10 +479,12 @@ fn main() {
                 take_peak(pid)
             }
         };
+        assert_eq!(get(port, "hit-tiny"), sizes.tiny);
         assert_eq!(get(port, "hit-small"), sizes.small);
         assert_eq!(get(port, "hit-big"), sizes.big);
         peak(pid);
         let small = wrk(&wrk_bin, port, "hit-small", 64, sizes.secs);
+        let tiny = wrk(&wrk_bin, port, "hit-tiny", 64, sizes.secs);
         let rss_small = peak(pid);
         let big = wrk(&wrk_bin, port, "hit-big", 4, sizes.secs) * sizes.big as f64 / 1e9;
         let rss_big = peak(pid);
@@ -478,14 +493,15 @@ fn main() {
         let rss_cold = peak(pid);
         let requests = origin_requests(&nginx_work, &cold_id);
         rows[0].values.push(format!("{small:.0}"));
-        rows[1].values.push(format!("{big:.2}"));
-        rows[2].values.push(format!("{requests}"));
-        rows[3].values.push(format!("{:.0}", leader * 1e3));
-        rows[4].values.push(format!("{:.0}", follower * 1e3));
-        rows[5]
+        rows[1].values.push(format!("{tiny:.0}"));
+        rows[2].values.push(format!("{big:.2}"));
+        rows[3].values.push(format!("{requests}"));
+        rows[4].values.push(format!("{:.0}", leader * 1e3));
+        rows[5].values.push(format!("{:.0}", follower * 1e3));
+        rows[6]
             .values
             .push(format!("{rss_small:.0} / {rss_big:.0} / {rss_cold:.0}"));
-        raw.push([small, big, requests as f64, leader, follower]);
+        raw.push([small, big, requests as f64, leader, follower, tiny]);
         if let Some(mut c) = child {
             let _ = c.kill();
             let _ = c.wait();
@@ -511,6 +527,24 @@ fn main() {
         let _ = child.kill();
         let _ = child.wait();
         authz.push((label, rate));
+    }
+    // What keeping hot descriptors open buys: the same hits with none kept
+    // (every hit opens its file on the blocking pool), the same run.
+    let mut kept = Vec::new();
+    for (label, extra) in [
+        ("--open-files 0", &["--public", "--open-files", "0"][..]),
+        ("default (1024 kept)", &["--public"][..]),
+    ] {
+        let cache = work.path().join(format!("cache-open-{}", kept.len()));
+        std::fs::create_dir(&cache).unwrap();
+        let (mut child, port) = start_imgcache(&cache, origin_port, "sendfile", extra);
+        assert_eq!(get(port, "hit-tiny"), sizes.tiny);
+        assert_eq!(get(port, "hit-small"), sizes.small);
+        let tiny = wrk(&wrk_bin, port, "hit-tiny", 64, sizes.secs);
+        let small = wrk(&wrk_bin, port, "hit-small", 64, sizes.secs);
+        let _ = child.kill();
+        let _ = child.wait();
+        kept.push((label, tiny, small));
     }
     let mut proxy = proxy;
     let outlived = proxy.stop();
@@ -538,12 +572,23 @@ fn main() {
     for (i, s) in servers.iter().enumerate().skip(1) {
         let r = &raw[i];
         println!(
-            "{s}: hits {:.2} x nginx (goal >= 1.0), big hit {:.2} x (goal >= 0.95), follower TTFB {:.2} x its leader's (goal <= 2; nginx {:.1} x), origin requests {} (goal 1)",
+            "{s}: hits {:.2} x nginx (goal >= 1.0), tiny hits {:.2} x, big hit {:.2} x (goal >= 0.95), follower TTFB {:.2} x its leader's (goal <= 2; nginx {:.1} x), origin requests {} (goal 1)",
             r[0] / n[0],
+            r[5] / n[5],
             r[1] / n[1],
             r[4] / r[3].max(1e-6),
             n[4] / n[3].max(1e-6),
             r[2]
+        );
+    }
+    println!("\nhot descriptors kept open (sendfile, 64 conns; same run):");
+    for (label, tiny, small) in &kept {
+        println!(
+            "  {label:<28} {:>3} KiB {tiny:>8.0} req/s {:.2} x;  {} MiB {small:>8.0} req/s {:.2} x",
+            sizes.tiny >> 10,
+            tiny / kept[0].1,
+            sizes.small >> 20,
+            small / kept[0].2
         );
     }
     let public = authz[0].1;

@@ -162,13 +162,35 @@ pub struct OnDisk<'a> {
     path: &'a Path,
     file: Option<&'a File>,
     meta: &'a Metadata,
+    known: Option<&'a CachedImageInfo>,
 }
 
 impl<'a> OnDisk<'a> {
     /// The file at `path`, open as `file` if the file layer opened it, with
     /// its metadata as of the open or the walk.
     pub fn new(path: &'a Path, file: Option<&'a File>, meta: &'a Metadata) -> Self {
-        OnDisk { path, file, meta }
+        OnDisk {
+            path,
+            file,
+            meta,
+            known: None,
+        }
+    }
+
+    /// The same file, with the entry this store gave for it at an earlier
+    /// hit: the file layer kept the file open since and vouches that it is
+    /// still the cached file (same inode, still linked at the same place,
+    /// unchanged).
+    pub fn with_known(mut self, entry: &'a CachedImageInfo) -> Self {
+        self.known = Some(entry);
+        self
+    }
+
+    /// The entry the store gave for this very file at an earlier hit, if
+    /// the file layer vouches for it ([`OnDisk::with_known`]): a store may
+    /// count a hit against it without reading its own.
+    pub fn known(&self) -> Option<&'a CachedImageInfo> {
+        self.known
     }
 
     /// Where the file is (for stores that work on paths, and for messages).

@@ -122,7 +122,7 @@
 //! | place | what |
 //! |---|---|
 //! | `id.rs`, `error.rs`, `clock.rs`, `options.rs`, `checksum.rs`, `range.rs`, `entry.rs` | the vocabulary every layer uses |
-//! | `files/` | the one local file layer: layout and every private name of the cache directory (`.imgcache/`), the writer's file moves, the reader, locks, the queue, zero-copy sends |
+//! | `files/` | the one local file layer: layout and every private name of the cache directory (`.imgcache/`), the writer's file moves, the reader, the descriptors of hot files kept open, locks, the queue, zero-copy sends |
 //! | `drivers/` | [`CacheDriver`](drivers::CacheDriver), the small core every store writes, and the capabilities beside it (`Fleet`, `Watermarks`, `InvalidReasons`); `hits.rs`, hit batching written once; `sqlite/`, `xattr/`, `centralized_db/` (pool, schema, hits, store) |
 //! | `cache/` | [`ImageCache`], the facade: `mod.rs` (opening, the read path), `flight.rs` (single flight: take a fill and its permit, or follow one), `fetch.rs` (the miss path and fill threads), `fill.rs` (what a fill shares with its followers), `tee.rs`, `writer.rs`, `evict.rs` (prune, admission, clean), `verify.rs` (verify, scrub, quarantine), `recover.rs`, `durability.rs` (the checkpoint), `session.rs` (the session mark), `migrate.rs`, `prefetch.rs` |
 //! | `origin/` | where bytes come from on a miss: a directory, HTTP (blocking, `ureq`), HTTP (async, `reqwest`) |

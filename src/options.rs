@@ -112,6 +112,7 @@ pub struct CacheOptions {
     hard_limit: Option<u64>,
     min_free: Option<MinFree>,
     durability: Durability,
+    open_files: usize,
     clock: Arc<dyn Clock>,
 }
 
@@ -134,6 +135,7 @@ impl fmt::Debug for CacheOptions {
             .field("hard_limit", &self.hard_limit)
             .field("min_free", &self.min_free)
             .field("durability", &self.durability)
+            .field("open_files", &self.open_files)
             .field("clock", &self.clock)
             .finish()
     }
@@ -146,6 +148,9 @@ impl CacheOptions {
     pub const DEFAULT_STALL_TIME: Duration = Duration::from_secs(86_400);
     /// Glance's default `image_cache_sqlite_db`.
     pub const DEFAULT_SQLITE_DB: &'static str = "cache.db";
+    /// Descriptors of hot cached files kept open by default
+    /// ([`CacheOptions::open_files`]).
+    pub const DEFAULT_OPEN_FILES: usize = 256;
 
     /// Parses a size as the configuration takes it: bytes, or a number with
     /// a unit (`10GiB`, `500MB`, `1.5KiB`; case and spaces do not matter).
@@ -180,6 +185,7 @@ impl CacheOptions {
             hard_limit: None,
             min_free: None,
             durability: Durability::default(),
+            open_files: Self::DEFAULT_OPEN_FILES,
             clock: Arc::new(SystemClock),
         }
     }
@@ -413,6 +419,26 @@ impl CacheOptions {
     /// How commits are made durable.
     pub fn durability_mode(&self) -> Durability {
         self.durability
+    }
+
+    /// Keeps up to `n` descriptors of hot cached files open (default
+    /// [`CacheOptions::DEFAULT_OPEN_FILES`]; 0 keeps none), so that a hit
+    /// costs no `open(2)` — nginx's `open_file_cache`, but never stale: a
+    /// kept descriptor serves only while one `fstat(2)` per hit shows the
+    /// file still in place, unchanged (a file deleted, pruned, quarantined
+    /// or replaced, by this process or another, is opened afresh). The
+    /// least recently used goes when a new one comes; descriptors of files
+    /// removed by other processes, and those idle for a minute, are closed
+    /// within a second of the next hit or job. Count them in the process's
+    /// descriptor limit.
+    pub fn open_files(mut self, n: usize) -> Self {
+        self.open_files = n;
+        self
+    }
+
+    /// How many descriptors of hot cached files may be kept open.
+    pub fn open_files_kept(&self) -> usize {
+        self.open_files
     }
 }
 

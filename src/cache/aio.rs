@@ -1,7 +1,9 @@
 //! The async face of the cache (feature `tokio`).
 //!
 //! Nothing here blocks a runtime thread on the disk or the metadata store:
-//! hits are opened, and fills looked up, on tokio's blocking pool; a fill
+//! hits are opened, and fills looked up, on tokio's blocking pool (a hit on
+//! a descriptor the cache kept open costs an `fstat` and is answered where
+//! it is asked); a fill
 //! runs on a thread of its own ([`ImageCache::fetch_detached`]); followers
 //! wait for bytes with wakers ([`FollowReader::ready`]); and bytes go to a
 //! socket with `sendfile` driven by the socket's readiness, never by a
@@ -44,9 +46,22 @@ impl ImageCache {
         self: &Arc<Self>,
         id: &ImageId,
     ) -> Result<Option<CachedImage>> {
+        if let Some(image) = self.open_kept_here(id)? {
+            return Ok(Some(image));
+        }
         let cache = self.clone();
         let id = id.clone();
         blocking(self, move || cache.open_for_read(&id)).await
+    }
+
+    /// A hit on a descriptor kept open, answered on the calling thread: an
+    /// `fstat` of an open file and a count in memory, nothing that waits
+    /// for the disk or the store (the xattr store, which writes its hit
+    /// counts on the files, may write a batch of them here every 256
+    /// hits).
+    fn open_kept_here(&self, id: &ImageId) -> Result<Option<CachedImage>> {
+        let key = self.layout.admit(id)?;
+        self.open_kept(key.id())
     }
 
     /// [`ImageCache::fetch_detached`] on tokio's blocking pool: a hit, or a
@@ -62,6 +77,10 @@ impl ImageCache {
         // many clients of a cold image do not queue for its threads.
         if let Some(follower) = self.follow(id)? {
             return Ok(Fetched::Following(follower));
+        }
+        // So is a hit on a descriptor kept open.
+        if let Some(image) = self.open_kept_here(id)? {
+            return Ok(Fetched::Cached(image));
         }
         let cache = self.clone();
         let id = id.clone();

@@ -44,6 +44,9 @@ impl ImageCache {
     /// order (which also gives the total) and one batched delete; never a
     /// rescan per deleted image.
     pub fn prune_to(&self, max_size: u64) -> Result<PruneReport> {
+        // Descriptors kept of files removed behind the cache's back hold
+        // their blocks: close them with every prune.
+        self.layout.open_files().sweep();
         let lru = self.store.lru(&self.layout)?;
         let mut total: u64 = lru.iter().map(|e| e.size).sum();
         let mut victims = Vec::new();
@@ -75,6 +78,7 @@ impl ImageCache {
     /// gone. A file whose writer is alive is kept, however old.
     pub fn clean(&self, stall_time: Option<Duration>) -> Result<CleanReport> {
         let stall = stall_time.unwrap_or(self.options.image_cache_stall_time());
+        self.layout.open_files().sweep();
         let report = self.layout.clean(stall, self.options.clock_ref().now())?;
         let gone: Vec<ImageId> = report.invalid.iter().filter_map(|f| f.id.clone()).collect();
         self.store.forget_invalid(&gone)?;

@@ -213,7 +213,8 @@ impl ImageCache {
     /// name is reserved whatever the store, so that switching stores never
     /// turns the database into an image.
     fn layout_for(options: &CacheOptions) -> Result<Layout> {
-        let layout = Layout::new(options.image_cache_dir(), Some(&options.sqlite_db_path()));
+        let mut layout = Layout::new(options.image_cache_dir(), Some(&options.sqlite_db_path()));
+        layout.keep_open(options.open_files_kept());
         if options.is_read_only() {
             let base = layout.base();
             if !base.is_dir() {
@@ -599,7 +600,35 @@ impl ImageCache {
         }
     }
 
+    /// A hit on a descriptor the cache kept open ([`CacheOptions::open_files`])
+    /// whose file is still in place: one `fstat`, the hit counted in
+    /// memory, no open and no lookup in the store. `None` where no such
+    /// descriptor is kept: then [`ImageCache::open_for_read`] answers.
+    pub(crate) fn open_kept(&self, id: &ImageId) -> Result<Option<CachedImage>> {
+        let open = self.layout.open_files();
+        let Some((hot, meta)) = open.get(id) else {
+            return Ok(None);
+        };
+        let on = OnDisk::new(&hot.path, Some(&hot.file), &meta).with_known(hot.known());
+        let now = self.now();
+        if self.store.hit(id, now, on)?.is_none() {
+            open.forget(id);
+            return Ok(None);
+        }
+        let info = hot.info_at(now);
+        Ok(Some(CachedImage::shared(
+            hot.file.clone(),
+            hot.path.clone(),
+            info,
+        )))
+    }
+
     fn read_hit(&self, key: Admitted<'_>) -> Result<Option<CachedImage>> {
+        if let Some(image) = self.open_kept(key.id())? {
+            return Ok(Some(image));
+        }
+        let open = self.layout.open_files();
+        let epoch = open.epoch();
         let Some((file, path, meta)) = self.layout.open_cached(key)? else {
             // A store entry whose file is gone is stale: drop it, unless a
             // commit lands meanwhile.
@@ -618,7 +647,16 @@ impl ImageCache {
         let Some(info) = self.store.hit(key.id(), self.now(), on)? else {
             return Ok(None);
         };
-        CachedImage::new(file, path, info).map(Some)
+        let image = CachedImage::new(file, path, info)?;
+        open.keep(
+            key.id(),
+            epoch,
+            image.shared_file(),
+            image.path(),
+            &meta,
+            image.info(),
+        );
+        Ok(Some(image))
     }
 
     /// The size of cached image `id`; `None` if not cached.

@@ -233,7 +233,7 @@ impl CacheWriter {
         // that is not in place.
         if let Err(err) = self.store.insert(&info) {
             // Metadata and files must agree: take the file back out.
-            if let Err(e) = remove_if_exists(&self.layout.cached(key)) {
+            if let Err(e) = self.layout.remove_cached(key) {
                 tracing::error!(
                     "imgcache: cannot withdraw {} after failed commit: {e}",
                     self.id

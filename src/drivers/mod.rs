@@ -97,7 +97,11 @@ pub trait CacheDriver: Send + Sync + fmt::Debug {
 
     /// Counts one hit of `id` at `at` and returns its entry as of that hit;
     /// `None` if the store has no entry. Stores batch these writes: a read
-    /// costs at most one metadata update, never one per chunk.
+    /// costs at most one metadata update, never one per chunk. Where the
+    /// cache kept the file open since an earlier hit it passes the entry
+    /// that hit returned ([`OnDisk::known`]); a store may then count the
+    /// hit without a lookup of its own (the cache overrides the returned
+    /// entry's `hits` and `last_accessed`).
     fn hit(
         &self,
         id: &ImageId,

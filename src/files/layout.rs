@@ -14,6 +14,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use super::open_files::OpenFiles;
 use crate::error::{Error, IoContext, Result};
 use crate::id::{is_reserved, IdError, ImageId};
 
@@ -111,6 +112,9 @@ pub struct Layout {
     db_names: Vec<String>,
     /// Group commit of the base directory's `fsync`, shared by every clone.
     base_sync: std::sync::Arc<GroupSync>,
+    /// Descriptors of hot cached files, shared by every clone; every move
+    /// of a cached file below forgets its id there.
+    open: std::sync::Arc<OpenFiles>,
 }
 
 /// Group commit for a directory's `fsync`: a rename is durable once an
@@ -219,11 +223,23 @@ impl Layout {
             base,
             db_names: Vec::new(),
             base_sync: std::sync::Arc::default(),
+            open: std::sync::Arc::new(OpenFiles::new(0)),
         };
         if let Some(p) = db_path {
             layout.reserve(p);
         }
         layout
+    }
+
+    /// Keeps up to `capacity` descriptors of hot cached files open (set
+    /// before the layout is cloned).
+    pub(crate) fn keep_open(&mut self, capacity: usize) {
+        self.open = std::sync::Arc::new(OpenFiles::new(capacity));
+    }
+
+    /// The descriptors of hot cached files.
+    pub(crate) fn open_files(&self) -> &OpenFiles {
+        &self.open
     }
 
     /// Reserves the name of database file `path` (and its side files) if it
@@ -415,6 +431,9 @@ impl Layout {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
             Err(e) => return Err(Error::io("rename", &from, e)),
         }
+        // A descriptor kept of an earlier file (removed behind the cache's
+        // back) goes now rather than at the next hit.
+        self.open.forget(id.id());
         if sync {
             self.base_sync.sync_after_rename(&self.base)?;
         }
@@ -457,11 +476,13 @@ impl Layout {
     /// Moves cached `<id>` to `invalid/<id>`; `false` if it was not there.
     pub(crate) fn quarantine(&self, id: Admitted<'_>) -> Result<bool> {
         let from = self.cached(id);
-        match fs::rename(&from, self.invalid(id)) {
+        let moved = match fs::rename(&from, self.invalid(id)) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(Error::io("rename", &from, e)),
-        }
+        };
+        self.open.forget(id.id());
+        moved
     }
 
     /// Removes every file in `invalid/`, and every file in `incomplete/`
@@ -546,7 +567,9 @@ impl Layout {
 
     /// Removes cached `id`; `false` if it was not there.
     pub(crate) fn remove_cached(&self, id: Admitted<'_>) -> Result<bool> {
-        remove_if_exists(&self.cached(id))
+        let removed = remove_if_exists(&self.cached(id));
+        self.open.forget(id.id());
+        removed
     }
 
     /// The queue folder, open (a store may keep the queue's counter on it).

@@ -1,8 +1,9 @@
 //! The one local file layer: where each state of an image lives
 //! ([`Layout`]), how a writer's file is created, locked, published and
 //! invalidated, how a cached file is read ([`CachedImage`], zero-copy
-//! [`CachedImage::send_to`]), the queue folder, and the lock protocol that
-//! tells a live writer from a dead one.
+//! [`CachedImage::send_to`]), the descriptors of hot files kept open
+//! (`open_files.rs`), the queue folder, and the lock protocol that tells a
+//! live writer from a dead one.
 //!
 //! It is written once, whatever store keeps the metadata: it never imports
 //! `drivers/`, and the stores never import it. [`crate::ImageCache`] joins
@@ -23,6 +24,7 @@ use std::os::unix::fs::MetadataExt;
 use crate::error::{Error, Result};
 
 pub(crate) mod layout;
+pub(crate) mod open_files;
 pub(crate) mod queue;
 pub(crate) mod reader;
 pub(crate) mod zero_copy;

@@ -5,6 +5,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::zero_copy;
 use crate::entry::CachedImageInfo;
@@ -31,11 +32,17 @@ use crate::range::ByteRange;
 /// is what [`crate::ImageCache::verify`] and [`crate::ImageCache::scrub`]
 /// do. Reads go straight to the file, unbuffered: read in large chunks (64
 /// KiB or more), or wrap it in a [`std::io::BufReader`].
+///
+/// The descriptor may be shared with other readers of the same image: the
+/// cache keeps those of hot images open ([`crate::CacheOptions::open_files`]).
+/// Every read above is positional, so readers never move one another; this
+/// handle's `Read + Seek` position is its own.
 #[derive(Debug)]
 pub struct CachedImage {
-    file: File,
+    file: Arc<File>,
     path: PathBuf,
     info: CachedImageInfo,
+    pos: u64,
 }
 
 impl CachedImage {
@@ -51,7 +58,22 @@ impl CachedImage {
                 path,
             });
         }
-        Ok(CachedImage { file, path, info })
+        Ok(Self::shared(Arc::new(file), path, info))
+    }
+
+    /// Wraps a descriptor the cache keeps open, whose size was checked.
+    pub(crate) fn shared(file: Arc<File>, path: PathBuf, info: CachedImageInfo) -> Self {
+        CachedImage {
+            file,
+            path,
+            info,
+            pos: 0,
+        }
+    }
+
+    /// The shared descriptor (for the open-file cache).
+    pub(crate) fn shared_file(&self) -> &Arc<File> {
+        &self.file
     }
 
     /// The image's id.
@@ -79,23 +101,34 @@ impl CachedImage {
         &self.path
     }
 
-    /// The open file.
+    /// The open file. Other readers of the image may share it: read it
+    /// with positional reads ([`FileExt::read_at`]); its offset belongs to
+    /// no one.
     pub fn file(&self) -> &File {
         &self.file
     }
 
-    /// Reads the whole image into memory. For small images and tests; stream
-    /// large ones.
+    /// Reads the whole image into memory (from the start, whatever this
+    /// handle's position). For small images and tests; stream large ones.
     pub fn read_all(&mut self) -> Result<Vec<u8>> {
         let mut buf = Vec::with_capacity(usize::try_from(self.len()).unwrap_or(0));
-        self.file.rewind().ctx("seek", &self.path)?;
-        self.file.read_to_end(&mut buf).ctx("read", &self.path)?;
+        self.range_reader(None)?
+            .read_to_end(&mut buf)
+            .ctx("read", &self.path)?;
         Ok(buf)
     }
 
-    /// The open file, for callers that want it whole.
-    pub fn into_file(self) -> File {
-        self.file
+    /// The open file, for callers that want it whole, positioned at the
+    /// start. A descriptor shared with other readers is duplicated first
+    /// (the duplicate shares its offset with them, and none of them uses
+    /// it).
+    pub fn into_file(self) -> io::Result<File> {
+        let mut file = match Arc::try_unwrap(self.file) {
+            Ok(file) => file,
+            Err(shared) => shared.try_clone()?,
+        };
+        file.rewind()?;
+        Ok(file)
     }
 
     /// Checks `range` against the image: [`Error::RangeNotSatisfiable`] if
@@ -207,13 +240,46 @@ impl Read for RangeReader<'_> {
 
 impl Read for CachedImage {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.file.read(buf)
+        // Positional: the descriptor's offset may be another reader's.
+        let left = self.info.size.saturating_sub(self.pos);
+        let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        if n == 0 {
+            // Truncated behind the cache's back: an error, never a short
+            // image.
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{} ended at byte {} of {}",
+                    self.path.display(),
+                    self.pos,
+                    self.info.size
+                ),
+            ));
+        }
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 
 impl Seek for CachedImage {
     fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
-        self.file.seek(pos)
+        let to = match pos {
+            SeekFrom::Start(n) => Some(n),
+            SeekFrom::End(d) => self.info.size.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        let Some(to) = to else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before the start of the image",
+            ));
+        };
+        self.pos = to;
+        Ok(to)
     }
 }
 

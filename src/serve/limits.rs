@@ -209,13 +209,20 @@ pub fn raise_descriptor_limit() -> io::Result<u64> {
 pub const DESCRIPTOR_RESERVE: u64 = 64;
 
 /// How `limit` descriptors are split: `(data connections, admin
-/// connections)`. The reserve and `fills` (three descriptors each: the
-/// origin's connection, the file written, one to spare) come off first;
+/// connections)`. The reserve, `fills` (three descriptors each: the
+/// origin's connection, the file written, one to spare) and the
+/// descriptors of hot images the cache keeps open (`open_files`) come off
+/// first;
 /// the management API gets `admin` (at most a quarter of the rest); each
 /// data connection may hold a second descriptor (the file it sends), so
 /// the data port gets half of what is left; at least one each.
-pub fn descriptor_budget(limit: u64, admin: usize, fills: usize) -> (usize, usize) {
-    let rest = limit.saturating_sub(DESCRIPTOR_RESERVE + 3 * fills as u64);
+pub fn descriptor_budget(
+    limit: u64,
+    admin: usize,
+    fills: usize,
+    open_files: usize,
+) -> (usize, usize) {
+    let rest = limit.saturating_sub(DESCRIPTOR_RESERVE + 3 * fills as u64 + open_files as u64);
     let admin = (admin as u64).min(rest / 4).max(1);
     let data = rest.saturating_sub(admin) / 2;
     (
@@ -231,12 +238,14 @@ mod tests {
     #[test]
     fn budgets_keep_a_reserve_and_never_reach_zero() {
         // 1024 - 64 - 3 × 64 = 768: 64 for the management port, 352 data.
-        assert_eq!(descriptor_budget(1024, 64, 64), (352, 64));
+        assert_eq!(descriptor_budget(1024, 64, 64, 0), (352, 64));
+        // 1024 - 64 - 3 × 64 - 256 = 512: 64 for the management port, 224 data.
+        assert_eq!(descriptor_budget(1024, 64, 64, 256), (224, 64));
         // 128 - 64 - 24 = 40: 10 for the management port, 15 data.
-        assert_eq!(descriptor_budget(128, 64, 8), (15, 10));
-        assert_eq!(descriptor_budget(4, 64, 64), (1, 1));
-        assert_eq!(descriptor_budget(u64::MAX, 64, 64).1, 64);
-        assert!(descriptor_budget(u64::MAX, 64, 64).0 <= Semaphore::MAX_PERMITS);
+        assert_eq!(descriptor_budget(128, 64, 8, 0), (15, 10));
+        assert_eq!(descriptor_budget(4, 64, 64, 1), (1, 1));
+        assert_eq!(descriptor_budget(u64::MAX, 64, 64, 1024).1, 64);
+        assert!(descriptor_budget(u64::MAX, 64, 64, 1024).0 <= Semaphore::MAX_PERMITS);
     }
 
     #[tokio::test]

@@ -161,6 +161,11 @@ pub struct ServeArgs {
         default_value_t = imgcache::serve::DEFAULT_MAX_FILLS
     )]
     max_fills: usize,
+    /// Descriptors of hot cached images kept open, so that a hit costs no
+    /// open (never stale: each hit checks the file is still in place); at
+    /// most a quarter of the descriptor limit; 0 keeps none.
+    #[arg(long, env = "IMGCACHE_OPEN_FILES", default_value_t = 1024)]
+    open_files: usize,
     /// Runtime worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
@@ -362,16 +367,23 @@ impl ServeArgs {
         // so that a flood on one port never takes the other's.
         let descriptors = imgcache::serve::raise_descriptor_limit()
             .map_err(|e| Failure::input(format!("cannot read the descriptor limit: {e}")))?;
+        let open_files = self
+            .open_files
+            .min(usize::try_from(descriptors / 4).unwrap_or(usize::MAX));
         let (data_max, admin_max) = imgcache::serve::descriptor_budget(
             descriptors,
             self.admin_max_connections,
             self.max_fills,
+            open_files,
         );
         let origin = self.origin.or_else(|| section("origin")).ok_or_else(|| {
             Failure::input("no origin: give --origin DIR|URL, or set IMGCACHE_ORIGIN")
         })?;
         Ok(Config {
-            options: options.hard_limit(hard_limit).min_free(min_free),
+            options: options
+                .hard_limit(hard_limit)
+                .min_free(min_free)
+                .open_files(open_files),
             origin,
             listen,
             admin_listen,
@@ -481,6 +493,7 @@ fn print_config(c: &Config, args: &Extra) {
     println!("max_connections = {}", c.max_connections);
     println!("admin_max_connections = {}", c.admin_max_connections);
     println!("max_fills = {}", c.max_fills);
+    println!("open_files = {}", c.options.open_files_kept());
     match &c.peers {
         Some(p) => {
             println!("peers = on");

@@ -462,10 +462,15 @@ impl CacheDriver for SqliteDriver {
         &self,
         id: &ImageId,
         at: SystemTime,
-        _file: OnDisk<'_>,
+        file: OnDisk<'_>,
     ) -> Result<Option<CachedImageInfo>> {
-        // One SELECT; the hit is counted in memory and written with others.
-        let Some(mut info) = self.row(id)? else {
+        // One SELECT, none for a file the file layer vouches for; the hit
+        // is counted in memory and written with others.
+        let row = match file.known() {
+            Some(known) => Some(known.clone()),
+            None => self.row(id)?,
+        };
+        let Some(mut info) = row else {
             return Ok(None);
         };
         let (pending, due) = self.count_hit(id, at);
