@@ -423,14 +423,22 @@ impl CacheOptions {
 
     /// Keeps up to `n` descriptors of hot cached files open (default
     /// [`CacheOptions::DEFAULT_OPEN_FILES`]; 0 keeps none), so that a hit
-    /// costs no `open(2)` — nginx's `open_file_cache`, but never stale: a
-    /// kept descriptor serves only while one `fstat(2)` per hit shows the
-    /// file still in place, unchanged (a file deleted, pruned, quarantined
-    /// or replaced, by this process or another, is opened afresh). The
-    /// least recently used goes when a new one comes; descriptors of files
-    /// removed by other processes, and those idle for a minute, are closed
-    /// within a second of the next hit or job. Count them in the process's
-    /// descriptor limit.
+    /// costs no `open(2)` — nginx's `open_file_cache`, without its window
+    /// of staleness: a kept descriptor serves only while one `fstat(2)`
+    /// per hit shows its file still linked, the same size and modification
+    /// time, and its change time (which every rename and change of links
+    /// sets) unchanged since the path was last confirmed to name it — the
+    /// path itself is asked (`lstat`) while that time is too recent to
+    /// trust. So a file deleted, pruned, quarantined or replaced, by this
+    /// process or another (Glance included), is opened afresh; the cache's
+    /// own changes forget the id at once. A change above the file (the base
+    /// directory renamed or remounted) is seen within a second, when the
+    /// sweep asks every path. Not for network file systems, whose `fstat`
+    /// answers from an attribute cache: set 0 there. The least recently
+    /// used goes when a new one comes; descriptors of files removed by
+    /// other processes, and those idle for a minute, are closed within a
+    /// second of the next hit, and at every prune, clean and admission.
+    /// These descriptors count against the process's limit.
     pub fn open_files(mut self, n: usize) -> Self {
         self.open_files = n;
         self

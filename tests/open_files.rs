@@ -25,6 +25,7 @@ for_each_driver!(
     a_recommit_by_another_process_is_served_at_the_next_hit,
     kept_descriptors_stay_within_the_limit,
     no_descriptor_is_kept_when_turned_off,
+    async_hits_on_kept_descriptors_answer_on_the_runtime,
 );
 
 /// Reads `id` whole through `cache`; `None` if it is not cached.
@@ -259,4 +260,42 @@ fn no_descriptor_is_kept_when_turned_off(kind: Store) {
         assert_eq!(img.info().hits, n);
     }
     assert_eq!(descriptors_in(&dir), 0);
+}
+
+/// Hits through the async face: the second and later ones are answered on
+/// the runtime's thread from the kept descriptor (for stores that count
+/// hits in memory; the others on the blocking pool), never by a call that
+/// needs a runtime of its own (the PostgreSQL client's), and a delete by
+/// another handle is seen there too.
+fn async_hits_on_kept_descriptors_answer_on_the_runtime(kind: Store) {
+    let f = Fixture::new(kind);
+    let data = bytes(15, 70_000);
+    let x = f.put("x", &data);
+    let cache = std::sync::Arc::new(f.reopen());
+    let other = f.reopen();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for n in 1..=5u64 {
+            let mut img = cache.open_for_read_async(&x).await.unwrap().unwrap();
+            assert_eq!(img.info().hits, n);
+            assert_eq!(img.read_all().unwrap(), data);
+            if n == 2 {
+                // A change of the file's change time alone (a chmod): the
+                // path is asked, the file is still the cached one, and the
+                // store is not asked (its memory of the file no longer
+                // matches; a round trip to PostgreSQL here would panic).
+                use std::os::unix::fs::PermissionsExt;
+                let path = f.path().join("x");
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+            }
+        }
+    });
+    // (The PostgreSQL store's client must not be driven from a runtime.)
+    assert!(other.delete_cached_image(&x).unwrap());
+    rt.block_on(async {
+        assert!(cache.open_for_read_async(&x).await.unwrap().is_none());
+    });
 }

@@ -2,8 +2,8 @@
 //!
 //! Nothing here blocks a runtime thread on the disk or the metadata store:
 //! hits are opened, and fills looked up, on tokio's blocking pool (a hit on
-//! a descriptor the cache kept open costs an `fstat` and is answered where
-//! it is asked); a fill
+//! a descriptor the cache kept open, on a store that counts hits in
+//! memory, costs an `fstat` and is answered where it is asked); a fill
 //! runs on a thread of its own ([`ImageCache::fetch_detached`]); followers
 //! wait for bytes with wakers ([`FollowReader::ready`]); and bytes go to a
 //! socket with `sendfile` driven by the socket's readiness, never by a
@@ -46,7 +46,7 @@ impl ImageCache {
         self: &Arc<Self>,
         id: &ImageId,
     ) -> Result<Option<CachedImage>> {
-        if let Some(image) = self.open_kept_here(id)? {
+        if let Some(image) = self.open_kept_here(id) {
             return Ok(Some(image));
         }
         let cache = self.clone();
@@ -55,13 +55,26 @@ impl ImageCache {
     }
 
     /// A hit on a descriptor kept open, answered on the calling thread: an
-    /// `fstat` of an open file and a count in memory, nothing that waits
-    /// for the disk or the store (the xattr store, which writes its hit
-    /// counts on the files, may write a batch of them here every 256
-    /// hits).
-    fn open_kept_here(&self, id: &ImageId) -> Result<Option<CachedImage>> {
-        let key = self.layout.admit(id)?;
-        self.open_kept(key.id())
+    /// `fstat` of an open file (an `lstat` of its path while its change
+    /// time is recent) and a count in memory. Only for stores whose hits
+    /// are counted in memory and written by a thread of their own (SQLite,
+    /// PostgreSQL): the xattr store writes batches of hit counts on the
+    /// files from the reading thread. Anything else (a store error
+    /// included) goes to the blocking pool, which answers as ever. A sweep
+    /// of the kept descriptors, when due, runs there too.
+    fn open_kept_here(self: &Arc<Self>, id: &ImageId) -> Option<CachedImage> {
+        if self.store.name() == "xattr" {
+            return None;
+        }
+        let key = self.layout.admit(id).ok()?;
+        let image = self.open_kept(key.id(), false).ok().flatten();
+        if self.layout.open_files().sweep_due() {
+            let cache = self.clone();
+            drop(tokio::task::spawn_blocking(move || {
+                cache.layout.open_files().sweep()
+            }));
+        }
+        image
     }
 
     /// [`ImageCache::fetch_detached`] on tokio's blocking pool: a hit, or a
@@ -79,7 +92,7 @@ impl ImageCache {
             return Ok(Fetched::Following(follower));
         }
         // So is a hit on a descriptor kept open.
-        if let Some(image) = self.open_kept_here(id)? {
+        if let Some(image) = self.open_kept_here(id) {
             return Ok(Fetched::Cached(image));
         }
         let cache = self.clone();

@@ -121,6 +121,9 @@ impl ImageCache {
     /// no size counts as zero bytes until it commits (the pruner, and the
     /// next admission, see it then). Returns what was evicted.
     pub fn make_room(&self, id: &ImageId, size: Option<u64>) -> Result<PruneReport> {
+        // Free space counted after descriptors kept of files removed
+        // behind the cache's back are closed.
+        self.layout.open_files().sweep();
         let hard = self.options.hard_limit_bytes();
         let min_free = self.options.min_free_space();
         let _one = self.admission.lock();

@@ -604,9 +604,11 @@ impl ImageCache {
     /// whose file is still in place: one `fstat`, the hit counted in
     /// memory, no open and no lookup in the store. `None` where no such
     /// descriptor is kept: then [`ImageCache::open_for_read`] answers.
-    pub(crate) fn open_kept(&self, id: &ImageId) -> Result<Option<CachedImage>> {
+    /// `may_block`: whether this thread may wait (for a sweep, or the last
+    /// close of a file deleted behind the cache's back).
+    pub(crate) fn open_kept(&self, id: &ImageId, may_block: bool) -> Result<Option<CachedImage>> {
         let open = self.layout.open_files();
-        let Some((hot, meta)) = open.get(id) else {
+        let Some((hot, meta)) = open.get(id, may_block) else {
             return Ok(None);
         };
         let on = OnDisk::new(&hot.path, Some(&hot.file), &meta).with_known(hot.known());
@@ -624,11 +626,12 @@ impl ImageCache {
     }
 
     fn read_hit(&self, key: Admitted<'_>) -> Result<Option<CachedImage>> {
-        if let Some(image) = self.open_kept(key.id())? {
+        if let Some(image) = self.open_kept(key.id(), true)? {
             return Ok(Some(image));
         }
         let open = self.layout.open_files();
         let epoch = open.epoch();
+        let opened_at = crate::files::open_files::now_ns();
         let Some((file, path, meta)) = self.layout.open_cached(key)? else {
             // A store entry whose file is gone is stale: drop it, unless a
             // commit lands meanwhile.
@@ -651,6 +654,7 @@ impl ImageCache {
         open.keep(
             key.id(),
             epoch,
+            opened_at,
             image.shared_file(),
             image.path(),
             &meta,

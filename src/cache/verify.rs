@@ -187,6 +187,9 @@ impl ImageCache {
                 Some((Verification::Unverified { crc32 }, (file, path, meta))) => {
                     let on = OnDisk::new(&path, Some(&file), &meta);
                     self.store.set_crc32(&info.id, crc32, on)?;
+                    // A descriptor kept with the entry as it was goes: the
+                    // next hit returns the CRC-32.
+                    self.layout.open_files().forget(&info.id);
                     report.bytes += info.size;
                     report.newly_verified.push(info.id);
                 }

@@ -99,9 +99,12 @@ pub trait CacheDriver: Send + Sync + fmt::Debug {
     /// `None` if the store has no entry. Stores batch these writes: a read
     /// costs at most one metadata update, never one per chunk. Where the
     /// cache kept the file open since an earlier hit it passes the entry
-    /// that hit returned ([`OnDisk::known`]); a store may then count the
-    /// hit without a lookup of its own (the cache overrides the returned
-    /// entry's `hits` and `last_accessed`).
+    /// that hit returned ([`OnDisk::known`]); a store then counts the hit
+    /// without a lookup of its own, and must not wait on anything but its
+    /// own in-memory state (an async caller may be asking from a runtime's
+    /// thread). The cache answers with the entry it kept, its `hits` and
+    /// `last_accessed` brought up to date (it forgets the entry whenever
+    /// the cache changes it, as a scrub recording a CRC-32 does).
     fn hit(
         &self,
         id: &ImageId,

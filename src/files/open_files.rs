@@ -54,6 +54,11 @@ use crate::id::ImageId;
 /// stamped with (at most 10 ms).
 pub(crate) const SETTLE: Duration = Duration::from_millis(50);
 
+/// The same, on a file system that stamps whole seconds (a file whose
+/// times have no nanoseconds: ext4 with small inodes, ext3, some network
+/// file systems).
+pub(crate) const SETTLE_COARSE: Duration = Duration::from_secs(2);
+
 /// A descriptor not used for this long is closed at the next sweep.
 pub(crate) const INACTIVE: Duration = Duration::from_secs(60);
 
@@ -77,6 +82,9 @@ pub(crate) struct OpenFiles {
     /// When the next sweep is due (ms since `start`).
     next_sweep: AtomicU64,
     sweeping: Mutex<()>,
+    /// Descriptors dropped where they must not be closed (a runtime's
+    /// thread), closed by the next keep or sweep.
+    graveyard: Mutex<Vec<Arc<OpenFile>>>,
 }
 
 /// One kept descriptor, with what was true of its file when kept.
@@ -117,8 +125,9 @@ impl OpenFile {
         &self.info
     }
 
-    /// The file's metadata if it is still the cached file at its path.
-    fn check(&self) -> Option<Metadata> {
+    /// The file's metadata if it is still the cached file at its path;
+    /// `confirm` asks the path whatever the change time says.
+    fn check(&self, confirm: bool) -> Option<Metadata> {
         let m = self.file.metadata().ok()?;
         if m.nlink() == 0
             || m.dev() != self.dev
@@ -129,18 +138,18 @@ impl OpenFile {
             return None;
         }
         let c = ctime_ns(&m);
-        if self.ctime.load(Ordering::Acquire) == c | SETTLED {
+        if !confirm && self.ctime.load(Ordering::Acquire) == c | SETTLED {
             return Some(m);
         }
         // The change time moved, or is too recent to trust: does the path
-        // still name this inode?
+        // still name this inode? The clock is read first: a change after
+        // the lookup is stamped later than that.
+        let asked = now_ns();
         let p = std::fs::symlink_metadata(&self.path).ok()?;
         if p.dev() != self.dev || p.ino() != self.ino {
             return None;
         }
-        let settled = now_ns().saturating_sub(c) >= SETTLE.as_nanos() as u64;
-        self.ctime
-            .store(if settled { c | SETTLED } else { c }, Ordering::Release);
+        self.ctime.store(stamp(&m, asked), Ordering::Release);
         Some(m)
     }
 }
@@ -156,6 +165,7 @@ impl OpenFiles {
             start: Instant::now(),
             next_sweep: AtomicU64::new(0),
             sweeping: Mutex::new(()),
+            graveyard: Mutex::new(Vec::new()),
         }
     }
 
@@ -175,15 +185,21 @@ impl OpenFiles {
     }
 
     /// The kept descriptor of `id` and its file's metadata now, if it is
-    /// still the cached file; a stale one is closed.
-    pub(crate) fn get(&self, id: &ImageId) -> Option<(Arc<OpenFile>, Metadata)> {
+    /// still the cached file; a stale one is dropped. On a thread that may
+    /// block (`may_block`), a sweep runs when due and dropped descriptors
+    /// are closed; elsewhere (a runtime's thread) they wait for that (the
+    /// last close of a large deleted file frees its blocks, which takes
+    /// time), and [`OpenFiles::sweep_due`] says when to run one.
+    pub(crate) fn get(&self, id: &ImageId, may_block: bool) -> Option<(Arc<OpenFile>, Metadata)> {
         if self.capacity == 0 {
             return None;
         }
         let now = self.now_ms();
-        self.sweep_if_due(now);
+        if may_block && self.sweep_due() {
+            self.sweep();
+        }
         let entry = self.map.read().get(id).cloned()?;
-        match entry.check() {
+        match entry.check(false) {
             Some(meta) => {
                 if entry.used.load(Ordering::Relaxed) != now {
                     entry.used.store(now, Ordering::Relaxed);
@@ -191,19 +207,33 @@ impl OpenFiles {
                 Some((entry, meta))
             }
             None => {
-                self.drop_if_same(id, &entry);
+                if let Some(gone) = self.take_if_same(id, &entry) {
+                    drop(entry);
+                    if may_block {
+                        drop(gone);
+                    } else {
+                        self.graveyard.lock().push(gone);
+                    }
+                }
                 None
             }
         }
     }
 
-    /// Keeps `file` (just opened at `path`, `meta` its metadata, `info`
-    /// what the store returned for it) unless something was forgotten
-    /// since `epoch` was read before the open.
+    /// Whether a sweep is due.
+    pub(crate) fn sweep_due(&self) -> bool {
+        self.capacity > 0 && self.now_ms() >= self.next_sweep.load(Ordering::Relaxed)
+    }
+
+    /// Keeps `file` (opened at `path` after `epoch` and `opened_at` were
+    /// read, `meta` its metadata, `info` what the store returned for it)
+    /// unless something was forgotten since.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn keep(
         &self,
         id: &ImageId,
         epoch: u64,
+        opened_at: u64,
         file: &Arc<File>,
         path: &std::path::Path,
         meta: &Metadata,
@@ -213,10 +243,8 @@ impl OpenFiles {
             return;
         }
         let now = self.now_ms();
-        // The open confirmed the path: a change time old enough is trusted
-        // alone from now on.
-        let c = ctime_ns(meta);
-        let settled = now_ns().saturating_sub(c) >= SETTLE.as_nanos() as u64;
+        // The open confirmed the path: a change time old enough then is
+        // trusted alone from now on.
         let entry = Arc::new(OpenFile {
             file: file.clone(),
             path: path.to_path_buf(),
@@ -224,26 +252,38 @@ impl OpenFiles {
             ino: meta.ino(),
             size: meta.size(),
             mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: AtomicU64::new(if settled { c | SETTLED } else { c }),
+            ctime: AtomicU64::new(stamp(meta, opened_at)),
             info: info.clone(),
             since: AtomicU64::new(0),
             used: AtomicU64::new(now),
             seq: self.kept.fetch_add(1, Ordering::Relaxed),
         });
         let mut map = self.map.write();
-        if self.epoch() != epoch {
+        // One kept already (another hit's, just as good) stays.
+        if self.epoch() != epoch || map.contains_key(id) {
             return;
         }
-        if map.len() >= self.capacity && !map.contains_key(id) {
+        let mut evicted = None;
+        if map.len() >= self.capacity {
             let coldest = map
                 .iter()
                 .min_by_key(|(_, e)| (e.used.load(Ordering::Relaxed), e.seq))
                 .map(|(k, _)| k.clone());
             if let Some(k) = coldest {
-                map.remove(&k);
+                evicted = map.remove(&k);
             }
         }
         map.insert(id.clone(), entry);
+        drop(map);
+        // Closed outside the lock: hits never wait for a last close.
+        drop(evicted);
+        self.bury();
+    }
+
+    /// Closes the descriptors dropped on threads that must not block.
+    fn bury(&self) {
+        let gone = std::mem::take(&mut *self.graveyard.lock());
+        drop(gone);
     }
 
     /// Closes the descriptor of `id` (its file was just removed, moved or
@@ -254,26 +294,26 @@ impl OpenFiles {
         }
         let mut map = self.map.write();
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        map.remove(id);
+        let gone = map.remove(id);
+        drop(map);
+        drop(gone);
     }
 
-    fn drop_if_same(&self, id: &ImageId, entry: &Arc<OpenFile>) {
+    /// Takes `entry` out if it is still the one kept for `id`.
+    fn take_if_same(&self, id: &ImageId, entry: &Arc<OpenFile>) -> Option<Arc<OpenFile>> {
         let mut map = self.map.write();
         if map.get(id).is_some_and(|e| Arc::ptr_eq(e, entry)) {
-            map.remove(id);
+            map.remove(id)
+        } else {
+            None
         }
     }
 
-    fn sweep_if_due(&self, now: u64) {
-        if now < self.next_sweep.load(Ordering::Relaxed) {
-            return;
-        }
-        self.sweep();
-    }
-
-    /// Closes the descriptors of files gone behind the cache's back, and
-    /// those idle for [`INACTIVE`]. One sweep at a time; a sweep that finds
-    /// another running returns at once.
+    /// Closes the descriptors of files gone behind the cache's back (each
+    /// path asked, so that a change above the file — the base directory
+    /// renamed or remounted — is seen too), and those idle for
+    /// [`INACTIVE`]. One sweep at a time; a sweep that finds another
+    /// running returns at once. May block: not on a runtime's thread.
     pub(crate) fn sweep(&self) {
         if self.capacity == 0 {
             return;
@@ -293,11 +333,14 @@ impl OpenFiles {
         let idle = INACTIVE.as_millis() as u64;
         for (id, entry) in entries {
             let stale = now.saturating_sub(entry.used.load(Ordering::Relaxed)) > idle
-                || entry.check().is_none();
+                || entry.check(true).is_none();
             if stale {
-                self.drop_if_same(&id, &entry);
+                let gone = self.take_if_same(&id, &entry);
+                drop(entry);
+                drop(gone);
             }
         }
+        self.bury();
     }
 }
 
@@ -307,8 +350,23 @@ fn ctime_ns(m: &Metadata) -> u64 {
     u64::try_from(ns.max(0)).unwrap_or(u64::MAX) & !SETTLED
 }
 
+/// The change time of `m` to record, for a path confirmed to name the
+/// file at `confirmed` (ns since the epoch, read before the lookup):
+/// [`SETTLED`] if it was old enough then that any later change must move
+/// it.
+fn stamp(m: &Metadata, confirmed: u64) -> u64 {
+    let c = ctime_ns(m);
+    let coarse = m.ctime_nsec() == 0 && m.mtime_nsec() == 0;
+    let settle = if coarse { SETTLE_COARSE } else { SETTLE };
+    if confirmed.saturating_sub(c) >= settle.as_nanos() as u64 {
+        c | SETTLED
+    } else {
+        c
+    }
+}
+
 /// The wall clock in ns since the epoch: file times are stamped by it.
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -327,14 +385,22 @@ mod tests {
         CachedImageInfo::new(id(name), size, SystemTime::now())
     }
 
+    impl OpenFiles {
+        fn get_now(&self, id: &ImageId) -> Option<(Arc<OpenFile>, Metadata)> {
+            self.get(id, true)
+        }
+    }
+
     /// Opens `path` as a hit would, and keeps it.
     fn open_and_keep(open: &OpenFiles, name: &str, path: &Path) -> Arc<File> {
         let epoch = open.epoch();
+        let at = now_ns();
         let file = Arc::new(File::open(path).unwrap());
         let meta = file.metadata().unwrap();
         open.keep(
             &id(name),
             epoch,
+            at,
             &file,
             path,
             &meta,
@@ -356,13 +422,13 @@ mod tests {
         std::fs::write(&path, b"one").unwrap();
         let open = OpenFiles::new(8);
         open_and_keep(&open, "a", &path);
-        let (hot, meta) = open.get(&id("a")).expect("kept");
+        let (hot, meta) = open.get_now(&id("a")).expect("kept");
         assert_eq!(meta.len(), 3);
         assert_eq!(hot.info_at(SystemTime::now()).hits, 1);
         assert_eq!(hot.info_at(SystemTime::now()).hits, 2);
         drop(hot);
         std::fs::remove_file(&path).unwrap();
-        assert!(open.get(&id("a")).is_none(), "unlinked: no links left");
+        assert!(open.get_now(&id("a")).is_none(), "unlinked: no links left");
         assert_eq!(open.len(), 0, "and its descriptor is closed");
     }
 
@@ -375,7 +441,7 @@ mod tests {
         open_and_keep(&open, "a", &path);
         std::fs::write(dir.path().join("new"), b"new").unwrap();
         std::fs::rename(dir.path().join("new"), &path).unwrap();
-        assert!(open.get(&id("a")).is_none());
+        assert!(open.get_now(&id("a")).is_none());
     }
 
     #[test]
@@ -386,10 +452,10 @@ mod tests {
         settle();
         let open = OpenFiles::new(8);
         open_and_keep(&open, "a", &path);
-        assert!(open.get(&id("a")).is_some());
+        assert!(open.get_now(&id("a")).is_some());
         // Moved aside (a quarantine by another process): its links stay.
         std::fs::rename(&path, dir.path().join("aside")).unwrap();
-        assert!(open.get(&id("a")).is_none());
+        assert!(open.get_now(&id("a")).is_none());
     }
 
     #[test]
@@ -403,9 +469,9 @@ mod tests {
             std::fs::write(&path, b"bytes").unwrap();
             let open = OpenFiles::new(8);
             open_and_keep(&open, "a", &path);
-            assert!(open.get(&id("a")).is_some());
+            assert!(open.get_now(&id("a")).is_some());
             std::fs::rename(&path, dir.path().join("aside")).unwrap();
-            assert!(open.get(&id("a")).is_none(), "round {round}");
+            assert!(open.get_now(&id("a")).is_none(), "round {round}");
         }
     }
 
@@ -422,7 +488,27 @@ mod tests {
             .unwrap()
             .set_len(2)
             .unwrap();
-        assert!(open.get(&id("a")).is_none());
+        assert!(open.get_now(&id("a")).is_none());
+    }
+
+    #[test]
+    fn a_file_moved_between_the_open_and_the_keep_is_never_trusted_alone() {
+        // The clock read before the open decides: a rename just after the
+        // open stamps a change time later than that, so however late the
+        // keep comes, the path is asked at every hit.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a");
+        std::fs::write(&path, b"bytes").unwrap();
+        settle();
+        let open = OpenFiles::new(8);
+        let epoch = open.epoch();
+        let at = now_ns();
+        let file = Arc::new(File::open(&path).unwrap());
+        std::fs::rename(&path, dir.path().join("aside")).unwrap();
+        let meta = file.metadata().unwrap();
+        settle();
+        open.keep(&id("a"), epoch, at, &file, &path, &meta, &info("a", 5));
+        assert!(open.get_now(&id("a")).is_none());
     }
 
     #[test]
@@ -435,7 +521,15 @@ mod tests {
         let file = Arc::new(File::open(&path).unwrap());
         let meta = file.metadata().unwrap();
         open.forget(&id("a"));
-        open.keep(&id("a"), epoch, &file, &path, &meta, &info("a", 5));
+        open.keep(
+            &id("a"),
+            epoch,
+            now_ns(),
+            &file,
+            &path,
+            &meta,
+            &info("a", 5),
+        );
         assert_eq!(open.len(), 0);
     }
 
@@ -450,8 +544,8 @@ mod tests {
             assert!(open.len() <= 3);
         }
         assert_eq!(open.len(), 3);
-        assert!(open.get(&id("e")).is_some(), "the newest stays");
-        assert!(open.get(&id("a")).is_none(), "the oldest went");
+        assert!(open.get_now(&id("e")).is_some(), "the newest stays");
+        assert!(open.get_now(&id("a")).is_none(), "the oldest went");
         let off = OpenFiles::new(0);
         open_and_keep(&off, "a", &dir.path().join("a"));
         assert_eq!(off.len(), 0, "0 keeps none");
@@ -469,6 +563,6 @@ mod tests {
         std::fs::remove_file(dir.path().join("a")).unwrap();
         open.sweep();
         assert_eq!(open.len(), 1);
-        assert!(open.get(&id("b")).is_some());
+        assert!(open.get_now(&id("b")).is_some());
     }
 }

@@ -119,13 +119,14 @@ impl CachedImage {
     }
 
     /// The open file, for callers that want it whole, positioned at the
-    /// start. A descriptor shared with other readers is duplicated first
-    /// (the duplicate shares its offset with them, and none of them uses
-    /// it).
+    /// start. A descriptor shared with other readers is opened afresh
+    /// (through `/proc/self/fd` on Linux, which works for a file deleted
+    /// since: its own offset); elsewhere it is duplicated, and the
+    /// duplicate's offset is shared with other such duplicates.
     pub fn into_file(self) -> io::Result<File> {
         let mut file = match Arc::try_unwrap(self.file) {
             Ok(file) => file,
-            Err(shared) => shared.try_clone()?,
+            Err(shared) => reopen(&shared)?,
         };
         file.rewind()?;
         Ok(file)
@@ -326,4 +327,16 @@ impl std::fmt::Debug for MappedImage {
             .field("len", &self.0.len())
             .finish()
     }
+}
+
+/// The same open file with an offset of its own, where the system allows.
+fn reopen(file: &File) -> io::Result<File> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        if let Ok(own) = File::open(format!("/proc/self/fd/{}", file.as_raw_fd())) {
+            return Ok(own);
+        }
+    }
+    file.try_clone()
 }

@@ -271,3 +271,27 @@ pub(crate) async fn send_file_async_within(
     }
     Ok(off - start)
 }
+
+/// Reads into `buf` at `pos` only what the page cache holds now, never
+/// waiting for the disk (Linux `preadv2(RWF_NOWAIT)`): `None` where the
+/// read would wait, or where the system cannot tell (other systems, file
+/// systems without the flag) — then read on a thread that may wait. A
+/// short read is what was resident; `Some(Ok(0))` is the end of the file.
+#[cfg(feature = "serve")]
+pub(crate) fn read_resident(file: &File, buf: &mut [u8], pos: u64) -> Option<io::Result<usize>> {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::io::{preadv2, Errno, ReadWriteFlags};
+        let mut bufs = [io::IoSliceMut::new(buf)];
+        match preadv2(file, &mut bufs, pos, ReadWriteFlags::NOWAIT) {
+            Ok(n) => Some(Ok(n)),
+            Err(Errno::AGAIN | Errno::OPNOTSUPP | Errno::INVAL | Errno::NOSYS) => None,
+            Err(e) => Some(Err(e.into())),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (file, buf, pos);
+        None
+    }
+}

@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use prometheus_client::metrics::counter::Counter;
 
 use super::plan::PlanBody;
+use crate::files::zero_copy::read_resident;
 
 /// A body chunk read on the blocking pool: large enough that a read costs
 /// little per byte, small enough that many clients stay within memory.
@@ -172,9 +173,21 @@ impl Chunks {
                 } else {
                     left.min(CHUNK as u64) as usize
                 };
-                let image = image.clone();
                 let pos = self.pos;
-                let r = read_on_pool(move |buf| image.file().read_at(buf, pos), want).await;
+                // What the page cache holds is read here; only a read that
+                // would wait for the disk goes to the blocking pool.
+                let mut buf = BytesMut::zeroed(want);
+                let r = match read_resident(image.file(), &mut buf, pos) {
+                    Some(r) => r.map(|n| {
+                        buf.truncate(n);
+                        buf.freeze()
+                    }),
+                    None => {
+                        drop(buf);
+                        let image = image.clone();
+                        read_on_pool(move |buf| image.file().read_at(buf, pos), want).await
+                    }
+                };
                 Some(self.advance(r))
             }
             PlanBody::Follow(follower, _, end) => {

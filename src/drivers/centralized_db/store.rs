@@ -43,11 +43,16 @@ impl CacheDriver for CentralizedDbDriver {
         at: SystemTime,
         file: OnDisk<'_>,
     ) -> Result<Option<CachedImageInfo>> {
-        let known = {
-            let memo = self.inner.memo.lock();
-            memo.get(id)
-                .filter(|m| m.file == identity(file))
-                .map(|m| m.info.clone())
+        // An entry the file layer vouches for needs no round trip (a
+        // runtime's thread may be asking).
+        let known = match file.known() {
+            Some(known) => Some(known.clone()),
+            None => {
+                let memo = self.inner.memo.lock();
+                memo.get(id)
+                    .filter(|m| m.file == identity(file))
+                    .map(|m| m.info.clone())
+            }
         };
         // First sight of this file in this process: one round trip.
         let info = match known {

@@ -118,6 +118,11 @@ struct Inner {
     /// Hits counted in memory and not yet written (see `hits.rs`): a read
     /// costs a `SELECT`; the batch is written in one transaction.
     hits: Mutex<Hits<()>>,
+    /// One batch written at a time, from the moment it is taken: a flush
+    /// that finds the batch empty because the writer thread took it waits
+    /// until that batch is written (a process that exits after dropping
+    /// its cache loses no hit).
+    flushing: Mutex<()>,
 }
 
 impl fmt::Debug for SqliteDriver {
@@ -164,6 +169,7 @@ impl SqliteDriver {
             conn,
             wal_merger,
             hits: Mutex::default(),
+            flushing: Mutex::default(),
         });
         spawn_hit_writer(&inner, wakes)?;
         Ok(SqliteDriver { inner })
@@ -192,6 +198,7 @@ impl SqliteDriver {
                 conn,
                 wal_merger,
                 hits: Mutex::default(),
+                flushing: Mutex::default(),
             }),
         })
     }
@@ -261,6 +268,7 @@ impl Inner {
 
     /// Writes the hits held in memory, in one transaction.
     fn flush_hits(&self) -> Result<()> {
+        let _one = self.flushing.lock();
         let pending = {
             let mut hits = self.hits.lock();
             if hits.is_empty() {
@@ -397,6 +405,20 @@ fn spawn_hit_writer(inner: &Arc<Inner>, wakes: std::sync::mpsc::Receiver<()>) ->
         })
         .map_err(|e| Error::io("start the hit writer for", &inner.db_path, e))?;
     Ok(())
+}
+
+impl Drop for SqliteDriver {
+    fn drop(&mut self) {
+        // The hit writer thread may hold the last reference for a moment
+        // (and be cut off by the process's exit): write what is held now,
+        // after any batch in flight.
+        if let Err(e) = self.inner.flush_hits() {
+            tracing::warn!(
+                "imgcache: {}: hits not written: {e}",
+                self.inner.db_path.display()
+            );
+        }
+    }
 }
 
 impl Drop for Inner {
