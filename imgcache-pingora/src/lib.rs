@@ -1,0 +1,614 @@
+//! A durable disk store for [pingora-cache](https://docs.rs/pingora-cache)
+//! 0.9, on [`imgcache`].
+//!
+//! pingora-cache ships only an in-memory store. [`DiskCache`] implements
+//! its [`Storage`] trait on an [`ImageCache`]: objects live on disk, crash
+//! safe (a body never without its metadata, a torn object never served),
+//! pruned to a byte limit by least recent use, and readers of an object
+//! still being written stream it as its bytes land (imgcache's followers of
+//! a fill), so a stampede on a cold object costs one upstream request.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use imgcache::ImageCache;
+//! use imgcache_pingora::DiskCache;
+//!
+//! let cache = ImageCache::builder("/var/cache/proxy").max_size(50 << 30).open()?;
+//! // pingora wants a `&'static` store.
+//! let storage: &'static DiskCache = Box::leak(Box::new(DiskCache::new(Arc::new(cache))?));
+//! // In `ProxyHttp::request_cache_filter`:
+//! // session.cache.enable(storage, None, None, Some(lock), None);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # How it maps
+//!
+//! | pingora | imgcache |
+//! |---|---|
+//! | an object (meta + body) | one cached image: a prefix with the meta, then the body (see `object.rs`) |
+//! | [`CacheKey`] | an id: the readable primary key (unsafe bytes replaced, cut to 160 bytes), `~`, and the key's 32 hex digits (`combined()`): unique by the hash, recognisable in `imgcache list-cached` |
+//! | `get_miss_handler` + `write_body` + `finish` | a fill ([`ImageCache::fetch_detached`]) reading the response through a channel; committed by the rename on `finish`; a handler dropped unfinished leaves nothing cached |
+//! | `lookup` during a write, `lookup_streaming_write` | a follower of the fill: bytes as they land, the last one only after the commit |
+//! | `lookup` | the cached file, read with `pread` (what the page cache holds, on the runtime's thread), seekable |
+//! | `update_meta` | a sidecar `<id>.meta` naming the body it updates |
+//! | `purge` | a delete of the image and its sidecar |
+//! | eviction | imgcache's own: `max_size`, least recently used first, durable across restarts |
+//!
+//! **Eviction:** leave pingora's eviction manager out (`None` in
+//! `HttpCache::enable`). imgcache keeps hits and access times durably and
+//! prunes to [`imgcache::CacheOptions::max_size`] after every fill and
+//! before one (admission), where pingora's managers are in memory and
+//! forget everything at a restart. A manager passed anyway works: its
+//! evictions arrive as purges.
+//!
+//! **Metadata** is stored with pingora's own `CacheMeta::serialize`: its
+//! header blob is compressed with the process's header dictionary
+//! (`pingora_cache::set_compression_dict_path`), so keep that dictionary
+//! for as long as the cache lives; an object whose metadata no longer
+//! decodes is a miss and is removed.
+//!
+//! Linux-only parts (reads of resident pages without waiting) fall back to
+//! the blocking pool elsewhere.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use imgcache::{Fetched, FollowReader, ImageCache, ImageId};
+use pingora_cache::key::CacheHashKey;
+use pingora_cache::storage::{HandleMiss, MissFinishType};
+use pingora_cache::trace::SpanHandle;
+use pingora_cache::{
+    CacheKey, CacheMeta, HitHandler, MissHandler, PurgeOutcome, PurgeTarget, PurgeType, Storage,
+};
+use pingora_error::{Error, ErrorType, OrErr, Result};
+
+mod hit;
+mod object;
+
+use hit::{read_exact_at, CompleteHit, PartialHit};
+use object::{Prefix, Sidecar, FIXED};
+
+/// The longest readable part of an id, in bytes.
+const READABLE: usize = 160;
+
+/// The first read of a hit: the prefix and the body's first bytes.
+const HEAD: usize = 64 << 10;
+
+/// Chunks a miss handler queues for its fill before `write_body` waits.
+const QUEUED_CHUNKS: usize = 32;
+
+/// pingora-cache's [`Storage`] on an [`ImageCache`]. See the crate docs.
+#[derive(Debug)]
+pub struct DiskCache {
+    cache: Arc<ImageCache>,
+    /// Ids by key hash (`combined()`), for purges, which name hashes only.
+    by_hash: Mutex<HashMap<String, ImageId>>,
+    /// The metadata updates there are (sidecars), so that a hit of an
+    /// object without one does not look for it.
+    sidecars: Mutex<std::collections::HashSet<ImageId>>,
+    /// The prefix (metadata) of each write under way, by id and tag: a
+    /// reader of a write gets its metadata at once.
+    writing: Mutex<HashMap<ImageId, (u64, Bytes)>>,
+    /// Tags of writes (unique in this process; the time they started in
+    /// the high bits, so that they differ across restarts too).
+    next_tag: AtomicU64,
+}
+
+impl DiskCache {
+    /// A store on `cache`. Lists what it holds, to answer purges by hash.
+    pub fn new(cache: Arc<ImageCache>) -> imgcache::Result<Self> {
+        let mut by_hash = HashMap::new();
+        let mut sidecars = std::collections::HashSet::new();
+        for info in cache.cached_images()? {
+            if let Some(hash) = hash_of(info.id.as_str()) {
+                by_hash.insert(hash.to_owned(), info.id);
+            } else if info.id.as_str().ends_with(".meta") {
+                sidecars.insert(info.id);
+            }
+        }
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Ok(DiskCache {
+            cache,
+            by_hash: Mutex::new(by_hash),
+            sidecars: Mutex::new(sidecars),
+            writing: Mutex::new(HashMap::new()),
+            next_tag: AtomicU64::new(start << 24),
+        })
+    }
+
+    fn lock_sidecars(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<ImageId>> {
+        self.sidecars.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The cache underneath.
+    pub fn cache(&self) -> &Arc<ImageCache> {
+        &self.cache
+    }
+
+    /// The imgcache id `key` is stored under.
+    pub fn object_id(key: &CacheKey) -> ImageId {
+        let hash = key.combined();
+        let readable = key.primary_key_str().map(readable).unwrap_or_default();
+        let id = if readable.is_empty() {
+            hash
+        } else {
+            format!("{readable}~{hash}")
+        };
+        // Only safe bytes and 32 hex digits: always a valid id.
+        ImageId::new(&id).expect("a readable part and a hash make a valid id")
+    }
+
+    fn remember(&self, key: &CacheKey, id: &ImageId) {
+        self.by_hash
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.combined(), id.clone());
+    }
+
+    /// What is stored for `id`: the object being written, else the
+    /// committed one; `None` if neither.
+    async fn find(&'static self, id: &ImageId) -> Result<Option<(CacheMeta, HitHandler)>> {
+        if let Some(found) = self.partial(id).await? {
+            return Ok(Some(found));
+        }
+        let Some(image) = self
+            .cache
+            .open_for_read_async(id)
+            .await
+            .or_err(ErrorType::InternalError, "imgcache: open")?
+        else {
+            // A write may have started while the file was looked for: a
+            // reader that calls it a miss now would make a second upstream
+            // request (pingora's lock is free once the write streams).
+            return self.partial(id).await;
+        };
+        self.complete(id, image).await
+    }
+
+    /// A reader of this process's write of `id`, if one is under way.
+    async fn partial(&'static self, id: &ImageId) -> Result<Option<(CacheMeta, HitHandler)>> {
+        loop {
+            let known = self
+                .writing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(id)
+                .map(|(_, prefix)| prefix.clone());
+            if let Some(follower) = self
+                .cache
+                .follow(id)
+                .or_err(ErrorType::InternalError, "imgcache: follow")?
+            {
+                return Ok(PartialHit::open(follower, known).await?.map(|(meta, hit)| {
+                    let hit: HitHandler = Box::new(hit);
+                    (meta, hit)
+                }));
+            }
+            if known.is_none() {
+                break;
+            }
+            // A write of this process is under way, but the registry of
+            // fills was busy (it never waits): ask again rather than call
+            // it a miss, which would make a second upstream request.
+            tokio::task::yield_now().await;
+        }
+        Ok(None)
+    }
+
+    /// A committed object, from its open file.
+    async fn complete(
+        &'static self,
+        id: &ImageId,
+        image: imgcache::CachedImage,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let image = Arc::new(image);
+        // One read for the prefix and the body's first bytes, which the
+        // hit handler serves first.
+        let head_len = image.len().min(HEAD as u64) as usize;
+        let mut head = read_exact_at(&image, 0, head_len.max(FIXED.min(head_len))).await?;
+        let decoded = Prefix::parse(&head).and_then(|prefix| {
+            // `len` past the file: damaged.
+            (prefix.len() <= image.len()).then_some(prefix)
+        });
+        let Some(prefix) = decoded else {
+            self.discard(id, "no valid prefix").await;
+            return Ok(None);
+        };
+        let plen = prefix.len() as usize;
+        if head.len() < plen {
+            let more = read_exact_at(&image, head.len() as u64, plen - head.len()).await?;
+            head.extend_from_slice(&more);
+        }
+        let first = Bytes::copy_from_slice(&head[plen..]);
+        let meta = match prefix.decode(&head[FIXED..plen]) {
+            Ok((meta, _key)) => meta,
+            Err(e) => {
+                self.discard(id, &format!("metadata that does not decode: {e}"))
+                    .await;
+                return Ok(None);
+            }
+        };
+        let meta = match self.sidecar(id, prefix.tag).await {
+            Some(updated) => updated,
+            None => meta,
+        };
+        let hit: HitHandler = Box::new(CompleteHit::new(image, prefix.len(), first));
+        Ok(Some((meta, hit)))
+    }
+
+    /// The metadata update of the body written with `tag`, if there is one.
+    async fn sidecar(&'static self, id: &ImageId, tag: u64) -> Option<CacheMeta> {
+        let sid = sidecar_id(id)?;
+        // Most objects have none: asked only of those known to.
+        if !self.lock_sidecars().contains(&sid) {
+            return None;
+        }
+        let image = self.cache.open_for_read_async(&sid).await.ok()??;
+        let len = usize::try_from(image.len()).ok()?;
+        let image = Arc::new(image);
+        let bytes = read_exact_at(&image, 0, len).await.ok()?;
+        Sidecar::decode(&bytes, tag)
+    }
+
+    /// Removes an object that cannot be served (a miss from now on).
+    async fn discard(&'static self, id: &ImageId, why: &str) {
+        tracing::warn!(object = %id, "imgcache-pingora: removing an object with {why}");
+        let cache = self.cache.clone();
+        let id = id.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = cache.delete_cached_image(&id);
+            if let Some(sid) = sidecar_id(&id) {
+                let _ = cache.delete_cached_image(&sid);
+            }
+        })
+        .await;
+    }
+}
+
+#[async_trait]
+impl Storage for DiskCache {
+    async fn lookup(
+        &'static self,
+        key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let id = Self::object_id(key);
+        self.find(&id).await
+    }
+
+    async fn lookup_streaming_write(
+        &'static self,
+        key: &CacheKey,
+        _streaming_write_tag: Option<&[u8]>,
+        _trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        // This process's one fill of the key (or, committed already, its
+        // file): whichever write got it, the bytes are the same response's.
+        let id = Self::object_id(key);
+        match self.find(&id).await? {
+            Some(found) => Ok(Some(found)),
+            None => Error::e_explain(
+                ErrorType::InternalError,
+                "imgcache: the write ended before it could be read",
+            ),
+        }
+    }
+
+    async fn get_miss_handler(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<MissHandler> {
+        let id = Self::object_id(key);
+        self.remember(key, &id);
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        let prefix = Bytes::from(object::encode(tag, meta, key.primary_key())?);
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUED_CHUNKS);
+        let reader = ChannelReader {
+            pending: prefix.clone(),
+            rx,
+        };
+        let cache = self.cache.clone();
+        let fill_id = id.clone();
+        let fetched = tokio::task::spawn_blocking(move || {
+            let room = cache.clone();
+            let room_id = fill_id.clone();
+            cache.fetch_detached(&fill_id, move || {
+                // Admission: room made under the limits before a byte is
+                // written (the size is not known yet).
+                room.make_room(&room_id, None)?;
+                Ok(imgcache::origin::OriginObject {
+                    reader: Box::new(reader),
+                    size: None,
+                    checksum: None,
+                })
+            })
+        })
+        .await
+        .or_err(ErrorType::InternalError, "imgcache: fill task")?
+        .or_err(ErrorType::InternalError, "imgcache: fill")?;
+        let (tx, fill) = match fetched {
+            Fetched::Following(f) if f.started_fill() => {
+                self.writing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.clone(), (tag, prefix));
+                (Some(tx), Some(f))
+            }
+            // Cached already, another write of this process under way, or
+            // the store down: this response's bytes are not needed.
+            _ => (None, None),
+        };
+        Ok(Box::new(Miss {
+            store: self,
+            id,
+            tx,
+            fill,
+            body: 0,
+            tag,
+            tag_bytes: tag.to_le_bytes(),
+        }))
+    }
+
+    async fn purge(
+        &'static self,
+        target: PurgeTarget<'_>,
+        _purge_type: PurgeType,
+        _trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
+        if let PurgeTarget::Exact(pingora_cache::CacheEntryKey::Identified { .. }) = target {
+            // This store names no entry ids: an exact one is not ours.
+            return Ok(PurgeOutcome::NotFound);
+        }
+        let hash = target.key().combined();
+        let id = self
+            .by_hash
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&hash);
+        let Some(id) = id else {
+            return Ok(PurgeOutcome::NotFound);
+        };
+        if let Some(sid) = sidecar_id(&id) {
+            self.lock_sidecars().remove(&sid);
+        }
+        let cache = self.cache.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            let removed = cache.delete_cached_image(&id)?;
+            if let Some(sid) = sidecar_id(&id) {
+                cache.delete_cached_image(&sid)?;
+            }
+            Ok::<_, imgcache::Error>(removed)
+        })
+        .await
+        .or_err(ErrorType::InternalError, "imgcache: purge task")?
+        .or_err(ErrorType::InternalError, "imgcache: purge")?;
+        Ok(if removed {
+            PurgeOutcome::Purged(None)
+        } else {
+            PurgeOutcome::NotFound
+        })
+    }
+
+    async fn update_meta(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<bool> {
+        let id = Self::object_id(key);
+        let Some(image) = self
+            .cache
+            .open_for_read_async(&id)
+            .await
+            .or_err(ErrorType::InternalError, "imgcache: open")?
+        else {
+            return Ok(false);
+        };
+        let image = Arc::new(image);
+        let fixed = read_exact_at(&image, 0, FIXED).await?;
+        let Some(prefix) = Prefix::parse(&fixed) else {
+            return Ok(false);
+        };
+        let Some(sid) = sidecar_id(&id) else {
+            return Ok(false);
+        };
+        let bytes = Sidecar::encode(prefix.tag, meta)?;
+        self.lock_sidecars().insert(sid.clone());
+        let cache = self.cache.clone();
+        tokio::task::spawn_blocking(move || {
+            // Replaced, not rewritten in place: a crash between the two
+            // leaves the body's own (older) metadata, stale at worst.
+            cache.delete_cached_image(&sid)?;
+            cache.cache_image_file(&sid, &bytes[..])
+        })
+        .await
+        .or_err(ErrorType::InternalError, "imgcache: update task")?
+        .or_err(ErrorType::InternalError, "imgcache: update meta")?;
+        Ok(true)
+    }
+
+    fn support_streaming_partial_write(&self) -> bool {
+        true
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
+        self
+    }
+}
+
+/// A message from a miss handler to its fill.
+enum Chunk {
+    Data(Bytes),
+    /// The response ended here, whole.
+    End,
+}
+
+/// What a fill reads: the prefix, then the response's body as the miss
+/// handler writes it. A handler dropped before the end is an error here,
+/// so the fill caches nothing.
+struct ChannelReader {
+    pending: Bytes,
+    rx: tokio::sync::mpsc::Receiver<Chunk>,
+}
+
+impl io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pending.is_empty() {
+            // A fill runs on a thread of its own: waiting here is its job.
+            match self.rx.blocking_recv() {
+                Some(Chunk::Data(b)) => self.pending = b,
+                Some(Chunk::End) => return Ok(0),
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the response was abandoned before its end",
+                    ))
+                }
+            }
+        }
+        let n = buf.len().min(self.pending.len());
+        buf[..n].copy_from_slice(&self.pending.split_to(n));
+        Ok(n)
+    }
+}
+
+/// A miss handler: the response's body into a fill.
+struct Miss {
+    store: &'static DiskCache,
+    id: ImageId,
+    /// `None` once the end was sent, or where the bytes are not needed.
+    tx: Option<tokio::sync::mpsc::Sender<Chunk>>,
+    /// The fill this handler feeds.
+    fill: Option<FollowReader>,
+    body: usize,
+    tag: u64,
+    tag_bytes: [u8; 8],
+}
+
+impl Drop for Miss {
+    fn drop(&mut self) {
+        // Finished or abandoned, this write is over: its readers now find
+        // the committed file, or nothing.
+        let mut writing = self.store.writing.lock().unwrap_or_else(|e| e.into_inner());
+        if writing
+            .get(&self.id)
+            .is_some_and(|(tag, _)| *tag == self.tag)
+        {
+            writing.remove(&self.id);
+        }
+    }
+}
+
+#[async_trait]
+impl HandleMiss for Miss {
+    async fn write_body(&mut self, data: Bytes, eof: bool) -> Result<()> {
+        self.body += data.len();
+        let Some(tx) = &self.tx else {
+            return Ok(());
+        };
+        if !data.is_empty() && tx.send(Chunk::Data(data)).await.is_err() {
+            self.tx = None;
+            return Error::e_explain(ErrorType::InternalError, "imgcache: the fill ended early");
+        }
+        if eof {
+            let _ = tx.send(Chunk::End).await;
+            self.tx = None;
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
+        if let Some(tx) = self.tx.take() {
+            // Finished without an end-of-stream write: the end is here.
+            let _ = tx.send(Chunk::End).await;
+        }
+        if let Some(fill) = self.fill.take() {
+            fill.committed()
+                .await
+                .or_err(ErrorType::InternalError, "imgcache: commit")?;
+            // Held under the byte limit after every fill.
+            let cache = self.store.cache.clone();
+            drop(tokio::task::spawn_blocking(move || {
+                if let Err(e) = cache.prune() {
+                    tracing::warn!("imgcache-pingora: prune: {e}");
+                }
+            }));
+        }
+        Ok(MissFinishType::Created(self.body))
+    }
+
+    fn streaming_write_tag(&self) -> Option<&[u8]> {
+        Some(&self.tag_bytes)
+    }
+}
+
+/// The readable part of an id: the bytes of `key` that are safe in a file
+/// name, others as `_`, cut at [`READABLE`] bytes.
+fn readable(key: &str) -> String {
+    let mut out: String = key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(READABLE)
+        .collect();
+    if out.starts_with('.') {
+        out.replace_range(..1, "_");
+    }
+    out
+}
+
+/// The key hash an object id ends with; `None` for other ids (sidecars).
+fn hash_of(id: &str) -> Option<&str> {
+    let hash = id.get(id.len().checked_sub(32)?..)?;
+    let before = &id[..id.len() - 32];
+    let hex = hash
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    (hex && (before.is_empty() || before.ends_with('~'))).then_some(hash)
+}
+
+/// The id of an object's metadata update.
+fn sidecar_id(id: &ImageId) -> Option<ImageId> {
+    ImageId::new(format!("{id}.meta")).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_readable_unique_and_safe() {
+        let k = CacheKey::new("example.org/images/ubuntu 24.04.iso?x=1", "");
+        let id = DiskCache::object_id(&k);
+        assert!(id
+            .as_str()
+            .starts_with("example.org_images_ubuntu_24.04.iso_x_1~"));
+        assert_eq!(hash_of(id.as_str()), Some(k.combined().as_str()));
+        let other = DiskCache::object_id(&CacheKey::new(
+            "example.org/images/ubuntu_24.04.iso?x=1",
+            "",
+        ));
+        assert_ne!(id, other, "the same readable part, told apart by the hash");
+        let dots = DiskCache::object_id(&CacheKey::new("../etc/passwd", ""));
+        assert!(!dots.as_str().starts_with('.') && !dots.as_str().contains('/'));
+        let long = DiskCache::object_id(&CacheKey::new("x".repeat(10_000), ""));
+        assert!(long.as_str().len() <= READABLE + 1 + 32);
+        let binary = DiskCache::object_id(&CacheKey::new(vec![0xff, 0, 1], ""));
+        assert_eq!(binary.as_str().len(), 32);
+        assert_eq!(hash_of(&format!("{id}.meta")), None);
+    }
+}
