@@ -127,6 +127,14 @@ fn wrk(wrk: &Path, port: u16, target: &str, conns: usize, secs: u32) -> f64 {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("Non-2xx"),
+        "error responses under load: {text}"
+    );
+    if let Some(line) = text.lines().find(|l| l.contains("Socket errors")) {
+        // Connections a server closed (keep-alive limits), reported.
+        println!("  {port}{target}: {}", line.trim());
+    }
     text.lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
@@ -147,7 +155,7 @@ fn peak_mib(pids: &[u32]) -> f64 {
 }
 
 /// The processes of group `pgid`.
-fn group(pgid: u32) -> Vec<u32> {
+fn group_of(pgid: u32) -> Vec<u32> {
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
@@ -170,20 +178,45 @@ fn stop(mut child: Child, signal: &str) {
     let pgid = child.id();
     let _ = Command::new("kill")
         .args([&format!("-{signal}"), "--", &format!("-{pgid}")])
+        .stderr(Stdio::null())
         .status();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !group(pgid).is_empty() && Instant::now() < deadline {
+    while !group_of(pgid).is_empty() && Instant::now() < deadline {
         let _ = child.try_wait();
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = Command::new("kill")
         .args(["-KILL", "--", &format!("-{pgid}")])
+        .stderr(Stdio::null())
         .status();
     let _ = child.wait();
-    assert!(
-        group(pgid).is_empty(),
-        "processes of group {pgid} outlived the bench"
-    );
+    // Reaped by their parent (nginx's workers by the master, gone too):
+    // wait for the group to empty.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !group_of(pgid).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !std::thread::panicking() {
+        assert!(
+            group_of(pgid).is_empty(),
+            "processes of group {pgid} outlived the bench"
+        );
+    }
+}
+
+/// A started server's process group, stopped when dropped (a panic of
+/// the bench included): nothing it started outlives it.
+struct Group {
+    child: Option<Child>,
+    signal: &'static str,
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            stop(child, self.signal);
+        }
+    }
 }
 
 fn start_proxy(example: &Path, port: u16, upstream: u16, extra: &[&str]) -> Child {
@@ -299,7 +332,7 @@ fn main() {
         let port = free_port();
         let dir = work.path().join(name.replace([' ', '+'], "_"));
         std::fs::create_dir_all(&dir).unwrap();
-        let child = match name {
+        let started = match name {
             "pingora + imgcache" => start_proxy(
                 &example,
                 port,
@@ -309,6 +342,15 @@ fn main() {
             "pingora + memory" => start_proxy(&example, port, up, &["--memory"]),
             _ => start_nginx(&nginx, &dir, port, up),
         };
+        let pgid = started.id();
+        let group = Group {
+            child: Some(started),
+            signal: if name.starts_with("nginx") {
+                "QUIT"
+            } else {
+                "INT"
+            },
+        };
         // Warm: one miss each, then a hit.
         for t in [&small_target, &big_target] {
             let want = if t == &small_target { MIB } else { big };
@@ -317,16 +359,9 @@ fn main() {
         }
         let small = wrk(&wrk_bin, port, &small_target, 64, secs);
         let big_rate = wrk(&wrk_bin, port, &big_target, 4, secs) * big as f64 / 1e9;
-        let rss = peak_mib(&group(child.id()));
+        let rss = peak_mib(&group_of(pgid));
         rows.push((small, big_rate, rss));
-        stop(
-            child,
-            if name.starts_with("nginx") {
-                "QUIT"
-            } else {
-                "INT"
-            },
-        );
+        drop(group);
     }
     println!(
         "\npingora example proxy: imgcache vs in-memory store vs nginx proxy_cache ({}; same run, loopback, {} cores)",

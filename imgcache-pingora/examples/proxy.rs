@@ -6,9 +6,11 @@
 //!     --dir /var/cache/proxy --max-size 50GiB [--threads 2]
 //! ```
 //!
-//! `GET` and `HEAD` responses the upstream lets be cached (its
-//! `Cache-Control`, or an hour for a `200` that says nothing) are kept on
-//! disk, keyed by host and path; concurrent misses of one object make one
+//! Whole `200` responses to `GET` and `HEAD` that the upstream lets be
+//! cached (its `Cache-Control`, or an hour where it says nothing; nothing
+//! fetched with a client's credentials unless it says `public`) are kept
+//! on disk, keyed by host and path (the upstream is always asked for the
+//! whole object: no `Range`, no preconditions, `HEAD` as `GET`); concurrent misses of one object make one
 //! upstream request (pingora's cache lock), the others reading the write
 //! as it lands. Every response says `x-cache-status` (`hit`, `miss`, …).
 //! `--memory` runs the same proxy on pingora's in-memory store instead,
@@ -23,12 +25,12 @@ use imgcache_pingora::DiskCache;
 use pingora_cache::cache_control::CacheControl;
 use pingora_cache::filters::resp_cacheable;
 use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
-use pingora_cache::{CacheKey, CacheMetaDefaults, MemCache, RespCacheable, Storage};
+use pingora_cache::{CacheKey, CacheMetaDefaults, MemCache, NoCacheReason, RespCacheable, Storage};
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::Server;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::Result;
-use pingora_http::{Method, ResponseHeader};
+use pingora_http::{Method, RequestHeader, ResponseHeader};
 use pingora_proxy::{ProxyHttp, Session};
 
 /// An hour for a `200` whose upstream says nothing about caching.
@@ -81,14 +83,44 @@ impl ProxyHttp for Proxy {
         Ok(CacheKey::new(format!("{host}{path}"), ""))
     }
 
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        _ctx: &mut (),
+    ) -> Result<()> {
+        if session.cache.enabled() {
+            // The whole object, whatever the client asked: HEAD as GET, no
+            // Range, no preconditions (a revalidation's own are added).
+            pingora_cache::filters::upstream::request_filter(
+                upstream_request,
+                session.cache.maybe_cache_meta(),
+            );
+        }
+        Ok(())
+    }
+
     fn response_cache_filter(
         &self,
-        _session: &Session,
+        session: &Session,
         resp: &ResponseHeader,
         _ctx: &mut (),
     ) -> Result<RespCacheable> {
+        // Whole objects only, and nothing a client's credentials fetched
+        // unless the upstream says it may be shared.
+        if resp.status.as_u16() != 200 {
+            return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
+                "not a whole object",
+            )));
+        }
+        let authorized = session.req_header().headers.contains_key("authorization");
         let cc = CacheControl::from_resp_headers(resp);
-        Ok(resp_cacheable(cc.as_ref(), resp.clone(), false, &DEFAULTS))
+        Ok(resp_cacheable(
+            cc.as_ref(),
+            resp.clone(),
+            authorized,
+            &DEFAULTS,
+        ))
     }
 
     async fn response_filter(

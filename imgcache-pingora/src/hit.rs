@@ -203,63 +203,22 @@ pub(crate) struct PartialHit {
 }
 
 impl PartialHit {
-    /// The object's metadata and a reader of its body: from `known`, the
-    /// prefix its miss handler wrote (no wait: the last byte the fill
-    /// landed is held back until more come, so a prefix read from the
-    /// file would wait for the body's first byte), else from the file.
-    /// `None` if the write ended without a prefix (nothing to serve).
-    pub(crate) async fn open(
-        follower: FollowReader,
-        known: Option<Bytes>,
+    /// The metadata (from `prefix`, the prefix its miss handler wrote: no
+    /// wait for the file) and a reader of the body of the write `fill`.
+    /// `None` if the prefix does not decode.
+    pub(crate) fn open(
+        fill: Arc<FollowReader>,
+        prefix: &[u8],
     ) -> Result<Option<(CacheMeta, PartialHit)>> {
-        let follower = Arc::new(follower);
-        if let Some(head) = known {
-            let Some(prefix) = Prefix::parse(&head) else {
-                return Ok(None);
-            };
-            let (meta, _key) = prefix.decode(&head[FIXED..])?;
-            return Ok(Some((
-                meta,
-                PartialHit {
-                    follower,
-                    pos: prefix.len(),
-                },
-            )));
-        }
-        let mut head = Vec::new();
-        let mut want = FIXED;
-        let mut prefix = None;
-        while head.len() < want {
-            let n = match follower.ready(head.len() as u64, None).await {
-                Ok(Some(n)) => n,
-                // Ended (or failed) before its prefix: nothing to serve.
-                Ok(None) | Err(_) => return Ok(None),
-            };
-            let take = n.min((want - head.len()) as u64) as usize;
-            let b = read_at(&follower, head.len() as u64, take)
-                .await
-                .or_err(ErrorType::ReadError, "imgcache: read")?;
-            if b.is_empty() {
-                return Ok(None);
-            }
-            head.extend_from_slice(&b);
-            if prefix.is_none() && head.len() >= FIXED {
-                let Some(p) = Prefix::parse(&head) else {
-                    return Ok(None);
-                };
-                want = p.len() as usize;
-                prefix = Some(p);
-            }
-        }
-        let Some(prefix) = prefix else {
+        let Some(p) = Prefix::parse(prefix) else {
             return Ok(None);
         };
-        let (meta, _key) = prefix.decode(&head[FIXED..])?;
+        let (meta, _key) = p.decode(&prefix[FIXED..])?;
         Ok(Some((
             meta,
             PartialHit {
-                follower,
-                pos: prefix.len(),
+                follower: fill,
+                pos: p.len(),
             },
         )))
     }

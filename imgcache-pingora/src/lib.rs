@@ -27,8 +27,9 @@
 //! |---|---|
 //! | an object (meta + body) | one cached image: a prefix with the meta, then the body (see `object.rs`) |
 //! | [`CacheKey`] | an id: the readable primary key (unsafe bytes replaced, cut to 160 bytes), `~`, and the key's 32 hex digits (`combined()`): unique by the hash, recognisable in `imgcache list-cached` |
-//! | `get_miss_handler` + `write_body` + `finish` | a fill ([`ImageCache::fetch_detached`]) reading the response through a channel; committed by the rename on `finish`; a handler dropped unfinished leaves nothing cached |
-//! | `lookup` during a write, `lookup_streaming_write` | a follower of the fill: bytes as they land, the last one only after the commit |
+//! | `get_miss_handler` + `write_body` + `finish` | a fill ([`ImageCache::fetch_detached`]) reading the response through a channel, its `Content-Length` checked; committed by the rename on `finish`; a handler dropped unfinished leaves nothing cached; a stale object is replaced; a second write of an object under way is refused (pingora passes that response on uncached) |
+//! | `lookup_streaming_write` | that write's own fill, found by its tag: never another write's bytes |
+//! | `lookup` during a write | the write's fill, shared by its readers: bytes as they land, the end only with the commit, a failure an error at once |
 //! | `lookup` | the cached file, read with `pread` (what the page cache holds, on the runtime's thread), seekable |
 //! | `update_meta` | a sidecar `<id>.meta` naming the body it updates |
 //! | `purge` | a delete of the image and its sidecar |
@@ -82,6 +83,14 @@ const HEAD: usize = 64 << 10;
 /// Chunks a miss handler queues for its fill before `write_body` waits.
 const QUEUED_CHUNKS: usize = 32;
 
+/// A write under way.
+#[derive(Debug, Clone)]
+struct Write {
+    tag: u64,
+    prefix: Bytes,
+    fill: Arc<FollowReader>,
+}
+
 /// pingora-cache's [`Storage`] on an [`ImageCache`]. See the crate docs.
 #[derive(Debug)]
 pub struct DiskCache {
@@ -91,11 +100,11 @@ pub struct DiskCache {
     /// The metadata updates there are (sidecars), so that a hit of an
     /// object without one does not look for it.
     sidecars: Mutex<std::collections::HashSet<ImageId>>,
-    /// The prefix (metadata) of each write under way, by id and tag: a
-    /// reader of a write gets its metadata at once.
-    writing: Mutex<HashMap<ImageId, (u64, Bytes)>>,
-    /// Tags of writes (unique in this process; the time they started in
-    /// the high bits, so that they differ across restarts too).
+    /// Each write under way, by id: its tag, its prefix (a reader gets the
+    /// metadata at once) and its fill, shared by its readers (a fill that
+    /// fails reaches them as an error).
+    writing: Mutex<HashMap<ImageId, Write>>,
+    /// Tags of writes (from a random start).
     next_tag: AtomicU64,
 }
 
@@ -111,15 +120,20 @@ impl DiskCache {
                 sidecars.insert(info.id);
             }
         }
-        let start = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        // Random (the standard library's per-process keys): tags of two
+        // processes on one directory do not meet.
+        let start = {
+            use std::hash::{BuildHasher, Hasher};
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+        };
         Ok(DiskCache {
             cache,
             by_hash: Mutex::new(by_hash),
             sidecars: Mutex::new(sidecars),
             writing: Mutex::new(HashMap::new()),
-            next_tag: AtomicU64::new(start << 24),
+            next_tag: AtomicU64::new(start),
         })
     }
 
@@ -155,7 +169,7 @@ impl DiskCache {
     /// What is stored for `id`: the object being written, else the
     /// committed one; `None` if neither.
     async fn find(&'static self, id: &ImageId) -> Result<Option<(CacheMeta, HitHandler)>> {
-        if let Some(found) = self.partial(id).await? {
+        if let Some(found) = self.partial(id, None)? {
             return Ok(Some(found));
         }
         let Some(image) = self
@@ -167,39 +181,29 @@ impl DiskCache {
             // A write may have started while the file was looked for: a
             // reader that calls it a miss now would make a second upstream
             // request (pingora's lock is free once the write streams).
-            return self.partial(id).await;
+            return self.partial(id, None);
         };
         self.complete(id, image).await
     }
 
-    /// A reader of this process's write of `id`, if one is under way.
-    async fn partial(&'static self, id: &ImageId) -> Result<Option<(CacheMeta, HitHandler)>> {
-        loop {
-            let known = self
-                .writing
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(id)
-                .map(|(_, prefix)| prefix.clone());
-            if let Some(follower) = self
-                .cache
-                .follow(id)
-                .or_err(ErrorType::InternalError, "imgcache: follow")?
-            {
-                return Ok(PartialHit::open(follower, known).await?.map(|(meta, hit)| {
-                    let hit: HitHandler = Box::new(hit);
-                    (meta, hit)
-                }));
-            }
-            if known.is_none() {
-                break;
-            }
-            // A write of this process is under way, but the registry of
-            // fills was busy (it never waits): ask again rather than call
-            // it a miss, which would make a second upstream request.
-            tokio::task::yield_now().await;
-        }
-        Ok(None)
+    /// A reader of this process's write of `id`, if one is under way
+    /// (`tag`: that write only).
+    fn partial(&self, id: &ImageId, tag: Option<u64>) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let write = self
+            .writing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned();
+        let Some(write) = write.filter(|w| tag.is_none_or(|t| t == w.tag)) else {
+            return Ok(None);
+        };
+        Ok(
+            PartialHit::open(write.fill, &write.prefix)?.map(|(meta, hit)| {
+                let hit: HitHandler = Box::new(hit);
+                (meta, hit)
+            }),
+        )
     }
 
     /// A committed object, from its open file.
@@ -258,17 +262,58 @@ impl DiskCache {
     }
 
     /// Removes an object that cannot be served (a miss from now on).
-    async fn discard(&'static self, id: &ImageId, why: &str) {
+    async fn discard(&self, id: &ImageId, why: &str) {
         tracing::warn!(object = %id, "imgcache-pingora: removing an object with {why}");
+        let _ = self.remove(id).await;
+    }
+
+    /// Removes the object `id` and its metadata update; whether it was
+    /// there.
+    async fn remove(&self, id: &ImageId) -> Result<bool> {
+        if let Some(sid) = sidecar_id(id) {
+            self.lock_sidecars().remove(&sid);
+        }
         let cache = self.cache.clone();
         let id = id.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            let _ = cache.delete_cached_image(&id);
+        tokio::task::spawn_blocking(move || {
+            let removed = cache.delete_cached_image(&id)?;
             if let Some(sid) = sidecar_id(&id) {
-                let _ = cache.delete_cached_image(&sid);
+                cache.delete_cached_image(&sid)?;
             }
+            Ok::<_, imgcache::Error>(removed)
         })
-        .await;
+        .await
+        .or_err(ErrorType::InternalError, "imgcache: remove task")?
+        .or_err(ErrorType::InternalError, "imgcache: remove")
+    }
+
+    /// The id stored under key hash `hash`: from the index, else from a
+    /// listing (an object written since by another process, or after a
+    /// purge of its write).
+    async fn id_of_hash(&self, hash: &str) -> Result<Option<ImageId>> {
+        let known = self
+            .by_hash
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(hash)
+            .cloned();
+        if known.is_some() {
+            return Ok(known);
+        }
+        let cache = self.cache.clone();
+        let hash = hash.to_owned();
+        tokio::task::spawn_blocking(move || {
+            Ok::<_, imgcache::Error>(
+                cache
+                    .cached_images()?
+                    .into_iter()
+                    .map(|i| i.id)
+                    .find(|id| hash_of(id.as_str()) == Some(hash.as_str())),
+            )
+        })
+        .await
+        .or_err(ErrorType::InternalError, "imgcache: list task")?
+        .or_err(ErrorType::InternalError, "imgcache: list")
     }
 }
 
@@ -286,13 +331,15 @@ impl Storage for DiskCache {
     async fn lookup_streaming_write(
         &'static self,
         key: &CacheKey,
-        _streaming_write_tag: Option<&[u8]>,
+        streaming_write_tag: Option<&[u8]>,
         _trace: &SpanHandle,
     ) -> Result<Option<(CacheMeta, HitHandler)>> {
-        // This process's one fill of the key (or, committed already, its
-        // file): whichever write got it, the bytes are the same response's.
+        // That write, and no other: its own bytes, as they land.
         let id = Self::object_id(key);
-        match self.find(&id).await? {
+        let tag = streaming_write_tag
+            .and_then(|t| <[u8; 8]>::try_from(t).ok())
+            .map(u64::from_le_bytes);
+        match self.partial(&id, tag)? {
             Some(found) => Ok(Some(found)),
             None => Error::e_explain(
                 ErrorType::InternalError,
@@ -311,42 +358,87 @@ impl Storage for DiskCache {
         self.remember(key, &id);
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         let prefix = Bytes::from(object::encode(tag, meta, key.primary_key())?);
-        let (tx, rx) = tokio::sync::mpsc::channel(QUEUED_CHUNKS);
+        // The size the response announced, checked by the fill: a body cut
+        // short is never committed.
+        let size = meta
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+            .filter(|_| !meta.headers().contains_key("transfer-encoding"))
+            .map(|n| n + prefix.len() as u64);
+        let (mut tx, rx) = tokio::sync::mpsc::channel(QUEUED_CHUNKS);
         let reader = ChannelReader {
             pending: prefix.clone(),
             rx,
         };
-        let cache = self.cache.clone();
-        let fill_id = id.clone();
-        let fetched = tokio::task::spawn_blocking(move || {
-            let room = cache.clone();
-            let room_id = fill_id.clone();
-            cache.fetch_detached(&fill_id, move || {
-                // Admission: room made under the limits before a byte is
-                // written (the size is not known yet).
-                room.make_room(&room_id, None)?;
-                Ok(imgcache::origin::OriginObject {
-                    reader: Box::new(reader),
-                    size: None,
-                    checksum: None,
+        let mut reader = Some(reader);
+        let mut replaced = false;
+        let fill = loop {
+            let cache = self.cache.clone();
+            let fill_id = id.clone();
+            let object_reader = reader.take();
+            let fetched = tokio::task::spawn_blocking(move || {
+                let room = cache.clone();
+                let room_id = fill_id.clone();
+                cache.fetch_detached(&fill_id, move || {
+                    // Admission: room made under the limits before a byte
+                    // is written.
+                    room.make_room(&room_id, size)?;
+                    let Some(reader) = object_reader else {
+                        return Err(imgcache::Error::FillFailed {
+                            id: room_id,
+                            reason: "no response to read".into(),
+                        });
+                    };
+                    Ok(imgcache::origin::OriginObject {
+                        reader: Box::new(reader),
+                        size,
+                        checksum: None,
+                    })
                 })
             })
-        })
-        .await
-        .or_err(ErrorType::InternalError, "imgcache: fill task")?
-        .or_err(ErrorType::InternalError, "imgcache: fill")?;
-        let (tx, fill) = match fetched {
-            Fetched::Following(f) if f.started_fill() => {
-                self.writing
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id.clone(), (tag, prefix));
-                (Some(tx), Some(f))
+            .await
+            .or_err(ErrorType::InternalError, "imgcache: fill task")?
+            .or_err(ErrorType::InternalError, "imgcache: fill")?;
+            match fetched {
+                Fetched::Following(f) if f.started_fill() => break f,
+                // A stale object being refreshed: the new response replaces
+                // it (its reader was not used: a hit never opens one).
+                Fetched::Cached(_) if !replaced => {
+                    replaced = true;
+                    self.remove(&id).await?;
+                    let (tx2, rx2) = tokio::sync::mpsc::channel(QUEUED_CHUNKS);
+                    reader = Some(ChannelReader {
+                        pending: prefix.clone(),
+                        rx: rx2,
+                    });
+                    tx = tx2;
+                    continue;
+                }
+                // Another write of this key under way here, or the store
+                // down: this response is not cached (pingora passes it on
+                // uncached), never answered with another write's bytes.
+                _ => {
+                    return Error::e_explain(
+                        ErrorType::InternalError,
+                        "imgcache: another write of this object is under way",
+                    )
+                }
             }
-            // Cached already, another write of this process under way, or
-            // the store down: this response's bytes are not needed.
-            _ => (None, None),
         };
+        let fill = Arc::new(fill);
+        self.writing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                id.clone(),
+                Write {
+                    tag,
+                    prefix,
+                    fill: fill.clone(),
+                },
+            );
+        let (tx, fill) = (Some(tx), Some(fill));
         Ok(Box::new(Miss {
             store: self,
             id,
@@ -369,28 +461,16 @@ impl Storage for DiskCache {
             return Ok(PurgeOutcome::NotFound);
         }
         let hash = target.key().combined();
-        let id = self
-            .by_hash
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&hash);
-        let Some(id) = id else {
+        let Some(id) = self.id_of_hash(&hash).await? else {
             return Ok(PurgeOutcome::NotFound);
         };
-        if let Some(sid) = sidecar_id(&id) {
-            self.lock_sidecars().remove(&sid);
+        let removed = self.remove(&id).await?;
+        if removed {
+            self.by_hash
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&hash);
         }
-        let cache = self.cache.clone();
-        let removed = tokio::task::spawn_blocking(move || {
-            let removed = cache.delete_cached_image(&id)?;
-            if let Some(sid) = sidecar_id(&id) {
-                cache.delete_cached_image(&sid)?;
-            }
-            Ok::<_, imgcache::Error>(removed)
-        })
-        .await
-        .or_err(ErrorType::InternalError, "imgcache: purge task")?
-        .or_err(ErrorType::InternalError, "imgcache: purge")?;
         Ok(if removed {
             PurgeOutcome::Purged(None)
         } else {
@@ -432,8 +512,8 @@ impl Storage for DiskCache {
         })
         .await
         .or_err(ErrorType::InternalError, "imgcache: update task")?
-        .or_err(ErrorType::InternalError, "imgcache: update meta")?;
-        Ok(true)
+        .or_err(ErrorType::InternalError, "imgcache: update meta")
+        // `false`: another update won the race, and stands.
     }
 
     fn support_streaming_partial_write(&self) -> bool {
@@ -488,7 +568,7 @@ struct Miss {
     /// `None` once the end was sent, or where the bytes are not needed.
     tx: Option<tokio::sync::mpsc::Sender<Chunk>>,
     /// The fill this handler feeds.
-    fill: Option<FollowReader>,
+    fill: Option<Arc<FollowReader>>,
     body: usize,
     tag: u64,
     tag_bytes: [u8; 8],
@@ -499,10 +579,7 @@ impl Drop for Miss {
         // Finished or abandoned, this write is over: its readers now find
         // the committed file, or nothing.
         let mut writing = self.store.writing.lock().unwrap_or_else(|e| e.into_inner());
-        if writing
-            .get(&self.id)
-            .is_some_and(|(tag, _)| *tag == self.tag)
-        {
+        if writing.get(&self.id).is_some_and(|w| w.tag == self.tag) {
             writing.remove(&self.id);
         }
     }

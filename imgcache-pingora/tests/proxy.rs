@@ -132,6 +132,11 @@ struct Response {
 
 /// One request over a fresh connection.
 fn get(port: u16, target: &str, extra: &str) -> Response {
+    get_after(port, target, extra, None)
+}
+
+/// [`get`], waiting at `sent` once the request is sent.
+fn get_after(port: u16, target: &str, extra: &str, sent: Option<&std::sync::Barrier>) -> Response {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     write!(
@@ -139,6 +144,9 @@ fn get(port: u16, target: &str, extra: &str) -> Response {
         "GET {target} HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n{extra}\r\n"
     )
     .unwrap();
+    if let Some(b) = sent {
+        b.wait();
+    }
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
     let split = raw
@@ -194,15 +202,22 @@ struct Proxy {
     port: u16,
 }
 
+/// The example proxy, built now in this test's profile (`cargo test
+/// --test proxy` alone does not build examples: never a stale one).
 fn example() -> PathBuf {
     // target/<profile>/deps/<this test> -> target/<profile>/examples/proxy
     let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("proxy")
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build.args(["build", "-p", "imgcache-pingora", "--example", "proxy"]);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    assert!(
+        build.status().unwrap().success(),
+        "cannot build the example proxy"
+    );
+    profile_dir.join("examples").join("proxy")
 }
 
 impl Proxy {
@@ -270,9 +285,17 @@ fn hits_ranges_a_stampede_and_a_restart() {
     // exact, whether it was read as it landed or from the disk after.
     let cold = "/held/b?len=8388608";
     let want = body("/held/b", 8 << 20);
+    // Released only once all 50 requests are sent: none can be a plain hit
+    // of a committed object; each waits for the write or follows it.
+    let sent = Arc::new(std::sync::Barrier::new(51));
     let clients: Vec<_> = (0..50)
-        .map(|_| std::thread::spawn(move || get(p, cold, "")))
+        .map(|_| {
+            let sent = sent.clone();
+            std::thread::spawn(move || get_after(p, cold, "", Some(&sent)))
+        })
         .collect();
+    let t0 = Instant::now();
+    sent.wait();
     upstream.wait_asked("/held/b");
     upstream.release();
     let mut statuses: HashMap<String, usize> = HashMap::new();
@@ -282,15 +305,16 @@ fn hits_ranges_a_stampede_and_a_restart() {
             .entry(r.headers.get("x-cache-status").cloned().unwrap_or_default())
             .or_default() += 1;
         assert_eq!(r.status, 200);
-        let at = r.body.iter().zip(&want).position(|(a, b)| a != b);
-        assert!(
-            r.body == want,
-            "a body of {} bytes differs (first at {at:?}; {:?})",
-            r.body.len(),
-            r.headers
-        );
+        if r.body != want {
+            let at = r.body.iter().zip(&want).position(|(a, b)| a != b);
+            panic!(
+                "a body of {} bytes differs (first at {at:?}; {:?})",
+                r.body.len(),
+                r.headers
+            );
+        }
     }
-    eprintln!("stampede: {statuses:?}");
+    eprintln!("stampede: {statuses:?} after {:?}", t0.elapsed());
     assert_eq!(
         upstream.count("/held/b"),
         1,

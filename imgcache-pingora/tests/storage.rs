@@ -132,6 +132,138 @@ async fn write_while_read() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_replaces_the_stale_object() {
+    // What pingora does when an expired object's upstream answers 200: a
+    // miss handler for a key that is cached. The new response replaces it;
+    // its writer's reader gets the new bytes, never the old.
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let span = &Span::inactive().handle();
+    let key = CacheKey::new("example.org/refresh", "1");
+    let mut miss = s.get_miss_handler(&key, &meta(0), span).await.unwrap();
+    miss.write_body(b"old body"[..].into(), true).await.unwrap();
+    miss.finish().await.unwrap();
+    let fresh = meta(600);
+    let mut miss = s.get_miss_handler(&key, &fresh, span).await.unwrap();
+    let (m, mut own) = s
+        .lookup_streaming_write(&key, miss.streaming_write_tag(), span)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.fresh_until(), fresh.fresh_until());
+    miss.write_body(b"the new body"[..].into(), true)
+        .await
+        .unwrap();
+    miss.finish().await.unwrap();
+    assert_eq!(read_all(&mut *own).await, b"the new body");
+    let (m, mut hit) = s.lookup(&key, span).await.unwrap().unwrap();
+    assert_eq!(m.fresh_until(), fresh.fresh_until());
+    assert_eq!(read_all(&mut *hit).await, b"the new body");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_writer_is_refused_and_reads_no_other_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let span = &Span::inactive().handle();
+    let key = CacheKey::new("example.org/two-writers", "1");
+    let mut first = s.get_miss_handler(&key, &meta(60), span).await.unwrap();
+    // pingora passes the second one's response on uncached.
+    assert!(s.get_miss_handler(&key, &meta(60), span).await.is_err());
+    // A tag that is not the write's finds nothing.
+    assert!(s
+        .lookup_streaming_write(&key, Some(&[9u8; 8][..]), span)
+        .await
+        .is_err());
+    first.write_body(b"one"[..].into(), true).await.unwrap();
+    first.finish().await.unwrap();
+    let (_, mut hit) = s.lookup(&key, span).await.unwrap().unwrap();
+    assert_eq!(read_all(&mut *hit).await, b"one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_fails_early_fails_its_readers_at_once() {
+    // The fill stops (here: the cache is told to stop its fills, as at a
+    // shutdown) while its miss handler lives on: its readers, its own
+    // writer's included, get an error, never a wait without end.
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let span = &Span::inactive().handle();
+    let key = CacheKey::new("example.org/fails", "1");
+    let mut miss = s.get_miss_handler(&key, &meta(60), span).await.unwrap();
+    let (_, mut own) = s
+        .lookup_streaming_write(&key, miss.streaming_write_tag(), span)
+        .await
+        .unwrap()
+        .unwrap();
+    s.cache().stop_fills();
+    let _ = miss.write_body(b"more"[..].into(), false).await;
+    let limit = Duration::from_secs(30);
+    let mut failed = false;
+    while let Ok(read) = tokio::time::timeout(limit, own.read_body()).await {
+        match read {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("a failed write ended cleanly"),
+            Err(_) => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    assert!(failed, "the reader waited for a write that had failed");
+    let (_, mut later) = tokio::time::timeout(limit, s.lookup(&key, span))
+        .await
+        .expect("a lookup returns")
+        .unwrap()
+        .unwrap();
+    assert!(tokio::time::timeout(limit, later.read_body())
+        .await
+        .expect("a read returns")
+        .is_err());
+    assert!(miss.finish().await.is_err());
+    assert!(s.lookup(&key, span).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_during_a_write_leaves_the_object_purgeable() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let span = &Span::inactive().handle();
+    let key = CacheKey::new("example.org/purged-while-written", "1");
+    let compact = key.to_compact();
+    let mut miss = s.get_miss_handler(&key, &meta(60), span).await.unwrap();
+    assert_eq!(
+        s.purge(PurgeTarget::Active(&compact), PurgeType::Invalidation, span)
+            .await
+            .unwrap(),
+        PurgeOutcome::NotFound,
+        "nothing committed yet"
+    );
+    miss.write_body(b"body"[..].into(), true).await.unwrap();
+    miss.finish().await.unwrap();
+    assert_eq!(
+        s.purge(PurgeTarget::Active(&compact), PurgeType::Invalidation, span)
+            .await
+            .unwrap(),
+        PurgeOutcome::Purged(None)
+    );
+    assert!(s.lookup(&key, span).await.unwrap().is_none());
+    // An object another process wrote is purged too.
+    {
+        let other = store(dir.path());
+        let mut miss = other.get_miss_handler(&key, &meta(60), span).await.unwrap();
+        miss.write_body(b"theirs"[..].into(), true).await.unwrap();
+        miss.finish().await.unwrap();
+    }
+    assert_eq!(
+        s.purge(PurgeTarget::Active(&compact), PurgeType::Invalidation, span)
+            .await
+            .unwrap(),
+        PurgeOutcome::Purged(None)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_write_caches_nothing_and_fails_its_readers() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
