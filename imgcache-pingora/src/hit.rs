@@ -2,7 +2,6 @@
 //! written, followed as its bytes land.
 
 use std::any::Any;
-use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -20,23 +19,25 @@ use crate::object::{Prefix, FIXED};
 /// The most read for one `read_body`.
 const CHUNK: usize = 1 << 20;
 
-/// Something with a file to read at positions.
+/// Something to read at positions: what is resident without waiting,
+/// the rest with a read that may wait.
 trait AtFile: Send + Sync + 'static {
-    fn file(&self) -> &File;
+    fn resident(&self, buf: &mut [u8], pos: u64) -> Option<io::Result<usize>>;
+    fn read(&self, buf: &mut [u8], pos: u64) -> io::Result<usize>;
+}
+
+impl AtFile for CachedImage {
+    fn resident(&self, buf: &mut [u8], pos: u64) -> Option<io::Result<usize>> {
+        self.read_resident_at(buf, pos)
+    }
     fn read(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
         self.file().read_at(buf, pos)
     }
 }
 
-impl AtFile for CachedImage {
-    fn file(&self) -> &File {
-        CachedImage::file(self)
-    }
-}
-
 impl AtFile for FollowReader {
-    fn file(&self) -> &File {
-        FollowReader::file(self)
+    fn resident(&self, buf: &mut [u8], pos: u64) -> Option<io::Result<usize>> {
+        self.read_resident_at(buf, pos)
     }
     fn read(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
         self.read_at(buf, pos)
@@ -47,7 +48,7 @@ impl AtFile for FollowReader {
 /// thread; a read that would wait for the disk goes to the blocking pool.
 async fn read_at<T: AtFile>(src: &Arc<T>, pos: u64, len: usize) -> io::Result<Bytes> {
     let mut buf = BytesMut::zeroed(len);
-    if let Some(r) = read_resident(src.file(), &mut buf, pos) {
+    if let Some(r) = src.resident(&mut buf, pos) {
         let n = r?;
         buf.truncate(n);
         return Ok(buf.freeze());
@@ -81,27 +82,6 @@ pub(crate) async fn read_exact_at(
         out.extend_from_slice(&b);
     }
     Ok(out)
-}
-
-/// The pages of `file` at `pos` that are resident, without waiting
-/// (`preadv2(RWF_NOWAIT)`); `None` where that would wait or the system
-/// cannot tell.
-fn read_resident(file: &File, buf: &mut [u8], pos: u64) -> Option<io::Result<usize>> {
-    #[cfg(target_os = "linux")]
-    {
-        use rustix::io::{preadv2, Errno, ReadWriteFlags};
-        let mut bufs = [io::IoSliceMut::new(buf)];
-        match preadv2(file, &mut bufs, pos, ReadWriteFlags::NOWAIT) {
-            Ok(n) => Some(Ok(n)),
-            Err(Errno::AGAIN | Errno::OPNOTSUPP | Errno::INVAL | Errno::NOSYS) => None,
-            Err(e) => Some(Err(e.into())),
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = (file, buf, pos);
-        None
-    }
 }
 
 /// A committed object: its body, from the prefix's end.

@@ -57,13 +57,13 @@ impl ImageCache {
     /// A hit on a descriptor kept open, answered on the calling thread: an
     /// `fstat` of an open file (an `lstat` of its path while its change
     /// time is recent) and a count in memory. Only for stores whose hits
-    /// are counted in memory and written by a thread of their own (SQLite,
-    /// PostgreSQL): the xattr store writes batches of hit counts on the
-    /// files from the reading thread. Anything else (a store error
-    /// included) goes to the blocking pool, which answers as ever. A sweep
-    /// of the kept descriptors, when due, runs there too.
+    /// are written by a thread of their own (SQLite, PostgreSQL), not from
+    /// the reading thread ([`crate::drivers::Extensions::hits_written_inline`]:
+    /// the xattr store's). Anything else (a store error included) goes to
+    /// the blocking pool, which answers as ever. A sweep of the kept
+    /// descriptors, when due, runs there too.
     fn open_kept_here(self: &Arc<Self>, id: &ImageId) -> Option<CachedImage> {
-        if self.store.name() == "xattr" {
+        if self.store.extensions().hits_written_inline() {
             return None;
         }
         let key = self.layout.admit(id).ok()?;

@@ -495,6 +495,14 @@ impl FollowReader {
         })
     }
 
+    /// [`crate::CachedImage::read_resident_at`] of the filling file: what
+    /// the page cache holds at `pos`, without waiting. Read only what
+    /// [`FollowReader::ready`] allowed.
+    #[cfg(feature = "tokio")]
+    pub fn read_resident_at(&self, buf: &mut [u8], pos: u64) -> Option<io::Result<usize>> {
+        crate::files::zero_copy::read_resident(self.file(), buf, pos)
+    }
+
     /// Reads bytes of the filling file at `pos` (`pread`; it does not move
     /// the `Read` position). Read only what [`FollowReader::ready`] allowed.
     pub fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {

@@ -613,11 +613,11 @@ impl ImageCache {
         };
         let on = OnDisk::new(&hot.path, Some(&hot.file), &meta).with_known(hot.known());
         let now = self.now();
-        if self.store.hit(id, now, on)?.is_none() {
+        let Some(mut info) = self.store.hit(id, now, on)? else {
             open.forget(id);
             return Ok(None);
-        }
-        let info = hot.info_at(now);
+        };
+        hot.count_into(&mut info, now);
         Ok(Some(CachedImage::shared(
             hot.file.clone(),
             hot.path.clone(),

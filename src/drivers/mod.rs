@@ -181,6 +181,7 @@ pub struct Extensions<'a> {
     invalid_reasons: Option<&'a dyn InvalidReasons>,
     files: &'a [std::path::PathBuf],
     max_id_len: Option<usize>,
+    hits_written_inline: bool,
 }
 
 impl fmt::Debug for Extensions<'_> {
@@ -191,6 +192,7 @@ impl fmt::Debug for Extensions<'_> {
             .field("invalid_reasons", &self.invalid_reasons.is_some())
             .field("files", &self.files)
             .field("max_id_len", &self.max_id_len)
+            .field("hits_written_inline", &self.hits_written_inline)
             .finish()
     }
 }
@@ -229,6 +231,15 @@ impl<'a> Extensions<'a> {
         self
     }
 
+    /// The store writes batches of hits from the reading thread
+    /// ([`CacheDriver::hit`] may touch the disk every so many hits, as the
+    /// xattr store does on the files), rather than from a thread of its
+    /// own: an async caller asks it on the blocking pool.
+    pub fn with_hits_written_inline(mut self) -> Self {
+        self.hits_written_inline = true;
+        self
+    }
+
     /// The fleet's views, for a store shared by many nodes.
     pub fn fleet(&self) -> Option<&'a dyn Fleet> {
         self.fleet
@@ -255,6 +266,12 @@ impl<'a> Extensions<'a> {
     /// The longest id the store can record (any valid id by default).
     pub fn max_id_len(&self) -> usize {
         self.max_id_len.unwrap_or(crate::id::MAX_ID_LEN)
+    }
+
+    /// Whether [`CacheDriver::hit`] may write from the reading thread
+    /// ([`Extensions::with_hits_written_inline`]; `false` by default).
+    pub fn hits_written_inline(&self) -> bool {
+        self.hits_written_inline
     }
 }
 

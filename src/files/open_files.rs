@@ -111,13 +111,12 @@ pub(crate) struct OpenFile {
 }
 
 impl OpenFile {
-    /// The store's entry as of this hit: the one kept, with the hits
-    /// served from it since (this one included) and `at` as last access.
-    pub(crate) fn info_at(&self, at: SystemTime) -> CachedImageInfo {
-        let mut info = self.info.clone();
-        info.hits += self.since.fetch_add(1, Ordering::Relaxed) + 1;
+    /// Sets `info` (the entry the store returned for this hit) to this
+    /// hit's counts: the hits of the entry kept, with those served from it
+    /// since (this one included), and `at` as last access.
+    pub(crate) fn count_into(&self, info: &mut CachedImageInfo, at: SystemTime) {
+        info.hits = self.info.hits + self.since.fetch_add(1, Ordering::Relaxed) + 1;
         info.last_accessed = at;
-        info
     }
 
     /// The entry the store returned when this file was kept.
@@ -424,8 +423,11 @@ mod tests {
         open_and_keep(&open, "a", &path);
         let (hot, meta) = open.get_now(&id("a")).expect("kept");
         assert_eq!(meta.len(), 3);
-        assert_eq!(hot.info_at(SystemTime::now()).hits, 1);
-        assert_eq!(hot.info_at(SystemTime::now()).hits, 2);
+        let mut info = hot.known().clone();
+        hot.count_into(&mut info, SystemTime::now());
+        assert_eq!(info.hits, 1);
+        hot.count_into(&mut info, SystemTime::now());
+        assert_eq!(info.hits, 2);
         drop(hot);
         std::fs::remove_file(&path).unwrap();
         assert!(open.get_now(&id("a")).is_none(), "unlinked: no links left");

@@ -286,6 +286,16 @@ impl Seek for CachedImage {
 
 #[cfg(feature = "tokio")]
 impl CachedImage {
+    /// Reads into `buf` at `pos` only what the page cache holds now, never
+    /// waiting for the disk (Linux `preadv2(RWF_NOWAIT)`): for an async
+    /// caller, which reads this on its runtime's thread and the rest on a
+    /// thread that may wait. `None` where the read would wait, or where the
+    /// system cannot tell (other systems, some file systems); a short read
+    /// is what was resident, `Some(Ok(0))` the end of the file.
+    pub fn read_resident_at(&self, buf: &mut [u8], pos: u64) -> Option<io::Result<usize>> {
+        super::zero_copy::read_resident(&self.file, buf, pos)
+    }
+
     /// [`CachedImage::send_to`] into a tokio `TcpStream`: bytes of `range`
     /// (or all) by `sendfile`, driven by the socket's readiness.
     pub async fn send_to_async(

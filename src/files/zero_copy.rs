@@ -277,7 +277,7 @@ pub(crate) async fn send_file_async_within(
 /// read would wait, or where the system cannot tell (other systems, file
 /// systems without the flag) — then read on a thread that may wait. A
 /// short read is what was resident; `Some(Ok(0))` is the end of the file.
-#[cfg(feature = "serve")]
+#[cfg(feature = "tokio")]
 pub(crate) fn read_resident(file: &File, buf: &mut [u8], pos: u64) -> Option<io::Result<usize>> {
     #[cfg(target_os = "linux")]
     {

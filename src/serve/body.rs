@@ -13,7 +13,6 @@ use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use prometheus_client::metrics::counter::Counter;
 
 use super::plan::PlanBody;
-use crate::files::zero_copy::read_resident;
 
 /// A body chunk read on the blocking pool: large enough that a read costs
 /// little per byte, small enough that many clients stay within memory.
@@ -177,7 +176,7 @@ impl Chunks {
                 // What the page cache holds is read here; only a read that
                 // would wait for the disk goes to the blocking pool.
                 let mut buf = BytesMut::zeroed(want);
-                let r = match read_resident(image.file(), &mut buf, pos) {
+                let r = match image.read_resident_at(&mut buf, pos) {
                     Some(r) => r.map(|n| {
                         buf.truncate(n);
                         buf.freeze()

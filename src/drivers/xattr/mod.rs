@@ -554,6 +554,7 @@ impl CacheDriver for XattrDriver {
         Extensions::default()
             .with_invalid_reasons(self)
             .with_watermarks(self)
+            .with_hits_written_inline()
     }
 }
 
