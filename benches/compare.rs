@@ -11,8 +11,9 @@
 //! `sendfile(2)`/`splice(2)` of the same file and a `read`/`write` loop
 //! (`send_to`), a write+`fsync`-per-file loop (small fills). Every figure is
 //! the median of five runs. `IMGCACHE_BENCH_DIR` picks the file system
-//! (default: the system temp dir); `IMGCACHE_BENCH_ONLY=large,small,hits,
-//! send,management,maintenance` runs some sections only.
+//! (default: the system temp dir); `IMGCACHE_BENCH_ONLY=large,small,group,
+//! hits,send,management,maintenance` runs some sections only (`small`
+//! includes `group`).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -897,7 +898,8 @@ fn main() {
         .unwrap_or_else(std::env::temp_dir);
     let root = tempfile::tempdir_in(&base).expect("tempdir");
     let mut rows = Vec::new();
-    // IMGCACHE_BENCH_ONLY=large,small,hits,send,management runs some sections.
+    // IMGCACHE_BENCH_ONLY=large,small,group,hits,send,management,maintenance
+    // runs some sections (small includes group).
     let only = std::env::var("IMGCACHE_BENCH_ONLY").unwrap_or_default();
     let run = |name: &str| only.is_empty() || only.split(',').any(|o| o.trim() == name);
     for kind in [DriverKind::Sqlite, DriverKind::Xattr] {
@@ -906,6 +908,8 @@ fn main() {
         }
         if run("small") {
             small_fills(root.path(), kind, &s, &mut rows);
+        }
+        if run("small") || run("group") {
             group_fills(root.path(), kind, &s, &mut rows);
         }
         if run("hits") {

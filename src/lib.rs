@@ -174,7 +174,13 @@
 //!   file → `renameat2(RENAME_NOREPLACE)` into the base directory → `fsync`
 //!   of the directory → metadata. It is durable when `commit` returns.
 //! - **[`Durability::Group`]** (the default): the same steps without the
-//!   two `fsync`s. A background checkpoint makes everything committed so
+//!   two `fsync`s; a store may hold the commit's metadata and write it with
+//!   others (the SQLite store does: in Glance's journal mode each of its
+//!   transactions costs two `fsync`s; see
+//!   [`CacheDriver::insert_batched`](drivers::CacheDriver::insert_batched)).
+//!   Other processes serve such a commit at once, from its file; they list
+//!   it, and count its hits, once its entry is written (within half a
+//!   second). A background checkpoint makes everything committed so
 //!   far durable at once — one `syncfs(2)` of the cache's file system
 //!   (`sync(2)` where there is none) at most 1 s after a commit, or after
 //!   256 MiB — and then records a [`Watermark`](drivers::Watermark) in the store, durably: the
@@ -192,8 +198,10 @@
 //! before — unless the last session of processes on the cache ended
 //! uncleanly (the watermark file `.imgcache/watermark`, marked `dirty` by
 //! the first process to open and `clean` by the last to close, tells;
-//! [`RecoveryReport::unclean_shutdown`]) and the file's bytes were made or
-//! written after the watermark (its birth and modification times, on the
+//! [`RecoveryReport::unclean_shutdown`]), the machine went down since (the
+//! mark names the boot it was made in: after crashes of processes alone the
+//! page cache kept every byte they wrote, and a file renamed in is whole)
+//! and the file's bytes were made or written after the watermark (its birth and modification times, on the
 //! file system's clock, say so): that one could be a torn commit whose row
 //! was lost, and with nothing to check it by, it goes to `invalid/` too
 //! ([`RecoveryReport::torn`]). The same holds for an entry without a CRC-32
@@ -222,7 +230,9 @@
 //! make a newer commit look covered.
 //!
 //! After a *process* crash (SIGKILL at any instant, `tests/crash.rs`) nothing
-//! is lost that was committed, and reopening reconciles the rest: an entry
+//! is lost that was committed (an entry the store still held is adopted
+//! from its file, without its CRC-32: `tests/processes.rs`), and reopening
+//! reconciles the rest: an entry
 //! whose file is gone is dropped, an `incomplete/` file is stalled and
 //! `clean` removes it. Reads never `fsync`.
 //!
@@ -234,7 +244,10 @@
 //!   entries are there and intact, or gone.
 //! - **sqlite**: in Glance's journal mode (`DELETE`, the default) a row is
 //!   durable when its transaction commits; with `SqliteJournal::Wal`, at
-//!   the next log checkpoint or watermark. Both run `synchronous = NORMAL`,
+//!   the next log checkpoint or watermark. With group durability a
+//!   commit's row is held and written with others, before every checkpoint's
+//!   sync: a power cut may take the rows of the last commits (their files
+//!   are then judged as files without metadata). Both run `synchronous = NORMAL`,
 //!   so the latest hit counts and access times may be lost, and the
 //!   database is never left damaged: SQLite keeps it consistent.
 //! - **xattr**: the attributes (the entry — commit time, size and CRC in

@@ -345,8 +345,9 @@ fn a_crash_after_hits_keeps_glance_written_images() {
     );
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    // Meanwhile (after the watermark) the bytes of one image changed:
-    // it could be torn, with no CRC to tell.
+    // And the machine went down: after the watermark the bytes of one
+    // image changed, and it could be torn, with no CRC to tell.
+    common::as_if_the_machine_went_down(dir.path());
     {
         use std::os::unix::fs::FileExt;
         let f = fs::OpenOptions::new()

@@ -16,7 +16,11 @@ use imgcache::Error;
 /// - `read N`: open the image `x` N times, reading it whole each time;
 /// - `write`: race to write `contested`, print `won` or `lost`;
 /// - `hold`: open a writer for `slow`, print `ready`, wait for stdin to
-///   close, then commit.
+///   close, then commit;
+/// - `commit-and-stay`: commit `x`, print `committed`, wait for stdin to
+///   close, then exit (closing the cache);
+/// - `commit-many N`: commit `m0`..`mN`, print `committed`, wait to be
+///   killed.
 #[test]
 fn child() {
     let Some((cmd, cache)) = common::child_cache() else {
@@ -58,6 +62,27 @@ fn child() {
             std::io::stdin().read_to_end(&mut rest).unwrap();
             w.commit().unwrap();
         }
+        Some("commit-and-stay") => {
+            assert!(cache
+                .cache_image_file(&id("x"), &bytes(1, 10_000)[..])
+                .unwrap());
+            println!("committed");
+            std::io::stdout().flush().unwrap();
+            let mut rest = Vec::new();
+            std::io::stdin().read_to_end(&mut rest).unwrap();
+        }
+        Some("commit-many") => {
+            let n: u64 = words.next().unwrap().parse().unwrap();
+            for i in 0..n {
+                let x = id(&format!("m{i}"));
+                assert!(cache.cache_image_file(&x, &bytes(i, 20_000)[..]).unwrap());
+            }
+            println!("committed");
+            std::io::stdout().flush().unwrap();
+            loop {
+                std::thread::park();
+            }
+        }
         Some("hold-read") => {
             // Open, read a little, wait for the parent, read the rest.
             let mut img = cache.open_for_read(&id("x")).unwrap().unwrap();
@@ -96,6 +121,10 @@ fn hits_from_many_processes_are_exact() {
     for &kind in Store::all() {
         let f = Fixture::new(kind);
         f.put("x", &bytes(1, 10_000));
+        // Its entry written before the readers come (a commit with group
+        // durability holds it: hits served meanwhile are written once it
+        // is, by processes that live that long).
+        f.cache.flush().unwrap();
         let children: Vec<_> = (0..4).map(|_| spawn(&f, "read 100")).collect();
         for c in children {
             output(c);
@@ -229,6 +258,111 @@ fn fetch_waits_for_a_writer_in_another_process_or_takes_over() {
                 assert_eq!(got, b"written by a live process", "{kind}: waited");
                 assert_eq!(opens, 0, "{kind}");
             }
+        }
+    }
+}
+
+/// A commit by a live process whose entry it has not written yet (group
+/// durability: the SQLite store holds it for up to half a second) is
+/// served by the others at once, never fetched again; a process opening
+/// meanwhile does not adopt it; the hits served meanwhile count once the
+/// committer writes its entry (with its CRC-32).
+#[test]
+fn another_process_commit_is_served_before_its_entry_is_written() {
+    use std::io::BufRead;
+    for &kind in Store::all() {
+        let f = Fixture::new(kind);
+        let mut child = spawn(&f, "commit-and-stay");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        // The harness prints lines of its own first.
+        let mut line = String::new();
+        while line.trim() != "committed" {
+            line.clear();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "{kind}: the child failed"
+            );
+        }
+        let x = id("x");
+        let held = !f.cache.cached_images().unwrap().iter().any(|e| e.id == x);
+        if !held {
+            eprintln!("{kind}: the entry was written before the first look (not held)");
+        }
+        // Listed with the files in place, entry written or not.
+        assert_eq!(f.cache.cached_ids().unwrap(), vec![x.clone()], "{kind}");
+        // A process opening now leaves the file to its committer.
+        let other = f.reopen();
+        assert!(
+            other.recovery().adopted.is_empty(),
+            "{kind}: {:?}",
+            other.recovery()
+        );
+        assert!(f.cache.is_cached(&x).unwrap(), "{kind}");
+        let mut img = f
+            .cache
+            .fetch(&x, None, || -> std::io::Result<&[u8]> {
+                panic!("{kind}: a cached image went to the origin")
+            })
+            .unwrap();
+        let mut got = Vec::new();
+        img.read_to_end(&mut got).unwrap();
+        assert_eq!(got, bytes(1, 10_000), "{kind}");
+        for _ in 0..3 {
+            let mut img = f.cache.open_for_read(&x).unwrap().unwrap();
+            assert_eq!(img.read_all().unwrap(), bytes(1, 10_000), "{kind}");
+        }
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success(), "{kind}");
+        f.cache.flush().unwrap();
+        let entry = f.cache.cached_image(&x).unwrap().expect("recorded");
+        assert_eq!(entry.hits, 4, "{kind} (held: {held})");
+        assert!(entry.crc32.is_some(), "{kind}: adopted, not recorded");
+    }
+}
+
+/// A process killed right after its commits returned (with group
+/// durability, their entries perhaps still held, not written) loses none
+/// of them: the machine stayed up, so the next open adopts what has no
+/// entry (the session's mark names this boot) and serves every byte.
+#[test]
+fn a_killed_process_loses_no_commit() {
+    use std::io::BufRead;
+    const N: u64 = 64;
+    for &kind in Store::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = common::child_command(kind, dir.path(), &format!("commit-many {N}"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while line.trim() != "committed" {
+            line.clear();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "{kind}: the child failed"
+            );
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let cache = kind.open(imgcache::CacheOptions::new(dir.path())).unwrap();
+        let r = cache.recovery();
+        assert!(r.unclean_shutdown, "{kind}: {r:?}");
+        assert!(
+            r.torn.is_empty() && r.quarantined.is_empty(),
+            "{kind}: {r:?}"
+        );
+        eprintln!(
+            "{kind}: {} of {N} entries adopted (held when killed)",
+            r.adopted.len()
+        );
+        for i in 0..N {
+            let x = id(&format!("m{i}"));
+            let mut img = cache
+                .open_for_read(&x)
+                .unwrap()
+                .unwrap_or_else(|| panic!("{kind}: {x} lost"));
+            assert_eq!(img.read_all().unwrap(), bytes(i, 20_000), "{kind}: {x}");
         }
     }
 }

@@ -113,11 +113,13 @@ impl DiskCache {
     pub fn new(cache: Arc<ImageCache>) -> imgcache::Result<Self> {
         let mut by_hash = HashMap::new();
         let mut sidecars = std::collections::HashSet::new();
-        for info in cache.cached_images()? {
-            if let Some(hash) = hash_of(info.id.as_str()) {
-                by_hash.insert(hash.to_owned(), info.id);
-            } else if info.id.as_str().ends_with(".meta") {
-                sidecars.insert(info.id);
+        // The files in place: another process's latest objects too, whose
+        // entries it may not have written yet.
+        for id in cache.cached_ids()? {
+            if let Some(hash) = hash_of(id.as_str()) {
+                by_hash.insert(hash.to_owned(), id);
+            } else if id.as_str().ends_with(".meta") {
+                sidecars.insert(id);
             }
         }
         // Random (the standard library's per-process keys): tags of two
@@ -305,9 +307,8 @@ impl DiskCache {
         tokio::task::spawn_blocking(move || {
             Ok::<_, imgcache::Error>(
                 cache
-                    .cached_images()?
+                    .cached_ids()?
                     .into_iter()
-                    .map(|i| i.id)
                     .find(|id| hash_of(id.as_str()) == Some(hash.as_str())),
             )
         })

@@ -8,9 +8,11 @@
 //! 3. touch the watermark file (`.imgcache/watermark`) and read its change
 //!    time back: `changed_before`, on the file system's own clock (the
 //!    clock its renames stamp inodes with);
-//! 4. `syncfs(2)` of the cache's file system (`sync(2)` where there is
-//!    none): every write, rename and metadata row issued before it — by any
-//!    process — is on disk when it returns;
+//! 4. the store writes the entries it holds in memory (see
+//!    [`CacheDriver::insert_batched`]); then `syncfs(2)` of the cache's file
+//!    system (`sync(2)` where there is none): every write, rename and
+//!    metadata row issued before it — by any process — is on disk when it
+//!    returns;
 //! 5. record the pair in the store, durably.
 //!
 //! A commit stamps its entry (`last_modified`) after its last data write,
@@ -193,6 +195,17 @@ impl Durable {
         }
         let committed_before = round_trip(self.clock.now());
         let changed_before = self.touch_marker()?;
+        // Entries the store holds in memory (a batch of commits' rows) are
+        // written before the sync, which then covers them. One it cannot
+        // write now stays held: were a power cut to take it, its file
+        // (renamed in before the touch above) would be adopted, unverified
+        // but whole.
+        if let Err(e) = self.store.flush() {
+            tracing::warn!(
+                "imgcache: checkpoint of {}: {e}",
+                self.layout.base().display()
+            );
+        }
         let dir: &std::fs::File = match &mut sync.dir {
             Some(d) => d,
             slot => slot.insert(std::fs::File::open(base).ctx("open", base)?),

@@ -392,6 +392,22 @@ impl ImageCache {
         self.store.list(&self.layout)
     }
 
+    /// The ids of every image whose file is in place, ordered: what is
+    /// served, entries written or not (another process's latest commits,
+    /// whose entries it may hold for up to half a second, are here before
+    /// they are in [`ImageCache::cached_images`]). One directory listing,
+    /// no metadata.
+    pub fn cached_ids(&self) -> Result<Vec<ImageId>> {
+        let mut ids: Vec<ImageId> = self
+            .layout
+            .list(self.layout.base())?
+            .into_iter()
+            .map(|(id, _)| id.into_id())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
     /// One cached image's metadata, without counting a hit.
     pub fn cached_image(&self, id: &ImageId) -> Result<Option<CachedImageInfo>> {
         let key = self.layout.admit(id)?;
@@ -414,11 +430,15 @@ impl ImageCache {
         Ok(self.cached_image(id)?.map_or(0, |i| i.hits))
     }
 
-    /// Whether `id` is cached: its file is in place and the store has its
-    /// entry.
+    /// Whether `id` is cached: its file is in place (with its entry in the
+    /// store, or one another process has not written yet: such a file is
+    /// served as it is).
     pub fn is_cached(&self, id: &ImageId) -> Result<bool> {
         match self.cached_image(id) {
-            Ok(entry) => Ok(entry.is_some()),
+            Ok(Some(_)) => Ok(true),
+            // A file in place without an entry (yet) is served as it is
+            // (see [`ImageCache::open_for_read`]).
+            Ok(None) => Ok(self.layout.cached(self.layout.admit(id)?).exists()),
             // Not servable: the next read quarantines it.
             Err(Error::CorruptMetadata { .. }) => Ok(false),
             Err(e) => Err(e),
@@ -648,7 +668,17 @@ impl ImageCache {
         };
         let on = OnDisk::new(&path, Some(&file), &meta);
         let Some(info) = self.store.hit(key.id(), self.now(), on)? else {
-            return Ok(None);
+            // In place, but not recorded (yet): another process's commit
+            // whose entry its store writes with others
+            // ([`CacheDriver::insert_batched`]), a commit between its rename
+            // and its insert, or a file another tool put there. Every file
+            // in place was renamed there whole, and the recovery walk at
+            // open checks those a crash may have torn: served as it is (as
+            // Glance serves any file in place), with no hit counted and its
+            // descriptor not kept (the entry it will have is not known yet).
+            let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+            let info = CachedImageInfo::new(key.id().clone(), meta.len(), round_trip(modified));
+            return Ok(Some(CachedImage::new(file, path, info)?));
         };
         let image = CachedImage::new(file, path, info)?;
         open.keep(

@@ -88,8 +88,14 @@ impl ImageCache {
         };
         let mark = report.watermark.or(unclean.then_some(epoch));
         // Files changed after the watermark are suspect only after an
-        // unclean shutdown; after a clean one they are another tool's.
-        let suspect_after = mark.filter(|_| unclean).map(|w| w.changed_before);
+        // unclean shutdown, and one the machine went down in: after process
+        // crashes alone (the session's mark names this boot) the page cache
+        // kept every byte, and a file renamed in is whole; after a clean
+        // shutdown they are another tool's.
+        let survived = self.durable.session().crashed_in_this_boot();
+        let suspect_after = mark
+            .filter(|_| unclean && !survived)
+            .map(|w| w.changed_before);
         let mut untrusted = Vec::new();
         let scanned = self.store.scan(layout)?;
         // The files as the layout listed them: their ids admitted.
@@ -183,9 +189,19 @@ impl ImageCache {
             }
         }
         let mut orphans: Vec<(ImageId, std::path::PathBuf, std::fs::Metadata)> = Vec::new();
+        let others = self.durable.session().others_were_open();
+        let now = std::time::SystemTime::now();
         for (admitted, meta) in files.iter().filter(|(id, _)| !known.contains(id.id())) {
             let (key, id) = (admitted.key(), admitted.id().clone());
             let meta = meta.clone();
+            if others && written_lately(&meta, now) {
+                // Likely another process's commit whose entry it holds, to
+                // write with others (`CacheDriver::insert_batched`): left
+                // to it (the file is served meanwhile). One still without
+                // an entry later is adopted by a later open.
+                tracing::debug!("imgcache: {id}: no entry yet, written {HELD_GRACE:?} ago at most");
+                continue;
+            }
             if changed_before.is_some_and(|w| ctime_of(&meta) >= w) {
                 // Renamed into place (or changed) after the last checkpoint,
                 // without metadata: its bytes may be torn, and there is
@@ -227,5 +243,23 @@ impl ImageCache {
         report.adopted = self.store.adopt(&entries)?;
         report.stalled = layout.stalled()?;
         Ok(report)
+    }
+}
+
+/// How long after its last write a file in place without an entry is left
+/// to its committer when other processes have the cache open: they write
+/// held entries within half a second, or at their next checkpoint.
+const HELD_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether `meta`'s file was last written within [`HELD_GRACE`] of `now`
+/// (on the file system's clock: its modification time, which the last
+/// write of a commit sets).
+fn written_lately(meta: &std::fs::Metadata, now: std::time::SystemTime) -> bool {
+    let Ok(modified) = meta.modified() else {
+        return false;
+    };
+    match now.duration_since(modified) {
+        Ok(age) => age < HELD_GRACE,
+        Err(ahead) => ahead.duration() < HELD_GRACE,
     }
 }

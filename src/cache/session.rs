@@ -8,6 +8,14 @@
 //! tell whether the last session ended uncleanly (a crash or a power cut),
 //! and so whether the recovery walk must check what the watermark does not
 //! cover.
+//!
+//! The first opener writes the machine's boot id with the mark (`dirty
+//! <boot id>`, Linux). An unclean session whose mark carries this boot's
+//! id ended by process crashes only: the machine did not go down since, so
+//! the page cache kept every byte written (the kernel writes it back on its
+//! own), and a file renamed into place is whole. A process of another boot
+//! (another machine on a shared file system) that joins rewrites the mark
+//! without an id, and a mark without one is trusted for nothing.
 
 use std::path::PathBuf;
 
@@ -22,6 +30,16 @@ use crate::files::Layout;
 const CLEAN: &[u8] = b"clean";
 const DIRTY: &[u8] = b"dirty";
 
+/// The id of the running kernel's boot (Linux); `None` elsewhere, or
+/// where it cannot be read: then no unclean session is taken for a
+/// process crash.
+fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let id = id.trim();
+    (!id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_graphic()))
+        .then(|| id.to_owned())
+}
+
 /// This process's place in the session of processes on one cache.
 #[derive(Debug)]
 pub(crate) struct Session {
@@ -31,6 +49,10 @@ pub(crate) struct Session {
     /// lock: while any process holds it, no power cut has happened since
     /// that process opened.
     file: Mutex<Option<std::fs::File>>,
+    /// Other processes had the cache open when this one joined.
+    others: std::sync::atomic::AtomicBool,
+    /// The last session ended uncleanly, in this boot of the machine.
+    crashed_in_this_boot: std::sync::atomic::AtomicBool,
 }
 
 impl Session {
@@ -39,6 +61,8 @@ impl Session {
             marker: layout.watermark_file(),
             layout,
             file: Mutex::new(None),
+            others: std::sync::atomic::AtomicBool::new(false),
+            crashed_in_this_boot: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -73,20 +97,48 @@ impl Session {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &self.marker, e)),
         };
-        let mut buf = [0u8; 8];
+        let mut buf = [0u8; 128];
         let n = file.read_at(&mut buf, 0).ctx("read", &self.marker)?;
+        let was = &buf[..n];
         // Empty: no session ever ran here (or one from before the session
         // mark): nothing to tell.
-        let unclean = first && n > 0 && &buf[..n] != CLEAN;
-        if &buf[..n] != DIRTY {
-            // In place (both marks are five bytes): never an empty file.
-            file.write_all_at(DIRTY, 0).ctx("write", &self.marker)?;
-            file.set_len(DIRTY.len() as u64)
+        let unclean = first && n > 0 && was != CLEAN;
+        let boot = boot_id();
+        let ours = match &boot {
+            Some(id) => [DIRTY, b" ", id.as_bytes()].concat(),
+            None => DIRTY.to_vec(),
+        };
+        use std::sync::atomic::Ordering::Relaxed;
+        self.others.store(!first, Relaxed);
+        self.crashed_in_this_boot
+            .store(unclean && boot.is_some() && was == ours, Relaxed);
+        // The first opener marks the session as of this boot; a process of
+        // another boot that joins takes the id away (a joiner of this boot
+        // finds it as it would write it).
+        let mark: &[u8] = if first { &ours } else { DIRTY };
+        if was != mark && (first || was != ours.as_slice()) {
+            // In place, growing before it shrinks: never an empty file.
+            file.write_all_at(mark, 0).ctx("write", &self.marker)?;
+            file.set_len(mark.len() as u64)
                 .ctx("truncate", &self.marker)?;
             file.sync_all().ctx("fsync", &self.marker)?;
         }
         *self.file.lock() = Some(file);
         Ok(unclean)
+    }
+
+    /// Whether the last session ended uncleanly by process crashes only:
+    /// in this boot of the machine, so the page cache kept what they wrote
+    /// (`false` before [`Session::start`], and wherever it cannot be told).
+    pub(crate) fn crashed_in_this_boot(&self) -> bool {
+        self.crashed_in_this_boot
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether other processes had the cache open when this one joined
+    /// (`false` before [`Session::start`]).
+    pub(crate) fn others_were_open(&self) -> bool {
+        self.others.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Moves the watermark file of earlier versions (a regular file in the

@@ -183,13 +183,16 @@ impl CacheWriter {
         // A store on the file writes its metadata now, so that it is synced
         // and published with the bytes.
         let sync = self.durable.syncs_each_commit();
-        let staged = file
-            .metadata()
-            .ctx("stat", &path)
-            .and_then(|meta| {
-                self.store
-                    .prepare(&info, OnDisk::new(&path, Some(&file), &meta))
-            })
+        let meta = match file.metadata().ctx("stat", &path) {
+            Ok(meta) => meta,
+            Err(err) => {
+                self.invalidate(file, &format!("commit failed: {err}"));
+                return Err(err);
+            }
+        };
+        let staged = self
+            .store
+            .prepare(&info, OnDisk::new(&path, Some(&file), &meta))
             .and_then(|()| {
                 if sync {
                     file.sync_all().map_err(|e| Error::io("fsync", &path, e))
@@ -230,8 +233,16 @@ impl CacheWriter {
             }
         }
         // A store elsewhere records the row now: a row never names a file
-        // that is not in place.
-        if let Err(err) = self.store.insert(&info) {
+        // that is not in place. With group durability it may hold the row
+        // and write it with others (by the next checkpoint).
+        let recorded = if sync {
+            self.store.insert(&info)
+        } else {
+            let published = self.layout.cached(key);
+            self.store
+                .insert_batched(&info, OnDisk::new(&published, Some(&file), &meta))
+        };
+        if let Err(err) = recorded {
             // Metadata and files must agree: take the file back out.
             if let Err(e) = self.layout.remove_cached(key) {
                 tracing::error!(

@@ -129,7 +129,6 @@ impl<T> Hits<T> {
 
     /// Drops the hits held for `ids` (their images were removed or
     /// replaced: the hits belonged to the old files).
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn forget(&mut self, ids: &[ImageId]) {
         for id in ids {
             if let Some(held) = self.by_id.remove(id) {

@@ -122,6 +122,23 @@ pub trait CacheDriver: Send + Sync + fmt::Debug {
     /// replacing any earlier entry of the same id.
     fn insert(&self, entry: &CachedImageInfo) -> Result<()>;
 
+    /// Records a published entry as [`CacheDriver::insert`] does, for a
+    /// commit that group durability makes durable later (its file is in
+    /// place, `file`, and not synced): the store may hold the entry in
+    /// memory and write it with others, by its next
+    /// [`CacheDriver::flush`] at the latest — every checkpoint flushes
+    /// before it syncs. This process sees a held entry at once (`get`,
+    /// `hit`, `set_crc32` and `remove` see it; listings flush first); other
+    /// processes find the file without an entry meanwhile, which the cache
+    /// serves as it is (every file in place was renamed there whole). A
+    /// held entry whose file is no longer the one passed when it is
+    /// written (removed, replaced) is dropped. By default, recorded at
+    /// once.
+    fn insert_batched(&self, entry: &CachedImageInfo, file: OnDisk<'_>) -> Result<()> {
+        let _ = file;
+        self.insert(entry)
+    }
+
     /// Forgets the entries of those `ids` for which `still_gone(id)` holds
     /// once the store has excluded concurrent `insert`s (of this process
     /// and others): a commit renames its file before it inserts, so a fresh
@@ -160,7 +177,7 @@ pub trait CacheDriver: Send + Sync + fmt::Debug {
     /// on the cache shares; `queue` is the queue folder.
     fn next_queue_seq(&self, queue: OnDisk<'_>) -> Result<u64>;
 
-    /// Writes metadata held in memory (batched hits) now.
+    /// Writes metadata held in memory (batched hits, batched entries) now.
     fn flush(&self) -> Result<()> {
         Ok(())
     }

@@ -38,8 +38,12 @@ impl Fixture {
     }
 
     /// Opens another handle on the same directory (as another server
-    /// process would).
+    /// process would), once this one's held metadata is written: entries
+    /// of commits and hits, which stores batch (another process sees them
+    /// within a second; `another_handle_sees_commits_at_once` tests the
+    /// moment before).
     pub fn reopen(&self) -> ImageCache {
+        self.cache.flush().expect("flush before reopening");
         self.kind
             .open(CacheOptions::new(self.dir.path()).clock(Arc::new(self.clock.clone())))
             .expect("reopen cache")
@@ -221,4 +225,29 @@ pub fn child_command(kind: Store, dir: &Path, cmd: &str) -> std::process::Comman
     .env("IMGCACHE_DRIVER", kind.name())
     .envs(kind.child_env());
     c
+}
+
+/// Sets `path`'s modification time an hour back: a file another tool put
+/// there a while ago (a file written lately while other processes have
+/// the cache open is left to its committer, whose entry may be held).
+pub fn written_an_hour_ago(path: &Path) {
+    let ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(ago))
+        .expect("set the modification time");
+}
+
+/// Makes the unclean session left in cache `dir` look as a power cut
+/// leaves it: its mark names another boot of the machine (a session ended
+/// by process crashes in this boot trusts the page cache to have kept what
+/// they wrote; one the machine went down in trusts nothing the watermark
+/// does not cover).
+pub fn as_if_the_machine_went_down(dir: &Path) {
+    let mark = dir.join(".imgcache/watermark");
+    let was = std::fs::read(&mark).expect("read the session mark");
+    assert!(was.starts_with(b"dirty"), "not an unclean session: {was:?}");
+    std::fs::write(&mark, b"dirty 00000000-0000-0000-0000-000000000000")
+        .expect("write the session mark");
 }

@@ -36,11 +36,18 @@
 //!
 //! Both modes run `synchronous = NORMAL`, as Glance's own connections do:
 //! a power cut never damages the database. In `DELETE` mode that costs
-//! each write transaction two `fsync`s (its journal, then the database): a
-//! commit pays them on the committing thread, so with group durability the
-//! SQLite store's commits are not free of syncs as the other stores' are
-//! (`benches/compare.rs` measures it against WAL). In WAL mode the log is
-//! synced only at its checkpoints, which a background thread runs. A busy
+//! each write transaction two `fsync`s (its journal, then the database). So
+//! with group durability a commit's row is not written by the committing
+//! thread: it is held in memory ([`CacheDriver::insert_batched`]) and
+//! written with the other rows and the hits in one transaction, by the
+//! background writer within half a second (at once past 1 024 rows) and
+//! before every checkpoint's sync. This process sees a held entry at once;
+//! another serves its file at once (as a file without an entry), and lists
+//! it once it is written; the hits it serves meanwhile are written once the
+//! row is there (tried again for 10 s). A held row is written only while
+//! its file is still the one committed. With `Immediate`, a commit writes
+//! its row itself. In WAL mode the log is synced only at its checkpoints,
+//! which a background thread runs. A busy
 //! timeout lets many threads and processes share one directory.
 //!
 //! Hits are batched: a read costs one `SELECT`; its hit and access time are
@@ -60,15 +67,17 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension};
 
+mod held;
 mod rows;
 mod schema;
 
+use held::{HeldRows, ROW_DELAY, WAIT_FOR_ROW};
 use rows::{decode_row, delete_each, write_row, RawRow};
 pub(crate) use schema::sqlite_error;
 use schema::{classify, open_db, open_db_read_only};
@@ -76,7 +85,7 @@ use schema::{classify, open_db, open_db_read_only};
 pub use crate::options::SqliteJournal;
 
 mod wal;
-use super::hits::{Hits, HIT_DELAY};
+use super::hits::{Batch, Held, Hits, HIT_DELAY};
 use super::{CacheDriver, Extensions, InvalidReasons, Watermarks};
 use crate::clock::{from_epoch_secs, to_epoch_secs};
 use crate::entry::{CachedFiles, CachedImageInfo, Invalidation, OnDisk, Scanned, Watermark};
@@ -118,6 +127,14 @@ struct Inner {
     /// Hits counted in memory and not yet written (see `hits.rs`): a read
     /// costs a `SELECT`; the batch is written in one transaction.
     hits: Mutex<Hits<()>>,
+    /// Entries of commits made with group durability, not yet written
+    /// ([`CacheDriver::insert_batched`]): written with the hits, in one
+    /// transaction, at the latest by the next checkpoint's flush.
+    rows: Mutex<HeldRows>,
+    /// Hits of images whose row was not there when they were written (an
+    /// entry another process holds, not written yet), since when: tried
+    /// again with every batch for [`WAIT_FOR_ROW`], then dropped.
+    waiting: Mutex<Batch<Instant>>,
     /// One batch written at a time, from the moment it is taken: a flush
     /// that finds the batch empty because the writer thread took it waits
     /// until that batch is written (a process that exits after dropping
@@ -169,6 +186,8 @@ impl SqliteDriver {
             conn,
             wal_merger,
             hits: Mutex::default(),
+            rows: Mutex::default(),
+            waiting: Mutex::default(),
             flushing: Mutex::default(),
         });
         spawn_hit_writer(&inner, wakes)?;
@@ -198,6 +217,8 @@ impl SqliteDriver {
                 conn,
                 wal_merger,
                 hits: Mutex::default(),
+                rows: Mutex::default(),
+                waiting: Mutex::default(),
                 flushing: Mutex::default(),
             }),
         })
@@ -251,7 +272,7 @@ impl SqliteDriver {
 
     /// Deletes the rows of `ids` (once a migration has moved them).
     pub(crate) fn delete(&self, ids: &[ImageId]) -> Result<usize> {
-        self.inner.flush_hits()?;
+        self.inner.flush_pending()?;
         self.delete_rows(ids)
     }
 
@@ -266,38 +287,80 @@ impl Inner {
         f(&mut conn).map_err(|e| sqlite_error(&self.db_path, e))
     }
 
-    /// Writes the hits held in memory, in one transaction.
-    fn flush_hits(&self) -> Result<()> {
+    /// Writes the entries and hits held in memory, in one transaction:
+    /// the entries first (each only while its file is the one committed),
+    /// then the hits (counted after their entry was held).
+    fn flush_pending(&self) -> Result<()> {
         let _one = self.flushing.lock();
         let pending = {
             let mut hits = self.hits.lock();
             if hits.is_empty() {
-                return Ok(());
+                None
+            } else {
+                Some(hits.take())
             }
-            hits.take()
         };
+        let waiting = std::mem::take(&mut *self.waiting.lock());
+        if pending.is_none() && waiting.is_empty() && self.rows.lock().is_empty() {
+            return Ok(());
+        }
+        let mut rows = HeldRows::default();
+        let mut still_waiting = Batch::new();
         let written = self.with_write(|c| {
-            let tx = c.transaction()?;
+            // Taken under the connection's lock: a lookup that misses the
+            // held entry waits for this transaction and finds its row.
+            rows = std::mem::take(&mut *self.rows.lock());
+            // IMMEDIATE: each file's check and its row's write are not
+            // interleaved with another process's removal (which unlinks the
+            // file, then deletes the row in a write transaction).
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            for held in rows.by_id.values() {
+                if held.still_in_place() {
+                    write_row(&tx, "INSERT OR REPLACE", &held.entry)?;
+                }
+            }
             {
                 let mut stmt = tx.prepare_cached(
                     "UPDATE cached_images SET hits = hits + ?2, last_accessed = ?3
                      WHERE image_id = ?1",
                 )?;
-                for (id, held) in &pending {
-                    stmt.execute(params![
-                        id.as_str(),
-                        held.hits as i64,
-                        to_epoch_secs(held.last)
-                    ])?;
+                let now = Instant::now();
+                let fresh = pending
+                    .iter()
+                    .flatten()
+                    .map(|(id, h)| (id, h.hits, h.last, now));
+                let again = waiting.iter().map(|(id, h)| (id, h.hits, h.last, h.of));
+                for (id, hits, last, since) in fresh.chain(again) {
+                    let n = stmt.execute(params![id.as_str(), hits as i64, to_epoch_secs(last)])?;
+                    // No row (yet): another process holds the entry of the
+                    // file these hits were served from.
+                    if n == 0 && since.elapsed() < WAIT_FOR_ROW {
+                        let w = still_waiting.entry(id.clone()).or_insert(Held {
+                            hits: 0,
+                            last,
+                            of: since,
+                        });
+                        w.hits += hits;
+                        w.last = w.last.max(last);
+                        w.of = w.of.min(since);
+                    }
                 }
             }
             tx.commit()
         });
-        // A transaction that failed applied nothing: the hits are held
-        // again, for the next try (a database busy for longer than the
-        // timeout, a full disk).
+        if written.is_ok() {
+            *self.waiting.lock() = still_waiting;
+        }
+        // A transaction that failed applied nothing: the entries and hits
+        // are held again, for the next try (a database busy for longer
+        // than the timeout, a full disk); an entry held meanwhile for the
+        // same id is the later one.
         if written.is_err() {
-            self.hits.lock().restore(pending);
+            self.rows.lock().restore(rows);
+            if let Some(pending) = pending {
+                self.hits.lock().restore(pending);
+            }
+            *self.waiting.lock() = waiting;
         }
         written
     }
@@ -361,7 +424,7 @@ impl SqliteDriver {
 
     /// Every decodable row, in `order` (logging and passing over the rest).
     fn rows(&self, order: &str) -> Result<Vec<CachedImageInfo>> {
-        self.inner.flush_hits()?;
+        self.inner.flush_pending()?;
         let rows = self.with_conn(|c| {
             c.prepare_cached(&format!(
                 "SELECT {} FROM cached_images ORDER BY {order}",
@@ -374,16 +437,17 @@ impl SqliteDriver {
     }
 }
 
-/// Starts the thread that writes batched hits when a read finds the batch
-/// due (and at least every second while hits are held); it ends with
-/// the store, whose drop writes what is left.
+/// Starts the thread that writes batched hits and held entries when a
+/// read or a commit finds the batch due (and at least every second while
+/// hits are held, every half second while entries are); it ends with the
+/// store, whose drop writes what is left.
 fn spawn_hit_writer(inner: &Arc<Inner>, wakes: std::sync::mpsc::Receiver<()>) -> Result<()> {
     use std::sync::mpsc::RecvTimeoutError;
     let weak = Arc::downgrade(inner);
     std::thread::Builder::new()
         .name("imgcache-sqlite-hits".into())
         .spawn(move || loop {
-            let woken = wakes.recv_timeout(HIT_DELAY);
+            let woken = wakes.recv_timeout(HIT_DELAY.min(ROW_DELAY));
             if let Err(RecvTimeoutError::Disconnected) = woken {
                 return;
             }
@@ -392,12 +456,15 @@ fn spawn_hit_writer(inner: &Arc<Inner>, wakes: std::sync::mpsc::Receiver<()>) ->
             };
             let due = {
                 let hits = inner.hits.lock();
-                !hits.is_empty() && (woken.is_ok() || hits.due())
+                let rows = inner.rows.lock();
+                let waiting = !inner.waiting.lock().is_empty();
+                (!hits.is_empty() || !rows.is_empty() || waiting)
+                    && (woken.is_ok() || hits.due() || rows.due() || waiting)
             };
             if due {
-                if let Err(e) = inner.flush_hits() {
+                if let Err(e) = inner.flush_pending() {
                     tracing::warn!(
-                        "imgcache: {}: hits not written yet: {e}",
+                        "imgcache: {}: hits and entries not written yet: {e}",
                         inner.db_path.display()
                     );
                 }
@@ -412,7 +479,7 @@ impl Drop for SqliteDriver {
         // The hit writer thread may hold the last reference for a moment
         // (and be cut off by the process's exit): write what is held now,
         // after any batch in flight.
-        if let Err(e) = self.inner.flush_hits() {
+        if let Err(e) = self.inner.flush_pending() {
             tracing::warn!(
                 "imgcache: {}: hits not written: {e}",
                 self.inner.db_path.display()
@@ -423,7 +490,7 @@ impl Drop for SqliteDriver {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Err(e) = self.flush_hits() {
+        if let Err(e) = self.flush_pending() {
             tracing::warn!(
                 "imgcache: {}: hits not written: {e}",
                 self.db_path.display()
@@ -466,10 +533,15 @@ impl CacheDriver for SqliteDriver {
     }
 
     fn get(&self, id: &ImageId, _file: OnDisk<'_>) -> Result<Option<CachedImageInfo>> {
-        // The row as written, plus the hits held in memory: no write.
-        let Some(mut info) = self.row(id)? else {
+        // The row as written (or the entry held), plus the hits held in
+        // memory: no write.
+        let held = self.inner.rows.lock().get(id).cloned();
+        let Some(mut info) = held.map_or_else(|| self.row(id), |h| Ok(Some(h)))? else {
             return Ok(None);
         };
+        if let Some(w) = self.inner.waiting.lock().get(id) {
+            info.hits += w.hits;
+        }
         if let Some(held) = self.inner.hits.lock().get(id) {
             info.hits += held.hits;
             // As the column will hold it.
@@ -490,9 +562,22 @@ impl CacheDriver for SqliteDriver {
         // is counted in memory and written with others.
         let row = match file.known() {
             Some(known) => Some(known.clone()),
-            None => self.row(id)?,
+            None => {
+                let held = self.inner.rows.lock().get(id).cloned();
+                match held {
+                    Some(entry) => Some(entry),
+                    None => self.row(id)?,
+                }
+            }
         };
         let Some(mut info) = row else {
+            // A file in place without a row: likely another process's
+            // commit whose entry it holds. The cache serves it; the hit
+            // is counted, and written once that row is there.
+            let (_, due) = self.count_hit(id, at);
+            if due {
+                let _ = self.inner.hit_writer.try_send(());
+            }
             return Ok(None);
         };
         let (pending, due) = self.count_hit(id, at);
@@ -507,15 +592,43 @@ impl CacheDriver for SqliteDriver {
     }
 
     fn insert(&self, entry: &CachedImageInfo) -> Result<()> {
-        // Hits pending for an earlier image of this id go to its row, which
-        // this one then replaces.
-        self.inner.flush_hits()?;
+        // An entry held for an earlier image of this id is replaced; hits
+        // pending for it go to its row, which this one then replaces.
+        self.inner.rows.lock().forget(&entry.id);
+        self.inner.flush_pending()?;
         self.inner
             .with_write(|c| write_row(c, "INSERT OR REPLACE", entry))?;
         Ok(())
     }
 
+    fn insert_batched(&self, entry: &CachedImageInfo, file: OnDisk<'_>) -> Result<()> {
+        if !self.inner.own_tables {
+            return self.insert(entry);
+        }
+        // Held, to be written with others. Hits held for an earlier image
+        // of this id belonged to it: the new entry starts at none.
+        self.inner
+            .hits
+            .lock()
+            .forget(std::slice::from_ref(&entry.id));
+        self.inner.waiting.lock().remove(&entry.id);
+        let due = self.inner.rows.lock().hold(entry, file)?;
+        if due {
+            let _ = self.inner.hit_writer.try_send(());
+        }
+        Ok(())
+    }
+
     fn remove(&self, ids: &[ImageId], still_gone: &dyn Fn(&ImageId) -> bool) -> Result<usize> {
+        // Entries held here whose file is gone are dropped before they are
+        // written.
+        let mut forgot = 0;
+        {
+            let mut rows = self.inner.rows.lock();
+            for id in ids.iter().filter(|id| still_gone(id)) {
+                forgot += usize::from(rows.forget(id));
+            }
+        }
         // Most misses have no row at all: a read, no write transaction
         // (whether a row is there, not what it says: it may not decode).
         let mut any = false;
@@ -530,9 +643,9 @@ impl CacheDriver for SqliteDriver {
             }
         }
         if !any {
-            return Ok(0);
+            return Ok(forgot);
         }
-        self.inner.flush_hits()?;
+        self.inner.flush_pending()?;
         // The checks and the deletes in one write transaction: a commit
         // renames its file before it writes its row, so a commit racing with
         // this either has its file seen here, or writes its row after this
@@ -548,12 +661,16 @@ impl CacheDriver for SqliteDriver {
                 }
             }
             tx.commit()?;
-            Ok(n)
+            Ok(n + forgot)
         })
     }
 
     fn set_crc32(&self, id: &ImageId, crc32: u32, _file: OnDisk<'_>) -> Result<()> {
-        self.inner.flush_hits()?;
+        if let Some(held) = self.inner.rows.lock().get_mut(id) {
+            held.crc32 = Some(crc32);
+            return Ok(());
+        }
+        self.inner.flush_pending()?;
         self.inner.with_write(|c| {
             c.prepare_cached("UPDATE cached_images SET crc32 = ?2 WHERE image_id = ?1")?
                 .execute(params![id.as_str(), crc32 as i64])
@@ -566,16 +683,21 @@ impl CacheDriver for SqliteDriver {
     }
 
     fn total_size(&self, _files: &dyn CachedFiles) -> Result<u64> {
-        self.inner.flush_hits()?;
-        let total: i64 = self.with_conn(|c| {
-            c.prepare_cached("SELECT COALESCE(SUM(MAX(size, 0)), 0) FROM cached_images")?
-                .query_row([], |r| r.get(0))
+        // The rows plus the entries held (admission asks before every
+        // fill: it must not write them, nor the hits, which sizes do not
+        // need). Held under the connection's lock, as a flush takes them:
+        // none is counted twice or missed.
+        let total: (i64, u64) = self.with_conn(|c| {
+            let rows: i64 = c
+                .prepare_cached("SELECT COALESCE(SUM(MAX(size, 0)), 0) FROM cached_images")?
+                .query_row([], |r| r.get(0))?;
+            Ok((rows, self.inner.rows.lock().size()))
         })?;
-        Ok(u64::try_from(total).unwrap_or(0))
+        Ok(u64::try_from(total.0).unwrap_or(0).saturating_add(total.1))
     }
 
     fn scan(&self, _files: &dyn CachedFiles) -> Result<Vec<Scanned>> {
-        self.inner.flush_hits()?;
+        self.inner.flush_pending()?;
         let mut out = Vec::new();
         let mut unusable = Vec::new();
         for (rowid, raw, decoded) in self.all_rows()? {
@@ -638,7 +760,7 @@ impl CacheDriver for SqliteDriver {
     }
 
     fn flush(&self) -> Result<()> {
-        self.inner.flush_hits()
+        self.inner.flush_pending()
     }
 
     fn extensions(&self) -> Extensions<'_> {

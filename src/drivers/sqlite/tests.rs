@@ -138,6 +138,9 @@ fn one_image() -> (tempfile::TempDir, SqliteDriver, ImageCache, ImageId) {
     let mut w = c.open_for_write(&x).unwrap();
     w.write_all(b"abc").unwrap();
     w.commit().unwrap();
+    // Its row written (a commit with group durability holds it), so that
+    // what follows writes the database.
+    d.flush().unwrap();
     (dir, d, c, x)
 }
 
@@ -238,4 +241,97 @@ fn queue_counter_is_shared_between_handles() {
     assert_eq!(on_disk(q, |on| a.next_queue_seq(on)).unwrap(), 1);
     assert_eq!(on_disk(q, |on| b.next_queue_seq(on)).unwrap(), 2);
     assert_eq!(on_disk(q, |on| a.next_queue_seq(on)).unwrap(), 3);
+}
+
+/// Entries of group-durability commits are held: this handle sees them at
+/// once, another handle on the same database only once they are written
+/// (by a flush, which every checkpoint makes); sizes count them unwritten.
+#[test]
+fn batched_entries_are_held_then_written_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (open(dir.path()), open(dir.path()));
+    let ids: Vec<ImageId> = (0..3)
+        .map(|i| ImageId::new(format!("img-{i}")).unwrap())
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let path = dir.path().join(id.as_str());
+        std::fs::write(&path, vec![1u8; 10 * (i + 1)]).unwrap();
+        let entry = CachedImageInfo::new(id.clone(), 10 * (i as u64 + 1), SystemTime::now())
+            .with_crc32(Some(7));
+        on_disk(&path, |f| a.insert_batched(&entry, f)).unwrap();
+    }
+    let path0 = dir.path().join("img-0");
+    // This handle: the entry, its hits, a CRC set on it, its size.
+    let seen = on_disk(&path0, |f| a.get(&ids[0], f)).unwrap().unwrap();
+    assert_eq!((seen.size, seen.crc32), (10, Some(7)));
+    on_disk(&path0, |f| a.hit(&ids[0], SystemTime::now(), f))
+        .unwrap()
+        .unwrap();
+    on_disk(&path0, |f| a.set_crc32(&ids[0], 9, f)).unwrap();
+    assert_eq!(a.total_size(&NoFiles).unwrap(), 60);
+    // Another handle: nothing yet, and nothing written by a size query.
+    assert!(on_disk(&path0, |f| b.get(&ids[0], f)).unwrap().is_none());
+    assert_eq!(b.total_size(&NoFiles).unwrap(), 0);
+    // A file removed before the write takes its entry with it, whoever
+    // removed it; a removal through this handle forgets it at once.
+    std::fs::remove_file(dir.path().join("img-1")).unwrap();
+    std::fs::remove_file(dir.path().join("img-2")).unwrap();
+    assert_eq!(a.remove(&ids[2..], &|_| true).unwrap(), 1);
+    a.flush().unwrap();
+    let listed = b.list(&NoFiles).unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(
+        (
+            listed[0].id.as_str(),
+            listed[0].size,
+            listed[0].crc32,
+            listed[0].hits
+        ),
+        ("img-0", 10, Some(9), 1)
+    );
+}
+
+/// A held entry whose file was replaced by another commit of the same id
+/// (another process's) is not written over that commit's entry.
+#[test]
+fn a_held_entry_of_a_replaced_file_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (open(dir.path()), open(dir.path()));
+    let id = ImageId::new("img").unwrap();
+    let path = dir.path().join("img");
+    std::fs::write(&path, b"old").unwrap();
+    let old = CachedImageInfo::new(id.clone(), 3, SystemTime::now()).with_crc32(Some(1));
+    on_disk(&path, |f| a.insert_batched(&old, f)).unwrap();
+    // Replaced behind a's back: committed anew by b (renamed over it).
+    std::fs::write(dir.path().join("new"), b"newer").unwrap();
+    std::fs::rename(dir.path().join("new"), &path).unwrap();
+    let new = CachedImageInfo::new(id.clone(), 5, SystemTime::now()).with_crc32(Some(2));
+    b.insert(&new).unwrap();
+    a.flush().unwrap();
+    let got = on_disk(&path, |f| b.get(&id, f)).unwrap().unwrap();
+    assert_eq!((got.size, got.crc32), (5, Some(2)));
+}
+
+/// Held entries are written by the writer thread without a flush (a full
+/// batch at once, any within half a second): other handles see them
+/// without waiting for a checkpoint.
+#[test]
+fn held_entries_are_written_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (open(dir.path()), open(dir.path()));
+    let n = held::ROW_BATCH;
+    for i in 0..n {
+        let id = ImageId::new(format!("img-{i}")).unwrap();
+        let path = dir.path().join(id.as_str());
+        std::fs::write(&path, b"x").unwrap();
+        let entry = CachedImageInfo::new(id, 1, SystemTime::now());
+        on_disk(&path, |f| a.insert_batched(&entry, f)).unwrap();
+    }
+    // Wait on the event: the rows appearing (bounded, never a sleep-and-
+    // hope: the writer was woken when the batch filled).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while b.total_size(&NoFiles).unwrap() != n as u64 {
+        assert!(std::time::Instant::now() < deadline, "batch never written");
+        std::thread::yield_now();
+    }
 }
