@@ -155,7 +155,8 @@
 //!   that is still being filled, however old it looks.
 //! - A read costs at most one metadata update and never an `fsync`: the
 //!   xattr driver updates the file's attributes; the SQLite driver batches
-//!   hits (one transaction per 256 hits or second; [`ImageCache::flush`]).
+//!   hits (one transaction a second, or per 256 images hit;
+//!   [`ImageCache::flush`]).
 //!   Writers of different images share no lock on the data path; with
 //!   group durability a commit makes no `fsync` at all, and with
 //!   `Immediate` commits that land together share one of the directory.
@@ -179,15 +180,17 @@
 //!   transactions costs two `fsync`s; see
 //!   [`CacheDriver::insert_batched`](drivers::CacheDriver::insert_batched)).
 //!   Other processes serve such a commit at once, from its file; they list
-//!   it, and count its hits, once its entry is written (within half a
-//!   second). A background checkpoint makes everything committed so
+//!   it, and count its hits, once its entry is written (within a second;
+//!   a read-only handle serves it only then). A background checkpoint makes everything committed so
 //!   far durable at once — one `syncfs(2)` of the cache's file system
 //!   (`sync(2)` where there is none) at most 1 s after a commit, or after
 //!   256 MiB — and then records a [`Watermark`](drivers::Watermark) in the store, durably: the
 //!   cache's clock and the file system's, as they were just before that
 //!   sync. Each entry is stamped (`last_modified`) after its last data
 //!   write, so an entry stamped before the watermark was on disk before
-//!   the watermark was recorded.
+//!   the watermark was recorded. (The sync covers every process's files;
+//!   entries another process holds are written by it, and one a crash
+//!   takes leaves a file without metadata, judged as such below.)
 //!
 //! When a cache is opened, in either mode, entries stamped at or after the
 //! last watermark (a crash came before their checkpoint, or their writer

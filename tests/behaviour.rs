@@ -657,7 +657,7 @@ fn another_handle_sees_commits_at_once(kind: Store) {
     let x = f.put("x", b"shared");
     // Served by the other handle at once, whether the committer's entry is
     // written yet or not (with group durability the SQLite store holds it
-    // for up to half a second, or until a checkpoint: the file in place is
+    // for up to a second, or until a checkpoint: the file in place is
     // served as it is meanwhile, and a miss never fills it again).
     assert!(other.is_cached(&x).unwrap());
     let mut img = other.open_for_read(&x).unwrap().unwrap();

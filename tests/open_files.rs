@@ -119,7 +119,7 @@ fn a_hit_after_another_handles_prune_serves_no_old_bytes(kind: Store) {
     let other = f.reopen();
     let x = f.put("x", &bytes(8, 5000));
     // Its entry written, for the other handle's prune to see it (a commit
-    // with group durability holds it for up to half a second).
+    // with group durability holds it for up to a second).
     f.cache.flush().unwrap();
     assert!(read(&f.cache, &x).is_some());
     assert_eq!(other.prune_to(0).unwrap().removed, vec![x.clone()]);

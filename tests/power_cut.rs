@@ -82,7 +82,7 @@ fn child() {
         commit(&format!("t{trial}-after-{i}"));
     }
     // The store's held entries written (as its writer thread does within
-    // half a second), not checkpointed: the cut then takes what it takes
+    // a second), not checkpointed: the cut then takes what it takes
     // of them (rows rolled back below) — entries held at the cut are lost
     // as rolled-back ones are.
     cache.flush().unwrap();

@@ -263,7 +263,7 @@ fn fetch_waits_for_a_writer_in_another_process_or_takes_over() {
 }
 
 /// A commit by a live process whose entry it has not written yet (group
-/// durability: the SQLite store holds it for up to half a second) is
+/// durability: the SQLite store holds it for up to a second) is
 /// served by the others at once, never fetched again; a process opening
 /// meanwhile does not adopt it; the hits served meanwhile count once the
 /// committer writes its entry (with its CRC-32).

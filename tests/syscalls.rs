@@ -332,9 +332,9 @@ fn group_commit_syncs_once_per_checkpoint_then_records_the_watermark() {
 }
 
 /// Hits on the xattr store are batched: 3000 reads of one image make a few
-/// dozen attribute calls and locks in all (one read of the entry, then one
-/// locked add per 256 hits), not several per read; and every hit is
-/// counted.
+/// attribute calls and locks in all (one read of the entry, then one
+/// locked add a second, and one at the end), not several per read; and
+/// every hit is counted.
 #[test]
 fn xattr_hits_are_batched() {
     if !have_strace() {
@@ -358,10 +358,8 @@ fn xattr_hits_are_batched() {
         .filter(|l| l.contains("setxattr("))
         .count();
     eprintln!("xattr: 3000 reads made {calls} attribute calls and locks on the file, {sets} of them writes");
-    assert!(
-        sets <= 2 * (3000 / 256 + 2),
-        "{sets} attribute writes: {lines:#?}"
-    );
+    // A locked add (two writes) a second, and one when the child closes.
+    assert!(sets <= 2 * 4, "{sets} attribute writes: {lines:#?}");
     assert!(calls <= 200, "{calls} calls");
     assert_eq!(f.cache.hit_count(&id("x")).unwrap(), 3000);
 }

@@ -12,7 +12,9 @@
 //!    [`CacheDriver::insert_batched`]); then `syncfs(2)` of the cache's file
 //!    system (`sync(2)` where there is none): every write, rename and
 //!    metadata row issued before it — by any process — is on disk when it
-//!    returns;
+//!    returns (rows another process still holds are not issued yet: their
+//!    files are covered, and a file that a crash leaves without its row is
+//!    judged as a file without metadata);
 //! 5. record the pair in the store, durably.
 //!
 //! A commit stamps its entry (`last_modified`) after its last data write,
@@ -212,6 +214,9 @@ impl Durable {
         };
         if let Err(e) = sync_file_system(dir) {
             sync.poisoned = true;
+            // Bytes the kernel could not write back may be gone from the
+            // page cache too: a crash from now on is trusted for nothing.
+            self.session.distrust();
             return Err(Error::io("syncfs", base, e));
         }
         let mark = Watermark {

@@ -394,7 +394,7 @@ impl ImageCache {
 
     /// The ids of every image whose file is in place, ordered: what is
     /// served, entries written or not (another process's latest commits,
-    /// whose entries it may hold for up to half a second, are here before
+    /// whose entries it may hold for up to a second, are here before
     /// they are in [`ImageCache::cached_images`]). One directory listing,
     /// no metadata.
     pub fn cached_ids(&self) -> Result<Vec<ImageId>> {
@@ -437,7 +437,8 @@ impl ImageCache {
         match self.cached_image(id) {
             Ok(Some(_)) => Ok(true),
             // A file in place without an entry (yet) is served as it is
-            // (see [`ImageCache::open_for_read`]).
+            // (see [`ImageCache::open_for_read`]; not by a read-only handle).
+            Ok(None) if self.options.is_read_only() => Ok(false),
             Ok(None) => Ok(self.layout.cached(self.layout.admit(id)?).exists()),
             // Not servable: the next read quarantines it.
             Err(Error::CorruptMetadata { .. }) => Ok(false),
@@ -668,14 +669,20 @@ impl ImageCache {
         };
         let on = OnDisk::new(&path, Some(&file), &meta);
         let Some(info) = self.store.hit(key.id(), self.now(), on)? else {
+            // A read-only handle runs no recovery walk: what it has not
+            // seen recorded may be what the walk would quarantine.
+            if self.options.is_read_only() {
+                return Ok(None);
+            }
             // In place, but not recorded (yet): another process's commit
             // whose entry its store writes with others
             // ([`CacheDriver::insert_batched`]), a commit between its rename
             // and its insert, or a file another tool put there. Every file
             // in place was renamed there whole, and the recovery walk at
             // open checks those a crash may have torn: served as it is (as
-            // Glance serves any file in place), with no hit counted and its
-            // descriptor not kept (the entry it will have is not known yet).
+            // Glance serves any file in place); not kept open (the entry it
+            // will have is not known yet). Its hit is the store's to count
+            // (the SQLite store writes it once the row is there).
             let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
             let info = CachedImageInfo::new(key.id().clone(), meta.len(), round_trip(modified));
             return Ok(Some(CachedImage::new(file, path, info)?));

@@ -248,7 +248,7 @@ impl ImageCache {
 
 /// How long after its last write a file in place without an entry is left
 /// to its committer when other processes have the cache open: they write
-/// held entries within half a second, or at their next checkpoint.
+/// held entries within a second, or at their next checkpoint.
 const HELD_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Whether `meta`'s file was last written within [`HELD_GRACE`] of `now`

@@ -10,12 +10,16 @@
 //! cover.
 //!
 //! The first opener writes the machine's boot id with the mark (`dirty
-//! <boot id>`, Linux). An unclean session whose mark carries this boot's
-//! id ended by process crashes only: the machine did not go down since, so
-//! the page cache kept every byte written (the kernel writes it back on its
-//! own), and a file renamed into place is whole. A process of another boot
-//! (another machine on a shared file system) that joins rewrites the mark
-//! without an id, and a mark without one is trusted for nothing.
+//! <boot id>`, Linux) once its recovery walk is done — a plain `dirty`
+//! until then, so that a walk cut short after a power cut is made again in
+//! full. An unclean session whose mark carries this boot's id ended by
+//! process crashes only: the machine did not go down since, so the page
+//! cache kept every byte written (the kernel writes it back on its own),
+//! and a file renamed into place is whole. A process of another boot
+//! (another machine on a shared file system) that joins, and a process
+//! whose sync of the file system failed (the kernel may have dropped bytes
+//! it could not write back), rewrite the mark without an id; a mark
+//! without one is trusted for nothing.
 
 use std::path::PathBuf;
 
@@ -53,6 +57,9 @@ pub(crate) struct Session {
     others: std::sync::atomic::AtomicBool,
     /// The last session ended uncleanly, in this boot of the machine.
     crashed_in_this_boot: std::sync::atomic::AtomicBool,
+    /// What the first opener writes once its recovery walk is done (the
+    /// mark with this boot's id); `None` for the others.
+    after_recovery: Mutex<Option<Vec<u8>>>,
 }
 
 impl Session {
@@ -63,6 +70,7 @@ impl Session {
             file: Mutex::new(None),
             others: std::sync::atomic::AtomicBool::new(false),
             crashed_in_this_boot: std::sync::atomic::AtomicBool::new(false),
+            after_recovery: Mutex::new(None),
         }
     }
 
@@ -112,19 +120,33 @@ impl Session {
         self.others.store(!first, Relaxed);
         self.crashed_in_this_boot
             .store(unclean && boot.is_some() && was == ours, Relaxed);
-        // The first opener marks the session as of this boot; a process of
+        // The first opener keeps a mark of this boot (a walk cut short in
+        // it needs no more than this one), else marks the session plain
+        // `dirty` until its walk is done ([`Session::joined`]); a process of
         // another boot that joins takes the id away (a joiner of this boot
         // finds it as it would write it).
-        let mark: &[u8] = if first { &ours } else { DIRTY };
-        if was != mark && (first || was != ours.as_slice()) {
-            // In place, growing before it shrinks: never an empty file.
-            file.write_all_at(mark, 0).ctx("write", &self.marker)?;
-            file.set_len(mark.len() as u64)
-                .ctx("truncate", &self.marker)?;
-            file.sync_all().ctx("fsync", &self.marker)?;
+        if first {
+            if was != ours.as_slice() {
+                write_mark(&file, &self.marker, DIRTY)?;
+                *self.after_recovery.lock() = Some(ours).filter(|m| m != DIRTY);
+            }
+        } else if was != DIRTY && was != ours.as_slice() {
+            write_mark(&file, &self.marker, DIRTY)?;
         }
         *self.file.lock() = Some(file);
         Ok(unclean)
+    }
+
+    /// Takes this boot's id away from the mark: this process's sync of the
+    /// file system failed, so the page cache may have dropped bytes it
+    /// could not write back, and a crash now must not be taken for one
+    /// that kept them.
+    pub(crate) fn distrust(&self) {
+        if let Some(file) = self.file.lock().as_ref() {
+            if let Err(e) = write_mark(file, &self.marker, DIRTY) {
+                tracing::error!("imgcache: {e}");
+            }
+        }
     }
 
     /// Whether the last session ended uncleanly by process crashes only:
@@ -173,6 +195,9 @@ impl Session {
     /// exclusive lock becomes a shared one).
     pub(crate) fn joined(&self) -> Result<()> {
         if let Some(file) = self.file.lock().as_ref() {
+            if let Some(mark) = self.after_recovery.lock().take() {
+                write_mark(file, &self.marker, &mark)?;
+            }
             file.lock_shared().ctx("lock", &self.marker)?;
         }
         Ok(())
@@ -194,5 +219,76 @@ impl Session {
                 tracing::warn!("imgcache: cannot mark {} clean: {e}", self.marker.display());
             }
         }
+    }
+}
+
+/// Writes `mark` in place, durably: growing before it shrinks, never an
+/// empty file.
+fn write_mark(file: &std::fs::File, path: &std::path::Path, mark: &[u8]) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(mark, 0).ctx("write", path)?;
+    file.set_len(mark.len() as u64).ctx("truncate", path)?;
+    file.sync_all().ctx("fsync", path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(dir: &std::path::Path) -> Session {
+        let layout = Layout::new(dir, None);
+        layout.create().unwrap();
+        Session::new(layout)
+    }
+
+    fn mark(s: &Session) -> Vec<u8> {
+        std::fs::read(&s.marker).unwrap()
+    }
+
+    /// The boot id goes in once the walk is done; a walk cut short after a
+    /// power cut leaves a plain `dirty`, so the next open in this boot
+    /// trusts nothing either; a process crash in this boot is told; a
+    /// failed sync takes the id away.
+    #[test]
+    fn the_boot_id_is_trusted_only_once_a_walk_is_done() {
+        let Some(boot) = boot_id() else {
+            eprintln!("skipped: no boot id here");
+            return;
+        };
+        let ours = format!("dirty {boot}").into_bytes();
+        let dir = tempfile::tempdir().unwrap();
+        // A power cut: the mark names another boot.
+        let s = session(dir.path());
+        std::fs::create_dir_all(s.marker.parent().unwrap()).unwrap();
+        std::fs::write(&s.marker, b"dirty 00000000-0000-0000-0000-000000000000").unwrap();
+        assert!(s.start().unwrap());
+        assert!(!s.crashed_in_this_boot());
+        assert_eq!(mark(&s), DIRTY, "no id before the walk is done");
+        // The walk is cut short (the process dies before `joined`).
+        drop(s);
+        let s = session(dir.path());
+        assert!(s.start().unwrap());
+        assert!(
+            !s.crashed_in_this_boot(),
+            "a cut-short walk is made again in full"
+        );
+        s.joined().unwrap();
+        assert_eq!(mark(&s), ours);
+        // This process crashes: the next open knows the machine stayed up.
+        drop(s);
+        let s = session(dir.path());
+        assert!(s.start().unwrap());
+        assert!(s.crashed_in_this_boot());
+        s.joined().unwrap();
+        // A sync fails: the id goes.
+        s.distrust();
+        assert_eq!(mark(&s), DIRTY);
+        drop(s);
+        let s = session(dir.path());
+        assert!(s.start().unwrap());
+        assert!(!s.crashed_in_this_boot());
+        s.joined().unwrap();
+        s.end();
+        assert_eq!(mark(&s), CLEAN);
     }
 }

@@ -1,7 +1,7 @@
 //! Hit batching, written once for every store: a read counts its hit in
-//! memory, and the store writes the counts held every [`HIT_BATCH`] hits or
-//! [`HIT_DELAY`] (and before anything reports or changes metadata, on
-//! `flush`, and when it is dropped), so that a read costs no metadata write
+//! memory, and the store writes the counts held every [`HIT_DELAY`], or
+//! once [`HIT_BATCH`] images have hits held (and before anything reports or
+//! changes metadata, on `flush`, and when it is dropped), so that a read costs no metadata write
 //! of its own (DESIGN, invariant 4). Each store decides *how* a batch is
 //! written (one SQLite transaction, an attribute added to under the file's
 //! lock, a numbered statement to the shared database) and keeps with each
@@ -13,8 +13,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::id::ImageId;
 
-/// Hits held in memory at most before they are written.
-pub(crate) const HIT_BATCH: u64 = 256;
+/// Images with hits held in memory at most before they are written. Not
+/// hits: a hot image's hits are written once per [`HIT_DELAY`] however
+/// many there are (each write moves its file's change time, which a kept
+/// descriptor's check then cannot trust for a moment, and costs a SQLite
+/// store in Glance's journal mode two `fsync`s).
+pub(crate) const HIT_BATCH: usize = 256;
 
 /// Time a hit is held in memory at most (checked at the next read, or by a
 /// store's own writer thread).
@@ -80,17 +84,16 @@ impl<T> Hits<T> {
         held
     }
 
-    /// Whether the batch is due: [`HIT_BATCH`] hits, or the first of them
-    /// [`HIT_DELAY`] ago.
+    /// Whether the batch is due: hits of [`HIT_BATCH`] images, or the
+    /// first of them [`HIT_DELAY`] ago.
     pub(crate) fn due(&self) -> bool {
-        self.count >= HIT_BATCH || self.oldest.is_some_and(|t| t.elapsed() >= HIT_DELAY)
+        self.full() || self.oldest.is_some_and(|t| t.elapsed() >= HIT_DELAY)
     }
 
-    /// Whether [`HIT_BATCH`] hits are held (a writer thread's own test; it
-    /// keeps the time itself).
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    /// Whether hits of [`HIT_BATCH`] images are held (a writer thread's own
+    /// test; it keeps the time itself).
     pub(crate) fn full(&self) -> bool {
-        self.count >= HIT_BATCH
+        self.by_id.len() >= HIT_BATCH
     }
 
     /// Whether no hit is held.
@@ -168,8 +171,14 @@ mod tests {
         assert_eq!(h.get(&id("b")).unwrap().hits, 1);
         h.forget(&[id("a")]);
         assert_eq!(h.get(&id("b")).unwrap().hits, 1);
-        for _ in 0..HIT_BATCH {
+        // Many hits of one image are not a batch (within the delay)...
+        for _ in 0..10_000 {
             h.add(&id("c"), t0, || 0);
+        }
+        assert!(!h.full() && !h.due());
+        // ...hits of as many images as a batch holds are.
+        for i in 0..HIT_BATCH {
+            h.add(&id(&format!("d{i}")), t0, || 0);
         }
         assert!(h.full() && h.due());
     }

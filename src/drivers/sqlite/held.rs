@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::entry::{CachedImageInfo, OnDisk};
-use crate::error::{Error, Result};
 use crate::id::ImageId;
 
 /// How long hits served from a file whose row is not there yet are kept,
@@ -34,8 +33,9 @@ pub(super) struct HeldRow {
 
 /// What tells the file committed from another put at the same path
 /// since: its inode, and when it was made (a file system reuses inode
-/// numbers at once). Not its size or times: bytes changed in place are
-/// for the scrub to find, against the entry.
+/// numbers at once; where it keeps no birth time, the inode alone).
+/// Neither changes with a rename. Not its size or times: bytes changed in
+/// place are for the scrub to find, against the entry.
 type Identity = (u64, u64, Option<std::time::SystemTime>);
 
 fn identity(m: &std::fs::Metadata) -> Identity {
@@ -51,36 +51,50 @@ impl HeldRow {
 }
 
 /// The entries held, by id (a later commit of an id replaces the earlier).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct HeldRows {
     pub(super) by_id: HashMap<ImageId, HeldRow>,
     oldest: Option<Instant>,
+    /// How long the oldest may wait for the writer thread ([`ROW_DELAY`]).
+    delay: Duration,
+}
+
+impl Default for HeldRows {
+    fn default() -> Self {
+        HeldRows {
+            by_id: HashMap::new(),
+            oldest: None,
+            delay: ROW_DELAY,
+        }
+    }
 }
 
 impl HeldRows {
-    /// Holds `entry`, whose file in place is `file` (asked again: its
-    /// rename into place changed it); returns whether the batch is due
-    /// (full). A file already gone needs no entry.
-    pub(super) fn hold(&mut self, entry: &CachedImageInfo, file: OnDisk<'_>) -> Result<bool> {
-        let path = file.path();
-        let meta = match std::fs::symlink_metadata(path) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(Error::io("stat", path, e)),
-        };
+    /// Holds `entry`, whose file in place is `file` (as the committer
+    /// opened it: the same inode as renamed); returns whether the batch is
+    /// due (full).
+    pub(super) fn hold(&mut self, entry: &CachedImageInfo, file: OnDisk<'_>) -> bool {
         self.by_id.insert(
             entry.id.clone(),
             HeldRow {
                 entry: entry.clone(),
-                path: path.to_path_buf(),
-                file: identity(&meta),
+                path: file.path().to_path_buf(),
+                file: identity(file.metadata()),
             },
         );
         self.oldest.get_or_insert_with(Instant::now);
-        Ok(self.by_id.len() >= ROW_BATCH)
+        self.by_id.len() >= ROW_BATCH
     }
 
-    pub(super) fn get(&self, id: &ImageId) -> Option<&CachedImageInfo> {
+    /// The entry held for `id`, if `file` is the file it was held for; a
+    /// held entry of a file since replaced (another process deleted and
+    /// committed the image again) is dropped: the row, if any, tells.
+    pub(super) fn get(&mut self, id: &ImageId, file: OnDisk<'_>) -> Option<&CachedImageInfo> {
+        let same = self.by_id.get(id)?.file == identity(file.metadata());
+        if !same {
+            self.forget(id);
+            return None;
+        }
         self.by_id.get(id).map(|h| &h.entry)
     }
 
@@ -108,7 +122,22 @@ impl HeldRows {
 
     /// Whether the writer thread should write them now.
     pub(super) fn due(&self) -> bool {
-        self.by_id.len() >= ROW_BATCH || self.oldest.is_some_and(|t| t.elapsed() >= ROW_DELAY)
+        self.by_id.len() >= ROW_BATCH || self.oldest.is_some_and(|t| t.elapsed() >= self.delay)
+    }
+
+    /// Takes every entry held, to be written.
+    pub(super) fn take(&mut self) -> HeldRows {
+        HeldRows {
+            by_id: std::mem::take(&mut self.by_id),
+            oldest: self.oldest.take(),
+            delay: self.delay,
+        }
+    }
+
+    /// Tests: entries wait for a flush, not for the writer thread's time.
+    #[cfg(test)]
+    pub(super) fn hold_until_flushed(&mut self) {
+        self.delay = Duration::MAX;
     }
 
     /// Puts back a batch whose write failed; an entry held meanwhile for

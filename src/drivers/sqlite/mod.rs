@@ -40,7 +40,7 @@
 //! with group durability a commit's row is not written by the committing
 //! thread: it is held in memory ([`CacheDriver::insert_batched`]) and
 //! written with the other rows and the hits in one transaction, by the
-//! background writer within half a second (at once past 1 024 rows) and
+//! background writer within a second (at once past 1 024 rows) and
 //! before every checkpoint's sync. This process sees a held entry at once;
 //! another serves its file at once (as a file without an entry), and lists
 //! it once it is written; the hits it serves meanwhile are written once the
@@ -51,8 +51,8 @@
 //! timeout lets many threads and processes share one directory.
 //!
 //! Hits are batched: a read costs one `SELECT`; its hit and access time are
-//! held in memory and written with others in one transaction every
-//! 256 hits or a second (`drivers/hits.rs`) by a background thread (so a read
+//! held in memory and written with others in one transaction every second,
+//! or once 256 images have hits held (`drivers/hits.rs`) by a background thread (so a read
 //! never waits for a transaction or a sync), before anything in this
 //! process reports or changes metadata, on [`crate::drivers::CacheDriver::flush`],
 //! and when the driver is dropped. Another process sees them after that; a
@@ -309,11 +309,17 @@ impl Inner {
         let written = self.with_write(|c| {
             // Taken under the connection's lock: a lookup that misses the
             // held entry waits for this transaction and finds its row.
-            rows = std::mem::take(&mut *self.rows.lock());
-            // IMMEDIATE: each file's check and its row's write are not
-            // interleaved with another process's removal (which unlinks the
-            // file, then deletes the row in a write transaction).
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            rows = self.rows.lock().take();
+            // IMMEDIATE where entries are written: each file's check and its
+            // row's write are not interleaved with another process's removal
+            // (which unlinks the file, then deletes the row in a write
+            // transaction). Hits alone take the write lock only if a row
+            // changes.
+            let tx = c.transaction_with_behavior(if rows.is_empty() {
+                rusqlite::TransactionBehavior::Deferred
+            } else {
+                rusqlite::TransactionBehavior::Immediate
+            })?;
             for held in rows.by_id.values() {
                 if held.still_in_place() {
                     write_row(&tx, "INSERT OR REPLACE", &held.entry)?;
@@ -532,10 +538,10 @@ impl CacheDriver for SqliteDriver {
         "sqlite"
     }
 
-    fn get(&self, id: &ImageId, _file: OnDisk<'_>) -> Result<Option<CachedImageInfo>> {
+    fn get(&self, id: &ImageId, file: OnDisk<'_>) -> Result<Option<CachedImageInfo>> {
         // The row as written (or the entry held), plus the hits held in
         // memory: no write.
-        let held = self.inner.rows.lock().get(id).cloned();
+        let held = self.inner.rows.lock().get(id, file).cloned();
         let Some(mut info) = held.map_or_else(|| self.row(id), |h| Ok(Some(h)))? else {
             return Ok(None);
         };
@@ -563,7 +569,7 @@ impl CacheDriver for SqliteDriver {
         let row = match file.known() {
             Some(known) => Some(known.clone()),
             None => {
-                let held = self.inner.rows.lock().get(id).cloned();
+                let held = self.inner.rows.lock().get(id, file).cloned();
                 match held {
                     Some(entry) => Some(entry),
                     None => self.row(id)?,
@@ -612,7 +618,7 @@ impl CacheDriver for SqliteDriver {
             .lock()
             .forget(std::slice::from_ref(&entry.id));
         self.inner.waiting.lock().remove(&entry.id);
-        let due = self.inner.rows.lock().hold(entry, file)?;
+        let due = self.inner.rows.lock().hold(entry, file);
         if due {
             let _ = self.inner.hit_writer.try_send(());
         }
@@ -622,11 +628,13 @@ impl CacheDriver for SqliteDriver {
     fn remove(&self, ids: &[ImageId], still_gone: &dyn Fn(&ImageId) -> bool) -> Result<usize> {
         // Entries held here whose file is gone are dropped before they are
         // written.
-        let mut forgot = 0;
+        let mut forgot = std::collections::HashSet::new();
         {
             let mut rows = self.inner.rows.lock();
             for id in ids.iter().filter(|id| still_gone(id)) {
-                forgot += usize::from(rows.forget(id));
+                if rows.forget(id) {
+                    forgot.insert(id);
+                }
             }
         }
         // Most misses have no row at all: a read, no write transaction
@@ -643,7 +651,7 @@ impl CacheDriver for SqliteDriver {
             }
         }
         if !any {
-            return Ok(forgot);
+            return Ok(forgot.len());
         }
         self.inner.flush_pending()?;
         // The checks and the deletes in one write transaction: a commit
@@ -657,11 +665,14 @@ impl CacheDriver for SqliteDriver {
                 let mut stmt =
                     tx.prepare_cached("DELETE FROM cached_images WHERE image_id = ?1")?;
                 for id in ids.iter().filter(|id| still_gone(id)) {
-                    n += stmt.execute([id.as_str()])?;
+                    // An id whose held entry went counts once.
+                    if stmt.execute([id.as_str()])? > 0 && !forgot.contains(id) {
+                        n += 1;
+                    }
                 }
             }
             tx.commit()?;
-            Ok(n + forgot)
+            Ok(n + forgot.len())
         })
     }
 

@@ -250,6 +250,7 @@ fn queue_counter_is_shared_between_handles() {
 fn batched_entries_are_held_then_written_together() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (open(dir.path()), open(dir.path()));
+    a.inner.rows.lock().hold_until_flushed();
     let ids: Vec<ImageId> = (0..3)
         .map(|i| ImageId::new(format!("img-{i}")).unwrap())
         .collect();
@@ -297,6 +298,7 @@ fn batched_entries_are_held_then_written_together() {
 fn a_held_entry_of_a_replaced_file_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (open(dir.path()), open(dir.path()));
+    a.inner.rows.lock().hold_until_flushed();
     let id = ImageId::new("img").unwrap();
     let path = dir.path().join("img");
     std::fs::write(&path, b"old").unwrap();
@@ -307,13 +309,21 @@ fn a_held_entry_of_a_replaced_file_is_dropped() {
     std::fs::rename(dir.path().join("new"), &path).unwrap();
     let new = CachedImageInfo::new(id.clone(), 5, SystemTime::now()).with_crc32(Some(2));
     b.insert(&new).unwrap();
+    // Asked with the file in place now, a answers with its row, not with
+    // the entry it held for the file replaced (whose size would not match).
+    let seen = on_disk(&path, |f| a.get(&id, f)).unwrap().unwrap();
+    assert_eq!((seen.size, seen.crc32), (5, Some(2)));
+    let hit = on_disk(&path, |f| a.hit(&id, SystemTime::now(), f))
+        .unwrap()
+        .unwrap();
+    assert_eq!((hit.size, hit.crc32), (5, Some(2)));
     a.flush().unwrap();
     let got = on_disk(&path, |f| b.get(&id, f)).unwrap().unwrap();
-    assert_eq!((got.size, got.crc32), (5, Some(2)));
+    assert_eq!((got.size, got.crc32, got.hits), (5, Some(2), 1));
 }
 
 /// Held entries are written by the writer thread without a flush (a full
-/// batch at once, any within half a second): other handles see them
+/// batch at once, any within a second): other handles see them
 /// without waiting for a checkpoint.
 #[test]
 fn held_entries_are_written_in_the_background() {

@@ -68,7 +68,8 @@ use encoding::*;
 /// Hits are batched as the SQLite store batches them: a read counts its
 /// hit in memory, and the counts are added to each file's `user.hits`
 /// (under the file's lock, so that no process's hits are lost) every
-/// 256 hits or a second (`drivers/hits.rs`), before anything reports or
+/// second, or once 256 images have hits held (`drivers/hits.rs`: a hot
+/// file is written once a second, however many its hits), before anything reports or
 /// walks metadata, on [`CacheDriver::flush`] and when the store is dropped.
 /// A process killed outright loses the hits it held. What a read needs of
 /// an entry (its size, CRC, times) is remembered for as long as the file
