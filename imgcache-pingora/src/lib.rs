@@ -613,7 +613,8 @@ impl HandleMiss for Miss {
             fill.committed()
                 .await
                 .or_err(ErrorType::InternalError, "imgcache: commit")?;
-            // Held under the byte limit after every fill.
+            // Held under the byte limit after every fill (under it, a prune
+            // is one sum of the sizes).
             let cache = self.store.cache.clone();
             drop(tokio::task::spawn_blocking(move || {
                 if let Err(e) = cache.prune() {

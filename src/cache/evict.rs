@@ -40,13 +40,23 @@ impl ImageCache {
     }
 
     /// Deletes least recently accessed images until the cache holds at most
-    /// `max_size` bytes (`0` empties it). One ordered pass over the LRU
-    /// order (which also gives the total) and one batched delete; never a
-    /// rescan per deleted image.
+    /// `max_size` bytes (`0` empties it). Under the limit, one sum of the
+    /// sizes and nothing else (a prune after every fill costs no listing,
+    /// and writes no metadata the store holds); over it, one ordered pass
+    /// over the LRU order and one batched delete; never a rescan per
+    /// deleted image.
     pub fn prune_to(&self, max_size: u64) -> Result<PruneReport> {
         // Descriptors kept of files removed behind the cache's back hold
         // their blocks: close them with every prune.
         self.layout.open_files().sweep();
+        let size = self.cache_size()?;
+        if size <= max_size {
+            return Ok(PruneReport {
+                removed: Vec::new(),
+                bytes: 0,
+                remaining: size,
+            });
+        }
         let lru = self.store.lru(&self.layout)?;
         let mut total: u64 = lru.iter().map(|e| e.size).sum();
         let mut victims = Vec::new();

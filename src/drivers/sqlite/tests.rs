@@ -345,3 +345,35 @@ fn held_entries_are_written_in_the_background() {
         std::thread::yield_now();
     }
 }
+
+/// A prune under the limit sums the sizes and stops: it writes none of the
+/// entries held (a prune after every fill would write each one alone);
+/// over it, held entries are evicted as any other.
+#[test]
+fn a_prune_under_the_limit_writes_nothing_held() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let (d, other) = (open(dir.path()), open(dir.path()));
+    d.inner.rows.lock().hold_until_flushed();
+    let options = CacheOptions::new(dir.path())
+        .clock(Arc::new(ManualClock::at_secs(1000)))
+        .max_size(1 << 20)
+        .durability(crate::Durability::Group {
+            interval: Duration::from_secs(3600),
+            bytes: u64::MAX,
+        });
+    let c = ImageCache::with_driver(Arc::new(d.clone()), options).unwrap();
+    let x = ImageId::new("x").unwrap();
+    let mut w = c.open_for_write(&x).unwrap();
+    w.write_all(b"held").unwrap();
+    w.commit().unwrap();
+    let report = c.prune().unwrap();
+    assert_eq!((report.files(), report.remaining), (0, 4));
+    assert_eq!(
+        other.total_size(&NoFiles).unwrap(),
+        0,
+        "the entry was written"
+    );
+    assert_eq!(c.prune_to(0).unwrap().removed, vec![x]);
+    assert_eq!(other.total_size(&NoFiles).unwrap(), 0);
+}
