@@ -366,3 +366,49 @@ fn a_killed_process_loses_no_commit() {
         }
     }
 }
+
+/// Files whose entries a killed process held stay served but unrecorded in
+/// a cache that stays open; `adopt_unrecorded` (the serve cleaner's) records
+/// those written 10 s ago or more, so that they count and can be evicted,
+/// and leaves newer ones to their committer.
+#[test]
+fn files_a_killed_process_held_are_adopted_later() {
+    use std::io::BufRead;
+    const N: u64 = 16;
+    for &kind in Store::all() {
+        let f = Fixture::new(kind);
+        let mut child = spawn(&f, &format!("commit-many {N}"));
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while line.trim() != "committed" {
+            line.clear();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "{kind}: the child failed"
+            );
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let listed = |c: &imgcache::ImageCache| c.cached_images().unwrap().len() as u64;
+        let unrecorded = N - listed(&f.cache);
+        eprintln!("{kind}: {unrecorded} of {N} commits without an entry after the kill");
+        // Written lately: left alone.
+        assert!(f.cache.adopt_unrecorded().unwrap().is_empty(), "{kind}");
+        for i in 0..N {
+            common::written_an_hour_ago(&f.path().join(format!("m{i}")));
+        }
+        let adopted = f.cache.adopt_unrecorded().unwrap();
+        assert_eq!(adopted.len() as u64, unrecorded, "{kind}: {adopted:?}");
+        assert_eq!(listed(&f.cache), N, "{kind}");
+        assert_eq!(f.cache.cache_size().unwrap(), N * 20_000, "{kind}");
+        assert!(f.cache.adopt_unrecorded().unwrap().is_empty(), "{kind}");
+        for i in 0..N {
+            let mut img = f
+                .cache
+                .open_for_read(&id(&format!("m{i}")))
+                .unwrap()
+                .unwrap();
+            assert_eq!(img.read_all().unwrap(), bytes(i, 20_000), "{kind}");
+        }
+    }
+}

@@ -230,6 +230,17 @@ impl ImageCache {
             let path = layout.cached(key);
             orphans.push((id, path, meta));
         }
+        report.adopted = self.adopt(&orphans)?;
+        report.stalled = layout.stalled()?;
+        Ok(report)
+    }
+
+    /// Records `orphans` (files in place without an entry) unverified: their
+    /// real size, no CRC-32; a committer's entry recorded meanwhile stays.
+    fn adopt(
+        &self,
+        orphans: &[(ImageId, std::path::PathBuf, std::fs::Metadata)],
+    ) -> Result<Vec<ImageId>> {
         let entries: Vec<(CachedImageInfo, OnDisk<'_>)> = orphans
             .iter()
             .map(|(id, path, meta)| {
@@ -240,9 +251,53 @@ impl ImageCache {
                 )
             })
             .collect();
-        report.adopted = self.store.adopt(&entries)?;
-        report.stalled = layout.stalled()?;
-        Ok(report)
+        self.store.adopt(&entries)
+    }
+
+    /// Adopts the files in place that have no entry and were last written
+    /// 10 s ago or more, as the recovery walk does when a cache is opened:
+    /// recorded unverified (their real size, no CRC-32; a scrub checks
+    /// them), so that they count in the cache's size and can be evicted.
+    /// They are the commits of a process that crashed before it wrote the
+    /// entries it held (the SQLite store with group durability), or files
+    /// another tool put there; newer ones are left to their committer.
+    /// Returns the ids adopted. `imgcache serve`'s cleaner runs it with
+    /// every clean; a read-only handle adopts nothing.
+    pub fn adopt_unrecorded(&self) -> Result<Vec<ImageId>> {
+        if self.options.is_read_only() {
+            return Ok(Vec::new());
+        }
+        let layout = &self.layout;
+        // What the store knows, undecodable entries included (those are
+        // the next read's to quarantine, not files to adopt).
+        let known: BTreeSet<ImageId> = self
+            .store
+            .scan(layout)?
+            .into_iter()
+            .map(|s| match s {
+                Scanned::Entry(info) => info.id,
+                Scanned::Corrupt { id, .. } => id,
+            })
+            .collect();
+        let now = std::time::SystemTime::now();
+        let orphans: Vec<(ImageId, std::path::PathBuf, std::fs::Metadata)> = layout
+            .list(layout.base())?
+            .into_iter()
+            .filter(|(id, meta)| !known.contains(id.id()) && !written_lately(meta, now))
+            .map(|(admitted, meta)| {
+                let path = layout.cached(admitted.key());
+                (admitted.into_id(), path, meta)
+            })
+            .collect();
+        let adopted = self.adopt(&orphans)?;
+        if !adopted.is_empty() {
+            tracing::warn!(
+                "imgcache: adopted {} files without metadata in {} (unverified)",
+                adopted.len(),
+                layout.base().display()
+            );
+        }
+        Ok(adopted)
     }
 }
 

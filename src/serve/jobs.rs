@@ -2,7 +2,8 @@
 //! (feature `admin`): a prefetch worker pool fed by the queue and by
 //! `PUT /v2/cache/{id}`, a pruner that holds the cache under its
 //! `max_size` (woken by every commit, and on a period for other processes'
-//! commits), and a periodic cleaner of invalid and stalled files.
+//! commits), and a periodic cleaner of invalid and stalled files (which
+//! also adopts files left without an entry, `ImageCache::adopt_unrecorded`).
 //!
 //! The jobs run on threads of their own (the cache's calls block); every
 //! fill goes through the same admission as the data path's
@@ -459,7 +460,13 @@ impl Shared {
 
     fn cleaner(&self, every: Duration) {
         while self.nap(every) {
-            match self.cache.clean(None) {
+            // Files whose entries a crashed process held are recorded too
+            // (counted in the size, evictable).
+            let cleaned = self
+                .cache
+                .clean(None)
+                .and_then(|_| self.cache.adopt_unrecorded());
+            match cleaned {
                 Ok(_) => self.metrics.job_run("clean", true),
                 Err(e) => {
                     tracing::warn!(error = %e, "cleaner failed");
