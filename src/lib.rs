@@ -153,10 +153,11 @@
 //!   commit never replaces a cached file.
 //! - A live writer holds a lock on its file, so `clean` never deletes a file
 //!   that is still being filled, however old it looks.
-//! - A read costs at most one metadata update and never an `fsync`: the
-//!   xattr driver updates the file's attributes; the SQLite driver batches
-//!   hits (one transaction a second, or per 256 images hit;
-//!   [`ImageCache::flush`]).
+//! - A read never `fsync`s, and costs no metadata write of its own: hits
+//!   are counted in memory and written in batches, once a second or once
+//!   256 images have hits held — by a background thread (SQLite), or by the
+//!   read that finds the batch due, adding to each file's attributes under
+//!   its lock (xattr; [`ImageCache::flush`]).
 //!   Writers of different images share no lock on the data path; with
 //!   group durability a commit makes no `fsync` at all, and with
 //!   `Immediate` commits that land together share one of the directory.

@@ -66,6 +66,10 @@ pub(crate) struct Durable {
     wake: Condvar,
     sync: Mutex<Syncer>,
     session: Session,
+    /// A sync of the file system failed: from then on each commit syncs
+    /// its own file (and fails where the disk does), as nothing is
+    /// checkpointed any more.
+    failed_sync: std::sync::atomic::AtomicBool,
 }
 
 /// What a checkpoint keeps from one run to the next.
@@ -113,6 +117,7 @@ impl Durable {
             mode,
             marker: layout.watermark_file(),
             session: Session::new(layout.clone()),
+            failed_sync: std::sync::atomic::AtomicBool::new(false),
             sync: Mutex::new(Syncer {
                 dir: std::fs::File::open(layout.base()).ok(),
                 poisoned: false,
@@ -139,7 +144,9 @@ impl Durable {
     pub(crate) fn syncs_each_commit(&self) -> bool {
         // A fill that outlives its cache (its checkpointer stopped, the
         // session perhaps marked clean) syncs its commit itself.
-        matches!(self.mode, Durability::Immediate) || self.schedule.lock().stop
+        matches!(self.mode, Durability::Immediate)
+            || self.failed_sync.load(std::sync::atomic::Ordering::Relaxed)
+            || self.schedule.lock().stop
     }
 
     /// Whether checkpoints (and watermarks) are kept at all.
@@ -214,6 +221,8 @@ impl Durable {
         };
         if let Err(e) = sync_file_system(dir) {
             sync.poisoned = true;
+            self.failed_sync
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             // Bytes the kernel could not write back may be gone from the
             // page cache too: a crash from now on is trusted for nothing.
             self.session.distrust();
@@ -400,7 +409,7 @@ pub(crate) fn content_time_of(meta: &std::fs::Metadata) -> SystemTime {
 
 /// Flushes the whole file system holding `dir`: `syncfs(2)` on Linux,
 /// `sync(2)` (every file system) elsewhere.
-fn sync_file_system(dir: &std::fs::File) -> std::io::Result<()> {
+pub(crate) fn sync_file_system(dir: &std::fs::File) -> std::io::Result<()> {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
         nix::unistd::syncfs(dir).map_err(std::io::Error::from)

@@ -307,8 +307,10 @@ impl ImageCache {
 const HELD_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Whether `meta`'s file was last written within [`HELD_GRACE`] of `now`
-/// (on the file system's clock: its modification time, which the last
-/// write of a commit sets).
+/// (its modification time, which the last write of a commit sets). A
+/// commit whose rename comes more than that after its last write (a slow
+/// `fsync`) may be adopted first: its committer's entry then replaces the
+/// adopted one, CRC-32 and all.
 fn written_lately(meta: &std::fs::Metadata, now: std::time::SystemTime) -> bool {
     let Ok(modified) = meta.modified() else {
         return false;

@@ -9,13 +9,17 @@
 //! and so whether the recovery walk must check what the watermark does not
 //! cover.
 //!
-//! The first opener writes the machine's boot id with the mark (`dirty
-//! <boot id>`, Linux) once its recovery walk is done — a plain `dirty`
-//! until then, so that a walk cut short after a power cut is made again in
-//! full. An unclean session whose mark carries this boot's id ended by
-//! process crashes only: the machine did not go down since, so the page
-//! cache kept every byte written (the kernel writes it back on its own),
-//! and a file renamed into place is whole. A process of another boot
+//! The first opener marks the file `recovering` while it walks, and
+//! `dirty` once its walk is done: a process that gets its shared lock and
+//! finds `recovering` knows the first died during the walk, and makes it
+//! itself, as the first. The marks carry the machine's boot id (`dirty
+//! <boot id>`, Linux). An unclean session whose mark carries this boot's
+//! id ended by process crashes only: the machine did not go down since, so
+//! the page cache kept every byte written (the kernel writes it back on its
+//! own), and a file renamed into place is whole — unless a write-back error
+//! nobody has seen is pending, which a sync on a fresh descriptor reports
+//! before the walk trusts anything. A walk cut short after a power cut
+//! leaves `recovering` without an id: the next is made in full. A process of another boot
 //! (another machine on a shared file system) that joins, and a process
 //! whose sync of the file system failed (the kernel may have dropped bytes
 //! it could not write back), rewrite the mark without an id; a mark
@@ -33,6 +37,9 @@ use crate::files::Layout;
 /// is open (and after one that never closed).
 const CLEAN: &[u8] = b"clean";
 const DIRTY: &[u8] = b"dirty";
+/// Written by the first opener before its recovery walk, `dirty` after it:
+/// a process that finds it under a shared lock knows the walk was cut short.
+const RECOVERING: &[u8] = b"recovering";
 
 /// The id of the running kernel's boot (Linux); `None` elsewhere, or
 /// where it cannot be read: then no unclean session is taken for a
@@ -87,54 +94,93 @@ impl Session {
     /// would have ended them), and each of them checked what came before.
     pub(crate) fn start(&self) -> Result<bool> {
         use std::os::unix::fs::FileExt;
+        use std::sync::atomic::Ordering::Relaxed;
         self.move_legacy_marker()?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&self.marker)
-            .ctx("open", &self.marker)?;
-        let first = match file.try_lock() {
+        let boot = boot_id();
+        let with_boot = |state: &[u8]| match &boot {
+            Some(id) => [state, b" ", id.as_bytes()].concat(),
+            None => state.to_vec(),
+        };
+        let (ours, recovering_ours) = (with_boot(DIRTY), with_boot(RECOVERING));
+        loop {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&self.marker)
+                .ctx("open", &self.marker)?;
+            let first = match file.try_lock() {
+                Ok(()) => true,
+                // Others are open (or the first is still recovering, holding
+                // the exclusive lock): wait for a shared one.
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    file.lock_shared().ctx("lock", &self.marker)?;
+                    false
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(Error::io("lock", &self.marker, e))
+                }
+            };
+            let mut buf = [0u8; 128];
+            let n = file.read_at(&mut buf, 0).ctx("read", &self.marker)?;
+            let was = &buf[..n];
+            if !first && was.starts_with(RECOVERING) {
+                // The first opener died during its walk (a finished walk
+                // leaves `dirty`): this process makes it, as the first.
+                drop(file);
+                std::thread::yield_now();
+                continue;
+            }
+            // Empty: no session ever ran here (or one from before the
+            // session mark): nothing to tell.
+            let unclean = first && n > 0 && was != CLEAN;
+            self.others.store(!first, Relaxed);
+            if first {
+                // This boot's own mark (a session, or a walk, that processes
+                // left in it), and no write-back error that nobody has seen
+                // since (a sync on a fresh descriptor reports one): the page
+                // cache kept what they wrote.
+                let this_boot = unclean
+                    && boot.is_some()
+                    && (was == ours.as_slice() || was == recovering_ours.as_slice())
+                    && self.nothing_lost_in_write_back();
+                self.crashed_in_this_boot.store(this_boot, Relaxed);
+                // `recovering` until the walk is done ([`Session::joined`]):
+                // with this boot's id where the walk may trust it.
+                let mark = if this_boot || !unclean {
+                    &recovering_ours
+                } else {
+                    RECOVERING
+                };
+                write_mark(&file, &self.marker, mark)?;
+                *self.after_recovery.lock() = Some(ours);
+            } else if was != DIRTY && was != ours.as_slice() {
+                // A process of another boot takes the id away (a joiner of
+                // this boot finds the mark as it would write it).
+                write_mark(&file, &self.marker, DIRTY)?;
+            }
+            *self.file.lock() = Some(file);
+            return Ok(unclean);
+        }
+    }
+
+    /// Whether a sync of the cache's file system, on a descriptor opened
+    /// now, succeeds: the kernel reports there a write-back error that no
+    /// descriptor has seen yet (one a crashed process never synced).
+    fn nothing_lost_in_write_back(&self) -> bool {
+        let base = self.layout.base();
+        match std::fs::File::open(base).and_then(|dir| super::durability::sync_file_system(&dir)) {
             Ok(()) => true,
-            // Others are open (or the first is still recovering, holding
-            // the exclusive lock): wait for a shared one.
-            Err(std::fs::TryLockError::WouldBlock) => {
-                file.lock_shared().ctx("lock", &self.marker)?;
+            Err(e) => {
+                tracing::warn!(
+                    "imgcache: {}: sync failed ({e}): nothing written since the last \
+                     checkpoint is trusted",
+                    base.display()
+                );
                 false
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &self.marker, e)),
-        };
-        let mut buf = [0u8; 128];
-        let n = file.read_at(&mut buf, 0).ctx("read", &self.marker)?;
-        let was = &buf[..n];
-        // Empty: no session ever ran here (or one from before the session
-        // mark): nothing to tell.
-        let unclean = first && n > 0 && was != CLEAN;
-        let boot = boot_id();
-        let ours = match &boot {
-            Some(id) => [DIRTY, b" ", id.as_bytes()].concat(),
-            None => DIRTY.to_vec(),
-        };
-        use std::sync::atomic::Ordering::Relaxed;
-        self.others.store(!first, Relaxed);
-        self.crashed_in_this_boot
-            .store(unclean && boot.is_some() && was == ours, Relaxed);
-        // The first opener keeps a mark of this boot (a walk cut short in
-        // it needs no more than this one), else marks the session plain
-        // `dirty` until its walk is done ([`Session::joined`]); a process of
-        // another boot that joins takes the id away (a joiner of this boot
-        // finds it as it would write it).
-        if first {
-            if was != ours.as_slice() {
-                write_mark(&file, &self.marker, DIRTY)?;
-                *self.after_recovery.lock() = Some(ours).filter(|m| m != DIRTY);
-            }
-        } else if was != DIRTY && was != ours.as_slice() {
-            write_mark(&file, &self.marker, DIRTY)?;
         }
-        *self.file.lock() = Some(file);
-        Ok(unclean)
     }
 
     /// Takes this boot's id away from the mark: this process's sync of the
@@ -245,17 +291,21 @@ mod tests {
         std::fs::read(&s.marker).unwrap()
     }
 
-    /// The boot id goes in once the walk is done; a walk cut short after a
-    /// power cut leaves a plain `dirty`, so the next open in this boot
-    /// trusts nothing either; a process crash in this boot is told; a
+    /// The walk is marked `recovering`, with this boot's id only where it
+    /// may trust it; a walk cut short after a power cut is made again in
+    /// full; one cut short in this boot keeps the trust; a process waiting
+    /// for its shared lock when the first dies mid-walk makes the walk; a
     /// failed sync takes the id away.
     #[test]
     fn the_boot_id_is_trusted_only_once_a_walk_is_done() {
         let Some(boot) = boot_id() else {
-            eprintln!("skipped: no boot id here");
+            if cfg!(target_os = "linux") {
+                panic!("no boot id on Linux");
+            }
             return;
         };
         let ours = format!("dirty {boot}").into_bytes();
+        let recovering_ours = format!("recovering {boot}").into_bytes();
         let dir = tempfile::tempdir().unwrap();
         // A power cut: the mark names another boot.
         let s = session(dir.path());
@@ -263,18 +313,33 @@ mod tests {
         std::fs::write(&s.marker, b"dirty 00000000-0000-0000-0000-000000000000").unwrap();
         assert!(s.start().unwrap());
         assert!(!s.crashed_in_this_boot());
-        assert_eq!(mark(&s), DIRTY, "no id before the walk is done");
-        // The walk is cut short (the process dies before `joined`).
+        assert_eq!(mark(&s), RECOVERING, "no id while an untrusting walk runs");
+        // The walk is cut short (the process dies before `joined`), while
+        // another process waits for its shared lock: that one walks, as the
+        // first, trusting nothing.
+        let waiting = {
+            let dir = dir.path().to_path_buf();
+            std::thread::spawn(move || {
+                let s = session(&dir);
+                let unclean = s.start().unwrap();
+                (unclean, s.crashed_in_this_boot(), s.others_were_open(), s)
+            })
+        };
         drop(s);
-        let s = session(dir.path());
-        assert!(s.start().unwrap());
+        let (unclean, trusted, others, s) = waiting.join().unwrap();
         assert!(
-            !s.crashed_in_this_boot(),
+            unclean && !trusted && !others,
             "a cut-short walk is made again in full"
         );
         s.joined().unwrap();
         assert_eq!(mark(&s), ours);
-        // This process crashes: the next open knows the machine stayed up.
+        // This process crashes: the next open knows the machine stayed up,
+        // and keeps knowing it if its own walk is cut short.
+        drop(s);
+        let s = session(dir.path());
+        assert!(s.start().unwrap());
+        assert!(s.crashed_in_this_boot());
+        assert_eq!(mark(&s), recovering_ours);
         drop(s);
         let s = session(dir.path());
         assert!(s.start().unwrap());

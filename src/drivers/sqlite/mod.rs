@@ -741,12 +741,18 @@ impl CacheDriver for SqliteDriver {
             return Ok(Vec::new());
         }
         // OR IGNORE: a committer that writes its row meanwhile knows better
-        // (it has the CRC). One transaction for them all.
+        // (it has the CRC). One transaction for them all; IMMEDIATE, so
+        // that a file seen in place here is not removed (file, then row, in
+        // its own write transaction) before its row is written.
         self.inner.with_write(|c| {
-            let tx = c.transaction()?;
+            use std::os::unix::fs::MetadataExt;
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let mut adopted = Vec::new();
-            for (entry, _) in orphans {
-                if write_row(&tx, "INSERT OR IGNORE", entry)? == 1 {
+            for (entry, file) in orphans {
+                let listed = file.metadata();
+                let in_place = std::fs::symlink_metadata(file.path())
+                    .is_ok_and(|m| (m.dev(), m.ino()) == (listed.dev(), listed.ino()));
+                if in_place && write_row(&tx, "INSERT OR IGNORE", entry)? == 1 {
                     adopted.push(entry.id.clone());
                 }
             }
