@@ -269,20 +269,12 @@ fn fetch_waits_for_a_writer_in_another_process_or_takes_over() {
 /// committer writes its entry (with its CRC-32).
 #[test]
 fn another_process_commit_is_served_before_its_entry_is_written() {
-    use std::io::BufRead;
     for &kind in Store::all() {
         let f = Fixture::new(kind);
         let mut child = spawn(&f, "commit-and-stay");
-        let mut out = BufReader::new(child.stdout.take().unwrap());
         // The harness prints lines of its own first.
-        let mut line = String::new();
-        while line.trim() != "committed" {
-            line.clear();
-            assert!(
-                out.read_line(&mut line).unwrap() > 0,
-                "{kind}: the child failed"
-            );
-        }
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        common::wait_for_line(&mut out, "committed");
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
         let x = id("x");
@@ -333,7 +325,6 @@ fn another_process_commit_is_served_before_its_entry_is_written() {
 /// entry (the session's mark names this boot) and serves every byte.
 #[test]
 fn a_killed_process_loses_no_commit() {
-    use std::io::BufRead;
     const N: u64 = 64;
     for &kind in Store::all() {
         let dir = tempfile::tempdir().unwrap();
@@ -341,15 +332,9 @@ fn a_killed_process_loses_no_commit() {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
+        // The harness prints lines of its own first.
         let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        while line.trim() != "committed" {
-            line.clear();
-            assert!(
-                out.read_line(&mut line).unwrap() > 0,
-                "{kind}: the child failed"
-            );
-        }
+        common::wait_for_line(&mut out, "committed");
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let cache = kind.open(imgcache::CacheOptions::new(dir.path())).unwrap();
@@ -384,20 +369,13 @@ fn a_killed_process_loses_no_commit() {
 /// and leaves newer ones to their committer.
 #[test]
 fn files_a_killed_process_held_are_adopted_later() {
-    use std::io::BufRead;
     const N: u64 = 16;
     for &kind in Store::all() {
         let f = Fixture::new(kind);
         let mut child = spawn(&f, &format!("commit-many {N}"));
+        // The harness prints lines of its own first.
         let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        while line.trim() != "committed" {
-            line.clear();
-            assert!(
-                out.read_line(&mut line).unwrap() > 0,
-                "{kind}: the child failed"
-            );
-        }
+        common::wait_for_line(&mut out, "committed");
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let listed = |c: &imgcache::ImageCache| c.cached_images().unwrap().len() as u64;
