@@ -51,8 +51,9 @@ use super::session::Session;
 ///
 /// Two locks, each with one job: `schedule` counts the commits and wakes
 /// the thread; `sync` lets one checkpoint run at a time and owns what a
-/// checkpoint needs across runs (the directory it syncs, and whether a
-/// sync ever failed). The session mark is [`Session`]'s.
+/// checkpoint needs across runs (the directory it syncs). Whether a sync
+/// ever failed is a flag commits read too. The session mark is
+/// [`Session`]'s.
 #[derive(Debug)]
 pub(crate) struct Durable {
     /// The mode in effect: [`Durability::Immediate`] when the store cannot
@@ -66,9 +67,10 @@ pub(crate) struct Durable {
     wake: Condvar,
     sync: Mutex<Syncer>,
     session: Session,
-    /// A sync of the file system failed: from then on each commit syncs
-    /// its own file (and fails where the disk does), as nothing is
-    /// checkpointed any more.
+    /// A sync of the file system failed: writes before it may be lost, so
+    /// this process never records a watermark again (what it commits is
+    /// checked at the next open), and each commit syncs its own file (and
+    /// fails where the disk does).
     failed_sync: std::sync::atomic::AtomicBool,
 }
 
@@ -78,10 +80,6 @@ struct Syncer {
     /// The base directory, open for the cache's lifetime: `syncfs` reports
     /// a writeback error only to descriptors opened before it happened.
     dir: Option<std::fs::File>,
-    /// A sync failed: writes before it may be lost, so this process never
-    /// records a watermark again (what it commits is checked at the next
-    /// open).
-    poisoned: bool,
 }
 
 #[derive(Debug, Default)]
@@ -120,7 +118,6 @@ impl Durable {
             failed_sync: std::sync::atomic::AtomicBool::new(false),
             sync: Mutex::new(Syncer {
                 dir: std::fs::File::open(layout.base()).ok(),
-                poisoned: false,
             }),
             layout,
             store,
@@ -195,7 +192,7 @@ impl Durable {
             st.commits
         };
         let base = self.layout.base();
-        if sync.poisoned {
+        if self.failed_sync.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(Error::io(
                 "syncfs",
                 base,
@@ -220,7 +217,6 @@ impl Durable {
             slot => slot.insert(std::fs::File::open(base).ctx("open", base)?),
         };
         if let Err(e) = sync_file_system(dir) {
-            sync.poisoned = true;
             self.failed_sync
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             // Bytes the kernel could not write back may be gone from the
