@@ -114,8 +114,13 @@ pub(crate) fn round_trip(t: SystemTime) -> SystemTime {
         Ok(d) => (d, true),
         Err(e) => (e.duration(), false),
     };
-    let micros = (d.as_nanos() + 500) / 1000;
-    let Ok(micros) = u64::try_from(micros) else {
+    // Whole seconds are whole microseconds: only the fraction rounds (in
+    // 64 bits; a hit reads the clock, and a 128-bit division shows).
+    let Some(micros) = d
+        .as_secs()
+        .checked_mul(1_000_000)
+        .and_then(|m| m.checked_add(u64::from((d.subsec_nanos() + 500) / 1000)))
+    else {
         return t;
     };
     let d = Duration::from_micros(micros);

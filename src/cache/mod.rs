@@ -693,7 +693,7 @@ impl ImageCache {
             epoch,
             opened_at,
             image.shared_file(),
-            image.path(),
+            image.shared_path(),
             &meta,
             image.info(),
         );

@@ -44,6 +44,8 @@ pub(crate) struct Hits<T> {
     by_id: Batch<T>,
     count: u64,
     oldest: Option<Instant>,
+    /// The time the first hit held was counted at, by the cache's clock.
+    oldest_at: Option<SystemTime>,
 }
 
 impl<T> Default for Hits<T> {
@@ -52,6 +54,7 @@ impl<T> Default for Hits<T> {
             by_id: HashMap::new(),
             count: 0,
             oldest: None,
+            oldest_at: None,
         }
     }
 }
@@ -81,6 +84,7 @@ impl<T> Hits<T> {
         };
         self.count += 1;
         self.oldest.get_or_insert_with(Instant::now);
+        self.oldest_at.get_or_insert(at);
         held
     }
 
@@ -88,6 +92,17 @@ impl<T> Hits<T> {
     /// first of them [`HIT_DELAY`] ago.
     pub(crate) fn due(&self) -> bool {
         self.full() || self.oldest.is_some_and(|t| t.elapsed() >= HIT_DELAY)
+    }
+
+    /// [`Hits::due`] by the time of a hit just counted, `at` (the cache's
+    /// clock, already read): no clock read of its own, for a store that
+    /// writes its batches from the hits themselves. A clock that went back
+    /// makes the batch due.
+    pub(crate) fn due_at(&self, at: SystemTime) -> bool {
+        self.full()
+            || self
+                .oldest_at
+                .is_some_and(|t| at.duration_since(t).map_or(true, |d| d >= HIT_DELAY))
     }
 
     /// Whether hits of [`HIT_BATCH`] images are held (a writer thread's own
@@ -110,12 +125,15 @@ impl<T> Hits<T> {
     pub(crate) fn take(&mut self) -> Batch<T> {
         self.count = 0;
         self.oldest = None;
+        self.oldest_at = None;
         std::mem::take(&mut self.by_id)
     }
 
     /// Puts back a batch whose write failed, merged with the hits counted
     /// meanwhile (theirs are the later times).
     pub(crate) fn restore(&mut self, batch: Batch<T>) {
+        // Tried again a delay after the latest hit of the batch.
+        let latest = batch.values().map(|h| h.last).max();
         for (id, held) in batch {
             self.count += held.hits;
             match self.by_id.get_mut(&id) {
@@ -127,6 +145,9 @@ impl<T> Hits<T> {
         }
         if self.count > 0 {
             self.oldest.get_or_insert_with(Instant::now);
+            if let Some(t) = latest {
+                self.oldest_at.get_or_insert(t);
+            }
         }
     }
 
@@ -140,6 +161,7 @@ impl<T> Hits<T> {
         }
         if self.count == 0 {
             self.oldest = None;
+            self.oldest_at = None;
         }
     }
 }
@@ -181,5 +203,23 @@ mod tests {
             h.add(&id(&format!("d{i}")), t0, || 0);
         }
         assert!(h.full() && h.due());
+    }
+
+    #[test]
+    fn due_by_the_hits_own_time() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
+        let mut h: Hits<u8> = Hits::default();
+        assert!(!h.due_at(t0));
+        h.add(&id("a"), t0, || 0);
+        assert!(!h.due_at(t0 + HIT_DELAY / 2));
+        assert!(h.due_at(t0 + HIT_DELAY));
+        // A clock that went back: written rather than held for ever.
+        assert!(h.due_at(t0 - Duration::from_secs(1)));
+        let batch = h.take();
+        assert!(!h.due_at(t0 + HIT_DELAY * 10));
+        // A failed write is tried again a delay after its latest hit.
+        h.restore(batch);
+        assert!(!h.due_at(t0 + HIT_DELAY / 2));
+        assert!(h.due_at(t0 + HIT_DELAY));
     }
 }

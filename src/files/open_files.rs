@@ -39,10 +39,10 @@
 use std::collections::HashMap;
 use std::fs::{File, Metadata};
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use parking_lot::{Mutex, RwLock};
 
@@ -76,7 +76,8 @@ pub(crate) struct OpenFiles {
     /// Moves at every forget: a hit whose open began before a forget does
     /// not keep what it opened.
     epoch: AtomicU64,
-    start: Instant,
+    /// [`coarse_ms`] when made.
+    start: u64,
     /// Entries kept so far.
     kept: AtomicU64,
     /// When the next sweep is due (ms since `start`).
@@ -91,7 +92,7 @@ pub(crate) struct OpenFiles {
 #[derive(Debug)]
 pub(crate) struct OpenFile {
     pub(crate) file: Arc<File>,
-    pub(crate) path: PathBuf,
+    pub(crate) path: Arc<Path>,
     dev: u64,
     ino: u64,
     size: u64,
@@ -161,7 +162,7 @@ impl OpenFiles {
             map: RwLock::new(HashMap::new()),
             epoch: AtomicU64::new(0),
             kept: AtomicU64::new(0),
-            start: Instant::now(),
+            start: coarse_ms(),
             next_sweep: AtomicU64::new(0),
             sweeping: Mutex::new(()),
             graveyard: Mutex::new(Vec::new()),
@@ -180,7 +181,7 @@ impl OpenFiles {
     }
 
     fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
+        coarse_ms().saturating_sub(self.start)
     }
 
     /// The kept descriptor of `id` and its file's metadata now, if it is
@@ -193,8 +194,9 @@ impl OpenFiles {
         if self.capacity == 0 {
             return None;
         }
+        // One clock read: a hit reads it, and each read shows.
         let now = self.now_ms();
-        if may_block && self.sweep_due() {
+        if may_block && self.sweep_due_at(now) {
             self.sweep();
         }
         let entry = self.map.read().get(id).cloned()?;
@@ -220,8 +222,13 @@ impl OpenFiles {
     }
 
     /// Whether a sweep is due.
+    #[cfg(feature = "tokio")]
     pub(crate) fn sweep_due(&self) -> bool {
-        self.capacity > 0 && self.now_ms() >= self.next_sweep.load(Ordering::Relaxed)
+        self.sweep_due_at(self.now_ms())
+    }
+
+    fn sweep_due_at(&self, now_ms: u64) -> bool {
+        self.capacity > 0 && now_ms >= self.next_sweep.load(Ordering::Relaxed)
     }
 
     /// Keeps `file` (opened at `path` after `epoch` and `opened_at` were
@@ -234,7 +241,7 @@ impl OpenFiles {
         epoch: u64,
         opened_at: u64,
         file: &Arc<File>,
-        path: &std::path::Path,
+        path: &Arc<Path>,
         meta: &Metadata,
         info: &CachedImageInfo,
     ) {
@@ -246,7 +253,7 @@ impl OpenFiles {
         // trusted alone from now on.
         let entry = Arc::new(OpenFile {
             file: file.clone(),
-            path: path.to_path_buf(),
+            path: path.clone(),
             dev: meta.dev(),
             ino: meta.ino(),
             size: meta.size(),
@@ -365,6 +372,29 @@ fn stamp(m: &Metadata, confirmed: u64) -> u64 {
 }
 
 /// The wall clock in ns since the epoch: file times are stamped by it.
+/// Milliseconds on a monotonic clock, for idleness and sweeps. On Linux
+/// the coarse clock: a read costs a few nanoseconds where the precise one
+/// costs tens (a hit reads it), and its tick (at most 10 ms) is far below
+/// the spans it measures (a second, a minute).
+fn coarse_ms() -> u64 {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use nix::time::{clock_gettime, ClockId};
+        clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE).map_or(0, |t| {
+            u64::try_from(t.tv_sec())
+                .unwrap_or(0)
+                .saturating_mul(1000)
+                .saturating_add(u64::try_from(t.tv_nsec()).unwrap_or(0) / 1_000_000)
+        })
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        use std::time::Instant;
+        static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        BASE.get_or_init(Instant::now).elapsed().as_millis() as u64
+    }
+}
+
 pub(crate) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -401,7 +431,7 @@ mod tests {
             epoch,
             at,
             &file,
-            path,
+            &Arc::from(path),
             &meta,
             &info(name, meta.len()),
         );
@@ -509,7 +539,15 @@ mod tests {
         std::fs::rename(&path, dir.path().join("aside")).unwrap();
         let meta = file.metadata().unwrap();
         settle();
-        open.keep(&id("a"), epoch, at, &file, &path, &meta, &info("a", 5));
+        open.keep(
+            &id("a"),
+            epoch,
+            at,
+            &file,
+            &Arc::from(path.as_path()),
+            &meta,
+            &info("a", 5),
+        );
         assert!(open.get_now(&id("a")).is_none());
     }
 
@@ -528,7 +566,7 @@ mod tests {
             epoch,
             now_ns(),
             &file,
-            &path,
+            &Arc::from(path.as_path()),
             &meta,
             &info("a", 5),
         );

@@ -40,7 +40,7 @@ use crate::range::ByteRange;
 #[derive(Debug)]
 pub struct CachedImage {
     file: Arc<File>,
-    path: PathBuf,
+    path: Arc<Path>,
     info: CachedImageInfo,
     pos: u64,
 }
@@ -58,17 +58,22 @@ impl CachedImage {
                 path,
             });
         }
-        Ok(Self::shared(Arc::new(file), path, info))
+        Ok(Self::shared(Arc::new(file), path.into(), info))
     }
 
     /// Wraps a descriptor the cache keeps open, whose size was checked.
-    pub(crate) fn shared(file: Arc<File>, path: PathBuf, info: CachedImageInfo) -> Self {
+    pub(crate) fn shared(file: Arc<File>, path: Arc<Path>, info: CachedImageInfo) -> Self {
         CachedImage {
             file,
             path,
             info,
             pos: 0,
         }
+    }
+
+    /// The path, shared (for the open-file cache).
+    pub(crate) fn shared_path(&self) -> &Arc<Path> {
+        &self.path
     }
 
     /// The shared descriptor (for the open-file cache).

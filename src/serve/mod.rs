@@ -336,6 +336,8 @@ pub(crate) struct Inner {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) grants: Grants,
     requests: std::sync::atomic::AtomicU64,
+    /// This process's id, read once (`getpid` is a system call).
+    pid: u32,
 }
 
 impl Inner {
@@ -366,7 +368,7 @@ impl Inner {
         let n = self
             .requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        format!("req-{:08x}-{n:08x}", std::process::id())
+        format!("req-{:08x}-{n:08x}", self.pid)
     }
 }
 
@@ -417,6 +419,7 @@ impl ImageService {
                 metrics,
                 grants,
                 requests: std::sync::atomic::AtomicU64::new(0),
+                pid: std::process::id(),
             }),
         }
     }

@@ -366,6 +366,16 @@ async fn write_plan(
             write_within(stream, &out, limit).await
         }
         PlanBody::Cached(_, range) if range.is_empty() => write_within(stream, &out, limit).await,
+        PlanBody::Cached(image, range)
+            if range.end - range.start <= INLINE_BODY
+                && inline(&mut out, image.file(), range.start, range.end) =>
+        {
+            // A small body the page cache holds goes with its head in one
+            // write: cheaper than a `sendfile` of a few pages.
+            write_within(stream, &out, limit).await?;
+            count(range.end - range.start);
+            Ok(())
+        }
         PlanBody::Cached(image, range) => {
             // The body follows at once: the head may wait for it (MSG_MORE).
             send_head(stream, &out, limit).await?;
@@ -425,6 +435,34 @@ async fn write_plan(
 
 /// Writes a response head that a body follows, with `MSG_MORE` where the
 /// kernel has it, so that the head and the first body bytes share packets.
+/// Bodies up to this size are copied behind their head and sent with it
+/// in one write, when the page cache holds them.
+const INLINE_BODY: u64 = 16 * 1024;
+
+/// Appends bytes `start..end` of `file` to `out` if the page cache holds
+/// them all now (read without waiting for the disk); `false`, with `out`
+/// as it was, otherwise (the caller sends them with `sendfile`, which
+/// reports a short file or an error).
+fn inline(out: &mut Vec<u8>, file: &std::fs::File, start: u64, end: u64) -> bool {
+    let at = out.len();
+    let Ok(len) = usize::try_from(end - start) else {
+        return false;
+    };
+    out.resize(at + len, 0);
+    let mut got = 0;
+    while got < len {
+        match crate::files::zero_copy::read_resident(file, &mut out[at + got..], start + got as u64)
+        {
+            Some(Ok(n)) if n > 0 => got += n,
+            _ => {
+                out.truncate(at);
+                return false;
+            }
+        }
+    }
+    true
+}
+
 async fn send_head(stream: &TcpStream, mut head: &[u8], limit: Duration) -> io::Result<()> {
     while !head.is_empty() {
         tokio::time::timeout(limit, stream.writable())

@@ -507,11 +507,14 @@ impl Drop for Inner {
 
 impl SqliteDriver {
     /// Counts one hit of `id` at `at` in memory; returns the hits pending
-    /// for it and whether the batch is due to be written.
+    /// for it and whether the batch is full (to be written at once; the
+    /// writer thread writes the others within a [`HIT_DELAY`]).
     fn count_hit(&self, id: &ImageId, at: SystemTime) -> (u64, bool) {
         let mut hits = self.inner.hits.lock();
         let pending = hits.add(id, at, || ());
-        (pending, hits.due())
+        // The writer thread keeps the time (it wakes at least every
+        // ROW_DELAY): a hit reads no clock for it.
+        (pending, hits.full())
     }
 
     /// Every row, decoded or not, with its raw id (for recovery).

@@ -417,7 +417,7 @@ impl CacheDriver for XattrDriver {
         });
         info.hits += pending;
         info.last_accessed = at;
-        if held.pending.due() {
+        if held.pending.due_at(at) {
             // Another image's file failing its write must not fail this
             // read.
             if let Err(e) = flush_pending(&mut held) {
