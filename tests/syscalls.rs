@@ -116,6 +116,10 @@ fn reads_never_fsync_on_the_reading_thread() {
     for &kind in Store::all() {
         let f = Fixture::new(kind);
         f.put("x", &bytes(1, 4096));
+        // The entry written before the child reads: a row this process
+        // still held would leave the child's hits waiting for it (and
+        // lost if the child exits first).
+        f.cache.flush().unwrap();
         let out = tempfile::NamedTempFile::new().unwrap();
         let tid_file = tempfile::NamedTempFile::new().unwrap();
         let lines = trace(
