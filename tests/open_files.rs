@@ -10,11 +10,13 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use common::{bytes, child_command, id, Fixture};
+use imgcache::clock::Clock;
 use imgcache::testing::Store;
 use imgcache::{CacheOptions, Error, ImageCache, ImageId};
 
 for_each_driver!(
     hot_hits_read_independently_and_count,
+    hits_on_kept_descriptors_reach_counts_the_pruner_and_other_handles,
     a_hit_after_a_delete_serves_no_old_bytes,
     a_hit_after_another_handles_delete_and_recommit_serves_the_new_bytes,
     a_hit_after_a_prune_serves_no_old_bytes,
@@ -76,6 +78,57 @@ fn hot_hits_read_independently_and_count(kind: Store) {
     drop((b, c));
     f.cache.flush().unwrap();
     assert_eq!(f.cache.hit_count(&x).unwrap(), 3);
+}
+
+/// Hits on a kept descriptor are counted on it, not in the store, and
+/// handed over in batches: whatever reads counts or access times back
+/// sees them at once (no flush), the pruner orders by them, and another
+/// handle sees them after a flush.
+fn hits_on_kept_descriptors_reach_counts_the_pruner_and_other_handles(kind: Store) {
+    let f = Fixture::new(kind);
+    let a = f.put("a", &bytes(1, 4096));
+    let b = f.put("b", &bytes(2, 4096));
+    // `a` first read (and kept) before `b`, then read again after it:
+    // only the kept entry knows that `a` is the more recent.
+    f.tick(10);
+    assert!(read(&f.cache, &a).is_some());
+    f.tick(10);
+    assert!(read(&f.cache, &b).is_some());
+    f.tick(10);
+    let later = f.clock.now();
+    for _ in 0..4 {
+        assert!(read(&f.cache, &a).is_some());
+    }
+    assert_eq!(f.cache.hit_count(&a).unwrap(), 5, "{kind}: no flush needed");
+    let info = f.cache.cached_image(&a).unwrap().unwrap();
+    // The latest hit's time, as the stores keep it (to the microsecond).
+    let off = match info.last_accessed.duration_since(later) {
+        Ok(d) => d,
+        Err(e) => e.duration(),
+    };
+    assert!(
+        off.as_nanos() <= 500,
+        "{kind}: {:?} for a hit at {later:?}",
+        info.last_accessed
+    );
+    let order: Vec<ImageId> = f
+        .cache
+        .least_recently_accessed()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(order, [b.clone(), a.clone()], "{kind}: LRU sees kept hits");
+    let listed = f.cache.cached_images().unwrap();
+    assert_eq!(listed.iter().find(|e| e.id == a).unwrap().hits, 5);
+    // The pruner keeps the image read last.
+    let r = f.cache.prune_to(4096).unwrap();
+    assert_eq!(r.removed, [b], "{kind}");
+    // More hits, then another handle, after a flush.
+    assert!(read(&f.cache, &a).is_some());
+    f.cache.flush().unwrap();
+    let other = f.reopen();
+    assert_eq!(other.hit_count(&a).unwrap(), 6, "{kind}: another handle");
 }
 
 fn a_hit_after_a_delete_serves_no_old_bytes(kind: Store) {

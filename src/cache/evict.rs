@@ -57,6 +57,9 @@ impl ImageCache {
                 remaining: size,
             });
         }
+        // Least recently used by every hit: those counted on kept
+        // descriptors too.
+        self.layout.open_files().push_all();
         let lru = self.store.lru(&self.layout)?;
         let mut total: u64 = lru.iter().map(|e| e.size).sum();
         let mut victims = Vec::new();

@@ -60,6 +60,19 @@ pub use recover::RecoveryReport;
 pub use verify::{ScrubReport, Verification};
 use writer::CacheWriter;
 
+/// The store, as the open-file cache hands it the hits counted on kept
+/// descriptors.
+#[derive(Debug)]
+struct StoreHits(Arc<dyn CacheDriver>);
+
+impl crate::files::open_files::HitSink for StoreHits {
+    fn add_hits(&self, id: &ImageId, n: u64, at: SystemTime, file: OnDisk<'_>) {
+        if let Err(e) = self.0.add_hits(id, n, at, file) {
+            tracing::warn!("imgcache: {n} hits of {id} not counted: {e}");
+        }
+    }
+}
+
 /// A local image cache: the local file layer (`files/`) and a metadata
 /// store ([`CacheDriver`]), joined, with the operator's jobs (prune, clean,
 /// scrub, prefetch) as policy on top.
@@ -259,6 +272,10 @@ impl ImageCache {
             store.clone(),
             options.clock_ref().clone(),
         ));
+        // Hits counted on kept descriptors go to the store in batches.
+        layout
+            .open_files()
+            .set_sink(Arc::new(StoreHits(store.clone())));
         let mut cache = ImageCache {
             layout,
             store,
@@ -378,6 +395,7 @@ impl ImageCache {
     /// counts) now, so that other processes see it. Dropping the cache does
     /// it too.
     pub fn flush(&self) -> Result<()> {
+        self.layout.open_files().push_all();
         self.store.flush()
     }
 
@@ -389,6 +407,7 @@ impl ImageCache {
     /// Every cached image (id, size, hits, last accessed, last modified),
     /// ordered by id.
     pub fn cached_images(&self) -> Result<Vec<CachedImageInfo>> {
+        self.layout.open_files().push_all();
         self.store.list(&self.layout)
     }
 
@@ -417,6 +436,7 @@ impl ImageCache {
     /// The entry of an admitted id whose file is in place (read through
     /// the open file, so that a store on the file reads one inode).
     fn entry(&self, key: Admitted<'_>) -> Result<Option<CachedImageInfo>> {
+        self.layout.open_files().push(key.id());
         match self.layout.open_cached(key)? {
             Some((file, path, meta)) => self
                 .store
@@ -568,6 +588,7 @@ impl ImageCache {
 
     /// Cached images, least recently accessed first.
     pub fn least_recently_accessed(&self) -> Result<Vec<LruEntry>> {
+        self.layout.open_files().push_all();
         self.store.lru(&self.layout)
     }
 
@@ -628,17 +649,11 @@ impl ImageCache {
     /// `may_block`: whether this thread may wait (for a sweep, or the last
     /// close of a file deleted behind the cache's back).
     pub(crate) fn open_kept(&self, id: &ImageId, may_block: bool) -> Result<Option<CachedImage>> {
-        let open = self.layout.open_files();
-        let Some((hot, meta)) = open.get(id, may_block) else {
+        // Counted on the kept entry; the store is handed the counts in
+        // batches (see `files::open_files`).
+        let Some((hot, info)) = self.layout.open_files().hit(id, may_block, self.now()) else {
             return Ok(None);
         };
-        let on = OnDisk::new(&hot.path, Some(&hot.file), &meta).with_known(hot.known());
-        let now = self.now();
-        let Some(mut info) = self.store.hit(id, now, on)? else {
-            open.forget(id);
-            return Ok(None);
-        };
-        hot.count_into(&mut info, now);
         Ok(Some(CachedImage::shared(
             hot.file.clone(),
             hot.path.clone(),

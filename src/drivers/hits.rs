@@ -64,25 +64,36 @@ impl<T> Hits<T> {
     /// with a new image's hits. Returns the image's hits held now. No
     /// allocation when the image already has hits held.
     pub(crate) fn add(&mut self, id: &ImageId, at: SystemTime, of: impl FnOnce() -> T) -> u64 {
+        self.add_n(id, 1, at, of)
+    }
+
+    /// [`Hits::add`] for `n` hits, the latest at `at`.
+    pub(crate) fn add_n(
+        &mut self,
+        id: &ImageId,
+        n: u64,
+        at: SystemTime,
+        of: impl FnOnce() -> T,
+    ) -> u64 {
         let held = match self.by_id.get_mut(id) {
             Some(held) => {
-                held.hits += 1;
-                held.last = at;
+                held.hits += n;
+                held.last = held.last.max(at);
                 held.hits
             }
             None => {
                 self.by_id.insert(
                     id.clone(),
                     Held {
-                        hits: 1,
+                        hits: n,
                         last: at,
                         of: of(),
                     },
                 );
-                1
+                n
             }
         };
-        self.count += 1;
+        self.count += n;
         self.oldest.get_or_insert_with(Instant::now);
         self.oldest_at.get_or_insert(at);
         held

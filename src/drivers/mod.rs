@@ -97,20 +97,35 @@ pub trait CacheDriver: Send + Sync + fmt::Debug {
 
     /// Counts one hit of `id` at `at` and returns its entry as of that hit;
     /// `None` if the store has no entry. Stores batch these writes: a read
-    /// costs at most one metadata update, never one per chunk. Where the
-    /// cache kept the file open since an earlier hit it passes the entry
-    /// that hit returned ([`OnDisk::known`]); a store then counts the hit
-    /// without a lookup of its own, and must not wait on anything but its
-    /// own in-memory state (an async caller may be asking from a runtime's
-    /// thread). The cache answers with the entry it kept, its `hits` and
-    /// `last_accessed` brought up to date (it forgets the entry whenever
-    /// the cache changes it, as a scrub recording a CRC-32 does).
+    /// costs at most one metadata update, never one per chunk. The cache
+    /// calls it for a file it has just opened; hits on a descriptor it
+    /// kept open since are counted by the cache and come in batches
+    /// through [`CacheDriver::add_hits`]. Where [`OnDisk::known`] is set
+    /// (the entry an earlier hit returned, for a file the file layer
+    /// vouches for) a store counts the hit without a lookup of its own,
+    /// and must not wait on anything but its own in-memory state (an
+    /// async caller may be asking from a runtime's thread).
     fn hit(
         &self,
         id: &ImageId,
         at: SystemTime,
         file: OnDisk<'_>,
     ) -> Result<Option<CachedImageInfo>>;
+
+    /// Counts `n` hits of `id`, the latest at `at`, without returning the
+    /// entry: hits the cache counted on a descriptor it kept open, handed
+    /// over in batches (within half a second of a hit, and before the
+    /// cache reads counts or access times back). `file` is as for
+    /// [`CacheDriver::hit`] on a kept file: [`OnDisk::known`] is the entry
+    /// kept, and its metadata are as of the keep. The same rules as `hit`:
+    /// no wait but on the store's own in-memory state. By default, `hit`
+    /// `n` times.
+    fn add_hits(&self, id: &ImageId, n: u64, at: SystemTime, file: OnDisk<'_>) -> Result<()> {
+        for _ in 0..n {
+            self.hit(id, at, file)?;
+        }
+        Ok(())
+    }
 
     /// Before a commit's file is synced and published (`file` is the
     /// complete incomplete file). For stores that keep metadata on the file.

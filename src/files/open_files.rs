@@ -30,6 +30,13 @@
 //! raced with a forget (opened the file before it moved) is not kept
 //! ([`OpenFiles::epoch`]).
 //!
+//! Hits of a kept file are counted on its entry (one atomic add, no
+//! store call, no lock), and handed to the store ([`HitSink`]) in
+//! batches: from a hit at most every [`PUSH_EVERY`], when the entry leaves
+//! (evicted, swept, forgotten: a hit still holding it then hands its own
+//! over), and whenever the cache reads counts back ([`OpenFiles::push`],
+//! [`OpenFiles::push_all`]). None is lost, none is counted twice.
+//!
 //! Bounds: at most `capacity` descriptors; the least recently used goes
 //! when a new one comes; a sweep (at most once a [`SWEEP_EVERY`], from a
 //! hit or a job) closes those of files gone behind the cache's back, whose
@@ -40,13 +47,13 @@ use std::collections::HashMap;
 use std::fs::{File, Metadata};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::entry::CachedImageInfo;
+use crate::entry::{CachedImageInfo, OnDisk};
 use crate::id::ImageId;
 
 /// How old a change time must be, when the path was confirmed, to be
@@ -64,6 +71,18 @@ pub(crate) const INACTIVE: Duration = Duration::from_secs(60);
 
 /// Sweeps run at most this often.
 pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// How often a kept entry's hits are handed to the store from a hit.
+pub(crate) const PUSH_EVERY: Duration = Duration::from_millis(500);
+
+/// Where the hits counted on kept entries go: the cache's store.
+pub(crate) trait HitSink: Send + Sync + std::fmt::Debug {
+    /// Counts `n` hits of `id`, the latest at `at`, on `file` (whose
+    /// [`OnDisk::known`] is the entry kept). Must not wait on anything but
+    /// in-memory state where the store's hits are written by a thread of
+    /// its own (a runtime's thread may be handing them over).
+    fn add_hits(&self, id: &ImageId, n: u64, at: SystemTime, file: OnDisk<'_>);
+}
 
 /// Bit 63 of a recorded change time: trusted alone.
 const SETTLED: u64 = 1 << 63;
@@ -86,13 +105,18 @@ pub(crate) struct OpenFiles {
     /// Descriptors dropped where they must not be closed (a runtime's
     /// thread), closed by the next keep or sweep.
     graveyard: Mutex<Vec<Arc<OpenFile>>>,
+    /// Where hits counted on entries go (none: they are not handed on).
+    sink: OnceLock<Arc<dyn HitSink>>,
 }
 
 /// One kept descriptor, with what was true of its file when kept.
 #[derive(Debug)]
 pub(crate) struct OpenFile {
+    id: ImageId,
     pub(crate) file: Arc<File>,
     pub(crate) path: Arc<Path>,
+    /// Its metadata when kept (what the store is shown with its hits).
+    meta: Metadata,
     dev: u64,
     ino: u64,
     size: u64,
@@ -104,6 +128,14 @@ pub(crate) struct OpenFile {
     info: CachedImageInfo,
     /// Hits served from this entry since.
     since: AtomicU64,
+    /// How many of those the store has been handed.
+    pushed: AtomicU64,
+    /// When they were last handed over ([`coarse_ms`]).
+    pushed_ms: AtomicU64,
+    /// The latest hit's time, in µs since the epoch.
+    last_at: AtomicU64,
+    /// Out of the map: a hit still holding it hands its own count over.
+    retired: AtomicBool,
     /// Last use, in ms since the cache's `start`.
     used: AtomicU64,
     /// The order it was kept in: of two used in the same ms, the one kept
@@ -112,17 +144,61 @@ pub(crate) struct OpenFile {
 }
 
 impl OpenFile {
-    /// Sets `info` (the entry the store returned for this hit) to this
-    /// hit's counts: the hits of the entry kept, with those served from it
-    /// since (this one included), and `at` as last access.
-    pub(crate) fn count_into(&self, info: &mut CachedImageInfo, at: SystemTime) {
-        info.hits = self.info.hits + self.since.fetch_add(1, Ordering::Relaxed) + 1;
+    /// Counts a hit at `at` (`now_ms` by [`coarse_ms`]), handing the
+    /// count to `sink` when due, and returns this hit's entry: the one
+    /// kept, with the hits served from it since (this one included) and
+    /// `at` as last access.
+    fn count(&self, at: SystemTime, now_ms: u64, sink: Option<&dyn HitSink>) -> CachedImageInfo {
+        // The time first: a push that sees this hit's count sees its time
+        // (the count's SeqCst add publishes it).
+        let us = micros(at);
+        if self.last_at.load(Ordering::Relaxed) < us {
+            self.last_at.store(us, Ordering::Relaxed);
+        }
+        // SeqCst with `retire`: either its push sees this hit, or this hit
+        // sees it retired and pushes itself.
+        let n = self.since.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(sink) = sink {
+            if self.retired.load(Ordering::SeqCst) {
+                self.push(sink);
+            } else {
+                let last = self.pushed_ms.load(Ordering::Relaxed);
+                if now_ms.saturating_sub(last) >= PUSH_EVERY.as_millis() as u64
+                    && self
+                        .pushed_ms
+                        .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    self.push(sink);
+                }
+            }
+        }
+        let mut info = self.info.clone();
+        info.hits += n;
         info.last_accessed = at;
+        info
     }
 
-    /// The entry the store returned when this file was kept.
-    pub(crate) fn known(&self) -> &CachedImageInfo {
-        &self.info
+    /// Hands the hits counted and not handed yet to `sink`. Concurrent
+    /// pushes hand disjoint counts: each takes what lies between the count
+    /// pushed before it and the count it read.
+    fn push(&self, sink: &dyn HitSink) {
+        let total = self.since.load(Ordering::SeqCst);
+        let before = self.pushed.fetch_max(total, Ordering::SeqCst);
+        if total > before {
+            let at = SystemTime::UNIX_EPOCH
+                + Duration::from_micros(self.last_at.load(Ordering::Relaxed));
+            let on = OnDisk::new(&self.path, Some(&self.file), &self.meta).with_known(&self.info);
+            sink.add_hits(&self.id, total - before, at, on);
+        }
+    }
+
+    /// Marks it out of the map, and hands its count over.
+    fn retire(&self, sink: Option<&dyn HitSink>) {
+        self.retired.store(true, Ordering::SeqCst);
+        if let Some(sink) = sink {
+            self.push(sink);
+        }
     }
 
     /// The file's metadata if it is still the cached file at its path;
@@ -166,7 +242,46 @@ impl OpenFiles {
             next_sweep: AtomicU64::new(0),
             sweeping: Mutex::new(()),
             graveyard: Mutex::new(Vec::new()),
+            sink: OnceLock::new(),
         }
+    }
+
+    /// Sets where hits counted on kept entries go (once; later calls are
+    /// ignored).
+    pub(crate) fn set_sink(&self, sink: Arc<dyn HitSink>) {
+        let _ = self.sink.set(sink);
+    }
+
+    fn sink(&self) -> Option<&dyn HitSink> {
+        self.sink.get().map(|s| &**s)
+    }
+
+    /// Hands the hits counted on `id`'s entry, if kept, to the store (before
+    /// its count is read back).
+    pub(crate) fn push(&self, id: &ImageId) {
+        let Some(sink) = self.sink() else { return };
+        let entry = self.map.read().get(id).cloned();
+        if let Some(entry) = entry {
+            entry.push(sink);
+        }
+    }
+
+    /// Hands every kept entry's hits to the store (before counts or access
+    /// times are read back: listings, pruning, a flush).
+    pub(crate) fn push_all(&self) {
+        let Some(sink) = self.sink() else { return };
+        let entries: Vec<Arc<OpenFile>> = self.map.read().values().cloned().collect();
+        for entry in entries {
+            entry.push(sink);
+        }
+    }
+
+    /// Takes an entry out of the map: retired, its count handed over.
+    fn retired(&self, gone: Option<Arc<OpenFile>>) -> Option<Arc<OpenFile>> {
+        if let Some(g) = &gone {
+            g.retire(self.sink());
+        }
+        gone
     }
 
     /// How many it keeps now.
@@ -190,7 +305,12 @@ impl OpenFiles {
     /// are closed; elsewhere (a runtime's thread) they wait for that (the
     /// last close of a large deleted file frees its blocks, which takes
     /// time), and [`OpenFiles::sweep_due`] says when to run one.
-    pub(crate) fn get(&self, id: &ImageId, may_block: bool) -> Option<(Arc<OpenFile>, Metadata)> {
+    pub(crate) fn hit(
+        &self,
+        id: &ImageId,
+        may_block: bool,
+        at: SystemTime,
+    ) -> Option<(Arc<OpenFile>, CachedImageInfo)> {
         if self.capacity == 0 {
             return None;
         }
@@ -201,11 +321,12 @@ impl OpenFiles {
         }
         let entry = self.map.read().get(id).cloned()?;
         match entry.check(false) {
-            Some(meta) => {
+            Some(_) => {
                 if entry.used.load(Ordering::Relaxed) != now {
                     entry.used.store(now, Ordering::Relaxed);
                 }
-                Some((entry, meta))
+                let info = entry.count(at, now, self.sink());
+                Some((entry, info))
             }
             None => {
                 if let Some(gone) = self.take_if_same(id, &entry) {
@@ -252,8 +373,10 @@ impl OpenFiles {
         // The open confirmed the path: a change time old enough then is
         // trusted alone from now on.
         let entry = Arc::new(OpenFile {
+            id: id.clone(),
             file: file.clone(),
             path: path.clone(),
+            meta: meta.clone(),
             dev: meta.dev(),
             ino: meta.ino(),
             size: meta.size(),
@@ -261,6 +384,10 @@ impl OpenFiles {
             ctime: AtomicU64::new(stamp(meta, opened_at)),
             info: info.clone(),
             since: AtomicU64::new(0),
+            pushed: AtomicU64::new(0),
+            pushed_ms: AtomicU64::new(now),
+            last_at: AtomicU64::new(micros(info.last_accessed)),
+            retired: AtomicBool::new(false),
             used: AtomicU64::new(now),
             seq: self.kept.fetch_add(1, Ordering::Relaxed),
         });
@@ -281,8 +408,9 @@ impl OpenFiles {
         }
         map.insert(id.clone(), entry);
         drop(map);
-        // Closed outside the lock: hits never wait for a last close.
-        drop(evicted);
+        // Closed, and its hits handed over, outside the lock: hits never
+        // wait for a last close or a store.
+        drop(self.retired(evicted));
         self.bury();
     }
 
@@ -302,17 +430,20 @@ impl OpenFiles {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         let gone = map.remove(id);
         drop(map);
-        drop(gone);
+        // Its hits are the store's to keep or drop with the entry.
+        drop(self.retired(gone));
     }
 
     /// Takes `entry` out if it is still the one kept for `id`.
     fn take_if_same(&self, id: &ImageId, entry: &Arc<OpenFile>) -> Option<Arc<OpenFile>> {
         let mut map = self.map.write();
-        if map.get(id).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+        let gone = if map.get(id).is_some_and(|e| Arc::ptr_eq(e, entry)) {
             map.remove(id)
         } else {
             None
-        }
+        };
+        drop(map);
+        self.retired(gone)
     }
 
     /// Closes the descriptors of files gone behind the cache's back (each
@@ -350,6 +481,22 @@ impl OpenFiles {
     }
 }
 
+impl Drop for OpenFiles {
+    fn drop(&mut self) {
+        if let Some(sink) = self.sink.get() {
+            for entry in self.map.get_mut().values() {
+                entry.retire(Some(&**sink));
+            }
+        }
+    }
+}
+
+/// `t` in µs since the epoch (0 before it).
+fn micros(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
 /// A file's change time in ns since the epoch (0 before it), in 63 bits.
 fn ctime_ns(m: &Metadata) -> u64 {
     let ns = i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec());
@@ -371,7 +518,6 @@ fn stamp(m: &Metadata, confirmed: u64) -> u64 {
     }
 }
 
-/// The wall clock in ns since the epoch: file times are stamped by it.
 /// Milliseconds on a monotonic clock, for idleness and sweeps. On Linux
 /// the coarse clock: a read costs a few nanoseconds where the precise one
 /// costs tens (a hit reads it), and its tick (at most 10 ms) is far below
@@ -395,6 +541,7 @@ fn coarse_ms() -> u64 {
     }
 }
 
+/// The wall clock in ns since the epoch: file times are stamped by it.
 pub(crate) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -415,8 +562,8 @@ mod tests {
     }
 
     impl OpenFiles {
-        fn get_now(&self, id: &ImageId) -> Option<(Arc<OpenFile>, Metadata)> {
-            self.get(id, true)
+        fn get_now(&self, id: &ImageId) -> Option<(Arc<OpenFile>, CachedImageInfo)> {
+            self.hit(id, true, SystemTime::now())
         }
     }
 
@@ -451,12 +598,10 @@ mod tests {
         std::fs::write(&path, b"one").unwrap();
         let open = OpenFiles::new(8);
         open_and_keep(&open, "a", &path);
-        let (hot, meta) = open.get_now(&id("a")).expect("kept");
-        assert_eq!(meta.len(), 3);
-        let mut info = hot.known().clone();
-        hot.count_into(&mut info, SystemTime::now());
-        assert_eq!(info.hits, 1);
-        hot.count_into(&mut info, SystemTime::now());
+        let (hot, info) = open.get_now(&id("a")).expect("kept");
+        assert_eq!((info.size, info.hits), (3, 1));
+        drop(hot);
+        let (hot, info) = open.get_now(&id("a")).expect("kept");
         assert_eq!(info.hits, 2);
         drop(hot);
         std::fs::remove_file(&path).unwrap();
@@ -604,5 +749,97 @@ mod tests {
         open.sweep();
         assert_eq!(open.len(), 1);
         assert!(open.get_now(&id("b")).is_some());
+    }
+
+    /// A sink that adds up what it is handed.
+    #[derive(Debug, Default)]
+    struct Tally(Mutex<HashMap<ImageId, (u64, SystemTime)>>);
+
+    impl HitSink for Tally {
+        fn add_hits(&self, id: &ImageId, n: u64, at: SystemTime, file: OnDisk<'_>) {
+            assert_eq!(file.known().map(|k| &k.id), Some(id));
+            let mut t = self.0.lock();
+            let e = t.entry(id.clone()).or_insert((0, SystemTime::UNIX_EPOCH));
+            e.0 += n;
+            e.1 = e.1.max(at);
+        }
+    }
+
+    impl Tally {
+        fn of(&self, name: &str) -> u64 {
+            self.0.lock().get(&id(name)).map_or(0, |e| e.0)
+        }
+    }
+
+    #[test]
+    fn hits_counted_on_an_entry_reach_the_sink_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let tally = Arc::new(Tally::default());
+        let open = OpenFiles::new(1);
+        open.set_sink(tally.clone());
+        for name in ["a", "b"] {
+            std::fs::write(dir.path().join(name), b"bytes").unwrap();
+        }
+        open_and_keep(&open, "a", &dir.path().join("a"));
+        // Later than the entry kept (whose access time is now).
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(4_000_000_000);
+        for _ in 0..3 {
+            open.hit(&id("a"), true, at).expect("kept");
+        }
+        // Not handed over yet (less than PUSH_EVERY since it was kept).
+        assert_eq!(tally.of("a"), 0);
+        open.push(&id("a"));
+        assert_eq!(tally.of("a"), 3);
+        assert_eq!(tally.0.lock()[&id("a")].1, at, "the latest hit's time");
+        open.push_all();
+        assert_eq!(tally.of("a"), 3, "nothing twice");
+        // A hit still holding the entry when it is evicted hands its own.
+        let (held, _) = open.hit(&id("a"), true, at).expect("kept");
+        open_and_keep(&open, "b", &dir.path().join("b"));
+        assert!(open.get_now(&id("a")).is_none(), "evicted");
+        assert_eq!(tally.of("a"), 4, "handed over when it left");
+        held.count(at, 0, open.sink());
+        assert_eq!(tally.of("a"), 5, "a late hit on a retired entry");
+        // Forgotten, and at the end.
+        open.hit(&id("b"), true, at).expect("kept");
+        open.forget(&id("b"));
+        assert_eq!(tally.of("b"), 1);
+        open_and_keep(&open, "b", &dir.path().join("b"));
+        open.hit(&id("b"), true, at).expect("kept");
+        drop(open);
+        assert_eq!(tally.of("b"), 2, "handed over when the cache goes");
+    }
+
+    #[test]
+    fn concurrent_hits_and_pushes_lose_and_double_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), b"bytes").unwrap();
+        let tally = Arc::new(Tally::default());
+        let open = Arc::new(OpenFiles::new(8));
+        open.set_sink(tally.clone());
+        open_and_keep(&open, "a", &dir.path().join("a"));
+        let served = AtomicU64::new(0);
+        std::thread::scope(|sc| {
+            for _ in 0..4 {
+                sc.spawn(|| {
+                    for _ in 0..2_000 {
+                        if open.hit(&id("a"), true, SystemTime::now()).is_some() {
+                            served.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+            sc.spawn(|| {
+                for i in 0..200 {
+                    open.push_all();
+                    if i % 50 == 0 {
+                        open.forget(&id("a"));
+                        open_and_keep(&open, "a", &dir.path().join("a"));
+                    }
+                }
+            });
+        });
+        drop(open);
+        assert_eq!(tally.of("a"), served.load(Ordering::Relaxed));
     }
 }

@@ -82,6 +82,18 @@ impl CacheDriver for CentralizedDbDriver {
         Ok(Some(self.with_pending(info)))
     }
 
+    fn add_hits(&self, id: &ImageId, n: u64, at: SystemTime, _file: OnDisk<'_>) -> Result<()> {
+        let full = {
+            let mut hits = self.inner.hits.lock();
+            hits.hits.add_n(id, n, at, || ());
+            hits.hits.full()
+        };
+        if full {
+            self.inner.wake.notify_one();
+        }
+        Ok(())
+    }
+
     fn insert(&self, entry: &CachedImageInfo) -> Result<()> {
         if entry.id.as_str().len() > self.inner.max_id {
             return Err(Error::InvalidId {

@@ -600,6 +600,18 @@ impl CacheDriver for SqliteDriver {
         Ok(Some(info))
     }
 
+    fn add_hits(&self, id: &ImageId, n: u64, at: SystemTime, _file: OnDisk<'_>) -> Result<()> {
+        let full = {
+            let mut hits = self.inner.hits.lock();
+            hits.add_n(id, n, at, || ());
+            hits.full()
+        };
+        if full {
+            let _ = self.inner.hit_writer.try_send(());
+        }
+        Ok(())
+    }
+
     fn insert(&self, entry: &CachedImageInfo) -> Result<()> {
         // An entry held for an earlier image of this id is replaced; hits
         // pending for it go to its row, which this one then replaces.

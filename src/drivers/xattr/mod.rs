@@ -427,6 +427,30 @@ impl CacheDriver for XattrDriver {
         Ok(Some(info))
     }
 
+    fn add_hits(&self, id: &ImageId, n: u64, at: SystemTime, file: OnDisk<'_>) -> Result<()> {
+        let identity = file.identity();
+        let (dev, ino) = (identity[0], identity[1]);
+        let mut held = self.state.inner.lock();
+        if held
+            .pending
+            .get(id)
+            .is_some_and(|p| p.of.file != (dev, ino))
+        {
+            // Hits of a file that was replaced: write them first.
+            flush_pending(&mut held)?;
+        }
+        held.pending.add_n(id, n, at, || HitsOf {
+            path: file.path().to_path_buf(),
+            file: (dev, ino),
+        });
+        if held.pending.due_at(at) {
+            if let Err(e) = flush_pending(&mut held) {
+                tracing::warn!("imgcache: xattr hits not written: {e}");
+            }
+        }
+        Ok(())
+    }
+
     fn prepare(&self, entry: &CachedImageInfo, file: OnDisk<'_>) -> Result<()> {
         // The entry (commit time, size, CRC: one value) before the hit
         // count that marks a known file: a journaling file system persists
