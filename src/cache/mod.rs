@@ -81,6 +81,9 @@ impl crate::files::open_files::HitSink for StoreHits {
 /// Several processes may open the same directory at once.
 #[derive(Debug)]
 pub struct ImageCache {
+    /// Hands hits counted on kept descriptors to the store every half
+    /// second (first: stopped, with a last hand-over, before the rest).
+    _hit_pusher: Option<crate::files::open_files::Pusher>,
     layout: Layout,
     store: Arc<dyn CacheDriver>,
     options: CacheOptions,
@@ -207,6 +210,7 @@ impl ImageCache {
     /// Every cached image of every node sharing the store, ordered by node
     /// and id; `None` with a store of one node.
     pub fn cached_images_all_nodes(&self) -> Result<Option<Vec<NodeImage>>> {
+        self.layout.open_files().push_all();
         self.store.all_nodes()
     }
 
@@ -276,7 +280,10 @@ impl ImageCache {
         layout
             .open_files()
             .set_sink(Arc::new(StoreHits(store.clone())));
+        let hit_pusher =
+            crate::files::open_files::Pusher::spawn(layout.open_files_shared(), layout.base())?;
         let mut cache = ImageCache {
+            _hit_pusher: hit_pusher,
             layout,
             store,
             options,

@@ -2,7 +2,9 @@
 //! memory, and the store writes the counts held every [`HIT_DELAY`], or
 //! once [`HIT_BATCH`] images have hits held (and before anything reports or
 //! changes metadata, on `flush`, and when it is dropped), so that a read costs no metadata write
-//! of its own (DESIGN, invariant 4). Each store decides *how* a batch is
+//! of its own (DESIGN, invariant 4). Hits on descriptors the cache keeps
+//! open reach a store in batches of their own, up to half a second later
+//! (`files::open_files`; [`crate::CacheDriver::add_hits`]). Each store decides *how* a batch is
 //! written (one SQLite transaction, an attribute added to under the file's
 //! lock, a numbered statement to the shared database) and keeps with each
 //! image's hits what it needs to write them (`T`: the file they belong to,
@@ -107,13 +109,17 @@ impl<T> Hits<T> {
 
     /// [`Hits::due`] by the time of a hit just counted, `at` (the cache's
     /// clock, already read): no clock read of its own, for a store that
-    /// writes its batches from the hits themselves. A clock that went back
-    /// makes the batch due.
+    /// writes its batches from the hits themselves. Hits come a little out
+    /// of order (each read the clock before it took the lock; a batch
+    /// handed over carries its latest time): a time up to [`HIT_DELAY`]
+    /// before the first is not due; a clock that went back further makes
+    /// the batch due.
     pub(crate) fn due_at(&self, at: SystemTime) -> bool {
         self.full()
-            || self
-                .oldest_at
-                .is_some_and(|t| at.duration_since(t).map_or(true, |d| d >= HIT_DELAY))
+            || self.oldest_at.is_some_and(|t| match at.duration_since(t) {
+                Ok(d) => d >= HIT_DELAY,
+                Err(e) => e.duration() > HIT_DELAY,
+            })
     }
 
     /// Whether hits of [`HIT_BATCH`] images are held (a writer thread's own
@@ -224,8 +230,10 @@ mod tests {
         h.add(&id("a"), t0, || 0);
         assert!(!h.due_at(t0 + HIT_DELAY / 2));
         assert!(h.due_at(t0 + HIT_DELAY));
-        // A clock that went back: written rather than held for ever.
-        assert!(h.due_at(t0 - Duration::from_secs(1)));
+        // Hits a little out of order are not due; a clock that went back
+        // further: written rather than held for ever.
+        assert!(!h.due_at(t0 - HIT_DELAY / 2));
+        assert!(h.due_at(t0 - HIT_DELAY * 2));
         let batch = h.take();
         assert!(!h.due_at(t0 + HIT_DELAY * 10));
         // A failed write is tried again a delay after its latest hit.

@@ -114,8 +114,8 @@ pub trait CacheDriver: Send + Sync + fmt::Debug {
 
     /// Counts `n` hits of `id`, the latest at `at`, without returning the
     /// entry: hits the cache counted on a descriptor it kept open, handed
-    /// over in batches (within half a second of a hit, and before the
-    /// cache reads counts or access times back). `file` is as for
+    /// over in batches (every half second, by a thread of the cache's,
+    /// and before it reads counts or access times back). `file` is as for
     /// [`CacheDriver::hit`] on a kept file: [`OnDisk::known`] is the entry
     /// kept, and its metadata are as of the keep. The same rules as `hit`:
     /// no wait but on the store's own in-memory state. By default, `hit`

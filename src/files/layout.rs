@@ -242,6 +242,11 @@ impl Layout {
         &self.open
     }
 
+    /// The same, shared (for a thread that works on them).
+    pub(crate) fn open_files_shared(&self) -> &std::sync::Arc<OpenFiles> {
+        &self.open
+    }
+
     /// Reserves the name of database file `path` (and its side files) if it
     /// lies directly in the base directory: no image can take it, no walk
     /// lists it.

@@ -32,7 +32,8 @@
 //!
 //! Hits of a kept file are counted on its entry (one atomic add, no
 //! store call, no lock), and handed to the store ([`HitSink`]) in
-//! batches: from a hit at most every [`PUSH_EVERY`], when the entry leaves
+//! batches: every [`PUSH_EVERY`] (by a thread of the cache's, [`Pusher`],
+//! and from a hit when one comes later than that), when the entry leaves
 //! (evicted, swept, forgotten: a hit still holding it then hands its own
 //! over), and whenever the cache reads counts back ([`OpenFiles::push`],
 //! [`OpenFiles::push_all`]). None is lost, none is counted twice.
@@ -153,7 +154,7 @@ impl OpenFile {
         // (the count's SeqCst add publishes it).
         let us = micros(at);
         if self.last_at.load(Ordering::Relaxed) < us {
-            self.last_at.store(us, Ordering::Relaxed);
+            self.last_at.fetch_max(us, Ordering::Relaxed);
         }
         // SeqCst with `retire`: either its push sees this hit, or this hit
         // sees it retired and pushes itself.
@@ -481,6 +482,63 @@ impl OpenFiles {
     }
 }
 
+/// The thread that hands the hits counted on kept entries to the store
+/// every [`PUSH_EVERY`], so that they reach it (and other processes) within
+/// about that however the hits stop. Stopped, after a last hand-over, when
+/// dropped.
+#[derive(Debug)]
+pub(crate) struct Pusher {
+    stop: Arc<(Mutex<bool>, parking_lot::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pusher {
+    /// Starts one for `open`, the descriptors of the cache in `base`;
+    /// `None` where it keeps none.
+    pub(crate) fn spawn(
+        open: &Arc<OpenFiles>,
+        base: &Path,
+    ) -> crate::error::Result<Option<Pusher>> {
+        if open.capacity == 0 {
+            return Ok(None);
+        }
+        let stop = Arc::new((Mutex::new(false), parking_lot::Condvar::new()));
+        let weak = Arc::downgrade(open);
+        let told = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("imgcache-hits".into())
+            .spawn(move || loop {
+                let stopping = {
+                    let mut stopped = told.0.lock();
+                    if !*stopped {
+                        told.1.wait_for(&mut stopped, PUSH_EVERY);
+                    }
+                    *stopped
+                };
+                let Some(open) = weak.upgrade() else { return };
+                open.push_all();
+                if stopping {
+                    return;
+                }
+            })
+            .map_err(|e| crate::error::Error::io("start the hit pusher for", base, e))?;
+        Ok(Some(Pusher {
+            stop,
+            thread: Some(thread),
+        }))
+    }
+}
+
+impl Drop for Pusher {
+    fn drop(&mut self) {
+        *self.stop.0.lock() = true;
+        self.stop.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 impl Drop for OpenFiles {
     fn drop(&mut self) {
         if let Some(sink) = self.sink.get() {
@@ -753,7 +811,10 @@ mod tests {
 
     /// A sink that adds up what it is handed.
     #[derive(Debug, Default)]
-    struct Tally(Mutex<HashMap<ImageId, (u64, SystemTime)>>);
+    struct Tally(
+        Mutex<HashMap<ImageId, (u64, SystemTime)>>,
+        parking_lot::Condvar,
+    );
 
     impl HitSink for Tally {
         fn add_hits(&self, id: &ImageId, n: u64, at: SystemTime, file: OnDisk<'_>) {
@@ -762,7 +823,39 @@ mod tests {
             let e = t.entry(id.clone()).or_insert((0, SystemTime::UNIX_EPOCH));
             e.0 += n;
             e.1 = e.1.max(at);
+            self.1.notify_all();
         }
+    }
+
+    #[test]
+    fn the_pusher_hands_hits_over_when_they_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), b"bytes").unwrap();
+        let tally = Arc::new(Tally::default());
+        let open = Arc::new(OpenFiles::new(8));
+        open.set_sink(tally.clone());
+        let pusher = Pusher::spawn(&open, dir.path()).unwrap().expect("a pusher");
+        open_and_keep(&open, "a", &dir.path().join("a"));
+        for _ in 0..3 {
+            open.hit(&id("a"), true, SystemTime::now()).expect("kept");
+        }
+        // No hit, push or forget after these: the pusher's tick brings them.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut t = tally.0.lock();
+        while t.get(&id("a")).map_or(0, |e| e.0) < 3 {
+            assert!(
+                !tally.1.wait_until(&mut t, deadline).timed_out(),
+                "not handed over within 10 s"
+            );
+        }
+        drop(t);
+        // A last hand-over when it stops.
+        open.hit(&id("a"), true, SystemTime::now()).expect("kept");
+        drop(pusher);
+        assert_eq!(tally.of("a"), 4);
+        assert!(Pusher::spawn(&Arc::new(OpenFiles::new(0)), dir.path())
+            .unwrap()
+            .is_none());
     }
 
     impl Tally {

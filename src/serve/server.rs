@@ -433,8 +433,6 @@ async fn write_plan(
     }
 }
 
-/// Writes a response head that a body follows, with `MSG_MORE` where the
-/// kernel has it, so that the head and the first body bytes share packets.
 /// Bodies up to this size are copied behind their head and sent with it
 /// in one write, when the page cache holds them.
 const INLINE_BODY: u64 = 16 * 1024;
@@ -463,6 +461,8 @@ fn inline(out: &mut Vec<u8>, file: &std::fs::File, start: u64, end: u64) -> bool
     true
 }
 
+/// Writes a response head that a body follows, with `MSG_MORE` where the
+/// kernel has it, so that the head and the first body bytes share packets.
 async fn send_head(stream: &TcpStream, mut head: &[u8], limit: Duration) -> io::Result<()> {
     while !head.is_empty() {
         tokio::time::timeout(limit, stream.writable())

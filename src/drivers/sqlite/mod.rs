@@ -508,7 +508,8 @@ impl Drop for Inner {
 impl SqliteDriver {
     /// Counts one hit of `id` at `at` in memory; returns the hits pending
     /// for it and whether the batch is full (to be written at once; the
-    /// writer thread writes the others within a [`HIT_DELAY`]).
+    /// writer thread, which wakes every `ROW_DELAY`, writes the others
+    /// once the first is a [`HIT_DELAY`] old: within 1.5 s).
     fn count_hit(&self, id: &ImageId, at: SystemTime) -> (u64, bool) {
         let mut hits = self.inner.hits.lock();
         let pending = hits.add(id, at, || ());
