@@ -661,11 +661,7 @@ impl ImageCache {
         let Some((hot, info)) = self.layout.open_files().hit(id, may_block, self.now()) else {
             return Ok(None);
         };
-        Ok(Some(CachedImage::shared(
-            hot.file.clone(),
-            hot.path.clone(),
-            info,
-        )))
+        Ok(Some(CachedImage::kept(hot, info)))
     }
 
     fn read_hit(&self, key: Admitted<'_>) -> Result<Option<CachedImage>> {

@@ -7,6 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::open_files::OpenFile;
 use super::zero_copy;
 use crate::entry::CachedImageInfo;
 use crate::error::{Error, IoContext, Result};
@@ -39,10 +40,36 @@ use crate::range::ByteRange;
 /// handle's `Read + Seek` position is its own.
 #[derive(Debug)]
 pub struct CachedImage {
-    file: Arc<File>,
-    path: Arc<Path>,
+    held: Held,
     info: CachedImageInfo,
     pos: u64,
+}
+
+/// Where a [`CachedImage`]'s descriptor comes from.
+#[derive(Debug)]
+enum Held {
+    /// Opened for this hit (and perhaps kept since).
+    Own { file: Arc<File>, path: Arc<Path> },
+    /// An entry of the open-file cache: one reference held, where the
+    /// file and path would take two (each an atomic count every hit
+    /// touches).
+    Kept(Arc<OpenFile>),
+}
+
+impl Held {
+    fn file(&self) -> &Arc<File> {
+        match self {
+            Held::Own { file, .. } => file,
+            Held::Kept(k) => &k.file,
+        }
+    }
+
+    fn path(&self) -> &Arc<Path> {
+        match self {
+            Held::Own { path, .. } => path,
+            Held::Kept(k) => &k.path,
+        }
+    }
 }
 
 impl CachedImage {
@@ -58,14 +85,20 @@ impl CachedImage {
                 path,
             });
         }
-        Ok(Self::shared(Arc::new(file), path.into(), info))
+        Ok(CachedImage {
+            held: Held::Own {
+                file: Arc::new(file),
+                path: path.into(),
+            },
+            info,
+            pos: 0,
+        })
     }
 
     /// Wraps a descriptor the cache keeps open, whose size was checked.
-    pub(crate) fn shared(file: Arc<File>, path: Arc<Path>, info: CachedImageInfo) -> Self {
+    pub(crate) fn kept(entry: Arc<OpenFile>, info: CachedImageInfo) -> Self {
         CachedImage {
-            file,
-            path,
+            held: Held::Kept(entry),
             info,
             pos: 0,
         }
@@ -73,12 +106,12 @@ impl CachedImage {
 
     /// The path, shared (for the open-file cache).
     pub(crate) fn shared_path(&self) -> &Arc<Path> {
-        &self.path
+        self.held.path()
     }
 
     /// The shared descriptor (for the open-file cache).
     pub(crate) fn shared_file(&self) -> &Arc<File> {
-        &self.file
+        self.held.file()
     }
 
     /// The image's id.
@@ -103,14 +136,14 @@ impl CachedImage {
 
     /// The file's path at the time it was opened.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.held.path()
     }
 
     /// The open file. Other readers of the image may share it: read it
     /// with positional reads ([`FileExt::read_at`]); its offset belongs to
     /// no one.
     pub fn file(&self) -> &File {
-        &self.file
+        self.held.file()
     }
 
     /// Reads the whole image into memory (from the start, whatever this
@@ -119,7 +152,7 @@ impl CachedImage {
         let mut buf = Vec::with_capacity(usize::try_from(self.len()).unwrap_or(0));
         self.range_reader(None)?
             .read_to_end(&mut buf)
-            .ctx("read", &self.path)?;
+            .ctx("read", self.path())?;
         Ok(buf)
     }
 
@@ -129,9 +162,12 @@ impl CachedImage {
     /// since: its own offset); elsewhere it is duplicated, and the
     /// duplicate's offset is shared with other such duplicates.
     pub fn into_file(self) -> io::Result<File> {
-        let mut file = match Arc::try_unwrap(self.file) {
-            Ok(file) => file,
-            Err(shared) => reopen(&shared)?,
+        let mut file = match self.held {
+            Held::Own { file, .. } => match Arc::try_unwrap(file) {
+                Ok(file) => file,
+                Err(shared) => reopen(&shared)?,
+            },
+            Held::Kept(entry) => reopen(&entry.file)?,
         };
         file.rewind()?;
         Ok(file)
@@ -184,9 +220,9 @@ impl CachedImage {
             memmap2::MmapOptions::new()
                 .offset(r.start)
                 .len(len)
-                .map(&self.file)
+                .map(self.file())
         };
-        map.ctx("mmap", &self.path).map(MappedImage)
+        map.ctx("mmap", self.path()).map(MappedImage)
     }
 
     /// Sends `range` (`None`: the whole image) to `out` — a socket, a pipe
@@ -199,7 +235,7 @@ impl CachedImage {
     /// file or socket go at its current position.
     pub fn send_to(&self, out: impl AsFd, range: Option<ByteRange>) -> Result<u64> {
         let r = self.range(range.unwrap_or(ByteRange::full(self.len())))?;
-        zero_copy::send(&self.file, out.as_fd(), r.start, r.end).ctx("send", &self.path)
+        zero_copy::send(self.file(), out.as_fd(), r.start, r.end).ctx("send", self.path())
     }
 }
 
@@ -227,13 +263,13 @@ impl Read for RangeReader<'_> {
         if want == 0 {
             return Ok(0);
         }
-        let n = self.image.file.read_at(&mut buf[..want], self.pos)?;
+        let n = self.image.file().read_at(&mut buf[..want], self.pos)?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!(
                     "{} ended at byte {} of {}",
-                    self.image.path.display(),
+                    self.image.path().display(),
                     self.pos,
                     self.image.len()
                 ),
@@ -252,7 +288,7 @@ impl Read for CachedImage {
         if want == 0 {
             return Ok(0);
         }
-        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        let n = self.file().read_at(&mut buf[..want], self.pos)?;
         if n == 0 {
             // Truncated behind the cache's back: an error, never a short
             // image.
@@ -260,7 +296,7 @@ impl Read for CachedImage {
                 io::ErrorKind::UnexpectedEof,
                 format!(
                     "{} ended at byte {} of {}",
-                    self.path.display(),
+                    self.path().display(),
                     self.pos,
                     self.info.size
                 ),
@@ -298,7 +334,7 @@ impl CachedImage {
     /// system cannot tell (other systems, some file systems); a short read
     /// is what was resident, `Some(Ok(0))` the end of the file.
     pub fn read_resident_at(&self, buf: &mut [u8], pos: u64) -> Option<io::Result<usize>> {
-        super::zero_copy::read_resident(&self.file, buf, pos)
+        super::zero_copy::read_resident(self.file(), buf, pos)
     }
 
     /// [`CachedImage::send_to`] into a tokio `TcpStream`: bytes of `range`

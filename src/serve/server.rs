@@ -339,7 +339,7 @@ async fn write_plan(
     out.extend_from_slice(b"x-imgcache: ");
     out.extend_from_slice(plan.source.as_bytes());
     out.extend_from_slice(b"\r\ndate: ");
-    out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+    http_date(&mut out);
     if chunked {
         out.extend_from_slice(b"\r\ntransfer-encoding: chunked");
     }
@@ -431,6 +431,25 @@ async fn write_plan(
             Ok(())
         }
     }
+}
+
+/// Appends the `date` header's value for now, formatted once a second on
+/// each thread (the header has whole seconds).
+fn http_date(out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static NOW: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    NOW.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != secs || cached.1.is_empty() {
+            *cached = (secs, httpdate::fmt_http_date(now));
+        }
+        out.extend_from_slice(cached.1.as_bytes());
+    });
 }
 
 /// Bodies up to this size are copied behind their head and sent with it
