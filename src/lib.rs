@@ -154,7 +154,8 @@
 //! - A live writer holds a lock on its file, so `clean` never deletes a file
 //!   that is still being filled, however old it looks.
 //! - A read never `fsync`s, and costs no metadata write of its own: hits
-//!   are counted in memory and written in batches, once a second or once
+//!   are counted in memory (those on descriptors kept open join the batch
+//!   every half second) and written in batches, once a second or once
 //!   256 images have hits held — by a background thread (SQLite), or by the
 //!   read that finds the batch due, adding to each file's attributes under
 //!   its lock (xattr; [`ImageCache::flush`]).

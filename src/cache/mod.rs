@@ -281,7 +281,7 @@ impl ImageCache {
             .open_files()
             .set_sink(Arc::new(StoreHits(store.clone())));
         let hit_pusher =
-            crate::files::open_files::Pusher::spawn(layout.open_files_shared(), layout.base())?;
+            crate::files::open_files::Pusher::spawn(layout.open_files_shared(), layout.base());
         let mut cache = ImageCache {
             _hit_pusher: hit_pusher,
             layout,

@@ -483,8 +483,11 @@ impl OpenFiles {
 }
 
 /// The thread that hands the hits counted on kept entries to the store
-/// every [`PUSH_EVERY`], so that they reach it (and other processes) within
-/// about that however the hits stop. Stopped, after a last hand-over, when
+/// every [`PUSH_EVERY`], so that they reach its batch within about that
+/// however the hits stop (the SQLite and PostgreSQL stores then write the
+/// batch from threads of their own within a second and a half; the xattr
+/// store writes it from the next hit that finds it due, a flush, or its
+/// drop, as it does its own hits). Stopped, after a last hand-over, when
 /// dropped.
 #[derive(Debug)]
 pub(crate) struct Pusher {
@@ -494,13 +497,12 @@ pub(crate) struct Pusher {
 
 impl Pusher {
     /// Starts one for `open`, the descriptors of the cache in `base`;
-    /// `None` where it keeps none.
-    pub(crate) fn spawn(
-        open: &Arc<OpenFiles>,
-        base: &Path,
-    ) -> crate::error::Result<Option<Pusher>> {
+    /// `None` where it keeps none. A thread that cannot be started is
+    /// logged: hits are then handed over from later hits, read-backs,
+    /// flushes and the drop only.
+    pub(crate) fn spawn(open: &Arc<OpenFiles>, base: &Path) -> Option<Pusher> {
         if open.capacity == 0 {
-            return Ok(None);
+            return None;
         }
         let stop = Arc::new((Mutex::new(false), parking_lot::Condvar::new()));
         let weak = Arc::downgrade(open);
@@ -521,11 +523,17 @@ impl Pusher {
                     return;
                 }
             })
-            .map_err(|e| crate::error::Error::io("start the hit pusher for", base, e))?;
-        Ok(Some(Pusher {
+            .map_err(|e| {
+                tracing::warn!(
+                    "imgcache: {}: no thread to hand hits over: {e}",
+                    base.display()
+                );
+            })
+            .ok()?;
+        Some(Pusher {
             stop,
             thread: Some(thread),
-        }))
+        })
     }
 }
 
@@ -834,7 +842,7 @@ mod tests {
         let tally = Arc::new(Tally::default());
         let open = Arc::new(OpenFiles::new(8));
         open.set_sink(tally.clone());
-        let pusher = Pusher::spawn(&open, dir.path()).unwrap().expect("a pusher");
+        let pusher = Pusher::spawn(&open, dir.path()).expect("a pusher");
         open_and_keep(&open, "a", &dir.path().join("a"));
         for _ in 0..3 {
             open.hit(&id("a"), true, SystemTime::now()).expect("kept");
@@ -853,9 +861,7 @@ mod tests {
         open.hit(&id("a"), true, SystemTime::now()).expect("kept");
         drop(pusher);
         assert_eq!(tally.of("a"), 4);
-        assert!(Pusher::spawn(&Arc::new(OpenFiles::new(0)), dir.path())
-            .unwrap()
-            .is_none());
+        assert!(Pusher::spawn(&Arc::new(OpenFiles::new(0)), dir.path()).is_none());
     }
 
     impl Tally {

@@ -167,7 +167,15 @@ impl CachedImage {
                 Ok(file) => file,
                 Err(shared) => reopen(&shared)?,
             },
-            Held::Kept(entry) => reopen(&entry.file)?,
+            // The entry's descriptor itself once nobody else holds it (the
+            // cache let it go since).
+            Held::Kept(entry) => match Arc::try_unwrap(entry) {
+                Ok(entry) => match Arc::try_unwrap(entry.file) {
+                    Ok(file) => file,
+                    Err(shared) => reopen(&shared)?,
+                },
+                Err(entry) => reopen(&entry.file)?,
+            },
         };
         file.rewind()?;
         Ok(file)

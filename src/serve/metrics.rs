@@ -129,12 +129,12 @@ impl Metrics {
         let queued_images = Gauge::default();
         registry.register(
             "requests",
-            "Image requests by result (hit, miss, follow, bypass, denied, error)",
+            "Image requests by result (hit, miss, follow, bypass, denied, peer, error)",
             requests.clone(),
         );
         registry.register(
             "served_bytes",
-            "Body bytes sent to clients, by where they came from (cache: hits; origin: fills and pass-throughs)",
+            "Body bytes sent to clients, by where they came from (cache: hits; origin: fills and pass-throughs; peer: fills from a peer)",
             served.clone(),
         );
         registry.register(
@@ -337,5 +337,26 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_outcome_has_its_own_series() {
+        for (i, o) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(o.index(), i, "{o:?}");
+        }
+        let m = Metrics::new();
+        m.request(Outcome::Peer);
+        m.request(Outcome::Peer);
+        m.request(Outcome::Hit);
+        assert_eq!(m.requests(Outcome::Peer), 2);
+        assert_eq!(m.requests(Outcome::Hit), 1);
+        assert_eq!(m.requests(Outcome::Error), 0);
+        m.served_counter("peer").inc_by(5);
+        assert_eq!(m.served_bytes("peer"), 5);
     }
 }

@@ -408,8 +408,11 @@ impl CacheDriver for XattrDriver {
             .get(id)
             .is_some_and(|p| p.of.file != (dev, ino))
         {
-            // Hits of a file that was replaced: write them first.
-            flush_pending(&mut held)?;
+            // Hits of a file that was replaced: write them first. This
+            // read is served whatever becomes of those.
+            if let Err(e) = flush_pending(&mut held) {
+                tracing::warn!("imgcache: xattr hits not written: {e}");
+            }
         }
         let pending = held.pending.add(id, at, || HitsOf {
             path: file.path().to_path_buf(),
