@@ -96,6 +96,41 @@ struct Held {
     known: HashMap<ImageId, ([i64; 7], CachedImageInfo)>,
 }
 
+impl Held {
+    /// Counts `n` hits of `id` at `at` on `file` (device and inode, at
+    /// `path`); returns the hits held for it now. The batch is written
+    /// first where the hits held for `id` belong to a file since replaced,
+    /// and after where it is due. A failed write is logged: these hits are
+    /// counted, and the read that brought them served, whatever becomes of
+    /// the others.
+    fn count(
+        &mut self,
+        id: &ImageId,
+        n: u64,
+        at: SystemTime,
+        path: &Path,
+        file: (i64, i64),
+    ) -> u64 {
+        if self.pending.get(id).is_some_and(|p| p.of.file != file) {
+            self.write_logged();
+        }
+        let pending = self.pending.add_n(id, n, at, || HitsOf {
+            path: path.to_path_buf(),
+            file,
+        });
+        if self.pending.due_at(at) {
+            self.write_logged();
+        }
+        pending
+    }
+
+    fn write_logged(&mut self) {
+        if let Err(e) = flush_pending(self) {
+            tracing::warn!("imgcache: xattr hits not written: {e}");
+        }
+    }
+}
+
 /// The file a batch of hits belongs to.
 #[derive(Debug)]
 struct HitsOf {
@@ -403,57 +438,19 @@ impl CacheDriver for XattrDriver {
                 info
             }
         };
-        if held
-            .pending
-            .get(id)
-            .is_some_and(|p| p.of.file != (dev, ino))
-        {
-            // Hits of a file that was replaced: write them first. This
-            // read is served whatever becomes of those.
-            if let Err(e) = flush_pending(&mut held) {
-                tracing::warn!("imgcache: xattr hits not written: {e}");
-            }
-        }
-        let pending = held.pending.add(id, at, || HitsOf {
-            path: file.path().to_path_buf(),
-            file: (dev, ino),
-        });
+        let pending = held.count(id, 1, at, file.path(), (dev, ino));
         info.hits += pending;
         info.last_accessed = at;
-        if held.pending.due_at(at) {
-            // Another image's file failing its write must not fail this
-            // read.
-            if let Err(e) = flush_pending(&mut held) {
-                tracing::warn!("imgcache: xattr hits not written: {e}");
-            }
-        }
         Ok(Some(info))
     }
 
     fn add_hits(&self, id: &ImageId, n: u64, at: SystemTime, file: OnDisk<'_>) -> Result<()> {
         let identity = file.identity();
         let (dev, ino) = (identity[0], identity[1]);
-        let mut held = self.state.inner.lock();
-        if held
-            .pending
-            .get(id)
-            .is_some_and(|p| p.of.file != (dev, ino))
-        {
-            // Hits of a file that was replaced: write them first. These
-            // hits are counted whatever becomes of those.
-            if let Err(e) = flush_pending(&mut held) {
-                tracing::warn!("imgcache: xattr hits not written: {e}");
-            }
-        }
-        held.pending.add_n(id, n, at, || HitsOf {
-            path: file.path().to_path_buf(),
-            file: (dev, ino),
-        });
-        if held.pending.due_at(at) {
-            if let Err(e) = flush_pending(&mut held) {
-                tracing::warn!("imgcache: xattr hits not written: {e}");
-            }
-        }
+        self.state
+            .inner
+            .lock()
+            .count(id, n, at, file.path(), (dev, ino));
         Ok(())
     }
 
