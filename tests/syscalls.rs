@@ -166,35 +166,54 @@ fn commit_syncs_data_then_renames_then_syncs_dir_then_records() {
             &f,
             "commit",
             &[("IMGCACHE_DURABILITY", "immediate".as_ref())],
-            "openat,write,pwrite64,sendto,sendmsg,fsetxattr,fsync,fdatasync,rename,renameat,renameat2,linkat",
+            "openat,flock,write,pwrite64,sendto,sendmsg,fsetxattr,fsync,fdatasync,rename,renameat,renameat2,linkat",
             out.path(),
         );
         let base = f.path().display().to_string();
         let incomplete = format!("{base}/incomplete/x");
         let find = |from: usize, what: &dyn Fn(&str) -> bool| find_from(&lines, from, what);
-        // The writer's file is created and locked under a private name, then
-        // renamed into place, never replacing.
+        // The writer's file is made without a name (O_TMPFILE) and locked,
+        // then linked as incomplete/x, never replacing: nobody sees it
+        // unlocked. (Where O_TMPFILE is refused, it is created and locked
+        // under a private name, then renamed into place, never replacing.)
         let opened = find(0, &|l| {
-            l.contains("rename") && l.contains(&format!("\"{incomplete}\""))
+            (l.contains("linkat(") || l.contains("rename"))
+                && l.contains(&format!("\"{incomplete}\""))
         })
         .unwrap_or_else(|| panic!("{kind}: {incomplete} never placed: {lines:#?}"));
-        assert!(
-            lines[opened].contains(".imgcache-new-"),
-            "{kind}: {}",
-            lines[opened]
-        );
-        assert!(
-            lines[opened].contains("RENAME_NOREPLACE"),
-            "{kind}: {}",
-            lines[opened]
-        );
-        let fsync_file = find(opened, &|l| {
-            l.contains(" fsync(") && l.contains(&format!("<{incomplete}>"))
-        })
-        .unwrap_or_else(|| panic!("{kind}: the data was never fsynced"));
+        let placed = &lines[opened];
+        // How strace names the writer's descriptor: by its name, or, for an
+        // unnamed file, as `<…/incomplete/#<inode>>(deleted)`, even once
+        // linked.
+        let file_tag = if placed.contains("linkat(") {
+            assert!(placed.contains("/proc/self/fd/"), "{kind}: {placed}");
+            let made = lines[..opened]
+                .iter()
+                .rposition(|l| l.contains(" openat(") && l.contains("O_TMPFILE"))
+                .unwrap_or_else(|| panic!("{kind}: no unnamed file before {placed}"));
+            assert!(
+                lines[made..opened]
+                    .iter()
+                    .any(|l| l.contains(" flock(") && l.contains("LOCK_EX")),
+                "{kind}: linked before it was locked: {:#?}",
+                &lines[made..=opened]
+            );
+            let returned = lines[made].rsplit(" = ").next().unwrap_or_default();
+            let tag = match (returned.find('<'), returned.find('>')) {
+                (Some(a), Some(b)) if a < b => &returned[a..=b],
+                _ => panic!("{kind}: no path for the descriptor: {}", lines[made]),
+            };
+            tag.to_string()
+        } else {
+            assert!(placed.contains(".imgcache-new-"), "{kind}: {placed}");
+            assert!(placed.contains("RENAME_NOREPLACE"), "{kind}: {placed}");
+            format!("<{incomplete}>")
+        };
+        let fsync_file = find(opened, &|l| l.contains(" fsync(") && l.contains(&file_tag))
+            .unwrap_or_else(|| panic!("{kind}: the data was never fsynced"));
         let last_write = lines
             .iter()
-            .rposition(|l| l.contains(" write(") && l.contains(&format!("<{incomplete}>")))
+            .rposition(|l| l.contains(" write(") && l.contains(&file_tag))
             .unwrap_or_else(|| panic!("{kind}: no data write"));
         let rename = find(fsync_file, &|l| {
             l.contains("rename") && l.contains(&format!("\"{incomplete}\""))

@@ -20,9 +20,10 @@ use crate::files::layout::remove_if_exists;
 use crate::files::{queue, Layout};
 use crate::id::ImageId;
 
-/// Size of the writer's buffer. Writes at least this large go straight to
-/// the file.
+/// Size of the writer's buffer.
 const BUFFER: usize = 256 * 1024;
+/// A write this large skips the buffer (see [`CacheWriter`]'s `write`).
+const DIRECT: usize = 64 * 1024;
 
 /// Writes one image into `incomplete/<id>`.
 ///
@@ -205,7 +206,7 @@ impl CacheWriter {
             return Err(err);
         }
         let key = self.key();
-        if !self.still_ours(&file) {
+        if !self.still_at_path(&meta) {
             // Moved away under us (invalidated at a shutdown, or removed):
             // nothing of ours to publish, nor to move.
             return Err(Error::io(
@@ -280,11 +281,13 @@ impl CacheWriter {
     /// first, so that a writer never publishes, moves or deletes a file
     /// that is not its own.
     fn still_ours(&self, file: &File) -> bool {
+        file.metadata().is_ok_and(|meta| self.still_at_path(&meta))
+    }
+
+    /// [`CacheWriter::still_ours`], for the file whose metadata is `meta`.
+    fn still_at_path(&self, meta: &std::fs::Metadata) -> bool {
         use std::os::unix::fs::MetadataExt;
-        match (file.metadata(), std::fs::metadata(&self.path)) {
-            (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
-            _ => false,
-        }
+        std::fs::metadata(&self.path).is_ok_and(|b| (meta.dev(), meta.ino()) == (b.dev(), b.ino()))
     }
 
     /// Abandons the write: what was written moves to `invalid/<id>` with
@@ -356,12 +359,20 @@ impl CacheWriter {
 }
 
 impl Write for CacheWriter {
+    /// Small writes are gathered in a buffer; a write of [`DIRECT`] bytes
+    /// or more goes to the file as it is (after what is buffered), not
+    /// copied through the buffer first.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let out = self
             .out
             .as_mut()
             .ok_or_else(|| io::Error::other("cache writer already finished"))?;
-        let n = out.write(buf)?;
+        let n = if buf.len() >= DIRECT {
+            out.flush()?;
+            out.get_mut().write(buf)?
+        } else {
+            out.write(buf)?
+        };
         self.crc.update(&buf[..n]);
         self.len += n as u64;
         Ok(n)

@@ -115,6 +115,9 @@ pub struct Layout {
     /// Descriptors of hot cached files, shared by every clone; every move
     /// of a cached file below forgets its id there.
     open: std::sync::Arc<OpenFiles>,
+    /// Whether `incomplete/` takes unnamed files (`O_TMPFILE`, linked into
+    /// place): cleared, for every clone, at the first refusal.
+    unnamed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Group commit for a directory's `fsync`: a rename is durable once an
@@ -224,6 +227,9 @@ impl Layout {
             db_names: Vec::new(),
             base_sync: std::sync::Arc::default(),
             open: std::sync::Arc::new(OpenFiles::new(0)),
+            unnamed: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(cfg!(
+                target_os = "linux"
+            ))),
         };
         if let Some(p) = db_path {
             layout.reserve(p);
@@ -382,13 +388,83 @@ impl Layout {
     /// Creates `incomplete/<id>` exclusively, locked for the writer's
     /// lifetime: a second writer gets [`Error::AlreadyBeingCached`].
     ///
-    /// The file is created and locked under a private name, then renamed
-    /// into place without replacing: no other process can ever see a live
-    /// writer's file unlocked (and take it for a stalled one).
+    /// The file is locked before it has its name: no other process can
+    /// ever see a live writer's file unlocked (and take it for a stalled
+    /// one). On Linux it is made without a name (`O_TMPFILE`), locked, then
+    /// linked as `incomplete/<id>` without replacing: one directory entry
+    /// made per fill, as a plain create makes, and nothing left behind by a
+    /// crash before the link. Where the file system or the kernel refuses
+    /// unnamed files (or `/proc` is not mounted), it is created and locked
+    /// under a private name and renamed into place.
     pub(crate) fn create_incomplete(&self, id: Admitted<'_>) -> Result<File> {
+        use std::sync::atomic::Ordering;
+        let path = self.incomplete(id);
+        if self.unnamed.load(Ordering::Relaxed) {
+            match self.create_unnamed(id, &path)? {
+                Some(file) => return Ok(file),
+                None => self.unnamed.store(false, Ordering::Relaxed),
+            }
+        }
+        self.create_named(id, &path)
+    }
+
+    /// [`Layout::create_incomplete`] by `O_TMPFILE` and `linkat`; `None`
+    /// where that cannot be done here (nothing was made).
+    #[cfg(target_os = "linux")]
+    fn create_unnamed(&self, id: Admitted<'_>, path: &Path) -> Result<Option<File>> {
+        use nix::errno::Errno;
+        use nix::fcntl::AtFlags;
+        use nix::fcntl::{OFlag, AT_FDCWD};
+        use nix::sys::stat::Mode;
+        use std::os::fd::AsRawFd;
+        let fd = match nix::fcntl::open(
+            &self.incomplete,
+            OFlag::O_TMPFILE | OFlag::O_RDWR | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o666),
+        ) {
+            Ok(fd) => fd,
+            // No O_TMPFILE in this file system (EOPNOTSUPP) or kernel
+            // (EISDIR, EINVAL).
+            Err(Errno::EOPNOTSUPP | Errno::EISDIR | Errno::EINVAL) => return Ok(None),
+            Err(e) => return Err(Error::io("create", &self.incomplete, e.into())),
+        };
+        let file = File::from(fd);
+        file.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => {
+                Error::io("lock", path, io::Error::from(io::ErrorKind::WouldBlock))
+            }
+            std::fs::TryLockError::Error(e) => Error::io("lock", path, e),
+        })?;
+        // Linking an unnamed file by its descriptor (AT_EMPTY_PATH) takes
+        // a capability; by its /proc name it takes none.
+        let by_proc = format!("/proc/self/fd/{}", file.as_raw_fd());
+        match nix::unistd::linkat(
+            AT_FDCWD,
+            by_proc.as_str(),
+            AT_FDCWD,
+            path,
+            AtFlags::AT_SYMLINK_FOLLOW,
+        ) {
+            Ok(()) => Ok(Some(file)),
+            Err(Errno::EEXIST) => Err(Error::AlreadyBeingCached { id: id.0.clone() }),
+            // No /proc here, or a policy that refuses the link: the named
+            // way reports any real fault.
+            Err(Errno::ENOENT) if !Path::new("/proc/self/fd").is_dir() => Ok(None),
+            Err(Errno::EPERM) => Ok(None),
+            Err(e) => Err(Error::io("link", path, e.into())),
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn create_unnamed(&self, _id: Admitted<'_>, _path: &Path) -> Result<Option<File>> {
+        Ok(None)
+    }
+
+    /// [`Layout::create_incomplete`] under a private name, renamed into
+    /// place.
+    fn create_named(&self, id: Admitted<'_>, path: &Path) -> Result<File> {
         use std::sync::atomic::{AtomicU64, Ordering};
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let path = self.incomplete(id);
         let staging = self.incomplete.join(format!(
             "{}-new-{}-{}",
             crate::id::PRIVATE_PREFIX,
@@ -409,7 +485,7 @@ impl Layout {
                 }
                 std::fs::TryLockError::Error(e) => Error::io("lock", &staging, e),
             })
-            .and_then(|()| match rename_noreplace(&staging, &path) {
+            .and_then(|()| match rename_noreplace(&staging, path) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     Err(Error::AlreadyBeingCached { id: id.0.clone() })
@@ -718,6 +794,50 @@ mod tests {
         assert!(l.publish(i, true).unwrap());
         assert_eq!(fs::read(l.cached(i)).unwrap(), b"new");
         assert!(!l.incomplete(i).exists());
+    }
+
+    /// Both ways of making a writer's file (unnamed and linked, where the
+    /// system takes it; named and renamed, where it does not) place it
+    /// locked, refuse a second writer, and leave no other name behind.
+    #[test]
+    fn incomplete_files_are_placed_locked_and_exclusive_either_way() {
+        use std::sync::atomic::Ordering;
+        for unnamed in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let l = Layout::new(dir.path(), None);
+            l.create().unwrap();
+            l.unnamed.store(unnamed, Ordering::Relaxed);
+            let i = id("x");
+            let i = l.admit(&i).unwrap();
+            let mut file = l.create_incomplete(i).unwrap();
+            std::io::Write::write_all(&mut file, b"bytes").unwrap();
+            assert_eq!(fs::read(l.incomplete(i)).unwrap(), b"bytes", "{unnamed}");
+            let other = File::open(l.incomplete(i)).unwrap();
+            assert!(
+                matches!(
+                    other.try_lock_shared(),
+                    Err(std::fs::TryLockError::WouldBlock)
+                ),
+                "{unnamed}: placed unlocked"
+            );
+            assert!(
+                matches!(
+                    l.create_incomplete(i),
+                    Err(Error::AlreadyBeingCached { .. })
+                ),
+                "{unnamed}"
+            );
+            let names: Vec<_> = fs::read_dir(&l.incomplete)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(names, ["x"], "{unnamed}");
+            if cfg!(target_os = "linux") && unnamed {
+                // This test's file system (the temp dir's) takes O_TMPFILE:
+                // a refusal would have switched the layout to names.
+                assert!(l.unnamed.load(Ordering::Relaxed), "O_TMPFILE refused here");
+            }
+        }
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //!
 //! The lock protocol: a writer holds an exclusive `flock` on
 //! `incomplete/<id>` from the moment the file appears under that name (it is
-//! created and locked under a private name, then renamed into place) until
+//! made without a name and locked, then linked into place; or, where the
+//! system has no `O_TMPFILE`, created and locked under a private name, then
+//! renamed into place) until
 //! it commits or aborts. The kernel drops the lock when the writer's process
 //! dies. So "locked" means "a writer is alive", and `clean`, the recovery
 //! walk and [`wait_for_writer`] never take a live writer's file for a
