@@ -13,7 +13,9 @@
 //! the median of five runs. `IMGCACHE_BENCH_DIR` picks the file system
 //! (default: the system temp dir); `IMGCACHE_BENCH_ONLY=large,small,group,
 //! hits,send,management,maintenance` runs some sections only (`small`
-//! includes `group`).
+//! includes `group`). The small-fill sections keep every run's files until
+//! the section ends and alternate the order of a run and its yardstick
+//! from round to round (see `Fresh`).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -158,7 +160,8 @@ fn large_fill(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
 /// A commit's file moves by hand, `n` files by `threads` threads: write into
 /// `tmp/`, rename into `dir`; with `sync_each`, as `Immediate` commits
 /// (`fsync` of the file before the rename, of the directory after it),
-/// else as group commits (one `syncfs` at the end). Returns files/s.
+/// else as group commits (one `syncfs` at the end). Returns files/s; the
+/// files stay (see [`Fresh`]).
 fn moves_by_hand(dir: &Path, data: &[u8], n: usize, threads: usize, sync_each: bool) -> f64 {
     std::fs::create_dir_all(dir.join("tmp")).expect("mkdir");
     let t = Instant::now();
@@ -186,9 +189,7 @@ fn moves_by_hand(dir: &Path, data: &[u8], n: usize, threads: usize, sync_each: b
     if !sync_each {
         syncfs(dir);
     }
-    let rate = (n / threads * threads) as f64 / secs(t.elapsed());
-    std::fs::remove_dir_all(dir).expect("rm");
-    rate
+    (n / threads * threads) as f64 / secs(t.elapsed())
 }
 
 /// `n` fills of `data` through the cache by `threads` writers, ids tagged
@@ -210,6 +211,43 @@ fn fills(cache: &ImageCache, data: &[u8], n: usize, threads: usize, tag: &str) -
         cache.checkpoint().expect("checkpoint");
     }
     (n / threads * threads) as f64 / secs(t.elapsed())
+}
+
+/// A fresh directory for each measured run of a section, all removed
+/// together when the section ends, never between its runs: on ext4
+/// without a journal (this project's machines), creating a file skips
+/// every inode freed in its group in the last minute or more (ext4's
+/// `recently_deleted`), so a run that follows a removal of thousands of
+/// files pays for them, and a yardstick and the run it is compared with
+/// would not face the same disk. The runs alternate their order from one
+/// round to the next as well.
+struct Fresh {
+    root: PathBuf,
+    next: std::cell::Cell<usize>,
+}
+
+impl Fresh {
+    fn new(root: &Path, name: &str) -> Self {
+        let root = root.join(name);
+        std::fs::create_dir_all(&root).expect("mkdir");
+        Fresh {
+            root,
+            next: std::cell::Cell::new(0),
+        }
+    }
+
+    /// A new directory's path (not created).
+    fn dir(&self) -> PathBuf {
+        let n = self.next.get();
+        self.next.set(n + 1);
+        self.root.join(n.to_string())
+    }
+}
+
+impl Drop for Fresh {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
 }
 
 fn small_fills(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
@@ -238,27 +276,31 @@ fn small_fills(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
                 });
             }
         });
-        let rate = (n / threads * threads) as f64 / secs(t.elapsed());
-        std::fs::remove_dir_all(dir).expect("rm");
-        rate
+        (n / threads * threads) as f64 / secs(t.elapsed())
     };
+    let fresh = Fresh::new(root, &format!("small-{kind}"));
     for round in 0..ROUNDS {
-        loops.push(fsync_loop(&root.join(format!("fsync-1-{kind}-{round}")), 1));
-        loops8.push(fsync_loop(&root.join(format!("fsync-8-{kind}-{round}")), 8));
-        // The same durability protocol as a commit, by hand: write, fsync,
-        // rename into place (across directories, as a commit does), fsync
-        // the directory; by one thread and by eight.
-        let by_hand = |dir: &Path, threads| moves_by_hand(dir, &data, n, threads, true);
-        protocol.push(by_hand(&root.join(format!("protocol-1-{kind}-{round}")), 1));
-        protocol8.push(by_hand(&root.join(format!("protocol-8-{kind}-{round}")), 8));
-
-        let dir = root.join(format!("small-{kind}-{round}"));
-        let cache = open_with(&dir, kind, Durability::Immediate);
+        let mut yardsticks = || {
+            loops.push(fsync_loop(&fresh.dir(), 1));
+            loops8.push(fsync_loop(&fresh.dir(), 8));
+            // The same durability protocol as a commit, by hand: write,
+            // fsync, rename into place (across directories, as a commit
+            // does), fsync the directory; by one thread and by eight.
+            protocol.push(moves_by_hand(&fresh.dir(), &data, n, 1, true));
+            protocol8.push(moves_by_hand(&fresh.dir(), &data, n, 8, true));
+        };
+        if round % 2 == 0 {
+            yardsticks();
+        }
+        let cache = open_with(&fresh.dir(), kind, Durability::Immediate);
         one.push(fills(&cache, &data, n, 1, "one"));
         eight.push(fills(&cache, &data, n, 8, "eight"));
         drop(cache);
-        std::fs::remove_dir_all(&dir).expect("rm");
+        if round % 2 == 1 {
+            yardsticks();
+        }
     }
+    drop(fresh);
     let (o, e, l, l8, p) = (
         median(one),
         median(eight),
@@ -313,26 +355,31 @@ fn group_fills(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
     let n = s.small_fills * 4;
     let (mut one, mut eight, mut hand, mut hand8, mut sync_cost, mut imm) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let fresh = Fresh::new(root, &format!("group-{kind}"));
     for round in 0..ROUNDS {
-        let by_hand = |dir: &Path, threads| moves_by_hand(dir, &data, n, threads, false);
-        hand.push(by_hand(&root.join(format!("g-hand-1-{kind}-{round}")), 1));
-        hand8.push(by_hand(&root.join(format!("g-hand-8-{kind}-{round}")), 8));
-        let t = Instant::now();
-        syncfs(root);
-        sync_cost.push(secs(t.elapsed()) * 1e3);
-        let dir = root.join(format!("group-{kind}-{round}"));
-        let cache = open_with(&dir, kind, Durability::default());
+        let mut yardsticks = || {
+            hand.push(moves_by_hand(&fresh.dir(), &data, n, 1, false));
+            hand8.push(moves_by_hand(&fresh.dir(), &data, n, 8, false));
+        };
+        if round % 2 == 0 {
+            yardsticks();
+        }
+        let cache = open_with(&fresh.dir(), kind, Durability::default());
         one.push(fills(&cache, &data, n, 1, "one"));
         eight.push(fills(&cache, &data, n, 8, "eight"));
         drop(cache);
-        std::fs::remove_dir_all(&dir).expect("rm");
+        if round % 2 == 1 {
+            yardsticks();
+        }
+        let t = Instant::now();
+        syncfs(root);
+        sync_cost.push(secs(t.elapsed()) * 1e3);
         // The same fills, one writer, with Immediate: what group saves.
-        let dir = root.join(format!("imm-{kind}-{round}"));
-        let cache = open_with(&dir, kind, Durability::Immediate);
+        let cache = open_with(&fresh.dir(), kind, Durability::Immediate);
         imm.push(fills(&cache, &data, s.small_fills, 1, "one"));
         drop(cache);
-        std::fs::remove_dir_all(&dir).expect("rm");
     }
+    drop(fresh);
     let (o, e, h, h8, c, i) = (
         median(one),
         median(eight),
