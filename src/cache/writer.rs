@@ -359,7 +359,7 @@ impl CacheWriter {
 }
 
 impl Write for CacheWriter {
-    /// Small writes are gathered in a buffer; a write of [`DIRECT`] bytes
+    /// Small writes are gathered in a buffer; a write of 64 KiB
     /// or more goes to the file as it is (after what is buffered), not
     /// copied through the buffer first.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
