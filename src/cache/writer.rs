@@ -7,7 +7,7 @@
 use std::fmt;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::durability::Durable;
@@ -80,8 +80,7 @@ impl CacheWriter {
         // file away first (which is what freed the name): look again, so
         // that we do not fill a second copy only to learn it at commit.
         if cached.exists() {
-            drop(file);
-            remove_if_exists(&path)?;
+            remove_own(&path, file)?;
             return Err(Error::AlreadyCached {
                 id: id.id().clone(),
             });
@@ -222,8 +221,7 @@ impl CacheWriter {
             Ok(true) => {}
             Ok(false) => {
                 // Someone else committed this id between our open and now.
-                drop(file);
-                remove_if_exists(&path)?;
+                remove_own(&path, file)?;
                 return Err(Error::AlreadyCached {
                     id: self.id.id().clone(),
                 });
@@ -266,11 +264,7 @@ impl CacheWriter {
     pub(crate) fn discard(mut self) -> Result<()> {
         if let Some(out) = self.out.take() {
             let (file, _) = out.into_parts();
-            let ours = self.still_ours(&file);
-            drop(file);
-            if ours {
-                remove_if_exists(&self.path)?;
-            }
+            remove_own(&self.path, file)?;
         }
         Ok(())
     }
@@ -356,6 +350,24 @@ impl CacheWriter {
         self.len += data.len() as u64;
         Ok(())
     }
+}
+
+/// Removes `path` if it still names `file`, while `file` (and so its
+/// lock) is still held, then lets the file go. Once the lock goes, another
+/// process may take the name over (a waiter on the lock clears the file as
+/// stalled, then a new writer links its own): a removal by path after the
+/// unlock could remove that writer's live file.
+fn remove_own(path: &Path, file: File) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let ours = match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    };
+    if ours {
+        remove_if_exists(path)?;
+    }
+    drop(file);
+    Ok(())
 }
 
 impl Write for CacheWriter {

@@ -551,10 +551,18 @@ impl CacheDriver for XattrDriver {
     fn adopt(&self, orphans: &[(CachedImageInfo, OnDisk<'_>)]) -> Result<Vec<ImageId>> {
         // Glance's own marker of a known file; the rest stays as the file
         // says (size, times), unverified until scrubbed.
+        // Under the file's lock, as hits are counted: a file that another
+        // process adopted, or counted a hit on, since it was listed keeps
+        // its count.
         let mut adopted = Vec::new();
         for (entry, on) in orphans {
-            match set(*on, HITS, b"0") {
-                Ok(()) => adopted.push(entry.id.clone()),
+            let marked = locked(*on, || match get(*on, HITS)? {
+                Some(_) => Ok(false),
+                None => set(*on, HITS, b"0").map(|()| true),
+            });
+            match marked {
+                Ok(true) => adopted.push(entry.id.clone()),
+                Ok(false) => {}
                 Err(e) if vanished(&e) => {}
                 Err(e) => return Err(e),
             }
@@ -675,6 +683,39 @@ mod tests {
     use super::*;
     use crate::clock::from_epoch_secs;
     use std::time::Duration;
+
+    /// `adopt` marks a file without a count as known, and leaves alone a
+    /// file that got one since it was listed (another process's adoption,
+    /// or its hits).
+    #[test]
+    fn adopt_keeps_a_count_written_since_the_listing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = XattrDriver::open(dir.path()).unwrap();
+        let (fresh, counted) = (dir.path().join("fresh"), dir.path().join("counted"));
+        std::fs::write(&fresh, b"f").unwrap();
+        std::fs::write(&counted, b"c").unwrap();
+        xattr::set(&counted, HITS, b"5").unwrap();
+        let (ff, fc) = (File::open(&fresh).unwrap(), File::open(&counted).unwrap());
+        let (mf, mc) = (ff.metadata().unwrap(), fc.metadata().unwrap());
+        let entry = |name: &str| {
+            CachedImageInfo::new(ImageId::new(name).unwrap(), 1, SystemTime::UNIX_EPOCH)
+        };
+        let adopted = store
+            .adopt(&[
+                (entry("fresh"), OnDisk::new(&fresh, Some(&ff), &mf)),
+                (entry("counted"), OnDisk::new(&counted, Some(&fc), &mc)),
+            ])
+            .unwrap();
+        assert_eq!(adopted, [ImageId::new("fresh").unwrap()]);
+        assert_eq!(
+            xattr::get(&fresh, HITS).unwrap().as_deref(),
+            Some(&b"0"[..])
+        );
+        assert_eq!(
+            xattr::get(&counted, HITS).unwrap().as_deref(),
+            Some(&b"5"[..])
+        );
+    }
 
     #[test]
     fn counts_decode_glance_values() {
