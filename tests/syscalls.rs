@@ -149,6 +149,45 @@ fn reads_never_fsync_on_the_reading_thread() {
     }
 }
 
+/// Where the writer's file took its name `incomplete` in `lines`, and how
+/// strace names its descriptor. The file is made without a name
+/// (O_TMPFILE) and locked, then linked as `incomplete`, never replacing:
+/// nobody sees it unlocked. (Where O_TMPFILE is refused, it is created and
+/// locked under a private name, then renamed into place, never replacing.)
+/// strace names an unnamed file's descriptor `<…/incomplete/#<inode>>`,
+/// followed by `(deleted)`, even once it is linked; a named one by its path.
+/// The trace must include `openat`, `flock`, `linkat` and the renames.
+fn placed(lines: &[String], incomplete: &str, kind: &str) -> (usize, String) {
+    let opened = find_from(lines, 0, &|l| {
+        (l.contains("linkat(") || l.contains("rename")) && l.contains(&format!("\"{incomplete}\""))
+    })
+    .unwrap_or_else(|| panic!("{kind}: {incomplete} never placed: {lines:#?}"));
+    let placed = &lines[opened];
+    if !placed.contains("linkat(") {
+        assert!(placed.contains(".imgcache-new-"), "{kind}: {placed}");
+        assert!(placed.contains("RENAME_NOREPLACE"), "{kind}: {placed}");
+        return (opened, format!("<{incomplete}>"));
+    }
+    assert!(placed.contains("/fd/"), "{kind}: {placed}");
+    let made = lines[..opened]
+        .iter()
+        .rposition(|l| l.contains(" openat(") && l.contains("O_TMPFILE"))
+        .unwrap_or_else(|| panic!("{kind}: no unnamed file before {placed}"));
+    let returned = lines[made].rsplit(" = ").next().unwrap_or_default();
+    let tag = match (returned.find('<'), returned.find('>')) {
+        (Some(a), Some(b)) if a < b => returned[a..=b].to_string(),
+        _ => panic!("{kind}: no path for the descriptor: {}", lines[made]),
+    };
+    assert!(
+        lines[made..opened]
+            .iter()
+            .any(|l| l.contains(" flock(") && l.contains(&tag) && l.contains("LOCK_EX")),
+        "{kind}: linked before it was locked: {:#?}",
+        &lines[made..=opened]
+    );
+    (opened, tag)
+}
+
 /// The durability order of one commit with `Durability::Immediate`, as the
 /// kernel sees it: the data is written and `fsync`ed, then renamed into
 /// place (never replacing), then the directory is `fsync`ed, and only then
@@ -172,43 +211,7 @@ fn commit_syncs_data_then_renames_then_syncs_dir_then_records() {
         let base = f.path().display().to_string();
         let incomplete = format!("{base}/incomplete/x");
         let find = |from: usize, what: &dyn Fn(&str) -> bool| find_from(&lines, from, what);
-        // The writer's file is made without a name (O_TMPFILE) and locked,
-        // then linked as incomplete/x, never replacing: nobody sees it
-        // unlocked. (Where O_TMPFILE is refused, it is created and locked
-        // under a private name, then renamed into place, never replacing.)
-        let opened = find(0, &|l| {
-            (l.contains("linkat(") || l.contains("rename"))
-                && l.contains(&format!("\"{incomplete}\""))
-        })
-        .unwrap_or_else(|| panic!("{kind}: {incomplete} never placed: {lines:#?}"));
-        let placed = &lines[opened];
-        // How strace names the writer's descriptor: by its name, or, for an
-        // unnamed file, as `<…/incomplete/#<inode>>(deleted)`, even once
-        // linked.
-        let file_tag = if placed.contains("linkat(") {
-            assert!(placed.contains("/proc/self/fd/"), "{kind}: {placed}");
-            let made = lines[..opened]
-                .iter()
-                .rposition(|l| l.contains(" openat(") && l.contains("O_TMPFILE"))
-                .unwrap_or_else(|| panic!("{kind}: no unnamed file before {placed}"));
-            assert!(
-                lines[made..opened]
-                    .iter()
-                    .any(|l| l.contains(" flock(") && l.contains("LOCK_EX")),
-                "{kind}: linked before it was locked: {:#?}",
-                &lines[made..=opened]
-            );
-            let returned = lines[made].rsplit(" = ").next().unwrap_or_default();
-            let tag = match (returned.find('<'), returned.find('>')) {
-                (Some(a), Some(b)) if a < b => &returned[a..=b],
-                _ => panic!("{kind}: no path for the descriptor: {}", lines[made]),
-            };
-            tag.to_string()
-        } else {
-            assert!(placed.contains(".imgcache-new-"), "{kind}: {placed}");
-            assert!(placed.contains("RENAME_NOREPLACE"), "{kind}: {placed}");
-            format!("<{incomplete}>")
-        };
+        let (opened, file_tag) = placed(&lines, &incomplete, kind.name());
         let fsync_file = find(opened, &|l| l.contains(" fsync(") && l.contains(&file_tag))
             .unwrap_or_else(|| panic!("{kind}: the data was never fsynced"));
         let last_write = lines
@@ -304,12 +307,13 @@ fn group_commit_syncs_once_per_checkpoint_then_records_the_watermark() {
             &f,
             "commit",
             &[("IMGCACHE_DURABILITY", "group".as_ref())],
-            "fsync,fdatasync,syncfs,sync,rename,renameat,renameat2,fsetxattr,pwrite64,sendto,sendmsg,write",
+            "openat,flock,linkat,fsync,fdatasync,syncfs,sync,rename,renameat,renameat2,fsetxattr,pwrite64,sendto,sendmsg,write",
             out.path(),
         );
         let base = f.path().display().to_string();
         let incomplete = format!("{base}/incomplete/x");
         let find = |from: usize, what: &dyn Fn(&str) -> bool| find_from(&lines, from, what);
+        let (_, file_tag) = placed(&lines, &incomplete, kind.name());
         let rename = find(0, &|l| {
             l.contains("rename")
                 && l.contains(&format!("\"{incomplete}\""))
@@ -318,7 +322,9 @@ fn group_commit_syncs_once_per_checkpoint_then_records_the_watermark() {
         .unwrap_or_else(|| panic!("{kind}: never published: {lines:#?}"));
         let synced_one = lines.iter().filter(|l| {
             (l.contains(" fsync(") || l.contains(" fdatasync("))
-                && (l.contains(&format!("<{incomplete}>")) || l.contains(&format!("<{base}/x>")))
+                && (l.contains(&file_tag)
+                    || l.contains(&format!("<{incomplete}>"))
+                    || l.contains(&format!("<{base}/x>")))
         });
         assert_eq!(synced_one.count(), 0, "{kind}: the commit synced its file");
         let syncfs = find(rename, &|l| l.contains(" syncfs("))

@@ -116,8 +116,20 @@ pub struct Layout {
     /// of a cached file below forgets its id there.
     open: std::sync::Arc<OpenFiles>,
     /// Whether `incomplete/` takes unnamed files (`O_TMPFILE`, linked into
-    /// place): cleared, for every clone, at the first refusal.
+    /// place): cleared, for every clone (this open cache), once the system
+    /// says it cannot.
     unnamed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How making an unnamed writer's file went ([`Layout::create_incomplete`]).
+enum Unnamed {
+    /// Made, locked and linked into place.
+    Made(File),
+    /// Not possible here (the file system, the kernel, no `/proc`): the
+    /// layout makes named files from now on.
+    NotHere(String),
+    /// Refused this time: this file is made the named way.
+    NotNow(String),
 }
 
 /// Group commit for a directory's `fsync`: a rename is durable once an
@@ -401,20 +413,29 @@ impl Layout {
         let path = self.incomplete(id);
         if self.unnamed.load(Ordering::Relaxed) {
             match self.create_unnamed(id, &path)? {
-                Some(file) => return Ok(file),
-                None => self.unnamed.store(false, Ordering::Relaxed),
+                Unnamed::Made(file) => return Ok(file),
+                Unnamed::NotHere(why) => {
+                    if self.unnamed.swap(false, Ordering::Relaxed) {
+                        tracing::info!(
+                            "imgcache: {}: no unnamed files here ({why}); writers' files are \
+                             created under a private name and renamed into place",
+                            self.incomplete.display()
+                        );
+                    }
+                }
+                Unnamed::NotNow(why) => {
+                    tracing::debug!("imgcache: {path:?}: linking an unnamed file failed ({why})");
+                }
             }
         }
         self.create_named(id, &path)
     }
 
-    /// [`Layout::create_incomplete`] by `O_TMPFILE` and `linkat`; `None`
-    /// where that cannot be done here (nothing was made).
+    /// [`Layout::create_incomplete`] by `O_TMPFILE` and `linkat`.
     #[cfg(target_os = "linux")]
-    fn create_unnamed(&self, id: Admitted<'_>, path: &Path) -> Result<Option<File>> {
+    fn create_unnamed(&self, id: Admitted<'_>, path: &Path) -> Result<Unnamed> {
         use nix::errno::Errno;
-        use nix::fcntl::AtFlags;
-        use nix::fcntl::{OFlag, AT_FDCWD};
+        use nix::fcntl::{AtFlags, OFlag, AT_FDCWD};
         use nix::sys::stat::Mode;
         use std::os::fd::AsRawFd;
         let fd = match nix::fcntl::open(
@@ -425,7 +446,9 @@ impl Layout {
             Ok(fd) => fd,
             // No O_TMPFILE in this file system (EOPNOTSUPP) or kernel
             // (EISDIR, EINVAL).
-            Err(Errno::EOPNOTSUPP | Errno::EISDIR | Errno::EINVAL) => return Ok(None),
+            Err(e @ (Errno::EOPNOTSUPP | Errno::EISDIR | Errno::EINVAL)) => {
+                return Ok(Unnamed::NotHere(format!("O_TMPFILE: {e}")))
+            }
             Err(e) => return Err(Error::io("create", &self.incomplete, e.into())),
         };
         let file = File::from(fd);
@@ -436,28 +459,38 @@ impl Layout {
             std::fs::TryLockError::Error(e) => Error::io("lock", path, e),
         })?;
         // Linking an unnamed file by its descriptor (AT_EMPTY_PATH) takes
-        // a capability; by its /proc name it takes none.
-        let by_proc = format!("/proc/self/fd/{}", file.as_raw_fd());
-        match nix::unistd::linkat(
-            AT_FDCWD,
-            by_proc.as_str(),
-            AT_FDCWD,
-            path,
-            AtFlags::AT_SYMLINK_FOLLOW,
-        ) {
-            Ok(()) => Ok(Some(file)),
+        // a capability; by its /proc name it takes none. The thread's own
+        // /proc entry: `/proc/self` is the main thread's, gone if it exited.
+        let link = |proc: &str| {
+            nix::unistd::linkat(
+                AT_FDCWD,
+                format!("{proc}/fd/{}", file.as_raw_fd()).as_str(),
+                AT_FDCWD,
+                path,
+                AtFlags::AT_SYMLINK_FOLLOW,
+            )
+        };
+        let linked = match link("/proc/thread-self") {
+            // Before Linux 3.17: no /proc/thread-self.
+            Err(Errno::ENOENT) if !Path::new("/proc/thread-self").exists() => link("/proc/self"),
+            other => other,
+        };
+        match linked {
+            Ok(()) => Ok(Unnamed::Made(file)),
             Err(Errno::EEXIST) => Err(Error::AlreadyBeingCached { id: id.0.clone() }),
-            // No /proc here, or a policy that refuses the link: the named
-            // way reports any real fault.
-            Err(Errno::ENOENT) if !Path::new("/proc/self/fd").is_dir() => Ok(None),
-            Err(Errno::EPERM) => Ok(None),
-            Err(e) => Err(Error::io("link", path, e.into())),
+            Err(Errno::ENOENT) if !Path::new("/proc/self/fd").is_dir() => {
+                Ok(Unnamed::NotHere("no /proc".into()))
+            }
+            Err(e @ Errno::EPERM) => Ok(Unnamed::NotHere(format!("linkat: {e}"))),
+            // A policy that refuses links but not creates (EACCES), or a
+            // fault: the named way, this once, reports any real one.
+            Err(e) => Ok(Unnamed::NotNow(format!("linkat: {e}"))),
         }
     }
 
     #[cfg(not(target_os = "linux"))]
-    fn create_unnamed(&self, _id: Admitted<'_>, _path: &Path) -> Result<Option<File>> {
-        Ok(None)
+    fn create_unnamed(&self, _id: Admitted<'_>, _path: &Path) -> Result<Unnamed> {
+        Ok(Unnamed::NotHere("not Linux".into()))
     }
 
     /// [`Layout::create_incomplete`] under a private name, renamed into
@@ -832,10 +865,17 @@ mod tests {
                 .map(|e| e.unwrap().file_name())
                 .collect();
             assert_eq!(names, ["x"], "{unnamed}");
-            if cfg!(target_os = "linux") && unnamed {
-                // This test's file system (the temp dir's) takes O_TMPFILE:
-                // a refusal would have switched the layout to names.
-                assert!(l.unnamed.load(Ordering::Relaxed), "O_TMPFILE refused here");
+            if cfg!(target_os = "linux") && unnamed && !l.unnamed.load(Ordering::Relaxed) {
+                // The temp dir's file system refused unnamed files, and the
+                // layout went the named way: a skip, unless CI says the
+                // unnamed way must have been tested.
+                assert!(
+                    std::env::var_os("IMGCACHE_REQUIRE_TMPFILE").is_none(),
+                    "O_TMPFILE refused in the temp dir"
+                );
+                eprintln!(
+                    "skipped: the temp dir takes no O_TMPFILE; only the named way was tested"
+                );
             }
         }
     }
