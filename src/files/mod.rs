@@ -10,14 +10,14 @@
 //! the two.
 //!
 //! The lock protocol: a writer holds an exclusive `flock` on
-//! `incomplete/<id>` from the moment the file appears under that name (it is
-//! made without a name and locked, then linked into place; or, where the
-//! system has no `O_TMPFILE`, created and locked under a private name, then
-//! renamed into place) until
-//! it commits or aborts. The kernel drops the lock when the writer's process
-//! dies. So "locked" means "a writer is alive", and `clean`, the recovery
-//! walk and [`wait_for_writer`] never take a live writer's file for a
-//! stalled one.
+//! `incomplete/<id>` from the moment the file appears under that name until
+//! it commits or aborts: the file is locked before it has the name (made
+//! without a name, then linked into place; or, where the system has no
+//! `O_TMPFILE`, created under a private name, then renamed into place), and
+//! a writer that gives up removes it while still holding the lock. The
+//! kernel drops the lock when the writer's process dies. So "locked" means
+//! "a writer is alive", and `clean`, the recovery walk and
+//! [`wait_for_writer`] never take a live writer's file for a stalled one.
 
 use std::fs::{self, File};
 use std::io;
