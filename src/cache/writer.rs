@@ -280,8 +280,7 @@ impl CacheWriter {
 
     /// [`CacheWriter::still_ours`], for the file whose metadata is `meta`.
     fn still_at_path(&self, meta: &std::fs::Metadata) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(&self.path).is_ok_and(|b| (meta.dev(), meta.ino()) == (b.dev(), b.ino()))
+        names(&self.path, meta)
     }
 
     /// Abandons the write: what was written moves to `invalid/<id>` with
@@ -358,16 +357,18 @@ impl CacheWriter {
 /// stalled, then a new writer links its own): a removal by path after the
 /// unlock could remove that writer's live file.
 fn remove_own(path: &Path, file: File) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let ours = match (file.metadata(), std::fs::metadata(path)) {
-        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
-        _ => false,
-    };
-    if ours {
+    if file.metadata().is_ok_and(|meta| names(path, &meta)) {
         remove_if_exists(path)?;
     }
     drop(file);
     Ok(())
+}
+
+/// Whether `path` names the file whose metadata is `meta` (same device and
+/// inode).
+fn names(path: &Path, meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).is_ok_and(|b| (meta.dev(), meta.ino()) == (b.dev(), b.ino()))
 }
 
 impl Write for CacheWriter {
