@@ -159,7 +159,9 @@ fn reads_never_fsync_on_the_reading_thread() {
 /// The trace must include `openat`, `flock`, `linkat` and the renames.
 fn placed(lines: &[String], incomplete: &str, kind: &str) -> (usize, String) {
     let opened = find_from(lines, 0, &|l| {
-        (l.contains("linkat(") || l.contains("rename")) && l.contains(&format!("\"{incomplete}\""))
+        (l.contains("linkat(") || l.contains("rename"))
+            && l.contains(&format!("\"{incomplete}\""))
+            && l.trim_end().ends_with("= 0")
     })
     .unwrap_or_else(|| panic!("{kind}: {incomplete} never placed: {lines:#?}"));
     let placed = &lines[opened];
@@ -173,7 +175,18 @@ fn placed(lines: &[String], incomplete: &str, kind: &str) -> (usize, String) {
         .iter()
         .rposition(|l| l.contains(" openat(") && l.contains("O_TMPFILE"))
         .unwrap_or_else(|| panic!("{kind}: no unnamed file before {placed}"));
-    let returned = lines[made].rsplit(" = ").next().unwrap_or_default();
+    // strace may split the call around another thread's: its return value
+    // is then on the same thread's `<... openat resumed>` line.
+    let pid = lines[made].split_whitespace().next().unwrap_or_default();
+    let done = if lines[made].contains("<unfinished") {
+        lines[made..opened]
+            .iter()
+            .find(|l| l.split_whitespace().next() == Some(pid) && l.contains("openat resumed>"))
+            .unwrap_or_else(|| panic!("{kind}: {} never resumed", lines[made]))
+    } else {
+        &lines[made]
+    };
+    let returned = done.rsplit(" = ").next().unwrap_or_default();
     let tag = match (returned.find('<'), returned.find('>')) {
         (Some(a), Some(b)) if a < b => returned[a..=b].to_string(),
         _ => panic!("{kind}: no path for the descriptor: {}", lines[made]),

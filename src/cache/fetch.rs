@@ -422,6 +422,16 @@ impl ImageCache {
         for fill in self.fills.all() {
             let id = fill.id().clone();
             let key = fill.key();
+            // Only the fill's own file: one that has already left the name
+            // (its writer gave up) may have been followed by another
+            // writer's, which is not this fill's to move.
+            let own = fill
+                .file()
+                .metadata()
+                .is_ok_and(|meta| crate::files::names(&self.layout.incomplete(key), &meta));
+            if !own {
+                continue;
+            }
             match self.layout.invalidate(key) {
                 Ok(()) => {
                     moved += 1;

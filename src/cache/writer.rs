@@ -280,7 +280,7 @@ impl CacheWriter {
 
     /// [`CacheWriter::still_ours`], for the file whose metadata is `meta`.
     fn still_at_path(&self, meta: &std::fs::Metadata) -> bool {
-        names(&self.path, meta)
+        crate::files::names(&self.path, meta)
     }
 
     /// Abandons the write: what was written moves to `invalid/<id>` with
@@ -357,18 +357,14 @@ impl CacheWriter {
 /// stalled, then a new writer links its own): a removal by path after the
 /// unlock could remove that writer's live file.
 fn remove_own(path: &Path, file: File) -> Result<()> {
-    if file.metadata().is_ok_and(|meta| names(path, &meta)) {
+    if file
+        .metadata()
+        .is_ok_and(|meta| crate::files::names(path, &meta))
+    {
         remove_if_exists(path)?;
     }
     drop(file);
     Ok(())
-}
-
-/// Whether `path` names the file whose metadata is `meta` (same device and
-/// inode).
-fn names(path: &Path, meta: &std::fs::Metadata) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).is_ok_and(|b| (meta.dev(), meta.ino()) == (b.dev(), b.ino()))
 }
 
 impl Write for CacheWriter {

@@ -35,6 +35,13 @@ pub(crate) use layout::{Admitted, AdmittedId, Layout};
 pub use layout::{CleanReport, RemovedFile};
 pub use reader::{CachedImage, MappedImage, RangeReader};
 
+/// Whether `path` names the file whose metadata is `meta` (same device and
+/// inode): every move or removal of a file by path that holds, or checked,
+/// the file asks this first.
+pub(crate) fn names(path: &std::path::Path, meta: &fs::Metadata) -> bool {
+    fs::metadata(path).is_ok_and(|b| (meta.dev(), meta.ino()) == (b.dev(), b.ino()))
+}
+
 /// Blocks until the writer holding `incomplete/<id>` (in any process) is
 /// done. If it died instead, removes its stalled file so that the caller can
 /// take the fill over.
@@ -49,12 +56,7 @@ pub(crate) fn wait_for_writer(layout: &Layout, id: Admitted<'_>) -> Result<()> {
     // the kernel drops it if the writer dies.
     file.lock_shared()
         .map_err(|e| Error::io("lock", &path, e))?;
-    let same = |f: &File| -> bool {
-        match (f.metadata(), fs::metadata(&path)) {
-            (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
-            _ => false,
-        }
-    };
+    let same = |f: &File| f.metadata().is_ok_and(|meta| names(&path, &meta));
     if !same(&file) {
         return Ok(()); // committed or aborted: moved away
     }

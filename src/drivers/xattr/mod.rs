@@ -551,15 +551,37 @@ impl CacheDriver for XattrDriver {
     fn adopt(&self, orphans: &[(CachedImageInfo, OnDisk<'_>)]) -> Result<Vec<ImageId>> {
         // Glance's own marker of a known file; the rest stays as the file
         // says (size, times), unverified until scrubbed.
-        // Under the file's lock, as hits are counted: a file that another
-        // process adopted, or counted a hit on, since it was listed keeps
-        // its count.
+        // By a descriptor of its own, under the lock hits are counted
+        // under: a file that another process adopted, or counted a hit on,
+        // since it was listed keeps its count. The lock is tried, not
+        // waited for: whoever holds it (a hit's count, a commit, another
+        // adoption) leaves a count, so there is nothing to adopt.
+        use std::os::unix::fs::MetadataExt;
         let mut adopted = Vec::new();
         for (entry, on) in orphans {
-            let marked = locked(*on, || match get(*on, HITS)? {
-                Some(_) => Ok(false),
-                None => set(*on, HITS, b"0").map(|()| true),
-            });
+            let path = on.path();
+            let file = match File::open(path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("open", path, e)),
+            };
+            let listed = on.metadata();
+            let now = file.metadata().ctx("stat", path)?;
+            if (now.dev(), now.ino()) != (listed.dev(), listed.ino()) {
+                continue; // replaced since the listing: not the file listed
+            }
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => continue,
+                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", path, e)),
+            }
+            let own = OnDisk::new(path, Some(&file), &now);
+            let marked = match get(own, HITS) {
+                Ok(Some(_)) => Ok(false),
+                Ok(None) => set(own, HITS, b"0").map(|()| true),
+                Err(e) => Err(e),
+            };
+            file.unlock().ctx("unlock", path)?;
             match marked {
                 Ok(true) => adopted.push(entry.id.clone()),
                 Ok(false) => {}
@@ -692,11 +714,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = XattrDriver::open(dir.path()).unwrap();
         let (fresh, counted) = (dir.path().join("fresh"), dir.path().join("counted"));
+        let busy = dir.path().join("busy");
         std::fs::write(&fresh, b"f").unwrap();
         std::fs::write(&counted, b"c").unwrap();
+        std::fs::write(&busy, b"b").unwrap();
         xattr::set(&counted, HITS, b"5").unwrap();
         let (ff, fc) = (File::open(&fresh).unwrap(), File::open(&counted).unwrap());
         let (mf, mc) = (ff.metadata().unwrap(), fc.metadata().unwrap());
+        // Held by someone counting a hit on it (or committing it).
+        let holder = File::open(&busy).unwrap();
+        holder.lock().unwrap();
+        let mb = holder.metadata().unwrap();
         let entry = |name: &str| {
             CachedImageInfo::new(ImageId::new(name).unwrap(), 1, SystemTime::UNIX_EPOCH)
         };
@@ -704,8 +732,14 @@ mod tests {
             .adopt(&[
                 (entry("fresh"), OnDisk::new(&fresh, Some(&ff), &mf)),
                 (entry("counted"), OnDisk::new(&counted, Some(&fc), &mc)),
+                (entry("busy"), OnDisk::new(&busy, None, &mb)),
             ])
             .unwrap();
+        assert_eq!(
+            xattr::get(&busy, HITS).unwrap(),
+            None,
+            "adopted under a lock"
+        );
         assert_eq!(adopted, [ImageId::new("fresh").unwrap()]);
         assert_eq!(
             xattr::get(&fresh, HITS).unwrap().as_deref(),
