@@ -219,11 +219,13 @@ fn fills(cache: &ImageCache, data: &[u8], n: usize, threads: usize, tag: &str) -
 /// every inode freed in its group in the last minute or more (ext4's
 /// `recently_deleted`), so a run that follows a removal of thousands of
 /// files pays for them, and a yardstick and the run it is compared with
-/// would not face the same disk. The runs alternate their order from one
-/// round to the next, and each section starts the other way round from
-/// the one before it (whose removal the first runs of a section pay for).
+/// would not face the same disk. Each round runs its blocks (the
+/// yardsticks, the cache's runs) in the reverse order of the round before,
+/// and the second store's sections start the other way round from the
+/// first's (the first blocks of a section pay for the removal that ended
+/// the section before it).
 ///
-/// Space: the group section keeps about 2.1 GiB at full size (0.45 GiB with
+/// Space: the group section keeps about 2.1 GiB at full size (0.42 GiB with
 /// `--quick`) until it ends, in `IMGCACHE_BENCH_DIR`.
 struct Fresh {
     root: PathBuf,
@@ -233,15 +235,14 @@ struct Fresh {
 }
 
 impl Fresh {
-    fn new(root: &Path, name: &str) -> Self {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static SECTIONS: AtomicUsize = AtomicUsize::new(0);
-        let root = root.join(name);
+    /// The section `name` of store `kind`'s runs.
+    fn new(root: &Path, name: &str, kind: DriverKind) -> Self {
+        let root = root.join(format!("{name}-{kind}"));
         std::fs::create_dir_all(&root).expect("mkdir");
         Fresh {
             root,
             next: std::cell::Cell::new(0),
-            flip: !SECTIONS.fetch_add(1, Ordering::Relaxed).is_multiple_of(2),
+            flip: kind != DriverKind::Sqlite,
         }
     }
 
@@ -292,7 +293,7 @@ fn small_fills(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
         });
         (n / threads * threads) as f64 / secs(t.elapsed())
     };
-    let fresh = Fresh::new(root, &format!("small-{kind}"));
+    let fresh = Fresh::new(root, "small", kind);
     for round in 0..ROUNDS {
         let mut yardsticks = || {
             loops.push(fsync_loop(&fresh.dir(), 1));
@@ -370,7 +371,7 @@ fn group_fills(root: &Path, kind: DriverKind, s: &Sizes, rows: &mut Vec<Row>) {
     let n = s.small_fills * 4;
     let (mut one, mut eight, mut hand, mut hand8, mut sync_cost, mut imm) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
-    let fresh = Fresh::new(root, &format!("group-{kind}"));
+    let fresh = Fresh::new(root, "group", kind);
     for round in 0..ROUNDS {
         let mut yardsticks = || {
             hand.push(moves_by_hand(&fresh.dir(), &data, n, 1, false));
