@@ -453,12 +453,7 @@ impl Layout {
             Err(e) => return Err(Error::io("create", &self.incomplete, e.into())),
         };
         let file = File::from(fd);
-        file.try_lock().map_err(|e| match e {
-            std::fs::TryLockError::WouldBlock => {
-                Error::io("lock", path, io::Error::from(io::ErrorKind::WouldBlock))
-            }
-            std::fs::TryLockError::Error(e) => Error::io("lock", path, e),
-        })?;
+        lock_new(&file, path)?;
         // Linking an unnamed file by its descriptor (AT_EMPTY_PATH) takes
         // a capability; by its /proc name it takes none. The thread's own
         // /proc entry: `/proc/self` is the main thread's, gone if it exited.
@@ -511,15 +506,8 @@ impl Layout {
             .create_new(true)
             .open(&staging)
             .ctx("create", &staging)?;
-        let placed = file
-            .try_lock()
-            .map_err(|e| match e {
-                std::fs::TryLockError::WouldBlock => {
-                    Error::io("lock", &staging, io::Error::from(io::ErrorKind::WouldBlock))
-                }
-                std::fs::TryLockError::Error(e) => Error::io("lock", &staging, e),
-            })
-            .and_then(|()| match rename_noreplace(&staging, path) {
+        let placed =
+            lock_new(&file, &staging).and_then(|()| match rename_noreplace(&staging, path) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     Err(Error::AlreadyBeingCached { id: id.0.clone() })
@@ -774,6 +762,17 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 ///
 /// Linux: `renameat2(RENAME_NOREPLACE)`, falling back to link + unlink on
 /// file systems that refuse the flag. Elsewhere: link + unlink.
+/// Takes the exclusive lock of a writer's file just made (named `path` in
+/// errors): nobody else can hold it yet, so a refusal is an error.
+fn lock_new(file: &File, path: &Path) -> Result<()> {
+    file.try_lock().map_err(|e| match e {
+        std::fs::TryLockError::WouldBlock => {
+            Error::io("lock", path, io::Error::from(io::ErrorKind::WouldBlock))
+        }
+        std::fs::TryLockError::Error(e) => Error::io("lock", path, e),
+    })
+}
+
 pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     #[cfg(target_os = "linux")]
     {
